@@ -1,0 +1,84 @@
+//! Finance aggregates over the warehouse. Every figure is per currency: two currencies are
+//! never added together. Documents marked deleted or void never count.
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+/// Which side of the ledger an aging report covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgingSide {
+    /// Accounts receivable: invoices.
+    Receivable,
+    /// Accounts payable: bills.
+    Payable,
+}
+
+/// Aging buckets, by days past due on the as-of date.
+pub const AGING_BUCKETS: [&str; 5] = ["current", "1_30", "31_60", "61_90", "over_90"];
+
+/// The bucket of a document due on `due` as of `as_of`: `current` when not yet past due
+/// (due on or after the as-of date), then 1-30, 31-60, 61-90 and over 90 days past due.
+pub fn aging_bucket(due: NaiveDate, as_of: NaiveDate) -> &'static str {
+    match (as_of - due).num_days() {
+        d if d <= 0 => "current",
+        1..=30 => "1_30",
+        31..=60 => "31_60",
+        61..=90 => "61_90",
+        _ => "over_90",
+    }
+}
+
+/// Open balances of one currency by bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgingBuckets {
+    /// Not yet due.
+    pub current: Decimal,
+    /// 1 to 30 days past due.
+    #[serde(rename = "1_30")]
+    pub d1_30: Decimal,
+    /// 31 to 60 days past due.
+    #[serde(rename = "31_60")]
+    pub d31_60: Decimal,
+    /// 61 to 90 days past due.
+    #[serde(rename = "61_90")]
+    pub d61_90: Decimal,
+    /// More than 90 days past due.
+    pub over_90: Decimal,
+}
+
+impl AgingBuckets {
+    /// All buckets at 0.00.
+    pub fn zero() -> Self {
+        let z = Decimal::new(0, 2);
+        AgingBuckets { current: z, d1_30: z, d31_60: z, d61_90: z, over_90: z }
+    }
+
+    /// Adds `amount` to the named bucket.
+    pub fn add(&mut self, bucket: &str, amount: Decimal) {
+        let slot = match bucket {
+            "current" => &mut self.current,
+            "1_30" => &mut self.d1_30,
+            "31_60" => &mut self.d31_60,
+            "61_90" => &mut self.d61_90,
+            _ => &mut self.over_90,
+        };
+        *slot += amount;
+    }
+
+    /// The sum of all buckets.
+    pub fn total(&self) -> Decimal {
+        self.current + self.d1_30 + self.d31_60 + self.d61_90 + self.over_90
+    }
+}
+
+/// An aging report: open balances per currency and bucket as of a date.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgingReport {
+    /// The as-of date.
+    pub as_of: NaiveDate,
+    /// Currency -> buckets.
+    pub currencies: BTreeMap<String, AgingBuckets>,
+}

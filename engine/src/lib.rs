@@ -1,0 +1,25 @@
+//! sluice's engine: the canonical finance entities and the stages every row passes through
+//! after its source (validate, dedupe, quarantine, load), the run ledger whose accounting
+//! every run must balance, and the warehouses rows land in.
+//!
+//! The engine never talks to a source and never drops a row: a row is loaded, quarantined
+//! or counted as a duplicate, and the ledger proves which.
+
+pub mod currency;
+pub mod dedupe;
+pub mod entity;
+pub mod error;
+pub mod finance;
+pub mod ledger;
+pub mod money;
+pub mod quarantine;
+pub mod tenant;
+pub mod time;
+pub mod validate;
+pub mod warehouse;
+
+pub use entity::{Entity, FieldKind, FieldSpec};
+pub use error::{EngineError, ErrorKind, Result};
+pub use ledger::{RowCounts, RunLedger, RunStatus};
+pub use tenant::TenantSlug;
+pub use warehouse::{SqliteWarehouse, Warehouse};

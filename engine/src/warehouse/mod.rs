@@ -1,0 +1,166 @@
+//! The warehouse: where loaded rows, quarantined rows, the run ledger and stream cursors
+//! live, one isolated store per tenant.
+//!
+//! Contract every implementation keeps:
+//! - `commit_batch` is atomic: the batch's rows, its quarantined rows, the ledger's counts
+//!   and the stream's new cursor commit together or not at all.
+//! - The commit is fenced: it succeeds only if the stream's cursor version still equals the
+//!   version the caller read; otherwise it fails with [`ErrorKind::Fenced`] and changes
+//!   nothing. A run that lost ownership can never commit.
+//! - Loads are idempotent under at-least-once delivery: a repeated batch finds its rows
+//!   already present and counts them `unchanged`; an older `updated_at` never overwrites a
+//!   newer one.
+//! - A tenant's calls touch only that tenant's store.
+//!
+//! [`ErrorKind::Fenced`]: crate::ErrorKind::Fenced
+
+mod sqlite;
+
+use std::future::Future;
+
+use arrow_array::RecordBatch;
+use chrono::NaiveDate;
+use serde_json::Value;
+
+pub use sqlite::SqliteWarehouse;
+
+use crate::entity::{Bill, Entity, Invoice};
+use crate::error::Result;
+use crate::finance::{AgingReport, AgingSide};
+use crate::ledger::{RowCounts, RunLedger, RunStatus};
+use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantinedRow};
+use crate::tenant::TenantSlug;
+
+/// Which run is committing, to which tenant, pipeline and stream.
+#[derive(Debug, Clone)]
+pub struct RunScope {
+    /// The tenant whose warehouse is written.
+    pub tenant: TenantSlug,
+    /// The pipeline (the `source` column of every row it loads).
+    pub pipeline: String,
+    /// The source stream whose cursor advances.
+    pub stream: String,
+    /// The run.
+    pub run_id: String,
+    /// The rule-set hash stored with each quarantined row.
+    pub rules_hash: String,
+}
+
+/// A stream's saved position and the version that fences commits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamState {
+    /// The cursor reached by the last committed batch, if any.
+    pub cursor: Option<Value>,
+    /// Incremented by every commit.
+    pub version: i64,
+}
+
+/// One batch, validated and deduplicated, ready to commit.
+#[derive(Debug, Clone)]
+pub struct LoadBatch {
+    /// What the rows are.
+    pub entity: Entity,
+    /// Canonical columns (`entity.schema()`).
+    pub rows: RecordBatch,
+    /// Indices into `rows` to load, one per `external_id`, in source order.
+    pub load: Vec<u32>,
+    /// Fingerprint of each row in `load`, same order.
+    pub fingerprints: Vec<u128>,
+    /// Rows rejected by mapping or validation.
+    pub quarantine: Vec<QuarantineRecord>,
+    /// Records the source produced for this batch.
+    pub rows_read: u64,
+    /// Valid rows superseded inside this batch.
+    pub deduplicated: u64,
+    /// The cursor reached at the end of the batch.
+    pub cursor: Option<Value>,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchCommitted {
+    /// Where the batch's rows went (also added to the run ledger).
+    pub counts: RowCounts,
+    /// The stream's cursor version after the commit.
+    pub version: i64,
+}
+
+/// A tenant-isolated store for canonical rows, quarantine, runs and cursors.
+pub trait Warehouse: Send + Sync {
+    /// Creates the tenant's store if needed and brings its schema up to date.
+    fn prepare_tenant(&self, tenant: &TenantSlug) -> impl Future<Output = Result<()>> + Send;
+
+    /// Tenants that have a store.
+    fn tenants(&self) -> impl Future<Output = Result<Vec<TenantSlug>>> + Send;
+
+    /// The stream's saved cursor and version (version 0 and no cursor when new).
+    fn stream_state(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        stream: &str,
+    ) -> impl Future<Output = Result<StreamState>> + Send;
+
+    /// Records a run as started.
+    fn begin_run(&self, ledger: &RunLedger) -> impl Future<Output = Result<()>> + Send;
+
+    /// Commits one batch atomically, fenced on `expected_version` (see the module contract).
+    fn commit_batch(
+        &self,
+        scope: &RunScope,
+        batch: &LoadBatch,
+        expected_version: i64,
+    ) -> impl Future<Output = Result<BatchCommitted>> + Send;
+
+    /// Replaces the stream's cursor (fenced like a batch); returns the new version.
+    fn set_cursor(
+        &self,
+        scope: &RunScope,
+        cursor: Option<&Value>,
+        expected_version: i64,
+    ) -> impl Future<Output = Result<i64>> + Send;
+
+    /// Records how a run ended and returns its ledger as stored.
+    fn finish_run(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+        status: RunStatus,
+        error: Option<&str>,
+    ) -> impl Future<Output = Result<RunLedger>> + Send;
+
+    /// One run's ledger.
+    fn run(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+    ) -> impl Future<Output = Result<Option<RunLedger>>> + Send;
+
+    /// Quarantined rows matching `filter`, oldest first.
+    fn quarantined(
+        &self,
+        tenant: &TenantSlug,
+        filter: &QuarantineFilter,
+    ) -> impl Future<Output = Result<Vec<QuarantinedRow>>> + Send;
+
+    /// One quarantined row.
+    fn quarantined_row(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<QuarantinedRow>>> + Send;
+
+    /// Open balances by currency and aging bucket (see [`crate::finance`]).
+    fn aging(
+        &self,
+        tenant: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> impl Future<Output = Result<AgingReport>> + Send;
+
+    /// Every loaded invoice of the tenant, ordered by source and external id.
+    fn invoices(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Invoice>>> + Send;
+
+    /// Every loaded bill of the tenant, ordered by source and external id.
+    fn bills(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Bill>>> + Send;
+}

@@ -1,0 +1,740 @@
+//! The embedded warehouse: one SQLite database file per tenant under
+//! `<data dir>/tenants/<slug>.sqlite`, so a single command works on a machine with nothing
+//! installed. Writes take SQLite's write lock up front (`BEGIN IMMEDIATE`), which makes the
+//! classify-then-write upsert of a batch race-free between processes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_array::{Array, RecordBatch};
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::{BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse};
+use crate::entity::{Bill, Entity, FieldKind, Invoice};
+use crate::error::{EngineError, ErrorKind, Result};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide};
+use crate::ledger::{RowCounts, RunLedger, RunStatus};
+use crate::money::display_decimal;
+use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
+use crate::tenant::TenantSlug;
+use crate::time::{format_date, format_timestamp};
+use crate::validate::{dates, flags, money, strings, timestamps};
+
+/// Tenant schema migrations, applied in order; each tenant file records its own version.
+const MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../../../migrations/tenant/sqlite/0001_warehouse.sql"))];
+
+/// Rows per multi-row INSERT: 500 rows x at most 16 columns stays far below SQLite's
+/// 32766 bound parameters.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The embedded SQLite warehouse.
+pub struct SqliteWarehouse {
+    data_dir: PathBuf,
+    pools: AsyncMutex<HashMap<TenantSlug, SqlitePool>>,
+    upsert_sql: Mutex<HashMap<(Entity, usize), Arc<str>>>,
+}
+
+impl SqliteWarehouse {
+    /// A warehouse rooted at `data_dir` (created on first write).
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        SqliteWarehouse {
+            data_dir: data_dir.into(),
+            pools: AsyncMutex::new(HashMap::new()),
+            upsert_sql: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    fn tenant_dir(&self) -> PathBuf {
+        self.data_dir.join("tenants")
+    }
+
+    /// The database file of `tenant`.
+    pub fn tenant_path(&self, tenant: &TenantSlug) -> PathBuf {
+        self.tenant_dir().join(format!("{tenant}.sqlite"))
+    }
+
+    async fn pool(&self, tenant: &TenantSlug, create: bool) -> Result<SqlitePool> {
+        let mut pools = self.pools.lock().await;
+        if let Some(pool) = pools.get(tenant) {
+            return Ok(pool.clone());
+        }
+        let path = self.tenant_path(tenant);
+        if !create && !path.exists() {
+            return Err(EngineError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "tenant '{tenant}' has no warehouse in {} (run a sync for it first, or pass the right --data-dir)",
+                    self.data_dir.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(self.tenant_dir()).map_err(|e| {
+            EngineError::new(
+                ErrorKind::Config,
+                format!("cannot create data directory {}", self.tenant_dir().display()),
+            )
+            .with_source(e)
+        })?;
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|e| EngineError::from_sqlx(format!("opening {}", path.display()), e))?;
+        migrate(&pool, tenant).await?;
+        pools.insert(tenant.clone(), pool.clone());
+        Ok(pool)
+    }
+
+    fn upsert_statement(&self, entity: Entity, rows: usize) -> Arc<str> {
+        let mut cache = self.upsert_sql.lock().unwrap_or_else(|p| p.into_inner());
+        cache.entry((entity, rows)).or_insert_with(|| upsert_sql(entity, rows).into()).clone()
+    }
+}
+
+async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
+    let ctx = |what: &str| format!("migrating tenant '{tenant}': {what}");
+    let mut tx = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(|e| EngineError::from_sqlx(ctx("begin"), e))?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| EngineError::from_sqlx(ctx("schema_migrations"), e))?;
+    let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| EngineError::from_sqlx(ctx("reading version"), e))?;
+    for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx(ctx(&format!("applying {version}")), e))?;
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)")
+            .bind(version)
+            .bind(now_text())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx(ctx("recording version"), e))?;
+    }
+    tx.commit().await.map_err(|e| EngineError::from_sqlx(ctx("commit"), e))
+}
+
+fn now_text() -> String {
+    Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Columns written by a load, in bind order.
+fn load_columns(entity: Entity) -> Vec<&'static str> {
+    let mut cols = vec!["source"];
+    cols.extend(entity.fields().iter().map(|f| f.name));
+    cols.extend(["deleted_at", "loaded_at", "run_id", "row_hash"]);
+    cols
+}
+
+fn upsert_sql(entity: Entity, rows: usize) -> String {
+    let cols = load_columns(entity);
+    let placeholders = format!("({})", vec!["?"; cols.len()].join(", "));
+    let values = vec![placeholders.as_str(); rows].join(", ");
+    let updates: Vec<String> = cols
+        .iter()
+        .filter(|c| !matches!(**c, "source" | "external_id"))
+        .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES {} ON CONFLICT (source, external_id) DO UPDATE SET {}",
+        quote_ident(entity.name()),
+        cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+        values,
+        updates.join(", ")
+    )
+}
+
+/// The warehouse's copy of a row, as far as deciding the fate of an incoming one needs.
+struct StoredVersion {
+    updated_at: Option<String>,
+    row_hash: Vec<u8>,
+    run_id: String,
+}
+
+/// What happens to one incoming row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Insert,
+    Update,
+    Unchanged,
+    /// Another row of this run with the same key was committed by an earlier batch.
+    SameRunDuplicate { replaces: bool },
+}
+
+fn decide(incoming_version: &Option<String>, hash: &[u8], stored: Option<&StoredVersion>, run_id: &str) -> Fate {
+    let Some(stored) = stored else { return Fate::Insert };
+    // Fixed-width RFC 3339 text orders like the instants it names; None sorts first.
+    if stored.run_id == run_id {
+        return Fate::SameRunDuplicate { replaces: *incoming_version >= stored.updated_at };
+    }
+    if *incoming_version < stored.updated_at
+        || (*incoming_version == stored.updated_at && stored.row_hash == hash)
+    {
+        Fate::Unchanged
+    } else {
+        Fate::Update
+    }
+}
+
+async fn check_fence(
+    tx: &mut Transaction<'static, Sqlite>,
+    scope: &RunScope,
+    cursor: Option<&Value>,
+    expected_version: i64,
+) -> Result<i64> {
+    let cursor_text = cursor.map(Value::to_string);
+    let res = sqlx::query(
+        "UPDATE stream_state SET cursor = ?, version = version + 1, updated_at = ? \
+         WHERE pipeline = ? AND stream = ? AND version = ?",
+    )
+    .bind(cursor_text)
+    .bind(now_text())
+    .bind(&scope.pipeline)
+    .bind(&scope.stream)
+    .bind(expected_version)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| EngineError::from_sqlx("advancing the stream cursor", e))?;
+    if res.rows_affected() != 1 {
+        return Err(EngineError::new(
+            ErrorKind::Fenced,
+            format!(
+                "pipeline '{}' stream '{}' moved past version {expected_version}: another run committed; this run stops without committing",
+                scope.pipeline, scope.stream
+            ),
+        ));
+    }
+    Ok(expected_version + 1)
+}
+
+impl Warehouse for SqliteWarehouse {
+    async fn prepare_tenant(&self, tenant: &TenantSlug) -> Result<()> {
+        self.pool(tenant, true).await.map(|_| ())
+    }
+
+    async fn tenants(&self) -> Result<Vec<TenantSlug>> {
+        let dir = self.tenant_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(EngineError::new(
+                    ErrorKind::Config,
+                    format!("cannot read {}", dir.display()),
+                )
+                .with_source(e));
+            }
+        };
+        let mut out: Vec<TenantSlug> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                TenantSlug::parse(name.strip_suffix(".sqlite")?).ok()
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn stream_state(&self, tenant: &TenantSlug, pipeline: &str, stream: &str) -> Result<StreamState> {
+        let pool = self.pool(tenant, true).await?;
+        sqlx::query(
+            "INSERT INTO stream_state (pipeline, stream, cursor, version, updated_at) VALUES (?, ?, NULL, 0, ?) \
+             ON CONFLICT (pipeline, stream) DO NOTHING",
+        )
+        .bind(pipeline)
+        .bind(stream)
+        .bind(now_text())
+        .execute(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("creating stream state", e))?;
+        let row = sqlx::query("SELECT cursor, version FROM stream_state WHERE pipeline = ? AND stream = ?")
+            .bind(pipeline)
+            .bind(stream)
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading stream state", e))?;
+        let cursor: Option<String> = row.try_get("cursor").map_err(|e| EngineError::from_sqlx("cursor", e))?;
+        let cursor = match cursor {
+            Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                EngineError::new(ErrorKind::Warehouse, "stored cursor is not JSON").with_source(e)
+            })?),
+            None => None,
+        };
+        let version: i64 = row.try_get("version").map_err(|e| EngineError::from_sqlx("version", e))?;
+        Ok(StreamState { cursor, version })
+    }
+
+    async fn begin_run(&self, ledger: &RunLedger) -> Result<()> {
+        let tenant = TenantSlug::parse(&ledger.tenant)?;
+        let pool = self.pool(&tenant, true).await?;
+        sqlx::query(
+            "INSERT INTO runs (run_id, pipeline, entity, \"trigger\", started_at, status, rules_hash) \
+             VALUES (?, ?, ?, ?, ?, 'running', ?)",
+        )
+        .bind(&ledger.run_id)
+        .bind(&ledger.pipeline)
+        .bind(&ledger.entity)
+        .bind(&ledger.trigger)
+        .bind(ledger.started_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .bind(&ledger.rules_hash)
+        .execute(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("recording the run start", e))?;
+        Ok(())
+    }
+
+    async fn commit_batch(&self, scope: &RunScope, batch: &LoadBatch, expected_version: i64) -> Result<BatchCommitted> {
+        let pool = self.pool(&scope.tenant, true).await?;
+        let mut tx = pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| EngineError::from_sqlx("starting the batch transaction", e))?;
+        let version = check_fence(&mut tx, scope, batch.cursor.as_ref(), expected_version).await?;
+
+        let entity = batch.entity;
+        let ids = strings(&batch.rows, "external_id");
+        let updated = timestamps(&batch.rows, "updated_at");
+        let keys: Vec<&str> = batch.load.iter().map(|&r| ids.value(r as usize)).collect();
+        let stored = fetch_versions(&mut tx, entity, &scope.pipeline, &keys).await?;
+
+        let mut counts = RowCounts {
+            rows_read: batch.rows_read,
+            quarantined: batch.quarantine.len() as u64,
+            deduplicated: batch.deduplicated,
+            ..RowCounts::default()
+        };
+        let mut to_write: Vec<(u32, [u8; 16])> = Vec::with_capacity(batch.load.len());
+        for (i, &row) in batch.load.iter().enumerate() {
+            let hash = batch.fingerprints[i].to_le_bytes();
+            let version = updated.is_valid(row as usize).then(|| format_timestamp(updated.value(row as usize)));
+            match decide(&version, &hash, stored.get(keys[i]), &scope.run_id) {
+                Fate::Insert => {
+                    counts.inserted += 1;
+                    to_write.push((row, hash));
+                }
+                Fate::Update => {
+                    counts.updated += 1;
+                    to_write.push((row, hash));
+                }
+                Fate::Unchanged => counts.unchanged += 1,
+                Fate::SameRunDuplicate { replaces } => {
+                    counts.deduplicated += 1;
+                    if replaces {
+                        to_write.push((row, hash));
+                    }
+                }
+            }
+        }
+
+        let loaded_at = now_text();
+        for chunk in to_write.chunks(ROWS_PER_STATEMENT) {
+            let sql = self.upsert_statement(entity, chunk.len());
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (row, hash) in chunk {
+                q = bind_row(q, entity, &batch.rows, *row as usize, &scope.pipeline, &loaded_at, &scope.run_id, hash);
+            }
+            q.execute(&mut *tx)
+                .await
+                .map_err(|e| EngineError::from_sqlx(format!("writing {entity}"), e))?;
+        }
+
+        for record in &batch.quarantine {
+            sqlx::query(
+                "INSERT INTO quarantine (id, run_id, pipeline, entity, status, location, sheet, source_row, raw, errors, rules, created_at) \
+                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(&scope.run_id)
+            .bind(&scope.pipeline)
+            .bind(entity.name())
+            .bind(&record.position.location)
+            .bind(&record.position.sheet)
+            .bind(record.position.row as i64)
+            .bind(Value::Object(record.raw.clone()).to_string())
+            .bind(serde_json::to_string(&record.errors).unwrap_or_else(|_| "[]".into()))
+            .bind(&scope.rules_hash)
+            .bind(&loaded_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx("writing quarantine", e))?;
+        }
+
+        add_to_ledger(&mut tx, &scope.run_id, &counts).await?;
+        tx.commit().await.map_err(|e| EngineError::from_sqlx("committing the batch", e))?;
+        Ok(BatchCommitted { counts, version })
+    }
+
+    async fn set_cursor(&self, scope: &RunScope, cursor: Option<&Value>, expected_version: i64) -> Result<i64> {
+        let pool = self.pool(&scope.tenant, true).await?;
+        let mut tx = pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| EngineError::from_sqlx("starting the cursor transaction", e))?;
+        let version = check_fence(&mut tx, scope, cursor, expected_version).await?;
+        tx.commit().await.map_err(|e| EngineError::from_sqlx("committing the cursor", e))?;
+        Ok(version)
+    }
+
+    async fn finish_run(&self, tenant: &TenantSlug, run_id: &str, status: RunStatus, error: Option<&str>) -> Result<RunLedger> {
+        let pool = self.pool(tenant, false).await?;
+        sqlx::query("UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE run_id = ?")
+            .bind(status.as_str())
+            .bind(now_text())
+            .bind(error)
+            .bind(run_id)
+            .execute(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("recording the run end", e))?;
+        self.run(tenant, run_id).await?.ok_or_else(|| {
+            EngineError::new(ErrorKind::NotFound, format!("run {run_id} vanished from the ledger"))
+        })
+    }
+
+    async fn run(&self, tenant: &TenantSlug, run_id: &str) -> Result<Option<RunLedger>> {
+        let pool = self.pool(tenant, false).await?;
+        let row = sqlx::query("SELECT * FROM runs WHERE run_id = ?")
+            .bind(run_id)
+            .fetch_optional(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading the run ledger", e))?;
+        row.map(|r| ledger_from_row(tenant, &r)).transpose()
+    }
+
+    async fn quarantined(&self, tenant: &TenantSlug, filter: &QuarantineFilter) -> Result<Vec<QuarantinedRow>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows = sqlx::query(
+            "SELECT * FROM quarantine WHERE (?1 IS NULL OR run_id = ?1) AND (?2 IS NULL OR status = ?2) \
+             AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(errors) WHERE json_extract(value, '$.rule') = ?3)) \
+             ORDER BY rowid LIMIT ?4",
+        )
+        .bind(&filter.run_id)
+        .bind(filter.status.map(QuarantineStatus::as_str))
+        .bind(&filter.rule)
+        .bind(i64::from(filter.limit.unwrap_or(100)))
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("listing quarantine", e))?;
+        rows.iter().map(|r| quarantined_from_row(tenant, r)).collect()
+    }
+
+    async fn quarantined_row(&self, tenant: &TenantSlug, id: &str) -> Result<Option<QuarantinedRow>> {
+        let pool = self.pool(tenant, false).await?;
+        let row = sqlx::query("SELECT * FROM quarantine WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading quarantine", e))?;
+        row.map(|r| quarantined_from_row(tenant, &r)).transpose()
+    }
+
+    async fn aging(&self, tenant: &TenantSlug, side: AgingSide, as_of: NaiveDate) -> Result<AgingReport> {
+        let pool = self.pool(tenant, false).await?;
+        let table = match side {
+            AgingSide::Receivable => "invoices",
+            AgingSide::Payable => "bills",
+        };
+        // Days past due as of D: D - due_date. Credit notes reduce what is owed.
+        let sql = format!(
+            "SELECT currency, \
+               CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
+                    WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
+               SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) AS open \
+             FROM (SELECT currency, kind, balance, CAST(julianday(?1) - julianday(due_date) AS INTEGER) AS d \
+                   FROM {table} WHERE balance > 0 AND status <> 'void' AND deleted_at IS NULL AND due_date IS NOT NULL) \
+             GROUP BY currency, bucket"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(as_of.format("%Y-%m-%d").to_string())
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("computing aging", e))?;
+        let mut report = AgingReport { as_of, currencies: Default::default() };
+        for r in rows {
+            let currency: String = r.try_get("currency").map_err(|e| EngineError::from_sqlx("currency", e))?;
+            let bucket: String = r.try_get("bucket").map_err(|e| EngineError::from_sqlx("bucket", e))?;
+            let open: i64 = r.try_get("open").map_err(|e| EngineError::from_sqlx("open balance", e))?;
+            report
+                .currencies
+                .entry(currency)
+                .or_insert_with(AgingBuckets::zero)
+                .add(&bucket, display_decimal(i128::from(open)));
+        }
+        Ok(report)
+    }
+
+    async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows = sqlx::query("SELECT * FROM invoices WHERE deleted_at IS NULL ORDER BY source, external_id")
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading invoices", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Invoice {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    customer_id: get(r, "customer_id")?,
+                    customer_name: get(r, "customer_name")?,
+                    issue_date: date_col(r, "issue_date")?,
+                    due_date: date_col(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: money_col(r, "total")?,
+                    balance: money_col(r, "balance")?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    updated_at: instant_col(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows = sqlx::query("SELECT * FROM bills WHERE deleted_at IS NULL ORDER BY source, external_id")
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading bills", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Bill {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    vendor_id: get(r, "vendor_id")?,
+                    vendor_name: get(r, "vendor_name")?,
+                    issue_date: date_col(r, "issue_date")?,
+                    due_date: date_col(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: money_col(r, "total")?,
+                    balance: money_col(r, "balance")?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    category: get(r, "category")?,
+                    updated_at: instant_col(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn fetch_versions(
+    tx: &mut Transaction<'static, Sqlite>,
+    entity: Entity,
+    source: &str,
+    keys: &[&str],
+) -> Result<HashMap<String, StoredVersion>> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = format!(
+        "SELECT external_id, updated_at, row_hash, run_id FROM {} \
+         WHERE source = ? AND external_id IN (SELECT value FROM json_each(?))",
+        quote_ident(entity.name())
+    );
+    let keys_json = serde_json::to_string(keys).unwrap_or_else(|_| "[]".into());
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(source)
+        .bind(keys_json)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(|e| EngineError::from_sqlx(format!("reading existing {entity}"), e))?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for r in rows {
+        out.insert(
+            get::<String>(&r, "external_id")?,
+            StoredVersion {
+                updated_at: get(&r, "updated_at")?,
+                row_hash: get(&r, "row_hash")?,
+                run_id: get(&r, "run_id")?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+async fn add_to_ledger(tx: &mut Transaction<'static, Sqlite>, run_id: &str, c: &RowCounts) -> Result<()> {
+    sqlx::query(
+        "UPDATE runs SET rows_read = rows_read + ?, inserted = inserted + ?, updated = updated + ?, \
+         unchanged = unchanged + ?, quarantined = quarantined + ?, deduplicated = deduplicated + ? WHERE run_id = ?",
+    )
+    .bind(c.rows_read as i64)
+    .bind(c.inserted as i64)
+    .bind(c.updated as i64)
+    .bind(c.unchanged as i64)
+    .bind(c.quarantined as i64)
+    .bind(c.deduplicated as i64)
+    .bind(run_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| EngineError::from_sqlx("updating the run ledger", e))?;
+    Ok(())
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+
+#[allow(clippy::too_many_arguments)]
+fn bind_row<'q>(
+    mut q: SqliteQuery<'q>,
+    entity: Entity,
+    batch: &RecordBatch,
+    row: usize,
+    source: &str,
+    loaded_at: &str,
+    run_id: &str,
+    hash: &[u8; 16],
+) -> SqliteQuery<'q> {
+    q = q.bind(source.to_string());
+    for spec in entity.fields() {
+        let name = spec.name;
+        q = match spec.kind {
+            FieldKind::Text | FieldKind::Currency | FieldKind::Choice(_) | FieldKind::IdList => {
+                let a = strings(batch, name);
+                q.bind(a.is_valid(row).then(|| a.value(row).to_string()))
+            }
+            FieldKind::Date => {
+                let a = dates(batch, name);
+                q.bind(a.is_valid(row).then(|| format_date(a.value(row))))
+            }
+            FieldKind::Timestamp => {
+                let a = timestamps(batch, name);
+                q.bind(a.is_valid(row).then(|| format_timestamp(a.value(row))))
+            }
+            FieldKind::Money => {
+                let a = money(batch, name);
+                // Amounts are bounded to 18 digits by the map stage, so they fit an i64.
+                q.bind(a.is_valid(row).then(|| a.value(row) as i64))
+            }
+            FieldKind::Flag => {
+                let a = flags(batch, name);
+                q.bind(a.is_valid(row).then(|| a.value(row)))
+            }
+        };
+    }
+    q.bind(Option::<String>::None)
+        .bind(loaded_at.to_string())
+        .bind(run_id.to_string())
+        .bind(hash.to_vec())
+}
+
+fn get<T>(row: &SqliteRow, col: &str) -> Result<T>
+where
+    T: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(col).map_err(|e| EngineError::from_sqlx(format!("reading column {col}"), e))
+}
+
+fn date_col(row: &SqliteRow, col: &str) -> Result<NaiveDate> {
+    let text: String = get(row, col)?;
+    NaiveDate::from_str(&text)
+        .map_err(|e| EngineError::new(ErrorKind::Warehouse, format!("{col} holds {text:?}")).with_source(e))
+}
+
+fn instant_col(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
+    let text: Option<String> = get(row, col)?;
+    text.map(|t| {
+        DateTime::parse_from_rfc3339(&t)
+            .map(|d| d.with_timezone(&Utc))
+            .map_err(|e| EngineError::new(ErrorKind::Warehouse, format!("{col} holds {t:?}")).with_source(e))
+    })
+    .transpose()
+}
+
+fn money_col(row: &SqliteRow, col: &str) -> Result<Decimal> {
+    let units: i64 = get(row, col)?;
+    Ok(display_decimal(i128::from(units)))
+}
+
+fn ledger_from_row(tenant: &TenantSlug, r: &SqliteRow) -> Result<RunLedger> {
+    let status: String = get(r, "status")?;
+    let count = |c: &str| -> Result<u64> { Ok(get::<i64>(r, c)? as u64) };
+    let started: String = get(r, "started_at")?;
+    let finished: Option<String> = get(r, "finished_at")?;
+    let parse = |t: &str| {
+        DateTime::parse_from_rfc3339(t)
+            .map(|d| d.with_timezone(&Utc))
+            .map_err(|e| EngineError::new(ErrorKind::Warehouse, "bad run timestamp").with_source(e))
+    };
+    Ok(RunLedger {
+        run_id: get(r, "run_id")?,
+        tenant: tenant.to_string(),
+        pipeline: get(r, "pipeline")?,
+        entity: get(r, "entity")?,
+        trigger: get(r, "trigger")?,
+        started_at: parse(&started)?,
+        finished_at: finished.as_deref().map(parse).transpose()?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| EngineError::new(ErrorKind::Warehouse, format!("unknown run status {status}")))?,
+        counts: RowCounts {
+            rows_read: count("rows_read")?,
+            inserted: count("inserted")?,
+            updated: count("updated")?,
+            unchanged: count("unchanged")?,
+            quarantined: count("quarantined")?,
+            deduplicated: count("deduplicated")?,
+        },
+        rules_hash: get(r, "rules_hash")?,
+        error: get(r, "error")?,
+    })
+}
+
+fn quarantined_from_row(tenant: &TenantSlug, r: &SqliteRow) -> Result<QuarantinedRow> {
+    let status: String = get(r, "status")?;
+    let raw: String = get(r, "raw")?;
+    let errors: String = get(r, "errors")?;
+    let created: String = get(r, "created_at")?;
+    let bad = |what: &str| EngineError::new(ErrorKind::Warehouse, format!("quarantine row has bad {what}"));
+    Ok(QuarantinedRow {
+        id: get(r, "id")?,
+        tenant: tenant.to_string(),
+        run_id: get(r, "run_id")?,
+        pipeline: get(r, "pipeline")?,
+        entity: get(r, "entity")?,
+        status: QuarantineStatus::parse(&status).ok_or_else(|| bad("status"))?,
+        position: SourcePosition {
+            location: get(r, "location")?,
+            sheet: get(r, "sheet")?,
+            row: get::<i64>(r, "source_row")? as u64,
+        },
+        raw: serde_json::from_str(&raw).map_err(|e| bad("raw").with_source(e))?,
+        errors: serde_json::from_str(&errors).map_err(|e| bad("errors").with_source(e))?,
+        created_at: DateTime::parse_from_rfc3339(&created)
+            .map(|d| d.with_timezone(&Utc))
+            .map_err(|e| bad("created_at").with_source(e))?,
+    })
+}
