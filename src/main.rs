@@ -1,1 +1,467 @@
-fn main() {}
+//! `sluice`: the command line. `sync` runs a pipeline once on the embedded warehouse;
+//! `quarantine` shows rejected rows; `finance` answers AR/AP aging from loaded data.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use chrono::NaiveDate;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use sluice_engine::finance::{AGING_BUCKETS, AgingReport, AgingSide};
+use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
+use sluice_engine::{RowCounts, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_pipelines::{PipelineSource, PipelineSpec, RunObserver, RunOptions, run_pipeline};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "ETL for finance data: load invoices, bills and payments into a per-tenant warehouse, quarantining every bad row with its reasons.",
+    after_help = "Example:\n  sluice sync examples/invoices.toml\n  sluice quarantine list\n  sluice finance ar-aging --tenant acme --as-of 2024-06-30"
+)]
+struct Cli {
+    /// Where the embedded warehouse keeps one SQLite file per tenant.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_DATA_DIR",
+        default_value = "./sluice-data"
+    )]
+    data_dir: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline once into the embedded warehouse and print its accounting.
+    #[command(
+        after_help = "Example:\n  sluice sync examples/invoices.toml\n  sluice sync examples/bills.toml --json"
+    )]
+    Sync(SyncArgs),
+    /// Inspect rows that were set aside.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+    /// Finance reports from loaded data.
+    #[command(subcommand)]
+    Finance(FinanceCommand),
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// The pipeline file (TOML).
+    pipeline: PathBuf,
+    /// Print exactly one JSON object with the run's accounting.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// List quarantined rows (oldest first), across tenants unless --tenant is given.
+    #[command(after_help = "Example:\n  sluice quarantine list --run 0193a6f0-... --json")]
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only rows read by this run.
+        #[arg(long)]
+        run: Option<String>,
+        /// Only rows in this state: pending, fixed, replayed, ignored.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only rows that failed this rule (e.g. balance_within_total).
+        #[arg(long)]
+        rule: Option<String>,
+        /// At most this many rows per tenant.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print JSON (an array of rows).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one quarantined row: raw values, errors, source position.
+    #[command(
+        after_help = "Example:\n  sluice quarantine show 0193a6f0-7c1e-7a51-9d4e-3f0a0b1c2d3e"
+    )]
+    Show {
+        /// The row's id (from `quarantine list`).
+        id: String,
+        /// Only look in this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FinanceCommand {
+    /// Accounts receivable aging: open invoice balances per currency by days past due.
+    #[command(
+        name = "ar-aging",
+        after_help = "Example:\n  sluice finance ar-aging --tenant acme --as-of 2024-06-30 --json"
+    )]
+    ArAging(AgingArgs),
+    /// Accounts payable aging: open bill balances per currency by days past due.
+    #[command(
+        name = "ap-aging",
+        after_help = "Example:\n  sluice finance ap-aging --tenant acme --as-of 2024-06-30"
+    )]
+    ApAging(AgingArgs),
+}
+
+#[derive(Args)]
+struct AgingArgs {
+    /// The tenant.
+    #[arg(long)]
+    tenant: String,
+    /// The date to age balances at (YYYY-MM-DD).
+    #[arg(long)]
+    as_of: NaiveDate,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let warehouse = SqliteWarehouse::new(&cli.data_dir);
+    match cli.command {
+        Command::Sync(args) => sync(&warehouse, &args).await,
+        Command::Quarantine(cmd) => quarantine(&warehouse, cmd).await,
+        Command::Finance(FinanceCommand::ArAging(a)) => {
+            aging(&warehouse, AgingSide::Receivable, &a).await
+        }
+        Command::Finance(FinanceCommand::ApAging(a)) => {
+            aging(&warehouse, AgingSide::Payable, &a).await
+        }
+    }
+}
+
+/// A progress line on stderr: rows read and rows per second.
+struct Progress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+    last: Mutex<u64>,
+}
+
+impl Progress {
+    fn new(enabled: bool) -> Self {
+        let bar = enabled.then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar.set_message("opening source");
+            bar
+        });
+        Progress {
+            bar,
+            started: Instant::now(),
+            last: Mutex::new(0),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl RunObserver for Progress {
+    fn batch_committed(&self, totals: &RowCounts) {
+        if let Some(bar) = &self.bar {
+            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = totals.rows_read;
+            bar.set_message(format!(
+                "{} rows read, {:.0} rows/s ({} quarantined)",
+                totals.rows_read,
+                totals.rows_read as f64 / secs,
+                totals.quarantined
+            ));
+        }
+    }
+}
+
+async fn sync(warehouse: &SqliteWarehouse, args: &SyncArgs) -> Result<ExitCode> {
+    let spec = PipelineSpec::from_file(&args.pipeline)?;
+    let source = PipelineSource::from_spec(&spec.source);
+    let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
+    let result = run_pipeline(&spec, &source, warehouse, &RunOptions::default(), &progress).await;
+    progress.finish();
+    match result {
+        Ok(report) => {
+            let l = &report.ledger;
+            let c = &l.counts;
+            if args.json {
+                let out = json!({
+                    "run_id": l.run_id, "tenant": l.tenant, "pipeline": l.pipeline, "entity": l.entity,
+                    "status": l.status, "rows_read": c.rows_read, "loaded": c.loaded(),
+                    "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
+                    "quarantined": c.quarantined, "deduplicated": c.deduplicated,
+                    "duration_ms": report.duration.as_millis() as u64, "rules_hash": l.rules_hash,
+                });
+                println!("{out}");
+            } else {
+                let secs = report.duration.as_secs_f64();
+                println!(
+                    "run {} succeeded in {:.2} s ({:.0} rows/s)",
+                    l.run_id,
+                    secs,
+                    c.rows_read as f64 / secs.max(1e-6)
+                );
+                println!(
+                    "  pipeline      {} ({} -> tenant {})",
+                    l.pipeline, l.entity, l.tenant
+                );
+                println!("  rows read     {}", c.rows_read);
+                println!(
+                    "  loaded        {}  (inserted {}, updated {}, unchanged {})",
+                    c.loaded(),
+                    c.inserted,
+                    c.updated,
+                    c.unchanged
+                );
+                println!("  quarantined   {}", c.quarantined);
+                println!("  deduplicated  {}", c.deduplicated);
+                if c.quarantined > 0 {
+                    println!(
+                        "see why: sluice --data-dir {} quarantine list --run {}",
+                        warehouse.data_dir().display(),
+                        l.run_id
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if args.json {
+                let out = json!({
+                    "run_id": e.run_id(), "status": "failed", "error": e.message(),
+                    "retryable": e.is_transient(),
+                });
+                println!("{out}");
+            }
+            eprintln!("error: {}", e.message());
+            if let Some(run) = e.run_id() {
+                eprintln!(
+                    "run {run} failed; batches committed before the failure stay, and the next sync resumes after them"
+                );
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn tenants_to_search(
+    warehouse: &SqliteWarehouse,
+    tenant: Option<&str>,
+) -> Result<Vec<TenantSlug>> {
+    match tenant {
+        Some(t) => Ok(vec![TenantSlug::parse(t)?]),
+        None => {
+            let all = warehouse.tenants().await?;
+            if all.is_empty() {
+                bail!(
+                    "no tenant warehouses in {} (run a sync first, or pass --data-dir)",
+                    warehouse.data_dir().display()
+                );
+            }
+            Ok(all)
+        }
+    }
+}
+
+async fn quarantine(warehouse: &SqliteWarehouse, cmd: QuarantineCommand) -> Result<ExitCode> {
+    match cmd {
+        QuarantineCommand::List {
+            tenant,
+            run,
+            status,
+            rule,
+            limit,
+            json,
+        } => {
+            let status = status
+                .map(|s| {
+                    QuarantineStatus::parse(&s).with_context(|| {
+                        format!("unknown status {s:?}: use pending, fixed, replayed or ignored")
+                    })
+                })
+                .transpose()?;
+            let filter = QuarantineFilter {
+                run_id: run,
+                status,
+                rule,
+                limit: Some(limit),
+            };
+            let mut rows: Vec<QuarantinedRow> = Vec::new();
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                rows.extend(warehouse.quarantined(&t, &filter).await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else if rows.is_empty() {
+                println!("no quarantined rows match");
+            } else {
+                println!(
+                    "{:<36}  {:<10}  {:<8}  {:<32}  errors",
+                    "id", "tenant", "status", "source position"
+                );
+                for r in &rows {
+                    let rules: Vec<String> = r
+                        .errors
+                        .iter()
+                        .map(|e| format!("{}:{}", e.field, e.rule))
+                        .collect();
+                    println!(
+                        "{:<36}  {:<10}  {:<8}  {:<32}  {}",
+                        r.id,
+                        r.tenant,
+                        r.status.as_str(),
+                        position_text(r),
+                        rules.join(", ")
+                    );
+                }
+                println!(
+                    "{} row(s); details: sluice quarantine show <id>",
+                    rows.len()
+                );
+            }
+        }
+        QuarantineCommand::Show { id, tenant, json } => {
+            let mut found = None;
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                if let Some(row) = warehouse.quarantined_row(&t, &id).await? {
+                    found = Some(row);
+                    break;
+                }
+            }
+            let Some(row) = found else {
+                bail!("no quarantined row with id {id}")
+            };
+            if json {
+                println!("{}", serde_json::to_string(&row)?);
+            } else {
+                println!("quarantined row {}", row.id);
+                println!("  tenant     {}", row.tenant);
+                println!("  pipeline   {} ({})", row.pipeline, row.entity);
+                println!("  run        {}", row.run_id);
+                println!("  status     {}", row.status.as_str());
+                println!("  source     {}", position_text(&row));
+                println!("  errors:");
+                for e in &row.errors {
+                    let value = e
+                        .value
+                        .as_deref()
+                        .map(|v| format!(" (value {v:?})"))
+                        .unwrap_or_default();
+                    println!("    - {} [{}]{}: {}", e.field, e.rule, value, e.message);
+                }
+                println!("  raw values:");
+                for (k, v) in &row.raw {
+                    println!("    {k} = {v}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn position_text(r: &QuarantinedRow) -> String {
+    let file = Path::new(&r.position.location).file_name().map_or_else(
+        || r.position.location.clone(),
+        |f| f.to_string_lossy().into_owned(),
+    );
+    match &r.position.sheet {
+        Some(s) => format!("{file} [{s}] row {}", r.position.row),
+        None => format!("{file} line {}", r.position.row),
+    }
+}
+
+async fn aging(warehouse: &SqliteWarehouse, side: AgingSide, args: &AgingArgs) -> Result<ExitCode> {
+    let tenant = TenantSlug::parse(&args.tenant)?;
+    let report: AgingReport = warehouse.aging(&tenant, side, args.as_of).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let title = match side {
+        AgingSide::Receivable => "AR aging",
+        AgingSide::Payable => "AP aging",
+    };
+    println!("{title} for tenant {} as of {}", tenant, args.as_of);
+    if report.currencies.is_empty() {
+        println!("no open balances");
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{:<8}", "currency");
+    for b in AGING_BUCKETS {
+        print!("{b:>16}");
+    }
+    println!("{:>16}", "total");
+    for (currency, buckets) in &report.currencies {
+        let values = serde_json::to_value(buckets)?;
+        print!("{currency:<8}");
+        for b in AGING_BUCKETS {
+            print!(
+                "{:>16}",
+                values.get(b).and_then(|v| v.as_str()).unwrap_or("0")
+            );
+        }
+        println!("{:>16}", buckets.total());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,1 +1,11 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+
+pub mod error;
+pub mod file;
+mod source;
+
+pub use error::{SourceError, SourceErrorKind};
+pub use source::{
+    BatchStream, HealthReport, ReadRequest, RejectedRecord, Source, SourceBatch, StreamInfo,
+    SyncMode,
+};

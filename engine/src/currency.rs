@@ -35,6 +35,8 @@ mod tests {
     #[test]
     fn knows_real_codes_and_rejects_typos() {
         assert!(is_iso_4217("USD") && is_iso_4217("EUR") && is_iso_4217("KWD"));
-        assert!(!is_iso_4217("USX") && !is_iso_4217("usd") && !is_iso_4217("US") && !is_iso_4217("XXX"));
+        assert!(
+            !is_iso_4217("USX") && !is_iso_4217("usd") && !is_iso_4217("US") && !is_iso_4217("XXX")
+        );
     }
 }

@@ -48,7 +48,10 @@ pub fn dedupe_batch(batch: &RecordBatch, rejected: &[bool]) -> Deduplicated {
     let mut winners: Vec<u32> = best.into_values().collect();
     winners.sort_unstable();
     let deduplicated = valid - winners.len() as u64;
-    Deduplicated { winners, deduplicated }
+    Deduplicated {
+        winners,
+        deduplicated,
+    }
 }
 
 /// A 128-bit fingerprint of each listed row's canonical values, so the load can tell an

@@ -75,7 +75,8 @@ impl Entity {
         let fields: Vec<ArrowField> = self
             .fields()
             .iter()
-            .map(|f| ArrowField::new(f.name, f.kind.arrow_type(), !f.is_key()))
+            // Nullable throughout: a mapped batch still holds the rows validation will reject.
+            .map(|f| ArrowField::new(f.name, f.kind.arrow_type(), true))
             .collect();
         Arc::new(Schema::new(fields))
     }
@@ -171,11 +172,21 @@ impl FieldSpec {
 }
 
 const fn field(name: &'static str, kind: FieldKind, required: bool) -> FieldSpec {
-    FieldSpec { name, kind, required, absent: Absent::Null }
+    FieldSpec {
+        name,
+        kind,
+        required,
+        absent: Absent::Null,
+    }
 }
 
 const fn defaulted(name: &'static str, kind: FieldKind, absent: Absent) -> FieldSpec {
-    FieldSpec { name, kind, required: true, absent }
+    FieldSpec {
+        name,
+        kind,
+        required: true,
+        absent,
+    }
 }
 
 /// Document statuses.
@@ -187,8 +198,15 @@ pub const BILL_KINDS: &[&str] = &["bill", "credit_note"];
 /// Bill categories, which decide where a bill lands in profitability.
 pub const BILL_CATEGORIES: &[&str] = &["cogs", "expense"];
 /// Account types.
-pub const ACCOUNT_TYPES: &[&str] =
-    &["asset", "liability", "equity", "income", "cogs", "expense", "other"];
+pub const ACCOUNT_TYPES: &[&str] = &[
+    "asset",
+    "liability",
+    "equity",
+    "income",
+    "cogs",
+    "expense",
+    "other",
+];
 /// Payment directions.
 pub const PAYMENT_DIRECTIONS: &[&str] = &["in", "out"];
 
@@ -204,7 +222,11 @@ static INVOICE_FIELDS: &[FieldSpec] = &[
     field("currency", Currency, true),
     field("total", Money, true),
     field("balance", Money, true),
-    defaulted("status", Choice(DOCUMENT_STATUSES), Absent::StatusFromBalance),
+    defaulted(
+        "status",
+        Choice(DOCUMENT_STATUSES),
+        Absent::StatusFromBalance,
+    ),
     defaulted("kind", Choice(INVOICE_KINDS), Absent::Value("invoice")),
     field("updated_at", Timestamp, false),
 ];
@@ -219,9 +241,17 @@ static BILL_FIELDS: &[FieldSpec] = &[
     field("currency", Currency, true),
     field("total", Money, true),
     field("balance", Money, true),
-    defaulted("status", Choice(DOCUMENT_STATUSES), Absent::StatusFromBalance),
+    defaulted(
+        "status",
+        Choice(DOCUMENT_STATUSES),
+        Absent::StatusFromBalance,
+    ),
     defaulted("kind", Choice(BILL_KINDS), Absent::Value("bill")),
-    defaulted("category", Choice(BILL_CATEGORIES), Absent::Value("expense")),
+    defaulted(
+        "category",
+        Choice(BILL_CATEGORIES),
+        Absent::Value("expense"),
+    ),
     field("updated_at", Timestamp, false),
 ];
 

@@ -54,7 +54,11 @@ pub struct EngineError {
 impl EngineError {
     /// A new error of `kind` saying `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        EngineError { kind, message: message.into(), source: None }
+        EngineError {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Attaches the underlying cause.
@@ -110,7 +114,9 @@ impl fmt::Display for EngineError {
 
 impl StdError for EngineError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source.as_deref().map(|s| s as &(dyn StdError + 'static))
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
     }
 }
 

@@ -53,7 +53,13 @@ impl AgingBuckets {
     /// All buckets at 0.00.
     pub fn zero() -> Self {
         let z = Decimal::new(0, 2);
-        AgingBuckets { current: z, d1_30: z, d31_60: z, d61_90: z, over_90: z }
+        AgingBuckets {
+            current: z,
+            d1_30: z,
+            d31_60: z,
+            d61_90: z,
+            over_90: z,
+        }
     }
 
     /// Adds `amount` to the named bucket.

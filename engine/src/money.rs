@@ -22,7 +22,10 @@ pub struct DecimalFormat {
 
 impl Default for DecimalFormat {
     fn default() -> Self {
-        DecimalFormat { decimal_separator: b'.', thousands_separator: Some(b',') }
+        DecimalFormat {
+            decimal_separator: b'.',
+            thousands_separator: Some(b','),
+        }
     }
 }
 
@@ -193,7 +196,10 @@ mod tests {
 
     #[test]
     fn decimal_comma_format() {
-        let f = DecimalFormat { decimal_separator: b',', thousands_separator: Some(b'.') };
+        let f = DecimalFormat {
+            decimal_separator: b',',
+            thousands_separator: Some(b'.'),
+        };
         assert_eq!(parse_amount("1.234,5", f), Ok(12_345_000));
         assert_eq!(parse_amount("0,75", f), Ok(7_500));
         assert_eq!(parse_amount("1,2,3", f), Err(AmountError::Malformed));

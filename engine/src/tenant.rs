@@ -15,7 +15,8 @@ impl TenantSlug {
         let b = slug.as_bytes();
         let ok = (2..=40).contains(&b.len())
             && b[0].is_ascii_lowercase()
-            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
         if ok {
             Ok(TenantSlug(slug.to_string()))
         } else {
@@ -48,7 +49,9 @@ mod tests {
     fn slugs_that_could_escape_a_path_or_identifier_are_rejected() {
         assert!(TenantSlug::parse("acme").is_ok());
         assert!(TenantSlug::parse("acme_2").is_ok());
-        for bad in ["", "a", "Acme", "1acme", "ac me", "acme\"", "../x", "a;drop", "acme-x"] {
+        for bad in [
+            "", "a", "Acme", "1acme", "ac me", "acme\"", "../x", "a;drop", "acme-x",
+        ] {
             assert!(TenantSlug::parse(bad).is_err(), "{bad} accepted");
         }
     }

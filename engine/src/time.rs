@@ -77,7 +77,9 @@ fn parse_iso_date(b: &[u8]) -> Option<NaiveDate> {
         return None;
     }
     let num = |r: &[u8]| -> Option<u32> {
-        r.iter().try_fold(0u32, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0')))
+        r.iter().try_fold(0u32, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
     };
     let y = num(&b[0..4])?;
     let m = num(&b[5..7])?;
@@ -97,21 +99,30 @@ pub fn parse_timestamp(text: &str, format: &TimeFormat) -> Option<i64> {
         return Some(dt.with_timezone(&Utc).timestamp_micros());
     }
     // RFC 3339 variants with a space, or an offset without a colon.
-    for f in ["%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%.f%z"] {
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f%z",
+        "%Y-%m-%dT%H:%M:%S%.f%z",
+    ] {
         if let Ok(dt) = DateTime::parse_from_str(s, f) {
             return Some(dt.with_timezone(&Utc).timestamp_micros());
         }
     }
-    let naive = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"]
-        .iter()
-        .map(|f| f.to_string())
-        .chain(format.timestamp_formats.iter().cloned())
-        .find_map(|f| NaiveDateTime::parse_from_str(s, &f).ok())
-        .or_else(|| {
-            let d = parse_iso_date(s.as_bytes()).filter(|_| s.len() == 10)?;
-            Some(d.and_time(NaiveTime::MIN))
-        })
-        .or_else(|| excel_serial_datetime(s));
+    let naive = [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
+    ]
+    .iter()
+    .map(|f| f.to_string())
+    .chain(format.timestamp_formats.iter().cloned())
+    .find_map(|f| NaiveDateTime::parse_from_str(s, &f).ok())
+    .or_else(|| {
+        let d = parse_iso_date(s.as_bytes()).filter(|_| s.len() == 10)?;
+        Some(d.and_time(NaiveTime::MIN))
+    })
+    .or_else(|| excel_serial_datetime(s));
     let naive = naive?;
     let offset = format.source_offset.unwrap_or_else(|| Utc.fix());
     let local = offset.from_local_datetime(&naive).single()?;
@@ -158,7 +169,10 @@ mod tests {
 
     #[test]
     fn dates_in_iso_declared_and_excel_forms() {
-        let f = TimeFormat { date_formats: vec!["%d/%m/%Y".into()], ..Default::default() };
+        let f = TimeFormat {
+            date_formats: vec!["%d/%m/%Y".into()],
+            ..Default::default()
+        };
         assert_eq!(parse_date("2024-02-29", &f), Some(d(2024, 2, 29)));
         assert_eq!(parse_date("2024-02-29T10:00:00Z", &f), Some(d(2024, 2, 29)));
         assert_eq!(parse_date("31/01/2024", &f), Some(d(2024, 1, 31)));
@@ -175,10 +189,19 @@ mod tests {
         let utc = parse_timestamp("2024-03-01T12:00:00Z", &f);
         assert_eq!(parse_timestamp("2024-03-01T14:00:00+02:00", &f), utc);
         assert_eq!(parse_timestamp("2024-03-01 12:00:00", &f), utc);
-        let cet = TimeFormat { source_offset: FixedOffset::east_opt(3600), ..Default::default() };
+        let cet = TimeFormat {
+            source_offset: FixedOffset::east_opt(3600),
+            ..Default::default()
+        };
         assert_eq!(parse_timestamp("2024-03-01 13:00:00", &cet), utc);
-        assert_eq!(parse_timestamp("2024-03-01T12:00:00.5Z", &f), utc.map(|u| u + 500_000));
+        assert_eq!(
+            parse_timestamp("2024-03-01T12:00:00.5Z", &f),
+            utc.map(|u| u + 500_000)
+        );
         assert_eq!(parse_timestamp("not a time", &f), None);
-        assert_eq!(format_timestamp(utc.unwrap_or_default()), "2024-03-01T12:00:00.000000Z");
+        assert_eq!(
+            format_timestamp(utc.unwrap_or_default()),
+            "2024-03-01T12:00:00.000000Z"
+        );
     }
 }

@@ -38,7 +38,12 @@ impl CellError {
         value: Option<String>,
         message: impl Into<String>,
     ) -> Self {
-        CellError { field: field.into(), rule: rule.into(), value, message: message.into() }
+        CellError {
+            field: field.into(),
+            rule: rule.into(),
+            value,
+            message: message.into(),
+        }
     }
 }
 
@@ -120,8 +125,12 @@ impl RuleSet {
             }
             disabled.insert(name.clone());
         }
-        let mut required: BTreeSet<&'static str> =
-            entity.fields().iter().filter(|f| f.required).map(|f| f.name).collect();
+        let mut required: BTreeSet<&'static str> = entity
+            .fields()
+            .iter()
+            .filter(|f| f.required)
+            .map(|f| f.name)
+            .collect();
         for name in &overrides.require {
             let field = entity.field(name).ok_or_else(|| {
                 EngineError::new(
@@ -131,7 +140,11 @@ impl RuleSet {
             })?;
             required.insert(field.name);
         }
-        Ok(RuleSet { entity, disabled, required })
+        Ok(RuleSet {
+            entity,
+            disabled,
+            required,
+        })
     }
 
     /// Whether a rule is in force.
@@ -278,7 +291,10 @@ impl RuleSet {
 // mismatch is a bug in the map stage, not bad input; it panics in tests and reads as empty.
 
 fn as_strings(array: &dyn Array) -> &StringArray {
-    array.as_any().downcast_ref::<StringArray>().unwrap_or_else(|| empty_strings())
+    array
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap_or_else(|| empty_strings())
 }
 
 fn empty_strings() -> &'static StringArray {

@@ -32,8 +32,10 @@ use crate::time::{format_date, format_timestamp};
 use crate::validate::{dates, flags, money, strings, timestamps};
 
 /// Tenant schema migrations, applied in order; each tenant file records its own version.
-const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../../migrations/tenant/sqlite/0001_warehouse.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    include_str!("../../../migrations/tenant/sqlite/0001_warehouse.sql"),
+)];
 
 /// Rows per multi-row INSERT: 500 rows x at most 16 columns stays far below SQLite's
 /// 32766 bound parameters.
@@ -88,7 +90,10 @@ impl SqliteWarehouse {
         std::fs::create_dir_all(self.tenant_dir()).map_err(|e| {
             EngineError::new(
                 ErrorKind::Config,
-                format!("cannot create data directory {}", self.tenant_dir().display()),
+                format!(
+                    "cannot create data directory {}",
+                    self.tenant_dir().display()
+                ),
             )
             .with_source(e)
         })?;
@@ -111,7 +116,10 @@ impl SqliteWarehouse {
 
     fn upsert_statement(&self, entity: Entity, rows: usize) -> Arc<str> {
         let mut cache = self.upsert_sql.lock().unwrap_or_else(|p| p.into_inner());
-        cache.entry((entity, rows)).or_insert_with(|| upsert_sql(entity, rows).into()).clone()
+        cache
+            .entry((entity, rows))
+            .or_insert_with(|| upsert_sql(entity, rows).into())
+            .clone()
     }
 }
 
@@ -127,10 +135,11 @@ async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
     .execute(&mut *tx)
     .await
     .map_err(|e| EngineError::from_sqlx(ctx("schema_migrations"), e))?;
-    let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| EngineError::from_sqlx(ctx("reading version"), e))?;
+    let current: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx(ctx("reading version"), e))?;
     for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
         sqlx::raw_sql(sql)
             .execute(&mut *tx)
@@ -143,7 +152,9 @@ async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
             .await
             .map_err(|e| EngineError::from_sqlx(ctx("recording version"), e))?;
     }
-    tx.commit().await.map_err(|e| EngineError::from_sqlx(ctx("commit"), e))
+    tx.commit()
+        .await
+        .map_err(|e| EngineError::from_sqlx(ctx("commit"), e))
 }
 
 fn now_text() -> String {
@@ -174,7 +185,10 @@ fn upsert_sql(entity: Entity, rows: usize) -> String {
     format!(
         "INSERT INTO {} ({}) VALUES {} ON CONFLICT (source, external_id) DO UPDATE SET {}",
         quote_ident(entity.name()),
-        cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+        cols.iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
         values,
         updates.join(", ")
     )
@@ -194,14 +208,25 @@ enum Fate {
     Update,
     Unchanged,
     /// Another row of this run with the same key was committed by an earlier batch.
-    SameRunDuplicate { replaces: bool },
+    SameRunDuplicate {
+        replaces: bool,
+    },
 }
 
-fn decide(incoming_version: &Option<String>, hash: &[u8], stored: Option<&StoredVersion>, run_id: &str) -> Fate {
-    let Some(stored) = stored else { return Fate::Insert };
+fn decide(
+    incoming_version: &Option<String>,
+    hash: &[u8],
+    stored: Option<&StoredVersion>,
+    run_id: &str,
+) -> Fate {
+    let Some(stored) = stored else {
+        return Fate::Insert;
+    };
     // Fixed-width RFC 3339 text orders like the instants it names; None sorts first.
     if stored.run_id == run_id {
-        return Fate::SameRunDuplicate { replaces: *incoming_version >= stored.updated_at };
+        return Fate::SameRunDuplicate {
+            replaces: *incoming_version >= stored.updated_at,
+        };
     }
     if *incoming_version < stored.updated_at
         || (*incoming_version == stored.updated_at && stored.row_hash == hash)
@@ -272,7 +297,12 @@ impl Warehouse for SqliteWarehouse {
         Ok(out)
     }
 
-    async fn stream_state(&self, tenant: &TenantSlug, pipeline: &str, stream: &str) -> Result<StreamState> {
+    async fn stream_state(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        stream: &str,
+    ) -> Result<StreamState> {
         let pool = self.pool(tenant, true).await?;
         sqlx::query(
             "INSERT INTO stream_state (pipeline, stream, cursor, version, updated_at) VALUES (?, ?, NULL, 0, ?) \
@@ -284,20 +314,26 @@ impl Warehouse for SqliteWarehouse {
         .execute(&pool)
         .await
         .map_err(|e| EngineError::from_sqlx("creating stream state", e))?;
-        let row = sqlx::query("SELECT cursor, version FROM stream_state WHERE pipeline = ? AND stream = ?")
-            .bind(pipeline)
-            .bind(stream)
-            .fetch_one(&pool)
-            .await
-            .map_err(|e| EngineError::from_sqlx("reading stream state", e))?;
-        let cursor: Option<String> = row.try_get("cursor").map_err(|e| EngineError::from_sqlx("cursor", e))?;
+        let row = sqlx::query(
+            "SELECT cursor, version FROM stream_state WHERE pipeline = ? AND stream = ?",
+        )
+        .bind(pipeline)
+        .bind(stream)
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading stream state", e))?;
+        let cursor: Option<String> = row
+            .try_get("cursor")
+            .map_err(|e| EngineError::from_sqlx("cursor", e))?;
         let cursor = match cursor {
             Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
                 EngineError::new(ErrorKind::Warehouse, "stored cursor is not JSON").with_source(e)
             })?),
             None => None,
         };
-        let version: i64 = row.try_get("version").map_err(|e| EngineError::from_sqlx("version", e))?;
+        let version: i64 = row
+            .try_get("version")
+            .map_err(|e| EngineError::from_sqlx("version", e))?;
         Ok(StreamState { cursor, version })
     }
 
@@ -320,7 +356,12 @@ impl Warehouse for SqliteWarehouse {
         Ok(())
     }
 
-    async fn commit_batch(&self, scope: &RunScope, batch: &LoadBatch, expected_version: i64) -> Result<BatchCommitted> {
+    async fn commit_batch(
+        &self,
+        scope: &RunScope,
+        batch: &LoadBatch,
+        expected_version: i64,
+    ) -> Result<BatchCommitted> {
         let pool = self.pool(&scope.tenant, true).await?;
         let mut tx = pool
             .begin_with("BEGIN IMMEDIATE")
@@ -343,7 +384,9 @@ impl Warehouse for SqliteWarehouse {
         let mut to_write: Vec<(u32, [u8; 16])> = Vec::with_capacity(batch.load.len());
         for (i, &row) in batch.load.iter().enumerate() {
             let hash = batch.fingerprints[i].to_le_bytes();
-            let version = updated.is_valid(row as usize).then(|| format_timestamp(updated.value(row as usize)));
+            let version = updated
+                .is_valid(row as usize)
+                .then(|| format_timestamp(updated.value(row as usize)));
             match decide(&version, &hash, stored.get(keys[i]), &scope.run_id) {
                 Fate::Insert => {
                     counts.inserted += 1;
@@ -368,7 +411,16 @@ impl Warehouse for SqliteWarehouse {
             let sql = self.upsert_statement(entity, chunk.len());
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for (row, hash) in chunk {
-                q = bind_row(q, entity, &batch.rows, *row as usize, &scope.pipeline, &loaded_at, &scope.run_id, hash);
+                q = bind_row(
+                    q,
+                    entity,
+                    &batch.rows,
+                    *row as usize,
+                    &scope.pipeline,
+                    &loaded_at,
+                    &scope.run_id,
+                    hash,
+                );
             }
             q.execute(&mut *tx)
                 .await
@@ -376,9 +428,14 @@ impl Warehouse for SqliteWarehouse {
         }
 
         for record in &batch.quarantine {
+            let raw = Value::Object(record.raw.clone()).to_string();
+            let raw_hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(raw.as_bytes()));
             sqlx::query(
-                "INSERT INTO quarantine (id, run_id, pipeline, entity, status, location, sheet, source_row, raw, errors, rules, created_at) \
-                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO quarantine (id, run_id, pipeline, entity, status, location, sheet, source_row, raw, raw_hash, errors, rules, created_at) \
+                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (pipeline, raw_hash) WHERE status IN ('pending', 'fixed') DO UPDATE SET \
+                 run_id = excluded.run_id, location = excluded.location, sheet = excluded.sheet, \
+                 source_row = excluded.source_row, errors = excluded.errors, rules = excluded.rules",
             )
             .bind(uuid::Uuid::now_v7().to_string())
             .bind(&scope.run_id)
@@ -387,7 +444,8 @@ impl Warehouse for SqliteWarehouse {
             .bind(&record.position.location)
             .bind(&record.position.sheet)
             .bind(record.position.row as i64)
-            .bind(Value::Object(record.raw.clone()).to_string())
+            .bind(raw)
+            .bind(raw_hash)
             .bind(serde_json::to_string(&record.errors).unwrap_or_else(|_| "[]".into()))
             .bind(&scope.rules_hash)
             .bind(&loaded_at)
@@ -397,22 +455,37 @@ impl Warehouse for SqliteWarehouse {
         }
 
         add_to_ledger(&mut tx, &scope.run_id, &counts).await?;
-        tx.commit().await.map_err(|e| EngineError::from_sqlx("committing the batch", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| EngineError::from_sqlx("committing the batch", e))?;
         Ok(BatchCommitted { counts, version })
     }
 
-    async fn set_cursor(&self, scope: &RunScope, cursor: Option<&Value>, expected_version: i64) -> Result<i64> {
+    async fn set_cursor(
+        &self,
+        scope: &RunScope,
+        cursor: Option<&Value>,
+        expected_version: i64,
+    ) -> Result<i64> {
         let pool = self.pool(&scope.tenant, true).await?;
         let mut tx = pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| EngineError::from_sqlx("starting the cursor transaction", e))?;
         let version = check_fence(&mut tx, scope, cursor, expected_version).await?;
-        tx.commit().await.map_err(|e| EngineError::from_sqlx("committing the cursor", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| EngineError::from_sqlx("committing the cursor", e))?;
         Ok(version)
     }
 
-    async fn finish_run(&self, tenant: &TenantSlug, run_id: &str, status: RunStatus, error: Option<&str>) -> Result<RunLedger> {
+    async fn finish_run(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+        status: RunStatus,
+        error: Option<&str>,
+    ) -> Result<RunLedger> {
         let pool = self.pool(tenant, false).await?;
         sqlx::query("UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE run_id = ?")
             .bind(status.as_str())
@@ -423,7 +496,10 @@ impl Warehouse for SqliteWarehouse {
             .await
             .map_err(|e| EngineError::from_sqlx("recording the run end", e))?;
         self.run(tenant, run_id).await?.ok_or_else(|| {
-            EngineError::new(ErrorKind::NotFound, format!("run {run_id} vanished from the ledger"))
+            EngineError::new(
+                ErrorKind::NotFound,
+                format!("run {run_id} vanished from the ledger"),
+            )
         })
     }
 
@@ -437,7 +513,11 @@ impl Warehouse for SqliteWarehouse {
         row.map(|r| ledger_from_row(tenant, &r)).transpose()
     }
 
-    async fn quarantined(&self, tenant: &TenantSlug, filter: &QuarantineFilter) -> Result<Vec<QuarantinedRow>> {
+    async fn quarantined(
+        &self,
+        tenant: &TenantSlug,
+        filter: &QuarantineFilter,
+    ) -> Result<Vec<QuarantinedRow>> {
         let pool = self.pool(tenant, false).await?;
         let rows = sqlx::query(
             "SELECT * FROM quarantine WHERE (?1 IS NULL OR run_id = ?1) AND (?2 IS NULL OR status = ?2) \
@@ -451,10 +531,16 @@ impl Warehouse for SqliteWarehouse {
         .fetch_all(&pool)
         .await
         .map_err(|e| EngineError::from_sqlx("listing quarantine", e))?;
-        rows.iter().map(|r| quarantined_from_row(tenant, r)).collect()
+        rows.iter()
+            .map(|r| quarantined_from_row(tenant, r))
+            .collect()
     }
 
-    async fn quarantined_row(&self, tenant: &TenantSlug, id: &str) -> Result<Option<QuarantinedRow>> {
+    async fn quarantined_row(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+    ) -> Result<Option<QuarantinedRow>> {
         let pool = self.pool(tenant, false).await?;
         let row = sqlx::query("SELECT * FROM quarantine WHERE id = ?")
             .bind(id)
@@ -464,7 +550,12 @@ impl Warehouse for SqliteWarehouse {
         row.map(|r| quarantined_from_row(tenant, &r)).transpose()
     }
 
-    async fn aging(&self, tenant: &TenantSlug, side: AgingSide, as_of: NaiveDate) -> Result<AgingReport> {
+    async fn aging(
+        &self,
+        tenant: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> Result<AgingReport> {
         let pool = self.pool(tenant, false).await?;
         let table = match side {
             AgingSide::Receivable => "invoices",
@@ -485,11 +576,20 @@ impl Warehouse for SqliteWarehouse {
             .fetch_all(&pool)
             .await
             .map_err(|e| EngineError::from_sqlx("computing aging", e))?;
-        let mut report = AgingReport { as_of, currencies: Default::default() };
+        let mut report = AgingReport {
+            as_of,
+            currencies: Default::default(),
+        };
         for r in rows {
-            let currency: String = r.try_get("currency").map_err(|e| EngineError::from_sqlx("currency", e))?;
-            let bucket: String = r.try_get("bucket").map_err(|e| EngineError::from_sqlx("bucket", e))?;
-            let open: i64 = r.try_get("open").map_err(|e| EngineError::from_sqlx("open balance", e))?;
+            let currency: String = r
+                .try_get("currency")
+                .map_err(|e| EngineError::from_sqlx("currency", e))?;
+            let bucket: String = r
+                .try_get("bucket")
+                .map_err(|e| EngineError::from_sqlx("bucket", e))?;
+            let open: i64 = r
+                .try_get("open")
+                .map_err(|e| EngineError::from_sqlx("open balance", e))?;
             report
                 .currencies
                 .entry(currency)
@@ -501,10 +601,12 @@ impl Warehouse for SqliteWarehouse {
 
     async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
         let pool = self.pool(tenant, false).await?;
-        let rows = sqlx::query("SELECT * FROM invoices WHERE deleted_at IS NULL ORDER BY source, external_id")
-            .fetch_all(&pool)
-            .await
-            .map_err(|e| EngineError::from_sqlx("reading invoices", e))?;
+        let rows = sqlx::query(
+            "SELECT * FROM invoices WHERE deleted_at IS NULL ORDER BY source, external_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading invoices", e))?;
         rows.iter()
             .map(|r| {
                 Ok(Invoice {
@@ -527,10 +629,12 @@ impl Warehouse for SqliteWarehouse {
 
     async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
         let pool = self.pool(tenant, false).await?;
-        let rows = sqlx::query("SELECT * FROM bills WHERE deleted_at IS NULL ORDER BY source, external_id")
-            .fetch_all(&pool)
-            .await
-            .map_err(|e| EngineError::from_sqlx("reading bills", e))?;
+        let rows = sqlx::query(
+            "SELECT * FROM bills WHERE deleted_at IS NULL ORDER BY source, external_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading bills", e))?;
         rows.iter()
             .map(|r| {
                 Ok(Bill {
@@ -588,7 +692,11 @@ async fn fetch_versions(
     Ok(out)
 }
 
-async fn add_to_ledger(tx: &mut Transaction<'static, Sqlite>, run_id: &str, c: &RowCounts) -> Result<()> {
+async fn add_to_ledger(
+    tx: &mut Transaction<'static, Sqlite>,
+    run_id: &str,
+    c: &RowCounts,
+) -> Result<()> {
     sqlx::query(
         "UPDATE runs SET rows_read = rows_read + ?, inserted = inserted + ?, updated = updated + ?, \
          unchanged = unchanged + ?, quarantined = quarantined + ?, deduplicated = deduplicated + ? WHERE run_id = ?",
@@ -656,13 +764,15 @@ fn get<T>(row: &SqliteRow, col: &str) -> Result<T>
 where
     T: for<'r> sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
 {
-    row.try_get(col).map_err(|e| EngineError::from_sqlx(format!("reading column {col}"), e))
+    row.try_get(col)
+        .map_err(|e| EngineError::from_sqlx(format!("reading column {col}"), e))
 }
 
 fn date_col(row: &SqliteRow, col: &str) -> Result<NaiveDate> {
     let text: String = get(row, col)?;
-    NaiveDate::from_str(&text)
-        .map_err(|e| EngineError::new(ErrorKind::Warehouse, format!("{col} holds {text:?}")).with_source(e))
+    NaiveDate::from_str(&text).map_err(|e| {
+        EngineError::new(ErrorKind::Warehouse, format!("{col} holds {text:?}")).with_source(e)
+    })
 }
 
 fn instant_col(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
@@ -670,7 +780,9 @@ fn instant_col(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
     text.map(|t| {
         DateTime::parse_from_rfc3339(&t)
             .map(|d| d.with_timezone(&Utc))
-            .map_err(|e| EngineError::new(ErrorKind::Warehouse, format!("{col} holds {t:?}")).with_source(e))
+            .map_err(|e| {
+                EngineError::new(ErrorKind::Warehouse, format!("{col} holds {t:?}")).with_source(e)
+            })
     })
     .transpose()
 }
@@ -698,8 +810,9 @@ fn ledger_from_row(tenant: &TenantSlug, r: &SqliteRow) -> Result<RunLedger> {
         trigger: get(r, "trigger")?,
         started_at: parse(&started)?,
         finished_at: finished.as_deref().map(parse).transpose()?,
-        status: RunStatus::parse(&status)
-            .ok_or_else(|| EngineError::new(ErrorKind::Warehouse, format!("unknown run status {status}")))?,
+        status: RunStatus::parse(&status).ok_or_else(|| {
+            EngineError::new(ErrorKind::Warehouse, format!("unknown run status {status}"))
+        })?,
         counts: RowCounts {
             rows_read: count("rows_read")?,
             inserted: count("inserted")?,
@@ -718,7 +831,12 @@ fn quarantined_from_row(tenant: &TenantSlug, r: &SqliteRow) -> Result<Quarantine
     let raw: String = get(r, "raw")?;
     let errors: String = get(r, "errors")?;
     let created: String = get(r, "created_at")?;
-    let bad = |what: &str| EngineError::new(ErrorKind::Warehouse, format!("quarantine row has bad {what}"));
+    let bad = |what: &str| {
+        EngineError::new(
+            ErrorKind::Warehouse,
+            format!("quarantine row has bad {what}"),
+        )
+    };
     Ok(QuarantinedRow {
         id: get(r, "id")?,
         tenant: tenant.to_string(),

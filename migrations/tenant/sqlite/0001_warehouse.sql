@@ -139,11 +139,16 @@ CREATE TABLE quarantine (
     sheet       TEXT,
     source_row  INTEGER NOT NULL,
     raw         TEXT NOT NULL,
+    raw_hash    TEXT NOT NULL,
     errors      TEXT NOT NULL,
     rules       TEXT NOT NULL,
     created_at  TEXT NOT NULL
 );
 CREATE INDEX quarantine_by_run ON quarantine (run_id);
+-- The same bad record read again by a later run updates its open quarantine entry instead
+-- of piling up copies; once replayed or ignored, a new occurrence is a new entry.
+CREATE UNIQUE INDEX quarantine_open_once ON quarantine (pipeline, raw_hash)
+    WHERE status IN ('pending', 'fixed');
 CREATE INDEX quarantine_by_status ON quarantine (status);
 
 -- One row per (pipeline, stream): the cursor reached and a version that every batch

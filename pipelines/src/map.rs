@@ -1,0 +1,388 @@
+//! The map stage: source columns -> the canonical schema of an entity. Parsing happens here
+//! (dates, exact decimals, currency codes, enum words, flags) and a cell that does not parse
+//! becomes a [`CellError`] on its row, never a failed batch.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Date32Builder, Decimal128Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Schema};
+use sluice_engine::entity::{Absent, Entity, FieldKind, FieldSpec};
+use sluice_engine::money::{DecimalFormat, MONEY_PRECISION, MONEY_SCALE, parse_amount};
+use sluice_engine::time::{TimeFormat, parse_date, parse_timestamp};
+use sluice_engine::validate::{CellError, rule};
+
+use crate::error::{PipelineError, PipelineErrorKind};
+
+/// Where a canonical field's values come from.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// A source column, by index.
+    Column(usize),
+    /// The source has no such column.
+    Absent,
+}
+
+/// A mapping resolved against one source schema.
+#[derive(Debug, Clone)]
+pub struct Mapper {
+    entity: Entity,
+    origins: Vec<Origin>,
+    decimal: DecimalFormat,
+    time: TimeFormat,
+}
+
+/// A mapped batch: canonical columns and, per row, what failed to parse.
+#[derive(Debug)]
+pub struct MappedBatch {
+    /// Columns of `entity.schema()`.
+    pub rows: RecordBatch,
+    /// Per row, the cells that could not be read.
+    pub issues: Vec<Vec<CellError>>,
+}
+
+fn config(message: String) -> PipelineError {
+    PipelineError::new(PipelineErrorKind::Config, message)
+}
+
+impl Mapper {
+    /// Resolves `mapping` (canonical field -> source column) against `schema`. Unmapped
+    /// fields match a column of the same name (exactly, else ignoring case). Fails when a
+    /// mapped column does not exist, a column is not text, or a required field without a
+    /// default has no column at all (every row would be rejected).
+    pub fn new(
+        entity: Entity,
+        mapping: &BTreeMap<String, String>,
+        required: &[&str],
+        schema: &Schema,
+        decimal: DecimalFormat,
+        time: TimeFormat,
+    ) -> Result<Self, PipelineError> {
+        let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let mut origins = Vec::with_capacity(entity.fields().len());
+        for spec in entity.fields() {
+            let origin = match mapping.get(spec.name) {
+                Some(col) => match columns.iter().position(|c| c == col) {
+                    Some(i) => Origin::Column(i),
+                    None => {
+                        return Err(config(format!(
+                            "[mapping] {} = {col:?}: the source has no column {col:?}; its columns are: {}",
+                            spec.name,
+                            columns.join(", ")
+                        )));
+                    }
+                },
+                None => find_column(&columns, spec.name).map_or(Origin::Absent, Origin::Column),
+            };
+            if let Origin::Column(i) = origin {
+                let ty = schema.field(i).data_type();
+                if !matches!(ty, DataType::Utf8) {
+                    return Err(config(format!(
+                        "source column {:?} (for {}) is {ty}; the map stage reads text columns",
+                        columns[i], spec.name
+                    )));
+                }
+            }
+            if matches!(origin, Origin::Absent)
+                && spec.absent == Absent::Null
+                && (spec.required || required.contains(&spec.name))
+            {
+                return Err(config(format!(
+                    "the source has no column for required field '{}'; its columns are: {}. Add `{} = \"<column>\"` under [mapping]",
+                    spec.name,
+                    columns.join(", "),
+                    spec.name
+                )));
+            }
+            origins.push(origin);
+        }
+        Ok(Mapper {
+            entity,
+            origins,
+            decimal,
+            time,
+        })
+    }
+
+    /// Maps one batch of source records.
+    pub fn map(&self, records: &RecordBatch) -> MappedBatch {
+        let n = records.num_rows();
+        let mut issues: Vec<Vec<CellError>> = vec![Vec::new(); n];
+        let fields = self.entity.fields();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(fields.len());
+        for (spec, origin) in fields.iter().zip(&self.origins) {
+            let source = match origin {
+                Origin::Column(i) => records.column(*i).as_any().downcast_ref::<StringArray>(),
+                Origin::Absent => None,
+            };
+            columns.push(self.map_column(spec, source, n, &mut issues));
+        }
+        if let Some(pos) = fields
+            .iter()
+            .position(|f| f.absent == Absent::StatusFromBalance)
+        {
+            columns[pos] = derive_status(&columns[pos], &columns, fields);
+        }
+        // The canonical schema is fixed by the entity and every column is built to it.
+        let rows = RecordBatch::try_new(self.entity.schema(), columns)
+            .unwrap_or_else(|e| unreachable_schema(self.entity, e));
+        MappedBatch { rows, issues }
+    }
+
+    fn map_column(
+        &self,
+        spec: &FieldSpec,
+        source: Option<&StringArray>,
+        n: usize,
+        issues: &mut [Vec<CellError>],
+    ) -> ArrayRef {
+        let cell = |row: usize| -> Option<&str> {
+            let a = source?;
+            if a.is_null(row) {
+                return None;
+            }
+            let v = a.value(row).trim();
+            (!v.is_empty()).then_some(v)
+        };
+        let default = match spec.absent {
+            Absent::Value(v) => Some(v),
+            _ => None,
+        };
+        let mut fail = |row: usize, rule: &str, value: &str, message: &str| {
+            issues[row].push(CellError::new(
+                spec.name,
+                rule,
+                Some(value.to_string()),
+                message,
+            ));
+        };
+        match spec.kind {
+            FieldKind::Text => {
+                let mut b = StringBuilder::with_capacity(n, n * 8);
+                for row in 0..n {
+                    b.append_option(cell(row));
+                }
+                Arc::new(b.finish())
+            }
+            FieldKind::Currency => {
+                let mut b = StringBuilder::with_capacity(n, n * 3);
+                for row in 0..n {
+                    b.append_option(cell(row).map(upper));
+                }
+                Arc::new(b.finish())
+            }
+            FieldKind::Choice(_) => {
+                let mut b = StringBuilder::with_capacity(n, n * 6);
+                for row in 0..n {
+                    b.append_option(cell(row).map(choice_word).or(default.map(Cow::Borrowed)));
+                }
+                Arc::new(b.finish())
+            }
+            FieldKind::IdList => {
+                let mut b = StringBuilder::with_capacity(n, n * 8);
+                for row in 0..n {
+                    match cell(row).map(id_list) {
+                        Some(Ok(json)) => b.append_value(json),
+                        Some(Err(())) => {
+                            fail(
+                                row,
+                                "id_list_format",
+                                cell(row).unwrap_or_default(),
+                                "not a list of ids: use `A;B` or a JSON array of strings",
+                            );
+                            b.append_null();
+                        }
+                        None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            FieldKind::Flag => {
+                let mut b = BooleanBuilder::with_capacity(n);
+                for row in 0..n {
+                    match cell(row).or(default) {
+                        Some(v) => match parse_flag(v) {
+                            Some(f) => b.append_value(f),
+                            None => {
+                                fail(
+                                    row,
+                                    rule::BOOLEAN_FORMAT,
+                                    v,
+                                    "not a yes/no value: use true/false, yes/no or 1/0",
+                                );
+                                b.append_null();
+                            }
+                        },
+                        None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            FieldKind::Date => {
+                let mut b = Date32Builder::with_capacity(n);
+                for row in 0..n {
+                    match cell(row) {
+                        Some(v) => match parse_date(v, &self.time) {
+                            Some(d) => b.append_value(d),
+                            None => {
+                                fail(
+                                    row,
+                                    rule::DATE_FORMAT,
+                                    v,
+                                    "not a date: use YYYY-MM-DD, a format declared in [format] date_formats, or an Excel serial",
+                                );
+                                b.append_null();
+                            }
+                        },
+                        None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            FieldKind::Timestamp => {
+                let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+                for row in 0..n {
+                    match cell(row) {
+                        Some(v) => match parse_timestamp(v, &self.time) {
+                            Some(t) => b.append_value(t),
+                            None => {
+                                fail(
+                                    row,
+                                    rule::TIMESTAMP_FORMAT,
+                                    v,
+                                    "not a timestamp: use RFC 3339 (2024-01-31T12:00:00Z) or a format declared in [format] timestamp_formats",
+                                );
+                                b.append_null();
+                            }
+                        },
+                        None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            FieldKind::Money => {
+                let mut b = Decimal128Builder::with_capacity(n)
+                    .with_precision_and_scale(MONEY_PRECISION, MONEY_SCALE as i8)
+                    .unwrap_or_else(|_| Decimal128Builder::with_capacity(n));
+                for row in 0..n {
+                    match cell(row) {
+                        Some(v) => match parse_amount(v, self.decimal) {
+                            Ok(units) => b.append_value(units),
+                            Err(e) => {
+                                fail(row, rule::DECIMAL_FORMAT, v, e.message());
+                                b.append_null();
+                            }
+                        },
+                        None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+        }
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_schema(entity: Entity, e: arrow_schema::ArrowError) -> RecordBatch {
+    panic!("map stage built columns that do not match the {entity} schema: {e}")
+}
+
+fn find_column(columns: &[&str], name: &str) -> Option<usize> {
+    columns.iter().position(|c| *c == name).or_else(|| {
+        let mut matches = columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.eq_ignore_ascii_case(name));
+        match (matches.next(), matches.next()) {
+            (Some((i, _)), None) => Some(i),
+            _ => None,
+        }
+    })
+}
+
+fn upper(v: &str) -> Cow<'_, str> {
+    if v.bytes().any(|b| b.is_ascii_lowercase()) {
+        Cow::Owned(v.to_ascii_uppercase())
+    } else {
+        Cow::Borrowed(v)
+    }
+}
+
+/// `Credit Note`, `credit-note` and `CREDIT_NOTE` all mean `credit_note`.
+fn choice_word(v: &str) -> Cow<'_, str> {
+    if v.bytes()
+        .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+    {
+        Cow::Borrowed(v)
+    } else {
+        Cow::Owned(
+            v.chars()
+                .map(|c| {
+                    if c == ' ' || c == '-' {
+                        '_'
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+fn parse_flag(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "t" | "yes" | "y" | "1" => Some(true),
+        "false" | "f" | "no" | "n" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// `A;B`, `A, B` or `["A","B"]` -> `["A","B"]`.
+fn id_list(v: &str) -> Result<String, ()> {
+    let ids: Vec<String> = if v.starts_with('[') {
+        serde_json::from_str::<Vec<String>>(v).map_err(|_| ())?
+    } else {
+        v.split([';', ','])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    serde_json::to_string(&ids).map_err(|_| ())
+}
+
+/// Fills empty statuses from the balance: `open` while something is owed, else `paid`.
+fn derive_status(status: &ArrayRef, columns: &[ArrayRef], fields: &[FieldSpec]) -> ArrayRef {
+    let Some(balance_pos) = fields.iter().position(|f| f.name == "balance") else {
+        return status.clone();
+    };
+    let balance = columns[balance_pos]
+        .as_any()
+        .downcast_ref::<arrow_array::Decimal128Array>();
+    let status_arr = status.as_any().downcast_ref::<StringArray>();
+    let (Some(balance), Some(status_arr)) = (balance, status_arr) else {
+        return status.clone();
+    };
+    if status_arr.null_count() == 0 {
+        return status.clone();
+    }
+    let mut b = StringBuilder::with_capacity(status_arr.len(), status_arr.len() * 4);
+    for row in 0..status_arr.len() {
+        if status_arr.is_valid(row) {
+            b.append_value(status_arr.value(row));
+        } else if balance.is_valid(row) {
+            b.append_value(if balance.value(row) > 0 {
+                "open"
+            } else {
+                "paid"
+            });
+        } else {
+            b.append_null();
+        }
+    }
+    Arc::new(b.finish())
+}

@@ -1,0 +1,78 @@
+//! Map, validate and dedupe one source batch into a [`LoadBatch`]: the CPU-bound part of a
+//! run, kept free of I/O so it runs on a blocking thread and benchmarks in isolation.
+
+use arrow_array::{Array, RecordBatch, StringArray};
+use serde_json::{Map, Value};
+use sluice_connectors::SourceBatch;
+use sluice_engine::dedupe::{dedupe_batch, row_fingerprints};
+use sluice_engine::quarantine::{QuarantineRecord, SourcePosition};
+use sluice_engine::validate::{CellError, RuleSet};
+use sluice_engine::warehouse::LoadBatch;
+
+use crate::map::Mapper;
+
+/// Turns a source batch into rows to load and rows to quarantine. Every record of the
+/// batch ends up in exactly one of: `load`, `quarantine`, or the `deduplicated` count.
+pub fn prepare_batch(
+    mapper: &Mapper,
+    rules: &RuleSet,
+    entity: sluice_engine::Entity,
+    batch: SourceBatch,
+) -> LoadBatch {
+    let rows_read = batch.records_read();
+    let mut mapped = mapper.map(&batch.records);
+    rules.validate(&mapped.rows, &mut mapped.issues);
+    let rejected: Vec<bool> = mapped.issues.iter().map(|i| !i.is_empty()).collect();
+    let kept = dedupe_batch(&mapped.rows, &rejected);
+    let fingerprints = row_fingerprints(&mapped.rows, &kept.winners);
+
+    let position = |row: u64| SourcePosition {
+        location: batch.location.clone(),
+        sheet: batch.sheet.clone(),
+        row,
+    };
+    let mut quarantine: Vec<QuarantineRecord> = Vec::new();
+    for (row, errors) in mapped.issues.into_iter().enumerate() {
+        if !errors.is_empty() {
+            quarantine.push(QuarantineRecord {
+                position: position(batch.positions[row]),
+                raw: raw_values(&batch.records, row),
+                errors,
+            });
+        }
+    }
+    for reject in batch.rejects {
+        quarantine.push(QuarantineRecord {
+            position: position(reject.position),
+            raw: reject.raw,
+            errors: vec![CellError::new("_record", reject.rule, None, reject.message)],
+        });
+    }
+    quarantine.sort_by_key(|q| q.position.row);
+
+    LoadBatch {
+        entity,
+        rows: mapped.rows,
+        load: kept.winners,
+        fingerprints,
+        quarantine,
+        rows_read,
+        deduplicated: kept.deduplicated,
+        cursor: Some(batch.cursor),
+    }
+}
+
+/// A source row as column -> value, exactly as read.
+fn raw_values(records: &RecordBatch, row: usize) -> Map<String, Value> {
+    let schema = records.schema();
+    let mut raw = Map::new();
+    for (field, column) in schema.fields().iter().zip(records.columns()) {
+        let value = match column.as_any().downcast_ref::<StringArray>() {
+            Some(a) if a.is_valid(row) => Value::String(a.value(row).to_string()),
+            Some(_) => Value::Null,
+            None => Value::String(format!("{:?}", column.slice(row, 1))),
+        };
+        raw.insert(field.name().clone(), value);
+    }
+    raw
+}

@@ -1,0 +1,78 @@
+//! Builds the source a pipeline names. One enum, so the runner stays generic over the
+//! warehouse while sources are chosen by configuration at run time.
+
+use sluice_connectors::file::{CsvOptions, CsvSource, SheetRef, SpreadsheetSource};
+use sluice_connectors::{BatchStream, HealthReport, ReadRequest, Source, SourceError, StreamInfo};
+
+use crate::spec::{SheetSpec, SourceSpec};
+
+/// Any source a pipeline file can name.
+#[derive(Debug, Clone)]
+pub enum PipelineSource {
+    /// `kind = "csv"`.
+    Csv(CsvSource),
+    /// `kind = "xlsx"`.
+    Spreadsheet(SpreadsheetSource),
+}
+
+impl PipelineSource {
+    /// The source described by a pipeline's `[source]` table.
+    pub fn from_spec(spec: &SourceSpec) -> Self {
+        match spec {
+            SourceSpec::Csv(c) => {
+                let byte = |s: &Option<String>, default: u8| {
+                    s.as_deref().map_or(default, |v| {
+                        if v == "\\t" {
+                            b'\t'
+                        } else {
+                            v.as_bytes().first().copied().unwrap_or(default)
+                        }
+                    })
+                };
+                PipelineSource::Csv(CsvSource::new(
+                    &c.path,
+                    CsvOptions {
+                        delimiter: byte(&c.delimiter, b','),
+                        quote: byte(&c.quote, b'"'),
+                        has_header: c.has_header.unwrap_or(true),
+                    },
+                ))
+            }
+            SourceSpec::Xlsx(x) => {
+                let sheet = match &x.sheet {
+                    Some(SheetSpec::Name(n)) => SheetRef::Name(n.clone()),
+                    Some(SheetSpec::Index(i)) => SheetRef::Index(*i),
+                    None => SheetRef::Index(0),
+                };
+                PipelineSource::Spreadsheet(SpreadsheetSource::new(
+                    &x.path,
+                    sheet,
+                    x.header_row.unwrap_or(1),
+                ))
+            }
+        }
+    }
+}
+
+impl Source for PipelineSource {
+    async fn streams(&self) -> Result<Vec<StreamInfo>, SourceError> {
+        match self {
+            PipelineSource::Csv(s) => s.streams().await,
+            PipelineSource::Spreadsheet(s) => s.streams().await,
+        }
+    }
+
+    async fn check(&self) -> Result<HealthReport, SourceError> {
+        match self {
+            PipelineSource::Csv(s) => s.check().await,
+            PipelineSource::Spreadsheet(s) => s.check().await,
+        }
+    }
+
+    async fn read(&self, request: ReadRequest) -> Result<BatchStream, SourceError> {
+        match self {
+            PipelineSource::Csv(s) => s.read(request).await,
+            PipelineSource::Spreadsheet(s) => s.read(request).await,
+        }
+    }
+}

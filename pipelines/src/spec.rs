@@ -1,0 +1,302 @@
+//! Pipeline definitions: the TOML file a user writes (and, later, the same fields as JSON
+//! through the API). Unknown keys are errors, so a typo never silently changes behaviour.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chrono::FixedOffset;
+use serde::{Deserialize, Serialize};
+use sluice_engine::Entity;
+use sluice_engine::money::DecimalFormat;
+use sluice_engine::time::TimeFormat;
+use sluice_engine::validate::RuleOverrides;
+
+use crate::error::{PipelineError, PipelineErrorKind};
+
+/// A pipeline: where rows come from, what they become, which tenant they belong to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// Unique per tenant; also the `source` of every row the pipeline loads.
+    pub name: String,
+    /// The tenant's slug.
+    pub tenant: String,
+    /// What the rows are.
+    pub entity: Entity,
+    /// Where they come from.
+    pub source: SourceSpec,
+    /// Canonical field -> source column; unlisted fields map by the same name.
+    #[serde(default)]
+    pub mapping: BTreeMap<String, String>,
+    /// How the source writes dates and numbers.
+    #[serde(default)]
+    pub format: FormatSpec,
+    /// Adjustments to the built-in rules.
+    #[serde(default)]
+    pub rules: RuleOverrides,
+    /// When cron runs it.
+    #[serde(default)]
+    pub schedule: Option<ScheduleSpec>,
+    /// Records per batch (default 8192); each batch commits on its own.
+    #[serde(default)]
+    pub batch_rows: Option<usize>,
+}
+
+/// The `[source]` table, by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SourceSpec {
+    /// A CSV file.
+    Csv(CsvSpec),
+    /// A spreadsheet (xlsx, xls, xlsb, ods).
+    Xlsx(SpreadsheetSpec),
+}
+
+/// `kind = "csv"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvSpec {
+    /// The file, relative to the pipeline file.
+    pub path: PathBuf,
+    /// One character; default `,`. `"\t"` for tab-separated files.
+    #[serde(default)]
+    pub delimiter: Option<String>,
+    /// One character; default `"`.
+    #[serde(default)]
+    pub quote: Option<String>,
+    /// Whether the first line names the columns; default true.
+    #[serde(default)]
+    pub has_header: Option<bool>,
+}
+
+/// `kind = "xlsx"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpreadsheetSpec {
+    /// The file, relative to the pipeline file.
+    pub path: PathBuf,
+    /// Sheet name, or its 0-based index; default the first sheet.
+    #[serde(default)]
+    pub sheet: Option<SheetSpec>,
+    /// The row with the column names, 1-based; default 1.
+    #[serde(default)]
+    pub header_row: Option<u32>,
+}
+
+/// A sheet by name or by index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SheetSpec {
+    /// `sheet = "Bills"`.
+    Name(String),
+    /// `sheet = 0`.
+    Index(usize),
+}
+
+/// `[format]`: how the source writes values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormatSpec {
+    /// strftime formats for dates tried after ISO 8601, e.g. `["%d/%m/%Y"]`.
+    #[serde(default)]
+    pub date_formats: Vec<String>,
+    /// strftime formats for timestamps tried after RFC 3339.
+    #[serde(default)]
+    pub timestamp_formats: Vec<String>,
+    /// `"."` (default) or `","`.
+    #[serde(default)]
+    pub decimal_separator: Option<String>,
+    /// Digit-group separator; default `","` with a `.` decimal mark, `"."` with `,`; `""`
+    /// for none.
+    #[serde(default)]
+    pub thousands_separator: Option<String>,
+    /// UTC offset of local times that carry none, e.g. `"+02:00"`; default UTC.
+    #[serde(default)]
+    pub utc_offset: Option<String>,
+}
+
+/// `[schedule]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Six-field cron expression (seconds first), e.g. `"0 */15 * * * *"`.
+    pub cron: String,
+}
+
+/// Default records per batch.
+pub const DEFAULT_BATCH_ROWS: usize = 8192;
+const SOURCE_KINDS_LATER: &[&str] = &["postgres", "mysql", "quickbooks", "odoo"];
+
+fn config(message: impl Into<String>) -> PipelineError {
+    PipelineError::new(PipelineErrorKind::Config, message)
+}
+
+impl PipelineSpec {
+    /// Reads and checks a pipeline file; relative paths in it are resolved against its
+    /// directory.
+    pub fn from_file(path: &Path) -> Result<Self, PipelineError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| config(format!("cannot read pipeline file {}: {e}", path.display())))?;
+        let mut spec = Self::from_toml(&text)
+            .map_err(|e| config(format!("{}: {}", path.display(), e.message())))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        spec.resolve_paths(base);
+        Ok(spec)
+    }
+
+    /// Parses and checks pipeline TOML.
+    pub fn from_toml(text: &str) -> Result<Self, PipelineError> {
+        let value: toml::Table =
+            toml::from_str(text).map_err(|e| config(format!("not valid TOML: {e}")))?;
+        if let Some(kind) = value
+            .get("source")
+            .and_then(|s| s.get("kind"))
+            .and_then(|k| k.as_str())
+        {
+            if SOURCE_KINDS_LATER.contains(&kind) {
+                return Err(config(format!(
+                    "source kind '{kind}' is not available in this build yet; available: csv, xlsx"
+                )));
+            }
+        }
+        let spec: PipelineSpec = toml::from_str(text).map_err(|e| config(e.to_string()))?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let path = match &mut self.source {
+            SourceSpec::Csv(c) => &mut c.path,
+            SourceSpec::Xlsx(x) => &mut x.path,
+        };
+        if path.is_relative() {
+            *path = base.join(&*path);
+        }
+    }
+
+    /// Checks names, mapping keys, formats and rule overrides.
+    pub fn check(&self) -> Result<(), PipelineError> {
+        check_pipeline_name(&self.name)?;
+        sluice_engine::TenantSlug::parse(&self.tenant)
+            .map_err(|e| config(e.message().to_string()))?;
+        for field in self.mapping.keys() {
+            if self.entity.field(field).is_none() {
+                let known: Vec<&str> = self.entity.fields().iter().map(|f| f.name).collect();
+                return Err(config(format!(
+                    "[mapping] {}: {} have no field '{field}'; fields are: {}",
+                    self.name,
+                    self.entity,
+                    known.join(", ")
+                )));
+            }
+        }
+        self.decimal_format()?;
+        self.time_format()?;
+        sluice_engine::validate::RuleSet::new(self.entity, &self.rules)
+            .map_err(|e| config(e.message().to_string()))?;
+        if let SourceSpec::Csv(c) = &self.source {
+            one_byte("delimiter", c.delimiter.as_deref())?;
+            one_byte("quote", c.quote.as_deref())?;
+        }
+        if self.batch_rows == Some(0) {
+            return Err(config("batch_rows must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Records per batch.
+    pub fn batch_rows(&self) -> usize {
+        self.batch_rows.unwrap_or(DEFAULT_BATCH_ROWS)
+    }
+
+    /// The number format declared in `[format]`.
+    pub fn decimal_format(&self) -> Result<DecimalFormat, PipelineError> {
+        let decimal = match self.format.decimal_separator.as_deref() {
+            None | Some(".") => b'.',
+            Some(",") => b',',
+            Some(other) => {
+                return Err(config(format!(
+                    "[format] decimal_separator must be \".\" or \",\", not {other:?}"
+                )));
+            }
+        };
+        let thousands = match self.format.thousands_separator.as_deref() {
+            None => Some(if decimal == b'.' { b',' } else { b'.' }),
+            Some("") => None,
+            Some(s)
+                if s.len() == 1
+                    && matches!(s, "," | "." | "'" | " " | "_")
+                    && s.as_bytes()[0] != decimal =>
+            {
+                Some(s.as_bytes()[0])
+            }
+            Some(other) => {
+                return Err(config(format!(
+                    "[format] thousands_separator {other:?} must be one of , . ' space _ (and differ from the decimal mark), or \"\" for none"
+                )));
+            }
+        };
+        Ok(DecimalFormat {
+            decimal_separator: decimal,
+            thousands_separator: thousands,
+        })
+    }
+
+    /// The date/time formats declared in `[format]`.
+    pub fn time_format(&self) -> Result<TimeFormat, PipelineError> {
+        let source_offset = match &self.format.utc_offset {
+            None => None,
+            Some(s) => Some(parse_offset(s).ok_or_else(|| {
+                config(format!(
+                    "[format] utc_offset {s:?} is not an offset like \"+02:00\" or \"-05:30\""
+                ))
+            })?),
+        };
+        Ok(TimeFormat {
+            date_formats: self.format.date_formats.clone(),
+            timestamp_formats: self.format.timestamp_formats.clone(),
+            source_offset,
+        })
+    }
+}
+
+fn parse_offset(s: &str) -> Option<FixedOffset> {
+    if s == "Z" || s == "UTC" {
+        return FixedOffset::east_opt(0);
+    }
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    let secs = h.parse::<i32>().ok()? * 3600 + m.parse::<i32>().ok()? * 60;
+    FixedOffset::east_opt(sign * secs)
+}
+
+fn one_byte(what: &str, value: Option<&str>) -> Result<(), PipelineError> {
+    match value {
+        None => Ok(()),
+        Some(v) if v.len() == 1 => Ok(()),
+        Some(v) => Err(config(format!(
+            "[source] {what} must be one ASCII character, not {v:?}"
+        ))),
+    }
+}
+
+/// Pipeline names: `[a-z0-9][a-z0-9_.-]{0,63}`. They reach file names, SQL values and URLs.
+pub fn check_pipeline_name(name: &str) -> Result<(), PipelineError> {
+    let b = name.as_bytes();
+    let ok = (1..=64).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'.')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(config(format!(
+            "invalid pipeline name {name:?}: use 1-64 lower-case letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )))
+    }
+}
