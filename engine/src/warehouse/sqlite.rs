@@ -382,6 +382,7 @@ impl Warehouse for SqliteWarehouse {
             ..RowCounts::default()
         };
         let mut to_write: Vec<(u32, [u8; 16])> = Vec::with_capacity(batch.load.len());
+        let mut seen_unchanged: Vec<&str> = Vec::new();
         for (i, &row) in batch.load.iter().enumerate() {
             let hash = batch.fingerprints[i].to_le_bytes();
             let version = updated
@@ -396,7 +397,10 @@ impl Warehouse for SqliteWarehouse {
                     counts.updated += 1;
                     to_write.push((row, hash));
                 }
-                Fate::Unchanged => counts.unchanged += 1,
+                Fate::Unchanged => {
+                    counts.unchanged += 1;
+                    seen_unchanged.push(keys[i]);
+                }
                 Fate::SameRunDuplicate { replaces } => {
                     counts.deduplicated += 1;
                     if replaces {
@@ -425,6 +429,22 @@ impl Warehouse for SqliteWarehouse {
             q.execute(&mut *tx)
                 .await
                 .map_err(|e| EngineError::from_sqlx(format!("writing {entity}"), e))?;
+        }
+
+        if !seen_unchanged.is_empty() {
+            // Mark unchanged rows as read by this run, so a later batch of the same run that
+            // repeats the key counts as a duplicate, exactly as it did on the first load.
+            let sql = format!(
+                "UPDATE {} SET run_id = ? WHERE source = ? AND external_id IN (SELECT value FROM json_each(?))",
+                quote_ident(entity.name())
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&scope.run_id)
+                .bind(&scope.pipeline)
+                .bind(serde_json::to_string(&seen_unchanged).unwrap_or_else(|_| "[]".into()))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| EngineError::from_sqlx(format!("marking unchanged {entity}"), e))?;
         }
 
         for record in &batch.quarantine {

@@ -2,6 +2,9 @@
 -- Money columns are INTEGER counts of 1/10000 of a currency unit (decimal(18,4)), so sums
 -- are exact; dates are TEXT 'YYYY-MM-DD'; instants are TEXT RFC 3339 UTC with
 -- microseconds ('2024-01-31T12:00:00.000000Z'), which sorts in time order.
+-- Every entity table: `source` is the pipeline, `run_id` the last run that read the row
+-- (loaded or found unchanged), `loaded_at` when its current version was written, and
+-- `row_hash` a fingerprint of its canonical values.
 
 CREATE TABLE customers (
     source      TEXT NOT NULL,
