@@ -74,9 +74,9 @@ impl CsvSource {
     }
 
     /// Opens the file after checking it is non-empty UTF-8 text, and reads the header.
-    fn open(&self) -> Result<(::csv::Reader<BufReader<File>>, Vec<String>), SourceError> {
+    fn open(&self) -> Result<(::csv::Reader<BufReader<File>>, Vec<String>, bool), SourceError> {
         check_file(&self.path)?;
-        check_utf8_text(&self.path)?;
+        let crlf = check_utf8_text(&self.path)?;
         let file = File::open(&self.path).map_err(|e| io_error(&self.path, e))?;
         let mut rdr = self.reader(BufReader::with_capacity(256 * 1024, file));
         let headers = if self.options.has_header {
@@ -97,7 +97,7 @@ impl CsvSource {
                 .map_err(|e| csv_error(&self.path, e))?;
             (1..=first.len()).map(|i| format!("column_{i}")).collect()
         };
-        Ok((rdr, normalise_headers(headers, &self.path)?))
+        Ok((rdr, normalise_headers(headers, &self.path)?, crlf))
     }
 }
 
@@ -116,18 +116,22 @@ fn csv_error(path: &Path, e: ::csv::Error) -> SourceError {
 /// Reads the whole file once, in 1 MiB chunks, and fails on NUL bytes (binary), a UTF-16
 /// byte-order mark, a ZIP signature (a spreadsheet) or the first byte sequence that is not
 /// UTF-8, naming the line it is on.
-fn check_utf8_text(path: &Path) -> Result<(), SourceError> {
+///
+/// Returns whether the file's lines end in CRLF: the csv crate reports a record's line one
+/// short after a CRLF line ending, and the reader corrects for it.
+fn check_utf8_text(path: &Path) -> Result<bool, SourceError> {
     let mut file = File::open(path).map_err(|e| io_error(path, e))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut carry = 0usize; // bytes of an incomplete UTF-8 sequence kept from the last chunk
     let mut line = 1u64;
     let mut offset = 0u64;
     let mut first = true;
+    let mut crlf = false;
     loop {
         let n = super::read_up_to(&mut file, &mut buf[carry..]).map_err(|e| io_error(path, e))?;
         let len = carry + n;
         if len == 0 {
-            return Ok(());
+            return Ok(crlf);
         }
         let chunk = &buf[..len];
         if first {
@@ -153,6 +157,7 @@ fn check_utf8_text(path: &Path) -> Result<(), SourceError> {
                     "looks binary (it contains NUL bytes); expected a CSV text file",
                 ));
             }
+            crlf = chunk.windows(2).any(|w| w == b"\r\n");
         }
         let (valid_up_to, bad) = match std::str::from_utf8(chunk) {
             Ok(_) => (len, false),
@@ -184,7 +189,7 @@ fn check_utf8_text(path: &Path) -> Result<(), SourceError> {
                     ),
                 ));
             }
-            return Ok(());
+            return Ok(crlf);
         }
     }
 }
@@ -192,7 +197,7 @@ fn check_utf8_text(path: &Path) -> Result<(), SourceError> {
 impl Source for CsvSource {
     async fn streams(&self) -> Result<Vec<StreamInfo>, SourceError> {
         let this = self.clone();
-        let headers = tokio::task::spawn_blocking(move || this.open().map(|(_, h)| h))
+        let headers = tokio::task::spawn_blocking(move || this.open().map(|(_, h, _)| h))
             .await
             .map_err(|e| {
                 SourceError::new(SourceErrorKind::Transient, "reader task failed").with_source(e)
@@ -219,10 +224,10 @@ impl Source for CsvSource {
 
     async fn read(&self, request: ReadRequest) -> Result<BatchStream, SourceError> {
         let this = self.clone();
-        let (rdr, headers, fp) = tokio::task::spawn_blocking(move || {
-            let (rdr, headers) = this.open()?;
+        let (rdr, headers, crlf, fp) = tokio::task::spawn_blocking(move || {
+            let (rdr, headers, crlf) = this.open()?;
             let fp = fingerprint(&this.path)?;
-            Ok::<_, SourceError>((rdr, headers, fp))
+            Ok::<_, SourceError>((rdr, headers, crlf, fp))
         })
         .await
         .map_err(|e| {
@@ -232,7 +237,15 @@ impl Source for CsvSource {
         let path = self.path.clone();
         let batch_rows = request.batch_rows.max(1);
         spawn_reader("csv", move |send| {
-            read_records(rdr, headers, fp, resume, path, batch_rows, send)
+            read_records(
+                rdr,
+                RecordLayout { headers, crlf },
+                fp,
+                resume,
+                path,
+                batch_rows,
+                send,
+            )
         })
     }
 }
@@ -251,9 +264,15 @@ fn resume_position(cursor: Option<&Value>, fp: &str, path: &Path) -> Option<Posi
     Some(pos)
 }
 
+/// The header and line-ending style of a file being read.
+struct RecordLayout {
+    headers: Vec<String>,
+    crlf: bool,
+}
+
 fn read_records(
     mut rdr: ::csv::Reader<BufReader<File>>,
-    headers: Vec<String>,
+    layout: RecordLayout,
     fp: String,
     resume: Option<Position>,
     path: PathBuf,
@@ -261,6 +280,8 @@ fn read_records(
     send: &mut dyn FnMut(Result<SourceBatch, SourceError>) -> bool,
 ) {
     let location = path.display().to_string();
+    let RecordLayout { headers, crlf } = layout;
+    let line_fix = u64::from(crlf);
     if let Some(pos) = resume {
         if let Err(e) = rdr.seek(pos) {
             send(Err(csv_error(&path, e)));
@@ -273,7 +294,9 @@ fn read_records(
     loop {
         match rdr.read_record(&mut record) {
             Ok(true) => {
-                let line = record.position().map_or(0, |p| p.line());
+                let line = record
+                    .position()
+                    .map_or(0, |p| p.line() + if p.byte() > 0 { line_fix } else { 0 });
                 if record.len() == width {
                     builder.push_row(line, record.iter().map(Some));
                 } else {

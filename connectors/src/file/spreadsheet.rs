@@ -91,19 +91,17 @@ impl SpreadsheetSource {
     /// file unusable surfaces here, before any batch.
     fn open_headers(&self) -> Result<(String, Vec<String>), SourceError> {
         check_file(&self.path)?;
-        let mut rows = Vec::new();
+        let mut header_cells: Vec<Option<String>> = Vec::new();
+        let header_row = self.header_row;
         let sheet = self.scan(
             &mut |row, cells| {
-                rows.push((row, cells));
-                false
+                if row == header_row {
+                    header_cells = cells;
+                }
+                row < header_row
             },
-            Some(self.header_row),
+            Some(header_row),
         )?;
-        let header_cells = rows
-            .into_iter()
-            .find(|(r, _)| *r == self.header_row)
-            .map(|(_, c)| c)
-            .unwrap_or_default();
         if header_cells.iter().all(Option::is_none) {
             return Err(SourceError::new(
                 SourceErrorKind::Format,
@@ -139,15 +137,15 @@ impl SpreadsheetSource {
             while let Some(cell) = cells.next_cell().map_err(|e| self.format_error(e))? {
                 let (r, c) = cell.get_position();
                 let row = r + 1;
-                if stop_after.is_some_and(|s| row > s) {
-                    break;
-                }
                 if current.as_ref().is_some_and(|(cr, _)| *cr != row) {
                     if let Some((cr, vals)) = current.take() {
                         if vals.iter().any(Option::is_some) && !visit(cr, vals) {
                             return Ok(sheet);
                         }
                     }
+                }
+                if stop_after.is_some_and(|s| row > s) {
+                    return Ok(sheet);
                 }
                 let entry = current.get_or_insert_with(|| (row, Vec::new()));
                 let value = cell_text(&Data::from(cell.get_value().clone()));

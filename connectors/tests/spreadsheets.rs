@@ -1,0 +1,205 @@
+//! Spreadsheet edge cases: Excel dates, numbers as text, formulas, empty rows, sheet
+//! selection, corrupt files.
+
+use std::path::{Path, PathBuf};
+
+use arrow_array::{Array, StringArray};
+use futures_util::StreamExt;
+use rust_xlsxwriter::{ExcelDateTime, Format, Formula, Workbook};
+use serde_json::Value;
+use sluice_connectors::file::{SheetRef, SpreadsheetSource};
+use sluice_connectors::{ReadRequest, Source, SourceErrorKind};
+
+fn workbook(dir: &Path) -> PathBuf {
+    let mut wb = Workbook::new();
+    let first = wb.add_worksheet();
+    first.set_name("Cover").expect("name");
+    first.write_string(0, 0, "not the data").expect("write");
+    let sheet = wb.add_worksheet();
+    sheet.set_name("Bills").expect("name");
+    let date = Format::new().set_num_format("dd/mm/yyyy");
+    let stamp = Format::new().set_num_format("yyyy-mm-dd hh:mm");
+    sheet
+        .write_string(0, 0, "Exported 2024-06-30")
+        .expect("title row");
+    for (c, h) in ["id", "issued", "total", "text_total", "formula", "stamp"]
+        .iter()
+        .enumerate()
+    {
+        sheet.write_string(2, c as u16, *h).expect("header");
+    }
+    sheet.write_string(3, 0, "B1").expect("w");
+    sheet
+        .write_datetime_with_format(
+            3,
+            1,
+            ExcelDateTime::from_ymd(2024, 2, 29).expect("d"),
+            &date,
+        )
+        .expect("w");
+    sheet.write_number(3, 2, 1234.5).expect("w");
+    sheet.write_string(3, 3, "1,234.50").expect("w");
+    sheet
+        .write_formula(
+            3,
+            4,
+            Formula::new("=C4*1.1").set_result("1357.9500000000002"),
+        )
+        .expect("w");
+    let dt = ExcelDateTime::parse_from_str("2024-03-01 13:45:00").expect("dt");
+    sheet
+        .write_datetime_with_format(3, 5, dt, &stamp)
+        .expect("w");
+    // row 5 (index 4) left empty on purpose
+    sheet.write_string(5, 0, "B2").expect("w");
+    sheet.write_number(5, 2, 7.0).expect("w");
+    sheet.write_string(6, 0, "B3").expect("w");
+    sheet.write_string(6, 7, "stray note").expect("w");
+    let path = dir.join("book.xlsx");
+    wb.save(&path).expect("save");
+    path
+}
+
+async fn read(
+    source: &SpreadsheetSource,
+    from: Option<Value>,
+) -> (
+    Vec<String>,
+    Vec<Vec<Option<String>>>,
+    Vec<u64>,
+    Vec<u64>,
+    Vec<Value>,
+) {
+    let mut stream = source
+        .read(ReadRequest {
+            stream: "s".into(),
+            from,
+            batch_rows: 1,
+        })
+        .await
+        .expect("readable");
+    let (mut headers, mut rows, mut positions, mut rejected, mut cursors) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    while let Some(b) = stream.next().await {
+        let b = b.expect("batch");
+        headers = b
+            .records
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        for r in 0..b.records.num_rows() {
+            rows.push(
+                b.records
+                    .columns()
+                    .iter()
+                    .map(|c| {
+                        let a = c.as_any().downcast_ref::<StringArray>().expect("utf8");
+                        a.is_valid(r).then(|| a.value(r).to_string())
+                    })
+                    .collect(),
+            );
+        }
+        positions.extend(&b.positions);
+        rejected.extend(b.rejects.iter().map(|r| r.position));
+        assert_eq!(b.sheet.as_deref(), Some("Bills"));
+        cursors.push(b.cursor);
+    }
+    (headers, rows, positions, rejected, cursors)
+}
+
+fn s(v: &str) -> Option<String> {
+    Some(v.to_string())
+}
+
+#[tokio::test]
+async fn cells_read_as_a_person_sees_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = workbook(dir.path());
+    let source = SpreadsheetSource::new(&path, SheetRef::Name("Bills".into()), 3);
+    let (headers, rows, positions, rejected, _) = read(&source, None).await;
+    assert_eq!(
+        headers,
+        ["id", "issued", "total", "text_total", "formula", "stamp"]
+    );
+    assert_eq!(
+        rows[0],
+        vec![
+            s("B1"),
+            s("2024-02-29"),
+            s("1234.5"),
+            s("1,234.50"),
+            s("1357.95"),
+            s("2024-03-01T13:45:00")
+        ]
+    );
+    assert_eq!(rows[1], vec![s("B2"), None, s("7"), None, None, None]);
+    assert_eq!(
+        positions,
+        [4, 6],
+        "sheet row numbers; the empty row 5 is skipped"
+    );
+    assert_eq!(
+        rejected,
+        [7],
+        "a value beyond the header columns is not silently dropped"
+    );
+}
+
+#[tokio::test]
+async fn sheet_by_index_and_resume_from_cursor() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = workbook(dir.path());
+    let source = SpreadsheetSource::new(&path, SheetRef::Index(1), 3);
+    let (_, rows, _, _, cursors) = read(&source, None).await;
+    assert_eq!(rows.len(), 2);
+    let (_, rest, positions, rejected, _) = read(&source, Some(cursors[0].clone())).await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(positions, [6]);
+    assert_eq!(rejected, [7]);
+}
+
+#[tokio::test]
+async fn missing_sheet_and_corrupt_files_fail_clearly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = workbook(dir.path());
+    let err = SpreadsheetSource::new(&path, SheetRef::Name("Invoices".into()), 1)
+        .streams()
+        .await
+        .expect_err("no such sheet");
+    assert_eq!(err.kind(), SourceErrorKind::Config);
+    assert!(
+        err.to_string().contains("Cover, Bills"),
+        "lists the sheets: {err}"
+    );
+
+    let corrupt = dir.path().join("corrupt.xlsx");
+    std::fs::write(&corrupt, b"PK\x03\x04 this is not really a zip").expect("write");
+    let err = SpreadsheetSource::new(&corrupt, SheetRef::Index(0), 1)
+        .streams()
+        .await
+        .expect_err("corrupt");
+    assert_eq!(err.kind(), SourceErrorKind::Format);
+    assert!(
+        err.to_string().contains("not a readable spreadsheet"),
+        "{err}"
+    );
+
+    let csv_named_xls = dir.path().join("data.xls");
+    std::fs::write(&csv_named_xls, b"id,total\n1,2\n").expect("write");
+    let err = SpreadsheetSource::new(&csv_named_xls, SheetRef::Index(0), 1)
+        .streams()
+        .await
+        .expect_err("not xls");
+    assert_eq!(err.kind(), SourceErrorKind::Format);
+
+    let empty_header = SpreadsheetSource::new(&path, SheetRef::Name("Bills".into()), 2)
+        .streams()
+        .await
+        .expect_err("empty header row");
+    assert!(
+        empty_header.to_string().contains("header row"),
+        "{empty_header}"
+    );
+}
