@@ -28,8 +28,8 @@ pub fn dedupe_batch(batch: &RecordBatch, rejected: &[bool]) -> Deduplicated {
     let updated = timestamps(batch, "updated_at");
     let mut best: HashMap<&str, u32> = HashMap::with_capacity(batch.num_rows());
     let mut valid = 0u64;
-    for row in 0..batch.num_rows() {
-        if rejected[row] || ids.is_null(row) {
+    for (row, &bad) in rejected.iter().enumerate().take(batch.num_rows()) {
+        if bad || ids.is_null(row) {
             continue;
         }
         valid += 1;

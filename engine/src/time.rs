@@ -46,10 +46,10 @@ impl DaysFromCe for NaiveDate {
 /// then the declared formats, then an Excel serial (a whole number up to 2958465).
 pub fn parse_date(text: &str, format: &TimeFormat) -> Option<i32> {
     let s = text.trim();
-    if let Some(d) = parse_iso_date(s.as_bytes()) {
-        if s.len() == 10 || matches!(s.as_bytes()[10], b'T' | b' ') {
-            return Some(date_to_days(d));
-        }
+    if let Some(d) = parse_iso_date(s.as_bytes())
+        && (s.len() == 10 || matches!(s.as_bytes()[10], b'T' | b' '))
+    {
+        return Some(date_to_days(d));
     }
     for f in &format.date_formats {
         if let Ok(d) = NaiveDate::parse_from_str(s, f) {

@@ -152,12 +152,11 @@ impl PipelineSpec {
             .get("source")
             .and_then(|s| s.get("kind"))
             .and_then(|k| k.as_str())
+            && SOURCE_KINDS_LATER.contains(&kind)
         {
-            if SOURCE_KINDS_LATER.contains(&kind) {
-                return Err(config(format!(
-                    "source kind '{kind}' is not available in this build yet; available: csv, xlsx"
-                )));
-            }
+            return Err(config(format!(
+                "source kind '{kind}' is not available in this build yet; available: csv, xlsx"
+            )));
         }
         let spec: PipelineSpec = toml::from_str(text).map_err(|e| config(e.to_string()))?;
         spec.check()?;

@@ -74,7 +74,7 @@ impl CsvSource {
     }
 
     /// Opens the file after checking it is non-empty UTF-8 text, and reads the header.
-    fn open(&self) -> Result<(::csv::Reader<BufReader<File>>, Vec<String>, bool), SourceError> {
+    fn open(&self) -> Result<(CsvReader, RecordLayout), SourceError> {
         check_file(&self.path)?;
         let crlf = check_utf8_text(&self.path)?;
         let file = File::open(&self.path).map_err(|e| io_error(&self.path, e))?;
@@ -97,7 +97,13 @@ impl CsvSource {
                 .map_err(|e| csv_error(&self.path, e))?;
             (1..=first.len()).map(|i| format!("column_{i}")).collect()
         };
-        Ok((rdr, normalise_headers(headers, &self.path)?, crlf))
+        Ok((
+            rdr,
+            RecordLayout {
+                headers: normalise_headers(headers, &self.path)?,
+                crlf,
+            },
+        ))
     }
 }
 
@@ -197,11 +203,13 @@ fn check_utf8_text(path: &Path) -> Result<bool, SourceError> {
 impl Source for CsvSource {
     async fn streams(&self) -> Result<Vec<StreamInfo>, SourceError> {
         let this = self.clone();
-        let headers = tokio::task::spawn_blocking(move || this.open().map(|(_, h, _)| h))
-            .await
-            .map_err(|e| {
-                SourceError::new(SourceErrorKind::Transient, "reader task failed").with_source(e)
-            })??;
+        let headers =
+            tokio::task::spawn_blocking(move || this.open().map(|(_, layout)| layout.headers))
+                .await
+                .map_err(|e| {
+                    SourceError::new(SourceErrorKind::Transient, "reader task failed")
+                        .with_source(e)
+                })??;
         Ok(vec![StreamInfo {
             name: self.stream_name(),
             schema: super::string_schema(&headers),
@@ -224,10 +232,10 @@ impl Source for CsvSource {
 
     async fn read(&self, request: ReadRequest) -> Result<BatchStream, SourceError> {
         let this = self.clone();
-        let (rdr, headers, crlf, fp) = tokio::task::spawn_blocking(move || {
-            let (rdr, headers, crlf) = this.open()?;
+        let (rdr, layout, fp) = tokio::task::spawn_blocking(move || {
+            let (rdr, layout) = this.open()?;
             let fp = fingerprint(&this.path)?;
-            Ok::<_, SourceError>((rdr, headers, crlf, fp))
+            Ok::<_, SourceError>((rdr, layout, fp))
         })
         .await
         .map_err(|e| {
@@ -237,15 +245,7 @@ impl Source for CsvSource {
         let path = self.path.clone();
         let batch_rows = request.batch_rows.max(1);
         spawn_reader("csv", move |send| {
-            read_records(
-                rdr,
-                RecordLayout { headers, crlf },
-                fp,
-                resume,
-                path,
-                batch_rows,
-                send,
-            )
+            read_records(rdr, layout, fp, resume, path, batch_rows, send)
         })
     }
 }
@@ -264,6 +264,8 @@ fn resume_position(cursor: Option<&Value>, fp: &str, path: &Path) -> Option<Posi
     Some(pos)
 }
 
+type CsvReader = ::csv::Reader<BufReader<File>>;
+
 /// The header and line-ending style of a file being read.
 struct RecordLayout {
     headers: Vec<String>,
@@ -271,7 +273,7 @@ struct RecordLayout {
 }
 
 fn read_records(
-    mut rdr: ::csv::Reader<BufReader<File>>,
+    mut rdr: CsvReader,
     layout: RecordLayout,
     fp: String,
     resume: Option<Position>,
@@ -282,11 +284,11 @@ fn read_records(
     let location = path.display().to_string();
     let RecordLayout { headers, crlf } = layout;
     let line_fix = u64::from(crlf);
-    if let Some(pos) = resume {
-        if let Err(e) = rdr.seek(pos) {
-            send(Err(csv_error(&path, e)));
-            return;
-        }
+    if let Some(pos) = resume
+        && let Err(e) = rdr.seek(pos)
+    {
+        send(Err(csv_error(&path, e)));
+        return;
     }
     let mut builder = BatchBuilder::new(&headers);
     let mut record = StringRecord::new();

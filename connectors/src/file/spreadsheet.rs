@@ -137,12 +137,12 @@ impl SpreadsheetSource {
             while let Some(cell) = cells.next_cell().map_err(|e| self.format_error(e))? {
                 let (r, c) = cell.get_position();
                 let row = r + 1;
-                if current.as_ref().is_some_and(|(cr, _)| *cr != row) {
-                    if let Some((cr, vals)) = current.take() {
-                        if vals.iter().any(Option::is_some) && !visit(cr, vals) {
-                            return Ok(sheet);
-                        }
-                    }
+                if current.as_ref().is_some_and(|(cr, _)| *cr != row)
+                    && let Some((cr, vals)) = current.take()
+                    && vals.iter().any(Option::is_some)
+                    && !visit(cr, vals)
+                {
+                    return Ok(sheet);
                 }
                 if stop_after.is_some_and(|s| row > s) {
                     return Ok(sheet);
@@ -155,10 +155,10 @@ impl SpreadsheetSource {
                 }
                 entry.1[c] = value;
             }
-            if let Some((cr, vals)) = current {
-                if vals.iter().any(Option::is_some) {
-                    visit(cr, vals);
-                }
+            if let Some((cr, vals)) = current
+                && vals.iter().any(Option::is_some)
+            {
+                visit(cr, vals);
             }
             Ok(sheet)
         } else {
