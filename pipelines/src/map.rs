@@ -386,3 +386,138 @@ fn derive_status(status: &ArrayRef, columns: &[ArrayRef], fields: &[FieldSpec]) 
     }
     Arc::new(b.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::{Array, Decimal128Array, StringArray};
+    use arrow_schema::{Field, Schema};
+    use sluice_engine::validate::{dates, strings};
+
+    use super::*;
+
+    fn batch(cols: &[(&str, Vec<Option<&str>>)]) -> RecordBatch {
+        let schema = Schema::new(
+            cols.iter()
+                .map(|(n, _)| Field::new(*n, DataType::Utf8, true))
+                .collect::<Vec<_>>(),
+        );
+        let arrays: Vec<ArrayRef> = cols
+            .iter()
+            .map(|(_, v)| Arc::new(StringArray::from(v.clone())) as ArrayRef)
+            .collect();
+        RecordBatch::try_new(Arc::new(schema), arrays).expect("batch")
+    }
+
+    fn mapper(
+        b: &RecordBatch,
+        mapping: &[(&str, &str)],
+        decimal: DecimalFormat,
+        time: TimeFormat,
+    ) -> Result<Mapper, PipelineError> {
+        let mapping = mapping
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        Mapper::new(Entity::Invoices, &mapping, &[], &b.schema(), decimal, time)
+    }
+
+    #[test]
+    fn european_numbers_declared_dates_and_derived_fields() {
+        let b = batch(&[
+            ("Nr", vec![Some("A"), Some("B"), Some("C")]),
+            (
+                "Datum",
+                vec![Some("31.01.2024"), Some("2024-02-01"), Some("45322")],
+            ),
+            (
+                "Faellig",
+                vec![Some("29.02.2024"), Some("bad"), Some("01.03.2024")],
+            ),
+            ("CURRENCY", vec![Some("eur"), Some(" EUR "), Some("EUR")]),
+            ("Total", vec![Some("1.234,50"), Some("10"), Some("1,2,3")]),
+            ("Balance", vec![Some("0"), Some("10"), Some("0")]),
+            ("Kind", vec![Some("Credit Note"), None, Some("INVOICE")]),
+        ]);
+        let decimal = DecimalFormat {
+            decimal_separator: b',',
+            thousands_separator: Some(b'.'),
+        };
+        let time = TimeFormat {
+            date_formats: vec!["%d.%m.%Y".into()],
+            ..Default::default()
+        };
+        let m = mapper(
+            &b,
+            &[
+                ("external_id", "Nr"),
+                ("issue_date", "Datum"),
+                ("due_date", "Faellig"),
+            ],
+            decimal,
+            time,
+        )
+        .expect("mapper");
+        let out = m.map(&b);
+        let total = out
+            .rows
+            .column_by_name("total")
+            .and_then(|c| c.as_any().downcast_ref::<Decimal128Array>().cloned())
+            .expect("total");
+        assert_eq!(total.value(0), 12_345_000);
+        assert!(total.is_null(2));
+        assert_eq!(
+            strings(&out.rows, "currency").value(1),
+            "EUR",
+            "trimmed, upper-cased, matched case-insensitively"
+        );
+        assert_eq!(strings(&out.rows, "kind").value(0), "credit_note");
+        assert_eq!(
+            strings(&out.rows, "kind").value(1),
+            "invoice",
+            "absent kind defaults to invoice"
+        );
+        assert_eq!(strings(&out.rows, "kind").value(2), "invoice");
+        assert_eq!(
+            strings(&out.rows, "status").value(0),
+            "paid",
+            "no status column: derived from the balance"
+        );
+        assert_eq!(strings(&out.rows, "status").value(1), "open");
+        assert_eq!(
+            dates(&out.rows, "issue_date").value(2),
+            dates(&out.rows, "issue_date").value(0),
+            "Excel serial 45322 is 2024-01-31"
+        );
+        assert!(out.issues[0].is_empty());
+        assert_eq!(out.issues[1].len(), 1);
+        assert_eq!(
+            (
+                out.issues[1][0].field.as_str(),
+                out.issues[1][0].rule.as_str()
+            ),
+            ("due_date", "date_format")
+        );
+        assert_eq!(out.issues[1][0].value.as_deref(), Some("bad"));
+        assert_eq!(out.issues[2][0].rule, "decimal_format");
+    }
+
+    #[test]
+    fn a_required_field_with_no_column_stops_the_run_before_reading() {
+        let b = batch(&[("id", vec![Some("1")]), ("total", vec![Some("1")])]);
+        let err = mapper(&b, &[], DecimalFormat::default(), TimeFormat::default())
+            .expect_err("no external_id column");
+        assert!(
+            err.message().contains("required field 'external_id'")
+                && err.message().contains("id, total"),
+            "{err}"
+        );
+        let err = mapper(
+            &b,
+            &[("external_id", "ID_")],
+            DecimalFormat::default(),
+            TimeFormat::default(),
+        )
+        .expect_err("unknown column");
+        assert!(err.message().contains("no column \"ID_\""), "{err}");
+    }
+}

@@ -299,3 +299,60 @@ pub fn check_pipeline_name(name: &str) -> Result<(), PipelineError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "name = \"p\"\ntenant = \"acme\"\nentity = \"bills\"\n[source]\nkind = \"xlsx\"\npath = \"b.xlsx\"\nsheet = 2\n";
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let spec = PipelineSpec::from_toml(MINIMAL).expect("valid");
+        assert_eq!(spec.batch_rows(), DEFAULT_BATCH_ROWS);
+        assert_eq!(
+            spec.decimal_format().expect("fmt"),
+            DecimalFormat::default()
+        );
+        assert!(matches!(
+            spec.source,
+            SourceSpec::Xlsx(SpreadsheetSpec {
+                sheet: Some(SheetSpec::Index(2)),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn source_kinds_not_built_yet_say_so() {
+        let text = MINIMAL.replace("kind = \"xlsx\"", "kind = \"quickbooks\"");
+        let err = PipelineSpec::from_toml(&text).expect_err("not yet");
+        assert!(
+            err.message().contains("not available in this build yet"),
+            "{err}"
+        );
+        let text = MINIMAL.replace("kind = \"xlsx\"", "kind = \"ftp\"");
+        assert!(PipelineSpec::from_toml(&text).is_err());
+    }
+
+    #[test]
+    fn names_that_could_reach_sql_or_paths_are_rejected() {
+        for bad in ["", "Acme", "a b", "x;drop table", "../etc", "a'b"] {
+            assert!(check_pipeline_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_pipeline_name("acme-invoices.v2").is_ok());
+    }
+
+    #[test]
+    fn formats_are_checked() {
+        let with = |extra: &str| PipelineSpec::from_toml(&format!("{MINIMAL}[format]\n{extra}\n"));
+        assert!(with("decimal_separator = \";\"").is_err());
+        assert!(with("decimal_separator = \",\"\nthousands_separator = \",\"").is_err());
+        assert!(with("utc_offset = \"CET\"").is_err());
+        let spec = with("utc_offset = \"-05:30\"").expect("valid");
+        assert_eq!(
+            spec.time_format().expect("tf").source_offset,
+            FixedOffset::west_opt(5 * 3600 + 1800)
+        );
+    }
+}

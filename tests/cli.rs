@@ -1,0 +1,268 @@
+//! The `sluice` binary as a user meets it: the README's example, `--json` output, exit
+//! codes and messages, quarantine and finance commands.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn sluice(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("SLUICE_LOG")
+        .output()
+        .expect("run sluice")
+}
+
+fn stdout_json(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or_else(|| {
+        panic!(
+            "no output; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        lines.next().is_none(),
+        "--json prints exactly one object: {text}"
+    );
+    serde_json::from_str(first).expect("json")
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+#[test]
+fn example_invoices_sync_reports_exact_accounting_as_one_json_object() {
+    let data = tempfile::tempdir().expect("tmp");
+    let out = sluice(
+        data.path(),
+        &[
+            "sync",
+            example("invoices.toml").to_str().expect("path"),
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = stdout_json(&out);
+    // 26 records: 16 distinct good invoices, 8 bad rows, 2 repeats.
+    assert_eq!(j["status"], "succeeded");
+    assert_eq!(j["rows_read"], 26);
+    assert_eq!(j["inserted"], 16);
+    assert_eq!(j["loaded"], 16);
+    assert_eq!(j["quarantined"], 8);
+    assert_eq!(j["deduplicated"], 2);
+    for key in ["run_id", "updated", "unchanged", "duration_ms"] {
+        assert!(j.get(key).is_some(), "missing {key}");
+    }
+
+    let again = stdout_json(&sluice(
+        data.path(),
+        &[
+            "sync",
+            example("invoices.toml").to_str().expect("path"),
+            "--json",
+        ],
+    ));
+    assert_eq!(
+        (
+            again["inserted"].as_u64(),
+            again["updated"].as_u64(),
+            again["unchanged"].as_u64()
+        ),
+        (Some(0), Some(0), Some(16))
+    );
+
+    let run = j["run_id"].as_str().expect("run id");
+    let listed = sluice(
+        data.path(),
+        &[
+            "quarantine",
+            "list",
+            "--run",
+            again["run_id"].as_str().expect("id"),
+            "--json",
+        ],
+    );
+    let rows = stdout_json(&listed);
+    let rows = rows.as_array().expect("array");
+    assert_eq!(
+        rows.len(),
+        8,
+        "the re-run's bad rows are the same 8 entries, not copies"
+    );
+    assert!(
+        rows.iter().all(|r| r["run_id"] != run),
+        "re-reading moved each entry to the latest run"
+    );
+    let ragged = rows
+        .iter()
+        .find(|r| r["errors"][0]["rule"] == "ragged_row")
+        .expect("ragged row quarantined");
+    assert_eq!(ragged["position"]["row"], 26);
+    let id = rows[0]["id"].as_str().expect("id");
+    let shown = stdout_json(&sluice(data.path(), &["quarantine", "show", id, "--json"]));
+    assert_eq!(shown["id"], id);
+    assert!(
+        shown["raw"].get("InvoiceId").is_some(),
+        "raw values keep the source column names"
+    );
+}
+
+#[test]
+fn example_bills_workbook_and_aging_json() {
+    let data = tempfile::tempdir().expect("tmp");
+    let out = sluice(
+        data.path(),
+        &[
+            "sync",
+            example("bills.toml").to_str().expect("path"),
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = stdout_json(&out);
+    assert_eq!(
+        (
+            j["rows_read"].as_u64(),
+            j["loaded"].as_u64(),
+            j["quarantined"].as_u64(),
+            j["deduplicated"].as_u64()
+        ),
+        (Some(10), Some(6), Some(3), Some(1))
+    );
+
+    let aging = stdout_json(&sluice(
+        data.path(),
+        &[
+            "finance",
+            "ap-aging",
+            "--tenant",
+            "acme",
+            "--as-of",
+            "2024-06-30",
+            "--json",
+        ],
+    ));
+    assert_eq!(aging["as_of"], "2024-06-30");
+    // B-501 (latest version: 900.00 open, due 2024-04-03: 88 days) ; B-503 1250.00 due 06-01 (29 days);
+    // B-504 1100.00 due 07-01 (current); B-506 credit note 150.00 due 05-15 (46 days) counts negative.
+    let usd = &aging["currencies"]["USD"];
+    assert_eq!(usd["current"], "1100.00");
+    assert_eq!(usd["1_30"], "1250.00");
+    assert_eq!(usd["31_60"], "-150.00");
+    assert_eq!(usd["61_90"], "900.00");
+    assert_eq!(usd["over_90"], "0.00");
+    assert_eq!(aging["currencies"]["EUR"]["31_60"], "650.40");
+    assert!(
+        aging["currencies"].get("GBP").is_none(),
+        "a fully paid bill is not open"
+    );
+}
+
+#[test]
+fn a_missing_file_fails_with_a_clear_message_and_commits_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(&pipeline, "name = \"x\"\ntenant = \"acme\"\nentity = \"invoices\"\n[source]\nkind = \"csv\"\npath = \"nope.csv\"\n").expect("write");
+    let data = dir.path().join("data");
+    let out = sluice(&data, &["sync", pipeline.to_str().expect("path")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("file not found") && err.contains("nope.csv"),
+        "{err}"
+    );
+    let json = stdout_json(&sluice(
+        &data,
+        &["sync", pipeline.to_str().expect("path"), "--json"],
+    ));
+    assert_eq!(json["status"], "failed");
+    assert_eq!(json["retryable"], false);
+    let aging = stdout_json(&sluice(
+        &data,
+        &[
+            "finance",
+            "ar-aging",
+            "--tenant",
+            "acme",
+            "--as-of",
+            "2024-06-30",
+            "--json",
+        ],
+    ));
+    assert_eq!(
+        aging["currencies"],
+        serde_json::json!({}),
+        "nothing was loaded"
+    );
+}
+
+#[test]
+fn bad_pipeline_files_are_rejected_before_any_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cases = [
+        ("tenant = \"Acme Corp\"", "invalid tenant slug"),
+        (
+            "tenant = \"acme\"\n[mapping]\ncustomer = \"X\"",
+            "no field 'customer'",
+        ),
+        (
+            "tenant = \"acme\"\n[rules]\ndisable = [\"required\"]",
+            "cannot be switched off",
+        ),
+        ("tenant = \"acme\"\npth = \"x\"", "unknown field"),
+    ];
+    for (i, (extra, message)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("p{i}.toml"));
+        std::fs::write(&p, format!("name = \"x\"\nentity = \"invoices\"\n{extra}\n[source]\nkind = \"csv\"\npath = \"a.csv\"\n")).expect("write");
+        let out = sluice(
+            &dir.path().join("data"),
+            &["sync", p.to_str().expect("path")],
+        );
+        assert!(!out.status.success(), "case {i} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(message),
+            "case {i}: expected {message:?} in {err}"
+        );
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    for args in [
+        vec!["--help"],
+        vec!["sync", "--help"],
+        vec!["quarantine", "list", "--help"],
+        vec!["quarantine", "show", "--help"],
+        vec!["finance", "ar-aging", "--help"],
+        vec!["finance", "ap-aging", "--help"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(&args)
+            .output()
+            .expect("run");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("Example"),
+            "{args:?} help has no example:\n{text}"
+        );
+    }
+}
