@@ -4,7 +4,6 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -191,7 +190,6 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 struct Progress {
     bar: Option<ProgressBar>,
     started: Instant,
-    last: Mutex<u64>,
 }
 
 impl Progress {
@@ -209,7 +207,6 @@ impl Progress {
         Progress {
             bar,
             started: Instant::now(),
-            last: Mutex::new(0),
         }
     }
 
@@ -224,7 +221,6 @@ impl RunObserver for Progress {
     fn batch_committed(&self, totals: &RowCounts) {
         if let Some(bar) = &self.bar {
             let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = totals.rows_read;
             bar.set_message(format!(
                 "{} rows read, {:.0} rows/s ({} quarantined)",
                 totals.rows_read,

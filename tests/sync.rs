@@ -367,3 +367,113 @@ async fn aging_buckets_respect_the_boundary_days_void_and_credit_notes() {
     assert_eq!(json["currencies"]["USD"]["1_30"], "0.50");
     assert_eq!(json["as_of"], "2024-06-30");
 }
+
+async fn sync_csv(
+    dir: &Path,
+    entity: &str,
+    csv: &str,
+) -> (
+    sluice_engine::RunLedger,
+    SqliteWarehouse,
+    Vec<sluice_engine::quarantine::QuarantinedRow>,
+) {
+    std::fs::write(dir.join(format!("{entity}.csv")), csv).expect("write");
+    let path = dir.join(format!("{entity}.toml"));
+    std::fs::write(&path, format!("name = \"{entity}\"\ntenant = \"acme\"\nentity = \"{entity}\"\n[source]\nkind = \"csv\"\npath = \"{entity}.csv\"\n")).expect("toml");
+    let spec = PipelineSpec::from_file(&path).expect("spec");
+    let w = SqliteWarehouse::new(dir.join("data"));
+    let report = run_pipeline(
+        &spec,
+        &PipelineSource::from_spec(&spec.source),
+        &w,
+        &RunOptions::default(),
+        &Quiet,
+    )
+    .await
+    .expect("run");
+    let q = w
+        .quarantined(
+            &tenant(),
+            &QuarantineFilter {
+                run_id: Some(report.ledger.run_id.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("quarantine");
+    (report.ledger, w, q)
+}
+
+fn rules_of(q: &[sluice_engine::quarantine::QuarantinedRow]) -> Vec<String> {
+    let mut r: Vec<String> = q
+        .iter()
+        .flat_map(|r| r.errors.iter().map(|e| format!("{}:{}", e.field, e.rule)))
+        .collect();
+    r.sort();
+    r
+}
+
+#[tokio::test]
+async fn payments_need_a_positive_amount_a_direction_and_a_date() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let csv = "external_id,direction,counterparty_id,date,amount,currency,applied_to\n\
+               P1,in,C-1,2024-05-01,100.00,USD,\n\
+               P2,out,V-1,2024-05-02,-5.00,USD,B-1\n\
+               P3,sideways,C-1,2024-05-03,5.00,USD,\n\
+               P4,in,C-2,,5.00,EUR,\n\
+               P5,In,C-2,2024-05-04,250.10,EUR,INV-1; INV-2\n";
+    let (ledger, w, q) = sync_csv(dir.path(), "payments", csv).await;
+    assert_eq!(
+        (
+            ledger.counts.rows_read,
+            ledger.counts.inserted,
+            ledger.counts.quarantined
+        ),
+        (5, 2, 3)
+    );
+    assert_eq!(
+        rules_of(&q),
+        [
+            "amount:amount_positive",
+            "date:required",
+            "direction:allowed_values"
+        ]
+    );
+    let payments = w.payments(&tenant()).await.expect("payments");
+    let p5 = payments
+        .iter()
+        .find(|p| p.external_id == "P5")
+        .expect("P5 loaded");
+    assert_eq!(p5.applied_to, ["INV-1", "INV-2"]);
+    assert_eq!(p5.direction, "in");
+    assert_eq!(p5.amount, "250.10".parse::<Decimal>().expect("dec"));
+}
+
+#[tokio::test]
+async fn customers_and_accounts_are_checked_by_their_own_rules() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ledger, _, q) = sync_csv(
+        dir.path(),
+        "customers",
+        "external_id,name,email,currency,active\nC1,Northwind,ap@northwind.example,USD,yes\nC2,,x@y.example,USD,true\nC3,Contoso,,usd,maybe\nC4,Fabrikam,,XXX,\n",
+    )
+    .await;
+    assert_eq!((ledger.counts.inserted, ledger.counts.quarantined), (1, 3));
+    assert_eq!(
+        rules_of(&q),
+        [
+            "active:boolean_format",
+            "currency:currency_code",
+            "name:required"
+        ]
+    );
+
+    let (ledger, _, q) = sync_csv(
+        dir.path(),
+        "accounts",
+        "external_id,code,name,type\nA1,4000,Sales,income\nA2,5000,COGS,Cogs\nA3,4100,Services,revenue\n",
+    )
+    .await;
+    assert_eq!((ledger.counts.inserted, ledger.counts.quarantined), (2, 1));
+    assert_eq!(rules_of(&q), ["type:allowed_values"]);
+}

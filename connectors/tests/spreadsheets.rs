@@ -203,3 +203,85 @@ async fn missing_sheet_and_corrupt_files_fail_clearly() {
         "{empty_header}"
     );
 }
+
+/// A minimal OpenDocument spreadsheet, written by hand: the range reader path (ODS, and
+/// likewise XLS/XLSB) must give the same text as the streaming XLSX path.
+fn ods(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("bills.ods");
+    let file = std::fs::File::create(&path).expect("create");
+    let mut zip = zip::ZipWriter::new(file);
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("mimetype", stored).expect("mimetype");
+    zip.write_all(b"application/vnd.oasis.opendocument.spreadsheet")
+        .expect("w");
+    zip.start_file("META-INF/manifest.xml", stored)
+        .expect("manifest");
+    zip.write_all(br#"<?xml version="1.0" encoding="UTF-8"?>
+<manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">
+<manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/>
+<manifest:file-entry manifest:full-path="content.xml" manifest:media-type="text/xml"/>
+</manifest:manifest>"#).expect("w");
+    zip.start_file("content.xml", stored).expect("content");
+    let cell_s = |v: &str| {
+        format!(
+            r#"<table:table-cell office:value-type="string"><text:p>{v}</text:p></table:table-cell>"#
+        )
+    };
+    let cell_f = |v: &str| {
+        format!(
+            r#"<table:table-cell office:value-type="float" office:value="{v}"><text:p>{v}</text:p></table:table-cell>"#
+        )
+    };
+    let cell_d = |v: &str| {
+        format!(
+            r#"<table:table-cell office:value-type="date" office:date-value="{v}"><text:p>{v}</text:p></table:table-cell>"#
+        )
+    };
+    let rows = [
+        format!("{}{}{}", cell_s("id"), cell_s("issued"), cell_s("total")),
+        format!(
+            "{}{}{}",
+            cell_s("B1"),
+            cell_d("2024-02-29"),
+            cell_f("1234.5")
+        ),
+        String::new(),
+        format!("{}{}{}", cell_s("B2"), cell_d("2024-03-01"), cell_f("7")),
+    ];
+    let body: String = rows
+        .iter()
+        .map(|r| format!("<table:table-row>{r}</table:table-row>"))
+        .collect();
+    write!(
+        zip,
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2">
+<office:body><office:spreadsheet><table:table table:name="Bills">{body}</table:table></office:spreadsheet></office:body></office:document-content>"#
+    )
+    .expect("w");
+    zip.finish().expect("finish");
+    path
+}
+
+#[tokio::test]
+async fn ods_is_read_through_the_range_reader() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let source = SpreadsheetSource::new(ods(dir.path()), SheetRef::Name("Bills".into()), 1);
+    let (headers, rows, positions, rejected, _) = read(&source, None).await;
+    assert_eq!(headers, ["id", "issued", "total"]);
+    assert_eq!(
+        rows,
+        vec![
+            vec![s("B1"), s("2024-02-29"), s("1234.5")],
+            vec![s("B2"), s("2024-03-01"), s("7")]
+        ]
+    );
+    assert_eq!(
+        positions,
+        [2, 4],
+        "the empty row 3 is skipped, row numbers kept"
+    );
+    assert!(rejected.is_empty());
+}

@@ -342,3 +342,57 @@ pub struct Bill {
     /// When the source last changed the document.
     pub updated_at: Option<DateTime<Utc>>,
 }
+
+/// A customer or vendor as stored in the warehouse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counterparty {
+    /// The source's id.
+    pub external_id: String,
+    /// Display name.
+    pub name: String,
+    /// Contact email.
+    pub email: Option<String>,
+    /// Default currency, ISO 4217.
+    pub currency: Option<String>,
+    /// Whether the source still uses it (archived records load as inactive).
+    pub active: bool,
+    /// When the source last changed it.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// A chart-of-accounts entry as stored in the warehouse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// The source's id.
+    pub external_id: String,
+    /// The account number.
+    pub code: Option<String>,
+    /// The account name.
+    pub name: String,
+    /// asset, liability, equity, income, cogs, expense or other.
+    #[serde(rename = "type")]
+    pub account_type: String,
+    /// When the source last changed it.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// A payment as stored in the warehouse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    /// The source's id.
+    pub external_id: String,
+    /// in (from a customer) or out (to a vendor).
+    pub direction: String,
+    /// The customer's or vendor's external id.
+    pub counterparty_id: Option<String>,
+    /// The value date.
+    pub date: NaiveDate,
+    /// Always greater than zero; `direction` gives the sign.
+    pub amount: Decimal,
+    /// ISO 4217.
+    pub currency: String,
+    /// External ids of the documents it settles.
+    pub applied_to: Vec<String>,
+    /// When the source last changed it.
+    pub updated_at: Option<DateTime<Utc>>,
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
-use sluice_engine::entity::{Bill, Invoice};
+use sluice_engine::entity::{Bill, Invoice, Payment};
 use sluice_engine::finance::{AgingReport, AgingSide};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantinedRow};
 use sluice_engine::warehouse::{BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse};
@@ -346,5 +346,8 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     }
     async fn bills(&self, t: &TenantSlug) -> sluice_engine::Result<Vec<Bill>> {
         self.inner.bills(t).await
+    }
+    async fn payments(&self, t: &TenantSlug) -> sluice_engine::Result<Vec<Payment>> {
+        self.inner.payments(t).await
     }
 }

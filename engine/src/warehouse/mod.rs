@@ -24,7 +24,7 @@ use serde_json::Value;
 
 pub use sqlite::SqliteWarehouse;
 
-use crate::entity::{Bill, Entity, Invoice};
+use crate::entity::{Bill, Entity, Invoice, Payment};
 use crate::error::Result;
 use crate::finance::{AgingReport, AgingSide};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
@@ -163,4 +163,7 @@ pub trait Warehouse: Send + Sync {
 
     /// Every loaded bill of the tenant, ordered by source and external id.
     fn bills(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Bill>>> + Send;
+
+    /// Every loaded payment of the tenant, ordered by source and external id.
+    fn payments(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Payment>>> + Send;
 }

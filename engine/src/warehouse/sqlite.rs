@@ -9,7 +9,10 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{
+    Array, BooleanArray, Date32Array, Decimal128Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -21,7 +24,7 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse};
-use crate::entity::{Bill, Entity, FieldKind, Invoice};
+use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
@@ -173,9 +176,13 @@ fn load_columns(entity: Entity) -> Vec<&'static str> {
     cols
 }
 
+/// A multi-row upsert of `rows` rows, each binding [`load_columns`] in order.
 fn upsert_sql(entity: Entity, rows: usize) -> String {
     let cols = load_columns(entity);
-    let placeholders = format!("({})", vec!["?"; cols.len()].join(", "));
+    let placeholders = format!(
+        "(?, {}, NULL, ?, ?, ?)",
+        vec!["?"; cols.len() - 5].join(", ")
+    );
     let values = vec![placeholders.as_str(); rows].join(", ");
     let updates: Vec<String> = cols
         .iter()
@@ -411,20 +418,17 @@ impl Warehouse for SqliteWarehouse {
         }
 
         let loaded_at = now_text();
+        let columns = LoadColumns::of(entity, &batch.rows);
         for chunk in to_write.chunks(ROWS_PER_STATEMENT) {
             let sql = self.upsert_statement(entity, chunk.len());
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for (row, hash) in chunk {
-                q = bind_row(
-                    q,
-                    entity,
-                    &batch.rows,
-                    *row as usize,
-                    &scope.pipeline,
-                    &loaded_at,
-                    &scope.run_id,
-                    hash,
-                );
+                q = q.bind(scope.pipeline.clone());
+                q = columns.bind_row(q, *row as usize);
+                q = q
+                    .bind(loaded_at.clone())
+                    .bind(scope.run_id.clone())
+                    .bind(hash.to_vec());
             }
             q.execute(&mut *tx)
                 .await
@@ -647,6 +651,10 @@ impl Warehouse for SqliteWarehouse {
             .collect()
     }
 
+    async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
+        self.payments_of(tenant).await
+    }
+
     async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
         let pool = self.pool(tenant, false).await?;
         let rows = sqlx::query(
@@ -670,6 +678,39 @@ impl Warehouse for SqliteWarehouse {
                     status: get(r, "status")?,
                     kind: get(r, "kind")?,
                     category: get(r, "category")?,
+                    updated_at: instant_col(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl SqliteWarehouse {
+    async fn payments_of(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows = sqlx::query(
+            "SELECT * FROM payments WHERE deleted_at IS NULL ORDER BY source, external_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading payments", e))?;
+        rows.iter()
+            .map(|r| {
+                let applied: Option<String> = get(r, "applied_to")?;
+                Ok(Payment {
+                    external_id: get(r, "external_id")?,
+                    direction: get(r, "direction")?,
+                    counterparty_id: get(r, "counterparty_id")?,
+                    date: date_col(r, "date")?,
+                    amount: money_col(r, "amount")?,
+                    currency: get(r, "currency")?,
+                    applied_to: match applied {
+                        Some(text) => serde_json::from_str(&text).map_err(|e| {
+                            EngineError::new(ErrorKind::Warehouse, "applied_to is not a JSON list")
+                                .with_source(e)
+                        })?,
+                        None => Vec::new(),
+                    },
                     updated_at: instant_col(r, "updated_at")?,
                 })
             })
@@ -736,48 +777,52 @@ async fn add_to_ledger(
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
-#[allow(clippy::too_many_arguments)]
-fn bind_row<'q>(
-    mut q: SqliteQuery<'q>,
-    entity: Entity,
-    batch: &RecordBatch,
-    row: usize,
-    source: &str,
-    loaded_at: &str,
-    run_id: &str,
-    hash: &[u8; 16],
-) -> SqliteQuery<'q> {
-    q = q.bind(source.to_string());
-    for spec in entity.fields() {
-        let name = spec.name;
-        q = match spec.kind {
-            FieldKind::Text | FieldKind::Currency | FieldKind::Choice(_) | FieldKind::IdList => {
-                let a = strings(batch, name);
-                q.bind(a.is_valid(row).then(|| a.value(row).to_string()))
-            }
-            FieldKind::Date => {
-                let a = dates(batch, name);
-                q.bind(a.is_valid(row).then(|| format_date(a.value(row))))
-            }
-            FieldKind::Timestamp => {
-                let a = timestamps(batch, name);
-                q.bind(a.is_valid(row).then(|| format_timestamp(a.value(row))))
-            }
-            FieldKind::Money => {
-                let a = money(batch, name);
-                // Amounts are bounded to 18 digits by the map stage, so they fit an i64.
-                q.bind(a.is_valid(row).then(|| a.value(row) as i64))
-            }
-            FieldKind::Flag => {
-                let a = flags(batch, name);
-                q.bind(a.is_valid(row).then(|| a.value(row)))
-            }
-        };
+/// A batch's canonical columns, resolved once, in load order.
+struct LoadColumns<'a>(Vec<LoadColumn<'a>>);
+
+enum LoadColumn<'a> {
+    Text(&'a StringArray),
+    Date(&'a Date32Array),
+    Instant(&'a TimestampMicrosecondArray),
+    Money(&'a Decimal128Array),
+    Flag(&'a BooleanArray),
+}
+
+impl<'a> LoadColumns<'a> {
+    fn of(entity: Entity, batch: &'a RecordBatch) -> Self {
+        LoadColumns(
+            entity
+                .fields()
+                .iter()
+                .map(|spec| match spec.kind {
+                    FieldKind::Text
+                    | FieldKind::Currency
+                    | FieldKind::Choice(_)
+                    | FieldKind::IdList => LoadColumn::Text(strings(batch, spec.name)),
+                    FieldKind::Date => LoadColumn::Date(dates(batch, spec.name)),
+                    FieldKind::Timestamp => LoadColumn::Instant(timestamps(batch, spec.name)),
+                    FieldKind::Money => LoadColumn::Money(money(batch, spec.name)),
+                    FieldKind::Flag => LoadColumn::Flag(flags(batch, spec.name)),
+                })
+                .collect(),
+        )
     }
-    q.bind(Option::<String>::None)
-        .bind(loaded_at.to_string())
-        .bind(run_id.to_string())
-        .bind(hash.to_vec())
+
+    fn bind_row<'q>(&self, mut q: SqliteQuery<'q>, row: usize) -> SqliteQuery<'q> {
+        for column in &self.0 {
+            q = match column {
+                LoadColumn::Text(a) => q.bind(a.is_valid(row).then(|| a.value(row).to_string())),
+                LoadColumn::Date(a) => q.bind(a.is_valid(row).then(|| format_date(a.value(row)))),
+                LoadColumn::Instant(a) => {
+                    q.bind(a.is_valid(row).then(|| format_timestamp(a.value(row))))
+                }
+                // Amounts are bounded to 18 digits by the map stage, so they fit an i64.
+                LoadColumn::Money(a) => q.bind(a.is_valid(row).then(|| a.value(row) as i64)),
+                LoadColumn::Flag(a) => q.bind(a.is_valid(row).then(|| a.value(row))),
+            };
+        }
+        q
+    }
 }
 
 fn get<T>(row: &SqliteRow, col: &str) -> Result<T>
