@@ -1,5 +1,6 @@
-//! `sluice`: the command line. `sync` runs a pipeline once on the embedded warehouse;
-//! `quarantine` shows rejected rows; `finance` answers AR/AP aging from loaded data.
+//! `sluice`: the command line. `sync` runs a pipeline once (on the embedded warehouse, or
+//! PostgreSQL with `--database-url`); `quarantine` shows rejected rows; `finance` answers
+//! AR/AP aging; `tenant` and `migrate` provision the PostgreSQL warehouse.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sluice_engine::finance::{AGING_BUCKETS, AgingReport, AgingSide};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
+use sluice_engine::secrets::MasterKey;
+use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_engine::{RowCounts, SqliteWarehouse, TenantSlug, Warehouse};
 use sluice_pipelines::{PipelineSource, PipelineSpec, RunObserver, RunOptions, run_pipeline};
 
@@ -32,6 +35,15 @@ struct Cli {
         default_value = "./sluice-data"
     )]
     data_dir: PathBuf,
+    /// Use the PostgreSQL warehouse at this URL instead of the embedded one
+    /// (e.g. postgres://sluice@127.0.0.1:5432/sluice).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -47,7 +59,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a pipeline once into the embedded warehouse and print its accounting.
+    /// Run a pipeline once into the warehouse and print its accounting.
     #[command(
         after_help = "Example:\n  sluice sync examples/invoices.toml\n  sluice sync examples/bills.toml --json"
     )]
@@ -58,6 +70,38 @@ enum Command {
     /// Finance reports from loaded data.
     #[command(subcommand)]
     Finance(FinanceCommand),
+    /// Provision and list tenants (PostgreSQL warehouse).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Create or update the control schema and migrate every tenant schema (PostgreSQL).
+    #[command(
+        after_help = "Example:\n  SLUICE_DATABASE_URL=postgres://sluice@127.0.0.1/sluice sluice migrate"
+    )]
+    Migrate,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant: its schema, migrated, and its encrypted data key (needs SLUICE_MASTER_KEY).
+    #[command(
+        after_help = "Example:\n  SLUICE_MASTER_KEY=$(openssl rand -hex 32) sluice --database-url postgres://127.0.0.1/sluice tenant create acme --name \"Acme Corp\""
+    )]
+    Create {
+        /// The slug: 2-40 characters, a lower-case letter first, then a-z, 0-9 or _.
+        slug: String,
+        /// Display name (defaults to the slug).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tenants.
+    #[command(
+        after_help = "Example:\n  sluice --database-url postgres://127.0.0.1/sluice tenant list --json"
+    )]
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -173,17 +217,79 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let warehouse = SqliteWarehouse::new(&cli.data_dir);
-    match cli.command {
-        Command::Sync(args) => sync(&warehouse, &args).await,
-        Command::Quarantine(cmd) => quarantine(&warehouse, cmd).await,
+    match cli.database_url.as_deref() {
+        Some(url) => {
+            let warehouse = PostgresWarehouse::connect(url).await?;
+            match cli.command {
+                Command::Tenant(cmd) => tenant(&warehouse, cmd).await,
+                Command::Migrate => {
+                    let migrated = warehouse.migrate_all().await?;
+                    println!(
+                        "control schema up to date; {} tenant schema(s) migrated",
+                        migrated.len()
+                    );
+                    for (slug, from, to) in migrated {
+                        println!("  {slug}: {from} -> {to}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => run_command(&warehouse, other).await,
+            }
+        }
+        None => match cli.command {
+            Command::Tenant(_) | Command::Migrate => bail!(
+                "`tenant` and `migrate` manage the PostgreSQL warehouse: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse creates a tenant's file on its first sync)"
+            ),
+            other => run_command(&SqliteWarehouse::new(&cli.data_dir), other).await,
+        },
+    }
+}
+
+async fn run_command<W: Warehouse>(warehouse: &W, command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Sync(args) => sync(warehouse, &args).await,
+        Command::Quarantine(cmd) => quarantine(warehouse, cmd).await,
         Command::Finance(FinanceCommand::ArAging(a)) => {
-            aging(&warehouse, AgingSide::Receivable, &a).await
+            aging(warehouse, AgingSide::Receivable, &a).await
         }
         Command::Finance(FinanceCommand::ApAging(a)) => {
-            aging(&warehouse, AgingSide::Payable, &a).await
+            aging(warehouse, AgingSide::Payable, &a).await
+        }
+        Command::Tenant(_) | Command::Migrate => {
+            bail!("this command needs the PostgreSQL warehouse")
         }
     }
+}
+
+async fn tenant(warehouse: &PostgresWarehouse, cmd: TenantCommand) -> Result<ExitCode> {
+    match cmd {
+        TenantCommand::Create { slug, name } => {
+            let tenant = TenantSlug::parse(&slug)?;
+            let master = MasterKey::from_env()?;
+            let info = warehouse
+                .create_tenant(&tenant, name.as_deref().unwrap_or(&slug), &master)
+                .await?;
+            println!(
+                "created tenant {} (schema {}, version {})",
+                info.slug, info.schema, info.schema_version
+            );
+        }
+        TenantCommand::List { json } => {
+            let tenants = warehouse.list_tenants().await?;
+            if json {
+                println!("{}", serde_json::to_string(&tenants)?);
+            } else {
+                for t in &tenants {
+                    println!(
+                        "{:<40} {:<30} schema {} v{}",
+                        t.slug, t.name, t.schema, t.schema_version
+                    );
+                }
+                println!("{} tenant(s)", tenants.len());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A progress line on stderr: rows read and rows per second.
@@ -231,7 +337,7 @@ impl RunObserver for Progress {
     }
 }
 
-async fn sync(warehouse: &SqliteWarehouse, args: &SyncArgs) -> Result<ExitCode> {
+async fn sync<W: Warehouse>(warehouse: &W, args: &SyncArgs) -> Result<ExitCode> {
     let spec = PipelineSpec::from_file(&args.pipeline)?;
     let source = PipelineSource::from_spec(&spec.source);
     let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
@@ -273,11 +379,7 @@ async fn sync(warehouse: &SqliteWarehouse, args: &SyncArgs) -> Result<ExitCode> 
                 println!("  quarantined   {}", c.quarantined);
                 println!("  deduplicated  {}", c.deduplicated);
                 if c.quarantined > 0 {
-                    println!(
-                        "see why: sluice --data-dir {} quarantine list --run {}",
-                        warehouse.data_dir().display(),
-                        l.run_id
-                    );
+                    println!("see why: sluice quarantine list --run {}", l.run_id);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -301,8 +403,8 @@ async fn sync(warehouse: &SqliteWarehouse, args: &SyncArgs) -> Result<ExitCode> 
     }
 }
 
-async fn tenants_to_search(
-    warehouse: &SqliteWarehouse,
+async fn tenants_to_search<W: Warehouse>(
+    warehouse: &W,
     tenant: Option<&str>,
 ) -> Result<Vec<TenantSlug>> {
     match tenant {
@@ -311,8 +413,7 @@ async fn tenants_to_search(
             let all = warehouse.tenants().await?;
             if all.is_empty() {
                 bail!(
-                    "no tenant warehouses in {} (run a sync first, or pass --data-dir)",
-                    warehouse.data_dir().display()
+                    "no tenants in this warehouse yet (run a sync first, or check --data-dir / --database-url)"
                 );
             }
             Ok(all)
@@ -320,7 +421,7 @@ async fn tenants_to_search(
     }
 }
 
-async fn quarantine(warehouse: &SqliteWarehouse, cmd: QuarantineCommand) -> Result<ExitCode> {
+async fn quarantine<W: Warehouse>(warehouse: &W, cmd: QuarantineCommand) -> Result<ExitCode> {
     match cmd {
         QuarantineCommand::List {
             tenant,
@@ -427,7 +528,7 @@ fn position_text(r: &QuarantinedRow) -> String {
     }
 }
 
-async fn aging(warehouse: &SqliteWarehouse, side: AgingSide, args: &AgingArgs) -> Result<ExitCode> {
+async fn aging<W: Warehouse>(warehouse: &W, side: AgingSide, args: &AgingArgs) -> Result<ExitCode> {
     let tenant = TenantSlug::parse(&args.tenant)?;
     let report: AgingReport = warehouse.aging(&tenant, side, args.as_of).await?;
     if args.json {

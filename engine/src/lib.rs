@@ -13,6 +13,7 @@ pub mod finance;
 pub mod ledger;
 pub mod money;
 pub mod quarantine;
+pub mod secrets;
 pub mod tenant;
 pub mod time;
 pub mod validate;

@@ -14,6 +14,7 @@
 //!
 //! [`ErrorKind::Fenced`]: crate::ErrorKind::Fenced
 
+mod postgres;
 mod sqlite;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use arrow_array::RecordBatch;
 use chrono::NaiveDate;
 use serde_json::Value;
 
+pub use postgres::{FaultHook, FaultPoint, PostgresWarehouse, TenantInfo};
 pub use sqlite::SqliteWarehouse;
 
 use crate::entity::{Bill, Entity, Invoice, Payment};
@@ -166,4 +168,17 @@ pub trait Warehouse: Send + Sync {
 
     /// Every loaded payment of the tenant, ordered by source and external id.
     fn payments(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Payment>>> + Send;
+}
+
+/// Quotes an SQL identifier (every identifier sluice builds into SQL is also validated).
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Columns a load writes, in order: the key, the entity's fields, then bookkeeping.
+pub(crate) fn load_columns(entity: Entity) -> Vec<&'static str> {
+    let mut cols = vec!["source"];
+    cols.extend(entity.fields().iter().map(|f| f.name));
+    cols.extend(["deleted_at", "loaded_at", "run_id", "row_hash"]);
+    cols
 }

@@ -23,7 +23,9 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::{BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse};
+use super::{
+    BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
+};
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
@@ -162,18 +164,6 @@ async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
 
 fn now_text() -> String {
     Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Columns written by a load, in bind order.
-fn load_columns(entity: Entity) -> Vec<&'static str> {
-    let mut cols = vec!["source"];
-    cols.extend(entity.fields().iter().map(|f| f.name));
-    cols.extend(["deleted_at", "loaded_at", "run_id", "row_hash"]);
-    cols
 }
 
 /// A multi-row upsert of `rows` rows, each binding [`load_columns`] in order.

@@ -1,0 +1,188 @@
+//! Secrets at rest: AES-256-GCM envelope encryption. Each tenant has a random 256-bit data
+//! key; it is stored only wrapped (encrypted) under the master key from `SLUICE_MASTER_KEY`.
+//! Pipeline secrets (passwords, OAuth tokens) are sealed under the tenant's data key, with
+//! the tenant and pipeline as associated data so a ciphertext cannot be moved to another
+//! owner. Keys and plaintexts never appear in `Debug` output, errors or logs.
+
+use std::fmt;
+
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+
+use crate::error::{EngineError, ErrorKind, Result};
+
+const NONCE_LEN: usize = 12;
+
+/// The master key that wraps every tenant's data key.
+pub struct MasterKey(Key<Aes256Gcm>);
+
+/// A tenant's data key, unwrapped in memory only while it is used.
+pub struct DataKey(Key<Aes256Gcm>);
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey(<redacted>)")
+    }
+}
+
+impl MasterKey {
+    /// Parses 64 hex characters (32 bytes), e.g. the output of `openssl rand -hex 32`.
+    pub fn from_hex(text: &str) -> Result<Self> {
+        let bytes = decode_hex(text.trim()).and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
+            EngineError::new(
+                ErrorKind::Config,
+                "SLUICE_MASTER_KEY must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`",
+            )
+        })?;
+        Ok(MasterKey(Key::<Aes256Gcm>::from(bytes)))
+    }
+
+    /// The key from `SLUICE_MASTER_KEY`.
+    pub fn from_env() -> Result<Self> {
+        let text = std::env::var("SLUICE_MASTER_KEY").map_err(|_| {
+            EngineError::new(
+                ErrorKind::Config,
+                "SLUICE_MASTER_KEY is not set; it encrypts tenant keys at rest (64 hex characters, e.g. `openssl rand -hex 32`)",
+            )
+        })?;
+        Self::from_hex(&text)
+    }
+
+    /// Encrypts a data key for storage, bound to `tenant`.
+    pub fn wrap(&self, key: &DataKey, tenant: &str) -> Vec<u8> {
+        seal_with(&self.0, &key.0[..], tenant.as_bytes())
+    }
+
+    /// Decrypts a stored data key of `tenant`.
+    pub fn unwrap_key(&self, wrapped: &[u8], tenant: &str) -> Result<DataKey> {
+        let bytes = open_with(&self.0, wrapped, tenant.as_bytes()).map_err(|_| {
+            EngineError::new(
+                ErrorKind::Config,
+                format!("cannot unwrap the data key of tenant '{tenant}': wrong SLUICE_MASTER_KEY, or the stored key was altered"),
+            )
+        })?;
+        let bytes = <[u8; 32]>::try_from(bytes).map_err(|_| {
+            EngineError::new(ErrorKind::Config, "unwrapped data key has the wrong length")
+        })?;
+        Ok(DataKey(Key::<Aes256Gcm>::from(bytes)))
+    }
+}
+
+impl DataKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        DataKey(Aes256Gcm::generate_key(OsRng))
+    }
+
+    /// Encrypts `plaintext`; `context` (e.g. `tenant/pipeline`) must be given again to open it.
+    pub fn seal(&self, plaintext: &[u8], context: &str) -> Vec<u8> {
+        seal_with(&self.0, plaintext, context.as_bytes())
+    }
+
+    /// Decrypts what [`DataKey::seal`] produced with the same `context`.
+    pub fn open(&self, sealed: &[u8], context: &str) -> Result<Vec<u8>> {
+        open_with(&self.0, sealed, context.as_bytes()).map_err(|_| {
+            EngineError::new(
+                ErrorKind::Config,
+                format!(
+                    "cannot decrypt the secrets of {context}: they were altered or belong elsewhere"
+                ),
+            )
+        })
+    }
+}
+
+fn seal_with(key: &Key<Aes256Gcm>, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+    let cipher = Aes256Gcm::new(key);
+    let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+    // Encryption with a fresh nonce and in-memory buffers cannot fail.
+    let ct = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+fn open_with(key: &Key<Aes256Gcm>, sealed: &[u8], aad: &[u8]) -> std::result::Result<Vec<u8>, ()> {
+    if sealed.len() < NONCE_LEN + 16 {
+        return Err(());
+    }
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| ())?;
+    Aes256Gcm::new(key)
+        .decrypt(&Nonce::from(nonce), Payload { msg: ct, aad })
+        .map_err(|_| ())
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    #[test]
+    fn wrapped_keys_and_sealed_secrets_round_trip_only_with_the_right_key_and_owner() {
+        let master = MasterKey::from_hex(HEX).expect("key");
+        let data = DataKey::generate();
+        let wrapped = master.wrap(&data, "acme");
+        let sealed = data.seal(b"hunter2", "acme/erp");
+        assert!(
+            !sealed.windows(7).any(|w| w == b"hunter2"),
+            "plaintext visible in ciphertext"
+        );
+
+        let again = master.unwrap_key(&wrapped, "acme").expect("unwrap");
+        assert_eq!(again.open(&sealed, "acme/erp").expect("open"), b"hunter2");
+        assert!(
+            again.open(&sealed, "globex/erp").is_err(),
+            "moved to another owner"
+        );
+        assert!(master.unwrap_key(&wrapped, "globex").is_err());
+        let other = MasterKey::from_hex(&HEX.replace("00", "ff")).expect("key");
+        assert!(other.unwrap_key(&wrapped, "acme").is_err());
+        let mut tampered = sealed.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(again.open(&tampered, "acme/erp").is_err());
+    }
+
+    #[test]
+    fn keys_never_print_and_bad_master_keys_are_refused() {
+        let master = MasterKey::from_hex(HEX).expect("key");
+        assert_eq!(format!("{master:?}"), "MasterKey(<redacted>)");
+        assert_eq!(format!("{:?}", DataKey::generate()), "DataKey(<redacted>)");
+        for bad in [
+            "",
+            "abc",
+            &HEX[..62],
+            &format!("{HEX}00"),
+            &HEX.replace('0', "g"),
+        ] {
+            assert!(MasterKey::from_hex(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

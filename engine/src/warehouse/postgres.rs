@@ -1,0 +1,1169 @@
+//! The production warehouse: PostgreSQL, one schema per tenant (`tenant_<slug>`) plus the
+//! control schema `sluice`. Every query is schema-qualified (nothing relies on
+//! `search_path`) and every identifier is validated and quoted.
+//!
+//! A batch commit: compare-and-set the stream cursor (the fence), COPY the rows into a
+//! temporary staging table, then one statement that classifies each staged row against the
+//! stored one (insert / update / unchanged / same-run duplicate), upserts the winners and
+//! marks the unchanged as read by this run; quarantined rows and ledger counts join the same
+//! transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arrow_array::{
+    Array, BooleanArray, Date32Array, Decimal128Array, StringArray, TimestampMicrosecondArray,
+};
+use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::future::BoxFuture;
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
+
+use super::{
+    BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
+};
+use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
+use crate::error::{EngineError, ErrorKind, Result};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide};
+use crate::ledger::{RowCounts, RunLedger, RunStatus};
+use crate::money::{MONEY_SCALE, display_decimal, units_to_decimal};
+use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
+use crate::secrets::{DataKey, MasterKey};
+use crate::tenant::TenantSlug;
+use crate::time::{format_date, format_timestamp};
+use crate::validate::{dates, flags, money, strings, timestamps};
+
+const CONTROL_MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    include_str!("../../../migrations/control/0001_control.sql"),
+)];
+const TENANT_MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    include_str!("../../../migrations/tenant/postgres/0001_warehouse.sql"),
+)];
+/// Serialises migrators across processes (an arbitrary constant, "sluice" in ASCII).
+const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
+
+/// A named point in the commit path where a test can inject a fault (kill the connection,
+/// stall), in the spirit of the `fail` crate's failpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultPoint {
+    /// `after_copy`: the batch's rows are staged, nothing is upserted yet.
+    pub name: &'static str,
+    /// The PostgreSQL backend running the batch's transaction.
+    pub backend_pid: i32,
+    /// 1-based count of batch commits this warehouse has started.
+    pub commit: u64,
+}
+
+/// Called at every [`FaultPoint`].
+pub type FaultHook = Arc<dyn Fn(FaultPoint) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A tenant as the control schema records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TenantInfo {
+    /// The slug.
+    pub slug: String,
+    /// Display name.
+    pub name: String,
+    /// Its warehouse schema.
+    pub schema: String,
+    /// The schema's migration version.
+    pub schema_version: i32,
+    /// When it was provisioned.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The PostgreSQL warehouse.
+pub struct PostgresWarehouse {
+    pool: PgPool,
+    fault: Option<FaultHook>,
+    commits: AtomicU64,
+}
+
+fn db(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> EngineError {
+    let context = context.into();
+    move |e| EngineError::from_sqlx(context, e)
+}
+
+fn schema_of(tenant: &TenantSlug) -> String {
+    quote_ident(&format!("tenant_{tenant}"))
+}
+
+fn table(tenant: &TenantSlug, name: &str) -> String {
+    format!("{}.{}", schema_of(tenant), quote_ident(name))
+}
+
+impl PostgresWarehouse {
+    /// Connects to `url` (e.g. `postgres://user@127.0.0.1:5432/sluice`). The password, if
+    /// any, is never included in errors.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options: PgConnectOptions = url.parse().map_err(|_| {
+            EngineError::new(
+                ErrorKind::Config,
+                "the database URL is not a valid postgres:// URL",
+            )
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| EngineError::from_sqlx("connecting to PostgreSQL", e))?;
+        Ok(PostgresWarehouse {
+            pool,
+            fault: None,
+            commits: AtomicU64::new(0),
+        })
+    }
+
+    /// Installs a fault hook (tests only).
+    pub fn with_fault_hook(mut self, hook: FaultHook) -> Self {
+        self.fault = Some(hook);
+        self
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates or updates the control schema.
+    pub async fn migrate_control(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db("starting migration"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("locking migrations"))?;
+        sqlx::raw_sql(
+            "CREATE SCHEMA IF NOT EXISTS sluice; \
+             CREATE TABLE IF NOT EXISTS sluice.schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db("creating the control schema"))?;
+        let current: i32 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM sluice.schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db("reading the control schema version"))?;
+        for &(version, sql) in CONTROL_MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(format!("applying control migration {version}")))?;
+            sqlx::query("INSERT INTO sluice.schema_migrations (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("recording the control migration"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(db("committing the control migration"))
+    }
+
+    async fn migrate_tenant_in(
+        tx: &mut Transaction<'static, Postgres>,
+        tenant: &TenantSlug,
+        from: i32,
+    ) -> Result<i32> {
+        let mut version = from;
+        for &(v, sql) in TENANT_MIGRATIONS.iter().filter(|(v, _)| *v > from) {
+            let sql = sql.replace("__SCHEMA__", &schema_of(tenant));
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&mut **tx)
+                .await
+                .map_err(db(format!("applying migration {v} to tenant '{tenant}'")))?;
+            version = v;
+        }
+        sqlx::query("UPDATE sluice.tenants SET schema_version = $1 WHERE slug = $2")
+            .bind(version)
+            .bind(tenant.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(db("recording the tenant schema version"))?;
+        Ok(version)
+    }
+
+    /// Provisions a tenant: its control row, its wrapped data key and its migrated schema,
+    /// all in one transaction. Fails if the tenant exists.
+    pub async fn create_tenant(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+        master: &MasterKey,
+    ) -> Result<TenantInfo> {
+        self.migrate_control().await?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting tenant creation"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("locking migrations"))?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sluice.tenants WHERE slug = $1)")
+                .bind(tenant.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db("checking the tenant"))?;
+        if exists {
+            return Err(EngineError::new(
+                ErrorKind::Config,
+                format!("tenant '{tenant}' already exists"),
+            ));
+        }
+        let wrapped = master.wrap(&DataKey::generate(), tenant.as_str());
+        sqlx::query("INSERT INTO sluice.tenants (slug, name, schema_name, wrapped_key) VALUES ($1, $2, $3, $4)")
+            .bind(tenant.as_str())
+            .bind(name)
+            .bind(format!("tenant_{tenant}"))
+            .bind(wrapped)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording the tenant"))?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE SCHEMA {}",
+            schema_of(tenant)
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(db(format!("creating the schema of tenant '{tenant}'")))?;
+        Self::migrate_tenant_in(&mut tx, tenant, 0).await?;
+        audit(
+            &mut tx,
+            "cli",
+            "tenant.create",
+            Some(tenant.as_str()),
+            tenant.as_str(),
+            serde_json::json!({ "name": name }),
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(db("committing tenant creation"))?;
+        self.tenant_info(tenant)
+            .await?
+            .ok_or_else(|| EngineError::new(ErrorKind::NotFound, "tenant vanished after creation"))
+    }
+
+    /// One tenant's control record.
+    pub async fn tenant_info(&self, tenant: &TenantSlug) -> Result<Option<TenantInfo>> {
+        let row = sqlx::query("SELECT slug, name, schema_name, schema_version, created_at FROM sluice.tenants WHERE slug = $1")
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| control_error("reading the tenant", e))?;
+        row.map(|r| tenant_from_row(&r)).transpose()
+    }
+
+    /// Every tenant.
+    pub async fn list_tenants(&self) -> Result<Vec<TenantInfo>> {
+        let rows = sqlx::query("SELECT slug, name, schema_name, schema_version, created_at FROM sluice.tenants ORDER BY slug")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| control_error("listing tenants", e))?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    /// Brings the control schema and every tenant schema up to date; returns the tenants
+    /// migrated with their old and new versions.
+    pub async fn migrate_all(&self) -> Result<Vec<(String, i32, i32)>> {
+        self.migrate_control().await?;
+        let latest = latest_tenant_version();
+        let mut migrated = Vec::new();
+        for info in self.list_tenants().await? {
+            if info.schema_version >= latest {
+                continue;
+            }
+            let tenant = TenantSlug::parse(&info.slug)?;
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(db("starting tenant migration"))?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("locking migrations"))?;
+            let current: i32 =
+                sqlx::query_scalar("SELECT schema_version FROM sluice.tenants WHERE slug = $1")
+                    .bind(tenant.as_str())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db("reading the tenant version"))?;
+            let to = Self::migrate_tenant_in(&mut tx, &tenant, current).await?;
+            tx.commit()
+                .await
+                .map_err(db("committing tenant migration"))?;
+            migrated.push((info.slug, current, to));
+        }
+        Ok(migrated)
+    }
+
+    /// Stores (or replaces) a pipeline definition; `secrets` are sealed under the tenant's
+    /// data key and never stored in clear.
+    pub async fn store_pipeline(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+        spec: &Value,
+        secrets: &serde_json::Map<String, Value>,
+        master: &MasterKey,
+    ) -> Result<()> {
+        let key = self.data_key(tenant, master).await?;
+        let sealed = (!secrets.is_empty()).then(|| {
+            key.seal(
+                Value::Object(secrets.clone()).to_string().as_bytes(),
+                &format!("{tenant}/{name}"),
+            )
+        });
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting to store the pipeline"))?;
+        sqlx::query(
+            "INSERT INTO sluice.pipelines (tenant, name, spec, secrets) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, name) DO UPDATE SET spec = EXCLUDED.spec, secrets = EXCLUDED.secrets, updated_at = now()",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .bind(sqlx::types::Json(spec))
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("storing the pipeline"))?;
+        let secret_names: Vec<&String> = secrets.keys().collect();
+        audit(
+            &mut tx,
+            "cli",
+            "pipeline.store",
+            Some(tenant.as_str()),
+            name,
+            serde_json::json!({ "secrets": secret_names }),
+        )
+        .await?;
+        tx.commit().await.map_err(db("committing the pipeline"))
+    }
+
+    /// A stored pipeline's definition and its decrypted secrets.
+    pub async fn load_pipeline(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+        master: &MasterKey,
+    ) -> Result<Option<(Value, serde_json::Map<String, Value>)>> {
+        let row = sqlx::query(
+            "SELECT spec, secrets FROM sluice.pipelines WHERE tenant = $1 AND name = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| control_error("reading the pipeline", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let spec: sqlx::types::Json<Value> = row.try_get("spec").map_err(db("spec"))?;
+        let sealed: Option<Vec<u8>> = row.try_get("secrets").map_err(db("secrets"))?;
+        let secrets = match sealed {
+            None => serde_json::Map::new(),
+            Some(bytes) => {
+                let key = self.data_key(tenant, master).await?;
+                let plain = key.open(&bytes, &format!("{tenant}/{name}"))?;
+                serde_json::from_slice(&plain).map_err(|e| {
+                    EngineError::new(ErrorKind::Warehouse, "stored secrets are not a JSON object")
+                        .with_source(e)
+                })?
+            }
+        };
+        Ok(Some((spec.0, secrets)))
+    }
+
+    async fn data_key(&self, tenant: &TenantSlug, master: &MasterKey) -> Result<DataKey> {
+        let wrapped: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT wrapped_key FROM sluice.tenants WHERE slug = $1")
+                .bind(tenant.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| control_error("reading the tenant key", e))?;
+        let wrapped = wrapped.ok_or_else(|| missing_tenant(tenant))?;
+        master.unwrap_key(&wrapped, tenant.as_str())
+    }
+
+    async fn fire(
+        &self,
+        name: &'static str,
+        tx: &mut Transaction<'static, Postgres>,
+        commit: u64,
+    ) -> Result<()> {
+        if let Some(hook) = &self.fault {
+            let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(db("fault point"))?;
+            hook(FaultPoint {
+                name,
+                backend_pid,
+                commit,
+            })
+            .await;
+        }
+        Ok(())
+    }
+}
+
+fn latest_tenant_version() -> i32 {
+    TENANT_MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+fn missing_tenant(tenant: &TenantSlug) -> EngineError {
+    EngineError::new(
+        ErrorKind::NotFound,
+        format!("tenant '{tenant}' does not exist; create it with `sluice tenant create {tenant}`"),
+    )
+}
+
+/// Reads of the control schema before `sluice migrate` ran fail with "undefined table".
+fn control_error(context: &str, e: sqlx::Error) -> EngineError {
+    if let sqlx::Error::Database(d) = &e
+        && d.code().as_deref() == Some("42P01")
+    {
+        return EngineError::new(
+            ErrorKind::Config,
+            "the control schema is missing: run `sluice migrate` first",
+        );
+    }
+    EngineError::from_sqlx(context.to_string(), e)
+}
+
+fn tenant_from_row(r: &PgRow) -> Result<TenantInfo> {
+    Ok(TenantInfo {
+        slug: r.try_get("slug").map_err(db("slug"))?,
+        name: r.try_get("name").map_err(db("name"))?,
+        schema: r.try_get("schema_name").map_err(db("schema_name"))?,
+        schema_version: r.try_get("schema_version").map_err(db("schema_version"))?,
+        created_at: r.try_get("created_at").map_err(db("created_at"))?,
+    })
+}
+
+async fn audit(
+    tx: &mut Transaction<'static, Postgres>,
+    actor: &str,
+    action: &str,
+    tenant: Option<&str>,
+    target: &str,
+    detail: Value,
+) -> Result<()> {
+    sqlx::query("INSERT INTO sluice.audit_log (actor, action, tenant, target, detail) VALUES ($1, $2, $3, $4, $5)")
+        .bind(actor)
+        .bind(action)
+        .bind(tenant)
+        .bind(target)
+        .bind(sqlx::types::Json(detail))
+        .execute(&mut **tx)
+        .await
+        .map_err(db("writing the audit log"))?;
+    Ok(())
+}
+
+/// Appends `value` in COPY text format: backslash, tab, newline and carriage return escaped.
+fn copy_text(out: &mut Vec<u8>, value: &str) {
+    for b in value.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// The batch's rows to load as COPY text, in [`load_columns`] order.
+fn copy_rows(
+    entity: Entity,
+    batch: &LoadBatch,
+    source: &str,
+    loaded_at: &str,
+    run_id: &str,
+) -> Vec<u8> {
+    use std::io::Write as _;
+    let rows = &batch.rows;
+    let mut out = Vec::with_capacity(batch.load.len() * 200);
+    enum Col<'a> {
+        Text(&'a StringArray),
+        Date(&'a Date32Array),
+        Instant(&'a TimestampMicrosecondArray),
+        Money(&'a Decimal128Array),
+        Flag(&'a BooleanArray),
+    }
+    let cols: Vec<Col<'_>> = entity
+        .fields()
+        .iter()
+        .map(|f| match f.kind {
+            FieldKind::Text | FieldKind::Currency | FieldKind::Choice(_) | FieldKind::IdList => {
+                Col::Text(strings(rows, f.name))
+            }
+            FieldKind::Date => Col::Date(dates(rows, f.name)),
+            FieldKind::Timestamp => Col::Instant(timestamps(rows, f.name)),
+            FieldKind::Money => Col::Money(money(rows, f.name)),
+            FieldKind::Flag => Col::Flag(flags(rows, f.name)),
+        })
+        .collect();
+    for (i, &row) in batch.load.iter().enumerate() {
+        let row = row as usize;
+        copy_text(&mut out, source);
+        for col in &cols {
+            out.push(b'\t');
+            let valid = match col {
+                Col::Text(a) => a.is_valid(row),
+                Col::Date(a) => a.is_valid(row),
+                Col::Instant(a) => a.is_valid(row),
+                Col::Money(a) => a.is_valid(row),
+                Col::Flag(a) => a.is_valid(row),
+            };
+            if !valid {
+                out.extend_from_slice(b"\\N");
+                continue;
+            }
+            match col {
+                Col::Text(a) => copy_text(&mut out, a.value(row)),
+                Col::Date(a) => out.extend_from_slice(format_date(a.value(row)).as_bytes()),
+                Col::Instant(a) => out.extend_from_slice(format_timestamp(a.value(row)).as_bytes()),
+                Col::Money(a) => {
+                    let _ = write!(out, "{}", units_to_decimal(a.value(row)));
+                }
+                Col::Flag(a) => out.push(if a.value(row) { b't' } else { b'f' }),
+            }
+        }
+        out.extend_from_slice(b"\t\\N\t");
+        out.extend_from_slice(loaded_at.as_bytes());
+        out.push(b'\t');
+        copy_text(&mut out, run_id);
+        out.extend_from_slice(b"\t\\\\x");
+        for b in batch.fingerprints[i].to_le_bytes() {
+            let _ = write!(out, "{b:02x}");
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Classify staged rows against stored ones, upsert the winners, mark the unchanged as read
+/// by this run, and count each fate. `$1` is the run id. The order of versions is the one
+/// the SQLite warehouse applies: a missing `updated_at` sorts first; equal versions with
+/// different content count as an update; rows already read by this same run are
+/// duplicates, and the later one wins unless it is older.
+fn classify_upsert_sql(tenant: &TenantSlug, entity: Entity) -> String {
+    let target = table(tenant, entity.name());
+    let stage = quote_ident(&format!("sluice_stage_{}", entity.name()));
+    let cols: Vec<String> = load_columns(entity)
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect();
+    let updates: Vec<String> = load_columns(entity)
+        .iter()
+        .filter(|c| !matches!(**c, "source" | "external_id"))
+        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+        .collect();
+    let cmp = "CASE WHEN s.updated_at IS NOT DISTINCT FROM t.updated_at THEN 0 \
+                    WHEN s.updated_at IS NULL THEN -1 WHEN t.updated_at IS NULL THEN 1 \
+                    WHEN s.updated_at > t.updated_at THEN 1 ELSE -1 END";
+    format!(
+        "WITH staged AS ( \
+           SELECT s.*, CASE \
+             WHEN t.external_id IS NULL THEN 'insert' \
+             WHEN t.run_id = $1 THEN CASE WHEN ({cmp}) >= 0 THEN 'dup_write' ELSE 'dup_skip' END \
+             WHEN ({cmp}) < 0 THEN 'unchanged' \
+             WHEN ({cmp}) = 0 AND s.row_hash = t.row_hash THEN 'unchanged' \
+             ELSE 'update' END AS fate \
+           FROM pg_temp.{stage} s LEFT JOIN {target} t ON t.source = s.source AND t.external_id = s.external_id \
+         ), written AS ( \
+           INSERT INTO {target} ({cols}) SELECT {cols} FROM staged WHERE fate IN ('insert', 'update', 'dup_write') \
+           ON CONFLICT (source, external_id) DO UPDATE SET {updates} RETURNING 1 \
+         ), touched AS ( \
+           UPDATE {target} t SET run_id = $1 FROM staged s \
+           WHERE s.fate = 'unchanged' AND t.source = s.source AND t.external_id = s.external_id RETURNING 1 \
+         ) SELECT fate, count(*) AS n FROM staged GROUP BY fate",
+        cols = cols.join(", "),
+        updates = updates.join(", ")
+    )
+}
+
+/// Keeps the last of several identical bad records in one batch: one quarantine entry each.
+fn distinct_quarantine(
+    batch: &LoadBatch,
+) -> Vec<(String, String, &crate::quarantine::QuarantineRecord)> {
+    let mut by_hash: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<(String, String, &crate::quarantine::QuarantineRecord)> = Vec::new();
+    for record in &batch.quarantine {
+        let raw = Value::Object(record.raw.clone()).to_string();
+        let hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(raw.as_bytes()));
+        match by_hash.get(&hash) {
+            Some(&i) => out[i] = (raw, hash, record),
+            None => {
+                by_hash.insert(hash.clone(), out.len());
+                out.push((raw, hash, record));
+            }
+        }
+    }
+    out
+}
+
+impl Warehouse for PostgresWarehouse {
+    async fn prepare_tenant(&self, tenant: &TenantSlug) -> Result<()> {
+        let version: Option<i32> =
+            sqlx::query_scalar("SELECT schema_version FROM sluice.tenants WHERE slug = $1")
+                .bind(tenant.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| control_error("reading the tenant", e))?;
+        match version {
+            None => Err(missing_tenant(tenant)),
+            Some(v) if v < latest_tenant_version() => Err(EngineError::new(
+                ErrorKind::Config,
+                format!(
+                    "tenant '{tenant}' is at schema version {v}, this build needs {}: run `sluice migrate`",
+                    latest_tenant_version()
+                ),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    async fn tenants(&self) -> Result<Vec<TenantSlug>> {
+        self.list_tenants()
+            .await?
+            .iter()
+            .map(|t| TenantSlug::parse(&t.slug))
+            .collect()
+    }
+
+    async fn stream_state(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        stream: &str,
+    ) -> Result<StreamState> {
+        sqlx::query("INSERT INTO sluice.stream_state (tenant, pipeline, stream) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(tenant.as_str())
+            .bind(pipeline)
+            .bind(stream)
+            .execute(&self.pool)
+            .await
+            .map_err(db("creating stream state"))?;
+        let row = sqlx::query("SELECT cursor, version FROM sluice.stream_state WHERE tenant = $1 AND pipeline = $2 AND stream = $3")
+            .bind(tenant.as_str())
+            .bind(pipeline)
+            .bind(stream)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("reading stream state"))?;
+        let cursor: Option<sqlx::types::Json<Value>> =
+            row.try_get("cursor").map_err(db("cursor"))?;
+        Ok(StreamState {
+            cursor: cursor.map(|c| c.0),
+            version: row.try_get("version").map_err(db("version"))?,
+        })
+    }
+
+    async fn begin_run(&self, ledger: &RunLedger) -> Result<()> {
+        let tenant = TenantSlug::parse(&ledger.tenant)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting the run record"))?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (run_id, pipeline, entity, \"trigger\", started_at, status, rules_hash) VALUES ($1, $2, $3, $4, $5, 'running', $6)",
+            table(&tenant, "runs")
+        )))
+        .bind(&ledger.run_id)
+        .bind(&ledger.pipeline)
+        .bind(&ledger.entity)
+        .bind(&ledger.trigger)
+        .bind(ledger.started_at)
+        .bind(&ledger.rules_hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording the run start"))?;
+        sqlx::query("INSERT INTO sluice.runs (run_id, tenant, pipeline, started_at) VALUES ($1, $2, $3, $4)")
+            .bind(&ledger.run_id)
+            .bind(tenant.as_str())
+            .bind(&ledger.pipeline)
+            .bind(ledger.started_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("indexing the run"))?;
+        tx.commit().await.map_err(db("committing the run start"))
+    }
+
+    async fn commit_batch(
+        &self,
+        scope: &RunScope,
+        batch: &LoadBatch,
+        expected_version: i64,
+    ) -> Result<BatchCommitted> {
+        let commit = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        let tenant = &scope.tenant;
+        let entity = batch.entity;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting the batch transaction"))?;
+        let version = fence(&mut tx, scope, batch.cursor.as_ref(), expected_version).await?;
+
+        let mut counts = RowCounts {
+            rows_read: batch.rows_read,
+            quarantined: batch.quarantine.len() as u64,
+            deduplicated: batch.deduplicated,
+            ..RowCounts::default()
+        };
+        if !batch.load.is_empty() {
+            let stage = quote_ident(&format!("sluice_stage_{}", entity.name()));
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+                table(tenant, entity.name())
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("creating the staging table"))?;
+            let loaded_at = format_timestamp(Utc::now().timestamp_micros());
+            let data = copy_rows(entity, batch, &scope.pipeline, &loaded_at, &scope.run_id);
+            let cols: Vec<String> = load_columns(entity)
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect();
+            let mut copy = tx
+                .copy_in_raw(&format!(
+                    "COPY pg_temp.{stage} ({}) FROM STDIN",
+                    cols.join(", ")
+                ))
+                .await
+                .map_err(db("starting COPY"))?;
+            copy.send(data).await.map_err(db("sending rows"))?;
+            copy.finish().await.map_err(db("finishing COPY"))?;
+            self.fire("after_copy", &mut tx, commit).await?;
+
+            let fates = sqlx::query(AssertSqlSafe(classify_upsert_sql(tenant, entity)))
+                .bind(&scope.run_id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(format!("upserting {entity}")))?;
+            for r in fates {
+                let fate: String = r.try_get("fate").map_err(db("fate"))?;
+                let n = r.try_get::<i64, _>("n").map_err(db("count"))? as u64;
+                match fate.as_str() {
+                    "insert" => counts.inserted += n,
+                    "update" => counts.updated += n,
+                    "unchanged" => counts.unchanged += n,
+                    _ => counts.deduplicated += n,
+                }
+            }
+        }
+
+        let quarantine = distinct_quarantine(batch);
+        if !quarantine.is_empty() {
+            let ids: Vec<String> = quarantine
+                .iter()
+                .map(|_| uuid::Uuid::now_v7().to_string())
+                .collect();
+            let locations: Vec<&str> = quarantine
+                .iter()
+                .map(|(_, _, q)| q.position.location.as_str())
+                .collect();
+            let sheets: Vec<Option<&str>> = quarantine
+                .iter()
+                .map(|(_, _, q)| q.position.sheet.as_deref())
+                .collect();
+            let rows: Vec<i64> = quarantine
+                .iter()
+                .map(|(_, _, q)| q.position.row as i64)
+                .collect();
+            let raws: Vec<&str> = quarantine.iter().map(|(r, _, _)| r.as_str()).collect();
+            let hashes: Vec<&str> = quarantine.iter().map(|(_, h, _)| h.as_str()).collect();
+            let errors: Vec<String> = quarantine
+                .iter()
+                .map(|(_, _, q)| serde_json::to_string(&q.errors).unwrap_or_else(|_| "[]".into()))
+                .collect();
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {} (id, run_id, pipeline, entity, status, location, sheet, source_row, raw, raw_text, raw_hash, errors, rules, created_at) \
+                 SELECT q.id, $2, $3, $4, 'pending', q.loc, q.sheet, q.row, q.raw::jsonb, q.raw, q.hash, q.errors::jsonb, $5, now() \
+                 FROM UNNEST($1::text[], $6::text[], $7::text[], $8::int8[], $9::text[], $10::text[], $11::text[]) \
+                   AS q(id, loc, sheet, row, raw, hash, errors) \
+                 ON CONFLICT (pipeline, raw_hash) WHERE status IN ('pending', 'fixed') DO UPDATE SET \
+                   run_id = EXCLUDED.run_id, location = EXCLUDED.location, sheet = EXCLUDED.sheet, \
+                   source_row = EXCLUDED.source_row, errors = EXCLUDED.errors, rules = EXCLUDED.rules",
+                table(tenant, "quarantine")
+            )))
+            .bind(ids)
+            .bind(&scope.run_id)
+            .bind(&scope.pipeline)
+            .bind(entity.name())
+            .bind(&scope.rules_hash)
+            .bind(locations)
+            .bind(sheets)
+            .bind(rows)
+            .bind(raws)
+            .bind(hashes)
+            .bind(errors)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing quarantine"))?;
+        }
+
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET rows_read = rows_read + $1, inserted = inserted + $2, updated = updated + $3, \
+             unchanged = unchanged + $4, quarantined = quarantined + $5, deduplicated = deduplicated + $6 WHERE run_id = $7",
+            table(tenant, "runs")
+        )))
+        .bind(counts.rows_read as i64)
+        .bind(counts.inserted as i64)
+        .bind(counts.updated as i64)
+        .bind(counts.unchanged as i64)
+        .bind(counts.quarantined as i64)
+        .bind(counts.deduplicated as i64)
+        .bind(&scope.run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("updating the run ledger"))?;
+        tx.commit().await.map_err(db("committing the batch"))?;
+        Ok(BatchCommitted { counts, version })
+    }
+
+    async fn set_cursor(
+        &self,
+        scope: &RunScope,
+        cursor: Option<&Value>,
+        expected_version: i64,
+    ) -> Result<i64> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting the cursor transaction"))?;
+        let version = fence(&mut tx, scope, cursor, expected_version).await?;
+        tx.commit().await.map_err(db("committing the cursor"))?;
+        Ok(version)
+    }
+
+    async fn finish_run(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+        status: RunStatus,
+        error: Option<&str>,
+    ) -> Result<RunLedger> {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET status = $1, finished_at = now(), error = $2 WHERE run_id = $3",
+            table(tenant, "runs")
+        )))
+        .bind(status.as_str())
+        .bind(error)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording the run end"))?;
+        self.run(tenant, run_id)
+            .await?
+            .ok_or_else(|| EngineError::new(ErrorKind::NotFound, format!("run {run_id} vanished")))
+    }
+
+    async fn run(&self, tenant: &TenantSlug, run_id: &str) -> Result<Option<RunLedger>> {
+        self.prepare_tenant(tenant).await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE run_id = $1",
+            table(tenant, "runs")
+        )))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading the run ledger"))?;
+        row.map(|r| ledger_from_row(tenant, &r)).transpose()
+    }
+
+    async fn quarantined(
+        &self,
+        tenant: &TenantSlug,
+        filter: &QuarantineFilter,
+    ) -> Result<Vec<QuarantinedRow>> {
+        self.prepare_tenant(tenant).await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE ($1::text IS NULL OR run_id = $1) AND ($2::text IS NULL OR status = $2) \
+             AND ($3::text IS NULL OR errors @> jsonb_build_array(jsonb_build_object('rule', $3::text))) \
+             ORDER BY seq LIMIT $4",
+            table(tenant, "quarantine")
+        )))
+        .bind(&filter.run_id)
+        .bind(filter.status.map(QuarantineStatus::as_str))
+        .bind(&filter.rule)
+        .bind(i64::from(filter.limit.unwrap_or(100)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing quarantine"))?;
+        rows.iter()
+            .map(|r| quarantined_from_row(tenant, r))
+            .collect()
+    }
+
+    async fn quarantined_row(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+    ) -> Result<Option<QuarantinedRow>> {
+        self.prepare_tenant(tenant).await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE id = $1",
+            table(tenant, "quarantine")
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading quarantine"))?;
+        row.map(|r| quarantined_from_row(tenant, &r)).transpose()
+    }
+
+    async fn aging(
+        &self,
+        tenant: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> Result<AgingReport> {
+        self.prepare_tenant(tenant).await?;
+        let source = match side {
+            AgingSide::Receivable => table(tenant, "invoices"),
+            AgingSide::Payable => table(tenant, "bills"),
+        };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT currency, \
+               CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
+                    WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
+               SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) AS open \
+             FROM (SELECT currency, kind, balance, ($1::date - due_date) AS d FROM {source} \
+                   WHERE balance > 0 AND status <> 'void' AND deleted_at IS NULL AND due_date IS NOT NULL) open_docs \
+             GROUP BY currency, bucket"
+        )))
+        .bind(as_of)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("computing aging"))?;
+        let mut report = AgingReport {
+            as_of,
+            currencies: Default::default(),
+        };
+        for r in rows {
+            let currency: String = r.try_get("currency").map_err(db("currency"))?;
+            let bucket: String = r.try_get("bucket").map_err(db("bucket"))?;
+            let open: Decimal = r.try_get("open").map_err(db("open balance"))?;
+            report
+                .currencies
+                .entry(currency)
+                .or_insert_with(AgingBuckets::zero)
+                .add(&bucket, normalize(Some(open))?);
+        }
+        Ok(report)
+    }
+
+    async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
+        self.prepare_tenant(tenant).await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
+            table(tenant, "invoices")
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading invoices"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Invoice {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    customer_id: get(r, "customer_id")?,
+                    customer_name: get(r, "customer_name")?,
+                    issue_date: get(r, "issue_date")?,
+                    due_date: get(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: normalize(get(r, "total")?)?,
+                    balance: normalize(get(r, "balance")?)?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
+        self.prepare_tenant(tenant).await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
+            table(tenant, "bills")
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading bills"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Bill {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    vendor_id: get(r, "vendor_id")?,
+                    vendor_name: get(r, "vendor_name")?,
+                    issue_date: get(r, "issue_date")?,
+                    due_date: get(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: normalize(get(r, "total")?)?,
+                    balance: normalize(get(r, "balance")?)?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    category: get(r, "category")?,
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
+        self.prepare_tenant(tenant).await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
+            table(tenant, "payments")
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading payments"))?;
+        rows.iter()
+            .map(|r| {
+                let applied: Option<sqlx::types::Json<Vec<String>>> = get(r, "applied_to")?;
+                Ok(Payment {
+                    external_id: get(r, "external_id")?,
+                    direction: get(r, "direction")?,
+                    counterparty_id: get(r, "counterparty_id")?,
+                    date: get(r, "date")?,
+                    amount: normalize(get(r, "amount")?)?,
+                    currency: get(r, "currency")?,
+                    applied_to: applied.map(|a| a.0).unwrap_or_default(),
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn fence(
+    tx: &mut Transaction<'static, Postgres>,
+    scope: &RunScope,
+    cursor: Option<&Value>,
+    expected_version: i64,
+) -> Result<i64> {
+    // Taking the row lock first makes a racing run wait here, then see the new version.
+    let res = sqlx::query(
+        "UPDATE sluice.stream_state SET cursor = $1, version = version + 1, updated_at = now() \
+         WHERE tenant = $2 AND pipeline = $3 AND stream = $4 AND version = $5",
+    )
+    .bind(cursor.map(sqlx::types::Json))
+    .bind(scope.tenant.as_str())
+    .bind(&scope.pipeline)
+    .bind(&scope.stream)
+    .bind(expected_version)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("advancing the stream cursor"))?;
+    if res.rows_affected() != 1 {
+        return Err(EngineError::new(
+            ErrorKind::Fenced,
+            format!(
+                "pipeline '{}' stream '{}' moved past version {expected_version}: another run committed; this run stops without committing",
+                scope.pipeline, scope.stream
+            ),
+        ));
+    }
+    Ok(expected_version + 1)
+}
+
+/// A stored amount with the two-or-four decimal display the SQLite warehouse gives.
+fn normalize(d: Option<Decimal>) -> Result<Decimal> {
+    let d = d.unwrap_or_default();
+    let units = (d * Decimal::from(10i64.pow(MONEY_SCALE)))
+        .trunc()
+        .to_i128()
+        .ok_or_else(|| {
+            EngineError::new(ErrorKind::Warehouse, format!("amount {d} out of range"))
+        })?;
+    Ok(display_decimal(units))
+}
+
+fn get<T>(row: &PgRow, col: &str) -> Result<T>
+where
+    T: for<'r> sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(col)
+        .map_err(|e| EngineError::from_sqlx(format!("reading column {col}"), e))
+}
+
+fn ledger_from_row(tenant: &TenantSlug, r: &PgRow) -> Result<RunLedger> {
+    let status: String = get(r, "status")?;
+    let count = |c: &str| -> Result<u64> { Ok(get::<i64>(r, c)? as u64) };
+    Ok(RunLedger {
+        run_id: get(r, "run_id")?,
+        tenant: tenant.to_string(),
+        pipeline: get(r, "pipeline")?,
+        entity: get(r, "entity")?,
+        trigger: get(r, "trigger")?,
+        started_at: get(r, "started_at")?,
+        finished_at: get(r, "finished_at")?,
+        status: RunStatus::parse(&status).ok_or_else(|| {
+            EngineError::new(ErrorKind::Warehouse, format!("unknown run status {status}"))
+        })?,
+        counts: RowCounts {
+            rows_read: count("rows_read")?,
+            inserted: count("inserted")?,
+            updated: count("updated")?,
+            unchanged: count("unchanged")?,
+            quarantined: count("quarantined")?,
+            deduplicated: count("deduplicated")?,
+        },
+        rules_hash: get(r, "rules_hash")?,
+        error: get(r, "error")?,
+    })
+}
+
+fn quarantined_from_row(tenant: &TenantSlug, r: &PgRow) -> Result<QuarantinedRow> {
+    let status: String = get(r, "status")?;
+    let raw: String = get(r, "raw_text")?;
+    let errors: sqlx::types::Json<Vec<crate::validate::CellError>> = get(r, "errors")?;
+    let bad = |what: &str| {
+        EngineError::new(
+            ErrorKind::Warehouse,
+            format!("quarantine row has bad {what}"),
+        )
+    };
+    Ok(QuarantinedRow {
+        id: get(r, "id")?,
+        tenant: tenant.to_string(),
+        run_id: get(r, "run_id")?,
+        pipeline: get(r, "pipeline")?,
+        entity: get(r, "entity")?,
+        status: QuarantineStatus::parse(&status).ok_or_else(|| bad("status"))?,
+        position: SourcePosition {
+            location: get(r, "location")?,
+            sheet: get(r, "sheet")?,
+            row: get::<i64>(r, "source_row")? as u64,
+        },
+        raw: serde_json::from_str(&raw).map_err(|e| bad("raw").with_source(e))?,
+        errors: errors.0,
+        created_at: get(r, "created_at")?,
+    })
+}
