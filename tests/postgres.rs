@@ -1,0 +1,500 @@
+//! The PostgreSQL warehouse against a real server: tenant isolation, the commit fence under
+//! racing runs, a connection killed mid-batch, encrypted secrets, and equality with the
+//! embedded SQLite warehouse.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use sluice_connectors::{BatchStream, HealthReport, ReadRequest, Source, SourceError, StreamInfo};
+use sluice_engine::finance::AgingSide;
+use sluice_engine::quarantine::QuarantineFilter;
+use sluice_engine::secrets::MasterKey;
+use sluice_engine::warehouse::{FaultHook, FaultPoint, PostgresWarehouse};
+use sluice_engine::{ErrorKind, RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_pipelines::{
+    PipelineErrorKind, PipelineSource, PipelineSpec, Quiet, RunOptions, run_pipeline,
+};
+use sqlx::{Connection, PgConnection};
+use support::messy_invoices;
+use support::pg::{MASTER_KEY_HEX, TestDb};
+
+fn master() -> MasterKey {
+    MasterKey::from_hex(MASTER_KEY_HEX).expect("key")
+}
+
+fn slug(s: &str) -> TenantSlug {
+    TenantSlug::parse(s).expect("slug")
+}
+
+fn pipeline(dir: &Path, tenant: &str, name: &str, csv: &str, batch_rows: usize) -> PipelineSpec {
+    let file = dir.join(format!("{tenant}-{name}.csv"));
+    std::fs::write(&file, csv).expect("csv");
+    let path = dir.join(format!("{tenant}-{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\ntenant = \"{tenant}\"\nentity = \"invoices\"\nbatch_rows = {batch_rows}\n[source]\nkind = \"csv\"\npath = \"{}\"\n",
+            file.file_name().and_then(|f| f.to_str()).expect("name")
+        ),
+    )
+    .expect("toml");
+    PipelineSpec::from_file(&path).expect("spec")
+}
+
+async fn warehouse_with(db: &TestDb, tenants: &[&str]) -> PostgresWarehouse {
+    let w = PostgresWarehouse::connect(&db.url).await.expect("connect");
+    for t in tenants {
+        w.create_tenant(&slug(t), t, &master())
+            .await
+            .expect("create tenant");
+    }
+    w
+}
+
+async fn sums(w: &impl Warehouse, tenant: &str) -> (usize, HashMap<String, Decimal>) {
+    let invoices = w.invoices(&slug(tenant)).await.expect("invoices");
+    let mut by = HashMap::new();
+    for i in &invoices {
+        *by.entry(i.currency.clone()).or_insert(Decimal::ZERO) += i.total;
+    }
+    (invoices.len(), by)
+}
+
+fn expected_sums(exp: &support::Expected) -> HashMap<String, Decimal> {
+    exp.sum_of_totals()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_other_whatever_the_names() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = warehouse_with(&db, &["alpha", "beta"]).await;
+    let header = "external_id,issue_date,due_date,currency,total,balance\n";
+    let a = pipeline(
+        dir.path(),
+        "alpha",
+        "invoices",
+        &format!(
+            "{header}A-1,2024-01-01,2024-01-31,USD,10.00,10.00\nA-2,2024-01-01,2024-01-31,USD,20.00,0\nBAD,2024-01-01,2023-01-01,USD,1.00,1.00\n"
+        ),
+        100,
+    );
+    let b = pipeline(
+        dir.path(),
+        "beta",
+        "invoices",
+        &format!("{header}B-1,2024-01-01,2024-01-31,EUR,99.00,99.00\n"),
+        100,
+    );
+    let ra = run_pipeline(
+        &a,
+        &PipelineSource::from_spec(&a.source),
+        &w,
+        &RunOptions::default(),
+        &Quiet,
+    )
+    .await
+    .expect("alpha");
+    let rb = run_pipeline(
+        &b,
+        &PipelineSource::from_spec(&b.source),
+        &w,
+        &RunOptions::default(),
+        &Quiet,
+    )
+    .await
+    .expect("beta");
+
+    let ids = |v: Vec<sluice_engine::entity::Invoice>| {
+        v.into_iter().map(|i| i.external_id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(w.invoices(&slug("alpha")).await.expect("a")),
+        ["A-1", "A-2"]
+    );
+    assert_eq!(ids(w.invoices(&slug("beta")).await.expect("b")), ["B-1"]);
+    assert_eq!(
+        w.quarantined(&slug("alpha"), &QuarantineFilter::default())
+            .await
+            .expect("q")
+            .len(),
+        1
+    );
+    assert!(
+        w.quarantined(&slug("beta"), &QuarantineFilter::default())
+            .await
+            .expect("q")
+            .is_empty()
+    );
+    assert!(
+        w.run(&slug("alpha"), &rb.ledger.run_id)
+            .await
+            .expect("lookup")
+            .is_none(),
+        "beta's run is invisible to alpha"
+    );
+    assert!(
+        w.run(&slug("beta"), &ra.ledger.run_id)
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    let aging = w
+        .aging(
+            &slug("alpha"),
+            AgingSide::Receivable,
+            "2024-06-30".parse().expect("date"),
+        )
+        .await
+        .expect("aging");
+    assert!(
+        !aging.currencies.contains_key("EUR"),
+        "beta's EUR invoice never reaches alpha's figures"
+    );
+
+    // Everything a tenant's data lives in is inside its own schema.
+    let mut conn = db.connect().await;
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_name IN ('invoices','quarantine','runs') ORDER BY 1, 2",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("catalog");
+    let schemas: Vec<&str> = tables.iter().map(|(s, _)| s.as_str()).collect();
+    assert!(
+        schemas
+            .iter()
+            .all(|s| *s == "tenant_alpha" || *s == "tenant_beta" || *s == "sluice"),
+        "{tables:?}"
+    );
+    assert_eq!(
+        tables.iter().filter(|(s, _)| s == "tenant_alpha").count(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn missing_tenants_and_hostile_names_are_rejected_and_create_nothing() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = warehouse_with(&db, &["acme"]).await;
+    let count_schemas = || async {
+        let mut conn = PgConnection::connect(&db.url).await.expect("conn");
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant_%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("count")
+    };
+    assert_eq!(count_schemas().await, 1);
+
+    let spec = pipeline(
+        dir.path(),
+        "ghost",
+        "invoices",
+        "external_id,issue_date,due_date,currency,total,balance\n",
+        10,
+    );
+    let err = run_pipeline(
+        &spec,
+        &PipelineSource::from_spec(&spec.source),
+        &w,
+        &RunOptions::default(),
+        &Quiet,
+    )
+    .await
+    .expect_err("no such tenant");
+    assert_eq!(err.kind(), PipelineErrorKind::Engine(ErrorKind::NotFound));
+    assert!(
+        err.message().contains("sluice tenant create ghost"),
+        "{err}"
+    );
+
+    for bad in [
+        "acme\"; DROP SCHEMA sluice; --",
+        "Acme",
+        "a b",
+        "tenant-x",
+        "x",
+    ] {
+        assert!(TenantSlug::parse(bad).is_err(), "{bad:?} accepted");
+    }
+    let err = w
+        .create_tenant(&slug("acme"), "again", &master())
+        .await
+        .expect_err("duplicate");
+    assert!(err.message().contains("already exists"));
+    let hostile = "name = \"x'; DROP TABLE invoices; --\"\ntenant = \"acme\"\nentity = \"invoices\"\n[source]\nkind = \"csv\"\npath = \"a.csv\"\n";
+    assert!(PipelineSpec::from_toml(hostile).is_err());
+    assert_eq!(count_schemas().await, 1, "nothing was created");
+    assert!(
+        w.migrate_all().await.expect("migrate").is_empty(),
+        "already at the latest version"
+    );
+}
+
+#[tokio::test]
+async fn pipeline_secrets_are_encrypted_at_rest() {
+    let db = TestDb::create().await;
+    let w = warehouse_with(&db, &["acme"]).await;
+    let spec = serde_json::json!({ "name": "erp", "source": { "kind": "postgres", "url": "postgres://erp@db/erp" } });
+    let mut secrets = serde_json::Map::new();
+    secrets.insert("password".into(), "correct-horse-battery-staple".into());
+    w.store_pipeline(&slug("acme"), "erp", &spec, &secrets, &master())
+        .await
+        .expect("store");
+
+    let mut conn = db.connect().await;
+    let (stored_spec, sealed): (String, Vec<u8>) = sqlx::query_as(
+        "SELECT spec::text, secrets FROM sluice.pipelines WHERE tenant = 'acme' AND name = 'erp'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("row");
+    assert!(!stored_spec.contains("correct-horse"));
+    assert!(
+        !sealed.windows(13).any(|w| w == b"correct-horse"),
+        "secret stored in clear"
+    );
+    let audit: String =
+        sqlx::query_scalar("SELECT string_agg(detail::text, ' ') FROM sluice.audit_log")
+            .fetch_one(&mut conn)
+            .await
+            .expect("audit");
+    assert!(
+        !audit.contains("correct-horse"),
+        "secret in the audit log: {audit}"
+    );
+
+    let (spec_back, secrets_back) = w
+        .load_pipeline(&slug("acme"), "erp", &master())
+        .await
+        .expect("load")
+        .expect("present");
+    assert_eq!(spec_back, spec);
+    assert_eq!(secrets_back["password"], "correct-horse-battery-staple");
+    let wrong = MasterKey::from_hex(&MASTER_KEY_HEX.replace('4', "5")).expect("key");
+    let err = w
+        .load_pipeline(&slug("acme"), "erp", &wrong)
+        .await
+        .expect_err("wrong master key");
+    assert!(!err.to_string().contains("correct-horse"));
+}
+
+/// A source that waits until every racer has read its stream state before yielding.
+struct Gated {
+    inner: PipelineSource,
+    gate: Arc<tokio::sync::Barrier>,
+}
+
+impl Source for Gated {
+    async fn streams(&self) -> Result<Vec<StreamInfo>, SourceError> {
+        self.inner.streams().await
+    }
+    async fn check(&self) -> Result<HealthReport, SourceError> {
+        self.inner.check().await
+    }
+    async fn read(&self, request: ReadRequest) -> Result<BatchStream, SourceError> {
+        self.gate.wait().await;
+        self.inner.read(request).await
+    }
+}
+
+#[tokio::test]
+async fn two_racing_runs_one_commits_the_other_stops_at_the_fence() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = warehouse_with(&db, &["acme"]).await;
+    let (csv, exp) = messy_invoices(6_000, 5);
+    let spec = pipeline(dir.path(), "acme", "race", &csv, 500);
+    let gate = Arc::new(tokio::sync::Barrier::new(2));
+    let a = Gated {
+        inner: PipelineSource::from_spec(&spec.source),
+        gate: gate.clone(),
+    };
+    let b = Gated {
+        inner: PipelineSource::from_spec(&spec.source),
+        gate,
+    };
+    let options = RunOptions::default();
+    let (ra, rb) = tokio::join!(
+        run_pipeline(&spec, &a, &w, &options, &Quiet),
+        run_pipeline(&spec, &b, &w, &options, &Quiet)
+    );
+    let (winner, loser) = match (ra, rb) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+        (Ok(_), Ok(_)) => panic!("both runs committed"),
+        (Err(a), Err(b)) => panic!("both runs failed: {a} / {b}"),
+    };
+    assert_eq!(
+        loser.kind(),
+        PipelineErrorKind::Engine(ErrorKind::Fenced),
+        "{loser}"
+    );
+    assert!(!loser.is_transient());
+    let lost = w
+        .run(&slug("acme"), loser.run_id().expect("id"))
+        .await
+        .expect("ledger")
+        .expect("recorded");
+    assert_eq!(lost.status, RunStatus::Failed);
+    assert_eq!(lost.counts.rows_read, 0, "the fenced run committed nothing");
+    assert_eq!(winner.ledger.counts.rows_read, exp.rows_read);
+    assert_eq!(winner.ledger.counts.inserted, exp.loaded);
+    let (n, s) = sums(&w, "acme").await;
+    assert_eq!(n as u64, exp.loaded);
+    assert_eq!(s, expected_sums(&exp));
+}
+
+#[tokio::test]
+async fn a_connection_killed_mid_batch_rolls_back_and_the_rerun_loses_nothing() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = db.url.clone();
+    let hook: FaultHook = Arc::new(move |p: FaultPoint| {
+        let url = url.clone();
+        Box::pin(async move {
+            if p.name == "after_copy" && p.commit == 3 {
+                let mut admin = PgConnection::connect(&url).await.expect("admin connection");
+                let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                    .bind(p.backend_pid)
+                    .fetch_one(&mut admin)
+                    .await
+                    .expect("terminate");
+            }
+        })
+    });
+    let w = warehouse_with(&db, &["acme"]).await.with_fault_hook(hook);
+    let (csv, exp) = messy_invoices(5_000, 17);
+    let spec = pipeline(dir.path(), "acme", "killed", &csv, 1000);
+    let source = PipelineSource::from_spec(&spec.source);
+
+    let err = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect_err("connection killed");
+    assert!(
+        err.is_transient(),
+        "a lost connection is worth retrying: {err}"
+    );
+    let failed = w
+        .run(&slug("acme"), err.run_id().expect("id"))
+        .await
+        .expect("ledger")
+        .expect("recorded");
+    assert_eq!(failed.status, RunStatus::Failed);
+    assert_eq!(
+        failed.counts.rows_read, 2000,
+        "batches 1-2 committed, batch 3 rolled back"
+    );
+    let (n, _) = sums(&w, "acme").await;
+    assert!(n < exp.loaded as usize);
+
+    let rerun = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect("rerun");
+    assert_eq!(
+        rerun.ledger.counts.rows_read,
+        exp.rows_read - 2000,
+        "resumed after batch 2"
+    );
+    let (n, s) = sums(&w, "acme").await;
+    assert_eq!(n as u64, exp.loaded);
+    assert_eq!(s, expected_sums(&exp));
+    let q = w
+        .quarantined(
+            &slug("acme"),
+            &QuarantineFilter {
+                limit: Some(10_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("q");
+    assert_eq!(q.len() as u64, exp.quarantined);
+}
+
+#[tokio::test]
+async fn sqlite_and_postgres_hold_identical_content_and_accounting() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let pg = warehouse_with(&db, &["acme"]).await;
+    let lite = SqliteWarehouse::new(dir.path().join("data"));
+    let (csv, _) = messy_invoices(7_000, 41);
+    let spec = pipeline(dir.path(), "acme", "same", &csv, 800);
+    let source = PipelineSource::from_spec(&spec.source);
+    for round in 0..2 {
+        let a = run_pipeline(&spec, &source, &lite, &RunOptions::default(), &Quiet)
+            .await
+            .expect("sqlite");
+        let b = run_pipeline(&spec, &source, &pg, &RunOptions::default(), &Quiet)
+            .await
+            .expect("postgres");
+        assert_eq!(a.ledger.counts, b.ledger.counts, "round {round}");
+        assert_eq!(a.ledger.rules_hash, b.ledger.rules_hash);
+    }
+    let bills =
+        PipelineSpec::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bills.toml"))
+            .expect("bills");
+    let bills_source = PipelineSource::from_spec(&bills.source);
+    let a = run_pipeline(&bills, &bills_source, &lite, &RunOptions::default(), &Quiet)
+        .await
+        .expect("sqlite bills");
+    let b = run_pipeline(&bills, &bills_source, &pg, &RunOptions::default(), &Quiet)
+        .await
+        .expect("pg bills");
+    assert_eq!(a.ledger.counts, b.ledger.counts);
+
+    let t = slug("acme");
+    assert_eq!(
+        lite.invoices(&t).await.expect("l"),
+        pg.invoices(&t).await.expect("p")
+    );
+    assert_eq!(
+        lite.bills(&t).await.expect("l"),
+        pg.bills(&t).await.expect("p")
+    );
+    let q = |rows: Vec<sluice_engine::quarantine::QuarantinedRow>| {
+        let mut v: Vec<(String, u64, String, String)> = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.pipeline,
+                    r.position.row,
+                    serde_json::to_string(&r.raw).unwrap_or_default(),
+                    serde_json::to_string(&r.errors).unwrap_or_default(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let all = QuarantineFilter {
+        limit: Some(100_000),
+        ..Default::default()
+    };
+    assert_eq!(
+        q(lite.quarantined(&t, &all).await.expect("l")),
+        q(pg.quarantined(&t, &all).await.expect("p"))
+    );
+    for as_of in ["2024-02-15", "2024-06-30"] {
+        let d = as_of.parse().expect("date");
+        for side in [AgingSide::Receivable, AgingSide::Payable] {
+            let (l, p) = (
+                lite.aging(&t, side, d).await.expect("l"),
+                pg.aging(&t, side, d).await.expect("p"),
+            );
+            assert_eq!(
+                serde_json::to_string(&l).expect("json"),
+                serde_json::to_string(&p).expect("json")
+            );
+        }
+    }
+}
