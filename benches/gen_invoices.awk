@@ -1,10 +1,12 @@
 # Generates N invoice rows with canonical column names: awk -v n=1000000 -f gen_invoices.awk
-# About 1% of rows are bad (balance above total) and 2% repeat the previous id.
+# About 1% of rows are bad (balance above total) and 2% repeat the previous id
+# (-v dups=0: none repeat, so a plain COPY into a table with a primary key accepts the file).
 BEGIN {
+    if (dups == "") dups = 1
     print "external_id,doc_number,customer_id,customer_name,issue_date,due_date,currency,total,balance,status,kind,updated_at"
     split("USD EUR GBP", cur, " ")
     for (i = 0; i < n; i++) {
-        id = (i % 50 == 49) ? i - 1 : i
+        id = (dups && i % 50 == 49) ? i - 1 : i
         day = 1 + (i % 28)
         total = 100 + (i * 37) % 100000
         balance = (i % 100 == 7) ? total + 10 : int(total / 2)

@@ -1,6 +1,8 @@
 //! The `sluice` binary as a user meets it: the README's example, `--json` output, exit
 //! codes and messages, quarantine and finance commands.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -265,4 +267,83 @@ fn every_command_has_help_with_an_example() {
             "{args:?} help has no example:\n{text}"
         );
     }
+}
+
+#[test]
+fn an_unreachable_postgres_is_a_clear_retryable_failure_that_never_prints_the_password() {
+    let data = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "--database-url",
+            "postgres://sluice:s3cret-pw@127.0.0.1:1/nowhere",
+            "sync",
+        ])
+        .arg(example("invoices.toml"))
+        .env("SLUICE_DATA_DIR", data.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("warehouse unavailable"), "{all}");
+    assert!(!all.contains("s3cret-pw"), "password leaked: {all}");
+}
+
+#[tokio::test]
+async fn postgres_flow_from_the_command_line() {
+    let db = support::pg::TestDb::create().await;
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .env("SLUICE_DATABASE_URL", &db.url)
+            .env("SLUICE_MASTER_KEY", support::pg::MASTER_KEY_HEX)
+            .output()
+            .expect("run")
+    };
+    let before = run(&["sync", example("invoices.toml").to_str().expect("path")]);
+    assert!(!before.status.success());
+    assert!(
+        String::from_utf8_lossy(&before.stderr).contains("sluice migrate"),
+        "{}",
+        String::from_utf8_lossy(&before.stderr)
+    );
+    assert!(run(&["migrate"]).status.success());
+    let created = run(&["tenant", "create", "acme", "--name", "Acme Corp"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let listed = stdout_json(&run(&["tenant", "list", "--json"]));
+    assert_eq!(listed[0]["slug"], "acme");
+    assert_eq!(listed[0]["schema"], "tenant_acme");
+    let j = stdout_json(&run(&[
+        "sync",
+        example("invoices.toml").to_str().expect("path"),
+        "--json",
+    ]));
+    assert_eq!(
+        (
+            j["rows_read"].as_u64(),
+            j["inserted"].as_u64(),
+            j["quarantined"].as_u64(),
+            j["deduplicated"].as_u64()
+        ),
+        (Some(26), Some(16), Some(8), Some(2))
+    );
+    let aging = stdout_json(&run(&[
+        "finance",
+        "ar-aging",
+        "--tenant",
+        "acme",
+        "--as-of",
+        "2024-06-30",
+        "--json",
+    ]));
+    assert_eq!(aging["currencies"]["EUR"]["over_90"], "2000.00");
+    let q = stdout_json(&run(&["quarantine", "list", "--json"]));
+    assert_eq!(q.as_array().map(Vec::len), Some(8));
 }

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arrow_array::{
-    Array, BooleanArray, Date32Array, Decimal128Array, StringArray, TimestampMicrosecondArray,
+    Array, BooleanArray, Date32Array, Decimal128Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::future::BoxFuture;
@@ -490,17 +491,17 @@ fn copy_text(out: &mut Vec<u8>, value: &str) {
     }
 }
 
-/// The batch's rows to load as COPY text, in [`load_columns`] order.
+/// The selected rows (row index, fingerprint) as COPY text, in [`load_columns`] order.
 fn copy_rows(
     entity: Entity,
-    batch: &LoadBatch,
+    rows: &RecordBatch,
+    selection: &[(u32, u128)],
     source: &str,
     loaded_at: &str,
     run_id: &str,
 ) -> Vec<u8> {
     use std::io::Write as _;
-    let rows = &batch.rows;
-    let mut out = Vec::with_capacity(batch.load.len() * 200);
+    let mut out = Vec::with_capacity(selection.len() * 200);
     enum Col<'a> {
         Text(&'a StringArray),
         Date(&'a Date32Array),
@@ -521,7 +522,7 @@ fn copy_rows(
             FieldKind::Flag => Col::Flag(flags(rows, f.name)),
         })
         .collect();
-    for (i, &row) in batch.load.iter().enumerate() {
+    for &(row, fingerprint) in selection {
         let row = row as usize;
         copy_text(&mut out, source);
         for col in &cols {
@@ -552,7 +553,7 @@ fn copy_rows(
         out.push(b'\t');
         copy_text(&mut out, run_id);
         out.extend_from_slice(b"\t\\\\x");
-        for b in batch.fingerprints[i].to_le_bytes() {
+        for b in fingerprint.to_le_bytes() {
             let _ = write!(out, "{b:02x}");
         }
         out.push(b'\n');
@@ -732,44 +733,100 @@ impl Warehouse for PostgresWarehouse {
             ..RowCounts::default()
         };
         if !batch.load.is_empty() {
-            let stage = quote_ident(&format!("sluice_stage_{}", entity.name()));
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-                table(tenant, entity.name())
+            let target = table(tenant, entity.name());
+            let ids = strings(&batch.rows, "external_id");
+            let keys: Vec<&str> = batch.load.iter().map(|&r| ids.value(r as usize)).collect();
+            // Keys the warehouse already holds go through staging and classification; new
+            // keys (the whole of a first load) are copied straight into the table. The fence
+            // above serialises writers of this pipeline, so no key can appear in between.
+            let existing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT external_id FROM {target} WHERE source = $1 AND external_id = ANY($2::text[])"
             )))
-            .execute(&mut *tx)
+            .bind(&scope.pipeline)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(db("creating the staging table"))?;
+            .map_err(db(format!("looking up existing {entity}")))?;
+            let existing: std::collections::HashSet<&str> =
+                existing.iter().map(String::as_str).collect();
+            let mut known: Vec<(u32, u128)> = Vec::with_capacity(existing.len());
+            let mut fresh: Vec<(u32, u128)> =
+                Vec::with_capacity(keys.len() - existing.len().min(keys.len()));
+            for ((&row, &fingerprint), key) in batch.load.iter().zip(&batch.fingerprints).zip(&keys)
+            {
+                if existing.contains(key) {
+                    known.push((row, fingerprint));
+                } else {
+                    fresh.push((row, fingerprint));
+                }
+            }
             let loaded_at = format_timestamp(Utc::now().timestamp_micros());
-            let data = copy_rows(entity, batch, &scope.pipeline, &loaded_at, &scope.run_id);
             let cols: Vec<String> = load_columns(entity)
                 .iter()
                 .map(|c| quote_ident(c))
                 .collect();
-            let mut copy = tx
-                .copy_in_raw(&format!(
-                    "COPY pg_temp.{stage} ({}) FROM STDIN",
-                    cols.join(", ")
-                ))
-                .await
-                .map_err(db("starting COPY"))?;
-            copy.send(data).await.map_err(db("sending rows"))?;
-            copy.finish().await.map_err(db("finishing COPY"))?;
-            self.fire("after_copy", &mut tx, commit).await?;
 
-            let fates = sqlx::query(AssertSqlSafe(classify_upsert_sql(tenant, entity)))
-                .bind(&scope.run_id)
-                .fetch_all(&mut *tx)
+            if !fresh.is_empty() {
+                let data = copy_rows(
+                    entity,
+                    &batch.rows,
+                    &fresh,
+                    &scope.pipeline,
+                    &loaded_at,
+                    &scope.run_id,
+                );
+                let mut copy = tx
+                    .copy_in_raw(&format!("COPY {target} ({}) FROM STDIN", cols.join(", ")))
+                    .await
+                    .map_err(db("starting COPY"))?;
+                copy.send(data).await.map_err(db("sending rows"))?;
+                copy.finish()
+                    .await
+                    .map_err(db(format!("copying new {entity}")))?;
+                counts.inserted += fresh.len() as u64;
+            }
+            if !known.is_empty() {
+                let stage = quote_ident(&format!("sluice_stage_{}", entity.name()));
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )))
+                .execute(&mut *tx)
                 .await
-                .map_err(db(format!("upserting {entity}")))?;
-            for r in fates {
-                let fate: String = r.try_get("fate").map_err(db("fate"))?;
-                let n = r.try_get::<i64, _>("n").map_err(db("count"))? as u64;
-                match fate.as_str() {
-                    "insert" => counts.inserted += n,
-                    "update" => counts.updated += n,
-                    "unchanged" => counts.unchanged += n,
-                    _ => counts.deduplicated += n,
+                .map_err(db("creating the staging table"))?;
+                let data = copy_rows(
+                    entity,
+                    &batch.rows,
+                    &known,
+                    &scope.pipeline,
+                    &loaded_at,
+                    &scope.run_id,
+                );
+                let mut copy = tx
+                    .copy_in_raw(&format!(
+                        "COPY pg_temp.{stage} ({}) FROM STDIN",
+                        cols.join(", ")
+                    ))
+                    .await
+                    .map_err(db("starting COPY"))?;
+                copy.send(data).await.map_err(db("sending rows"))?;
+                copy.finish().await.map_err(db("finishing COPY"))?;
+            }
+            self.fire("after_copy", &mut tx, commit).await?;
+            if !known.is_empty() {
+                let fates = sqlx::query(AssertSqlSafe(classify_upsert_sql(tenant, entity)))
+                    .bind(&scope.run_id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db(format!("upserting {entity}")))?;
+                for r in fates {
+                    let fate: String = r.try_get("fate").map_err(db("fate"))?;
+                    let n = r.try_get::<i64, _>("n").map_err(db("count"))? as u64;
+                    match fate.as_str() {
+                        "insert" => counts.inserted += n,
+                        "update" => counts.updated += n,
+                        "unchanged" => counts.unchanged += n,
+                        _ => counts.deduplicated += n,
+                    }
                 }
             }
         }
