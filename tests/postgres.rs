@@ -498,3 +498,69 @@ async fn sqlite_and_postgres_hold_identical_content_and_accounting() {
         }
     }
 }
+
+#[tokio::test]
+async fn amounts_dates_and_id_lists_survive_the_binary_copy_exactly() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let pg = warehouse_with(&db, &["acme"]).await;
+    let lite = SqliteWarehouse::new(dir.path().join("data"));
+    let amounts = [
+        "0",
+        "0.0001",
+        "0.01",
+        "1",
+        "9999.9999",
+        "10000",
+        "10000.0001",
+        "100000000",
+        "12345678901234.5678",
+        "99999999999999.9999",
+    ];
+    let mut csv =
+        String::from("external_id,issue_date,due_date,currency,total,balance,kind,updated_at\n");
+    for (i, a) in amounts.iter().enumerate() {
+        csv.push_str(&format!(
+            "A{i},1999-12-31,2000-01-01,JPY,{a},{a},credit_note,1969-07-20T20:17:40.123456Z\n"
+        ));
+    }
+    csv.push_str("LEAP,2024-02-29,2096-02-29,USD,5.00,0,invoice,2038-01-19T03:14:08Z\n");
+    let spec = pipeline(dir.path(), "acme", "amounts", &csv, 4);
+    let source = PipelineSource::from_spec(&spec.source);
+    run_pipeline(&spec, &source, &pg, &RunOptions::default(), &Quiet)
+        .await
+        .expect("pg");
+    run_pipeline(&spec, &source, &lite, &RunOptions::default(), &Quiet)
+        .await
+        .expect("sqlite");
+    let stored = pg.invoices(&slug("acme")).await.expect("invoices");
+    for (i, a) in amounts.iter().enumerate() {
+        let inv = stored
+            .iter()
+            .find(|x| x.external_id == format!("A{i}"))
+            .expect("row");
+        assert_eq!(inv.total, a.parse::<Decimal>().expect("decimal"), "A{i}");
+    }
+    assert_eq!(
+        stored,
+        lite.invoices(&slug("acme")).await.expect("sqlite invoices")
+    );
+
+    let payments = "external_id,direction,date,amount,currency,applied_to\nP1,in,2024-05-01,12.34,EUR,\"INV-1; INV-\"\"2\"\"\"\nP2,out,2024-05-02,0.0001,EUR,\n";
+    std::fs::write(dir.path().join("p.csv"), payments).expect("csv");
+    std::fs::write(dir.path().join("p.toml"), "name = \"pay\"\ntenant = \"acme\"\nentity = \"payments\"\n[source]\nkind = \"csv\"\npath = \"p.csv\"\n").expect("toml");
+    let pspec = PipelineSpec::from_file(&dir.path().join("p.toml")).expect("spec");
+    let psource = PipelineSource::from_spec(&pspec.source);
+    run_pipeline(&pspec, &psource, &pg, &RunOptions::default(), &Quiet)
+        .await
+        .expect("pg payments");
+    run_pipeline(&pspec, &psource, &lite, &RunOptions::default(), &Quiet)
+        .await
+        .expect("sqlite payments");
+    let p = pg.payments(&slug("acme")).await.expect("payments");
+    assert_eq!(p[0].applied_to, ["INV-1", "INV-\"2\""]);
+    assert_eq!(
+        p,
+        lite.payments(&slug("acme")).await.expect("sqlite payments")
+    );
+}

@@ -32,11 +32,10 @@ use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
-use crate::money::{MONEY_SCALE, display_decimal, units_to_decimal};
+use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
-use crate::time::{format_date, format_timestamp};
 use crate::validate::{dates, flags, money, strings, timestamps};
 
 const CONTROL_MIGRATIONS: &[(i32, &str)] = &[(
@@ -478,32 +477,72 @@ async fn audit(
     Ok(())
 }
 
-/// Appends `value` in COPY text format: backslash, tab, newline and carriage return escaped.
-fn copy_text(out: &mut Vec<u8>, value: &str) {
-    for b in value.bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
+/// Days from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_DAYS: i32 = 10_957;
+/// Microseconds from 1970-01-01 to 2000-01-01.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// PostgreSQL's binary `numeric` for an amount in units of 1/10000: base-10000 digits, the
+/// last of them the four decimals, so the value crosses the wire without any text parsing.
+fn put_numeric(out: &mut Vec<u8>, units: i128) {
+    let negative = units < 0;
+    let abs = units.unsigned_abs();
+    let mut int_digits: Vec<i16> = Vec::new();
+    let mut int = abs / 10_000;
+    while int > 0 {
+        int_digits.push((int % 10_000) as i16);
+        int /= 10_000;
+    }
+    int_digits.reverse();
+    let weight = int_digits.len() as i16 - 1;
+    let mut digits = int_digits;
+    digits.push((abs % 10_000) as i16);
+    while digits.last() == Some(&0) {
+        digits.pop();
+    }
+    let (weight, sign) = if digits.is_empty() {
+        (0, 0u16)
+    } else {
+        (weight, if negative { 0x4000 } else { 0 })
+    };
+    let len = 8 + 2 * digits.len();
+    out.extend_from_slice(&(len as i32).to_be_bytes());
+    out.extend_from_slice(&(digits.len() as i16).to_be_bytes());
+    out.extend_from_slice(&weight.to_be_bytes());
+    out.extend_from_slice(&sign.to_be_bytes());
+    out.extend_from_slice(&(MONEY_SCALE as u16).to_be_bytes());
+    for d in digits {
+        out.extend_from_slice(&d.to_be_bytes());
     }
 }
 
-/// The selected rows (row index, fingerprint) as COPY text, in [`load_columns`] order.
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_null(out: &mut Vec<u8>) {
+    out.extend_from_slice(&(-1i32).to_be_bytes());
+}
+
+fn put_instant(out: &mut Vec<u8>, micros: i64) {
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&(micros - PG_EPOCH_MICROS).to_be_bytes());
+}
+
+/// The selected rows (row index, fingerprint) in COPY binary format, in [`load_columns`]
+/// order: no text for the server to parse.
 fn copy_rows(
     entity: Entity,
     rows: &RecordBatch,
     selection: &[(u32, u128)],
     source: &str,
-    loaded_at: &str,
+    loaded_at_micros: i64,
     run_id: &str,
 ) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut out = Vec::with_capacity(selection.len() * 200);
     enum Col<'a> {
         Text(&'a StringArray),
+        Json(&'a StringArray),
         Date(&'a Date32Array),
         Instant(&'a TimestampMicrosecondArray),
         Money(&'a Decimal128Array),
@@ -513,51 +552,53 @@ fn copy_rows(
         .fields()
         .iter()
         .map(|f| match f.kind {
-            FieldKind::Text | FieldKind::Currency | FieldKind::Choice(_) | FieldKind::IdList => {
+            FieldKind::Text | FieldKind::Currency | FieldKind::Choice(_) => {
                 Col::Text(strings(rows, f.name))
             }
+            FieldKind::IdList => Col::Json(strings(rows, f.name)),
             FieldKind::Date => Col::Date(dates(rows, f.name)),
             FieldKind::Timestamp => Col::Instant(timestamps(rows, f.name)),
             FieldKind::Money => Col::Money(money(rows, f.name)),
             FieldKind::Flag => Col::Flag(flags(rows, f.name)),
         })
         .collect();
+    let width = (load_columns(entity).len()) as i16;
+    let mut out = Vec::with_capacity(19 + selection.len() * 220);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags
+    out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
     for &(row, fingerprint) in selection {
         let row = row as usize;
-        copy_text(&mut out, source);
+        out.extend_from_slice(&width.to_be_bytes());
+        put_bytes(&mut out, source.as_bytes());
         for col in &cols {
-            out.push(b'\t');
-            let valid = match col {
-                Col::Text(a) => a.is_valid(row),
-                Col::Date(a) => a.is_valid(row),
-                Col::Instant(a) => a.is_valid(row),
-                Col::Money(a) => a.is_valid(row),
-                Col::Flag(a) => a.is_valid(row),
-            };
-            if !valid {
-                out.extend_from_slice(b"\\N");
-                continue;
-            }
             match col {
-                Col::Text(a) => copy_text(&mut out, a.value(row)),
-                Col::Date(a) => out.extend_from_slice(format_date(a.value(row)).as_bytes()),
-                Col::Instant(a) => out.extend_from_slice(format_timestamp(a.value(row)).as_bytes()),
-                Col::Money(a) => {
-                    let _ = write!(out, "{}", units_to_decimal(a.value(row)));
+                Col::Text(a) if a.is_valid(row) => put_bytes(&mut out, a.value(row).as_bytes()),
+                Col::Json(a) if a.is_valid(row) => {
+                    let v = a.value(row).as_bytes();
+                    out.extend_from_slice(&(v.len() as i32 + 1).to_be_bytes());
+                    out.push(1); // jsonb binary format version
+                    out.extend_from_slice(v);
                 }
-                Col::Flag(a) => out.push(if a.value(row) { b't' } else { b'f' }),
+                Col::Date(a) if a.is_valid(row) => {
+                    out.extend_from_slice(&4i32.to_be_bytes());
+                    out.extend_from_slice(&(a.value(row) - PG_EPOCH_DAYS).to_be_bytes());
+                }
+                Col::Instant(a) if a.is_valid(row) => put_instant(&mut out, a.value(row)),
+                Col::Money(a) if a.is_valid(row) => put_numeric(&mut out, a.value(row)),
+                Col::Flag(a) if a.is_valid(row) => {
+                    out.extend_from_slice(&1i32.to_be_bytes());
+                    out.push(u8::from(a.value(row)));
+                }
+                _ => put_null(&mut out),
             }
         }
-        out.extend_from_slice(b"\t\\N\t");
-        out.extend_from_slice(loaded_at.as_bytes());
-        out.push(b'\t');
-        copy_text(&mut out, run_id);
-        out.extend_from_slice(b"\t\\\\x");
-        for b in fingerprint.to_le_bytes() {
-            let _ = write!(out, "{b:02x}");
-        }
-        out.push(b'\n');
+        put_null(&mut out); // deleted_at
+        put_instant(&mut out, loaded_at_micros);
+        put_bytes(&mut out, run_id.as_bytes());
+        put_bytes(&mut out, &fingerprint.to_le_bytes());
     }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
     out
 }
 
@@ -736,35 +777,84 @@ impl Warehouse for PostgresWarehouse {
             let target = table(tenant, entity.name());
             let ids = strings(&batch.rows, "external_id");
             let keys: Vec<&str> = batch.load.iter().map(|&r| ids.value(r as usize)).collect();
-            // Keys the warehouse already holds go through staging and classification; new
-            // keys (the whole of a first load) are copied straight into the table. The fence
-            // above serialises writers of this pipeline, so no key can appear in between.
-            let existing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT external_id FROM {target} WHERE source = $1 AND external_id = ANY($2::text[])"
-            )))
-            .bind(&scope.pipeline)
-            .bind(&keys)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db(format!("looking up existing {entity}")))?;
-            let existing: std::collections::HashSet<&str> =
-                existing.iter().map(String::as_str).collect();
-            let mut known: Vec<(u32, u128)> = Vec::with_capacity(existing.len());
-            let mut fresh: Vec<(u32, u128)> =
-                Vec::with_capacity(keys.len() - existing.len().min(keys.len()));
-            for ((&row, &fingerprint), key) in batch.load.iter().zip(&batch.fingerprints).zip(&keys)
-            {
-                if existing.contains(key) {
-                    known.push((row, fingerprint));
-                } else {
-                    fresh.push((row, fingerprint));
-                }
-            }
-            let loaded_at = format_timestamp(Utc::now().timestamp_micros());
+            let loaded_at = Utc::now().timestamp_micros();
             let cols: Vec<String> = load_columns(entity)
                 .iter()
                 .map(|c| quote_ident(c))
                 .collect();
+            let copy_target = format!(
+                "COPY {target} ({}) FROM STDIN (FORMAT binary)",
+                cols.join(", ")
+            );
+            let all: Vec<(u32, u128)> = batch
+                .load
+                .iter()
+                .copied()
+                .zip(batch.fingerprints.iter().copied())
+                .collect();
+
+            // A batch of only new keys (the whole of a first load) is copied straight into
+            // the table. Optimistically, when its first key is new: a key that turns out to
+            // exist aborts the COPY with a unique violation, rolled back to a savepoint, and
+            // the batch takes the classifying path below. The fence serialises writers of
+            // this pipeline, so no key appears between the check and the write.
+            let first_is_new: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM {target} WHERE source = $1 AND external_id = $2)"
+            )))
+            .bind(&scope.pipeline)
+            .bind(keys[0])
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(format!("looking up existing {entity}")))?;
+            let mut copied_all = false;
+            if first_is_new {
+                sqlx::raw_sql("SAVEPOINT sluice_fresh")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("savepoint"))?;
+                let data = copy_rows(
+                    entity,
+                    &batch.rows,
+                    &all,
+                    &scope.pipeline,
+                    loaded_at,
+                    &scope.run_id,
+                );
+                match copy_in(&mut tx, &copy_target, data).await {
+                    Ok(()) => copied_all = true,
+                    Err(e) if is_unique_violation(&e) => {
+                        sqlx::raw_sql("ROLLBACK TO SAVEPOINT sluice_fresh")
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db("rolling back to the savepoint"))?;
+                    }
+                    Err(e) => {
+                        return Err(EngineError::from_sqlx(format!("copying new {entity}"), e));
+                    }
+                }
+            }
+            let (known, fresh) = if copied_all {
+                counts.inserted += all.len() as u64;
+                (Vec::new(), Vec::new())
+            } else {
+                // Keys the warehouse already holds go through staging and classification;
+                // the others are copied straight in.
+                let existing: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT external_id FROM {target} WHERE source = $1 AND external_id = ANY($2::text[])"
+                )))
+                .bind(&scope.pipeline)
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(format!("looking up existing {entity}")))?;
+                let existing: std::collections::HashSet<&str> =
+                    existing.iter().map(String::as_str).collect();
+                all.iter()
+                    .zip(&keys)
+                    .partition::<Vec<_>, _>(|(_, key)| existing.contains(**key))
+            };
+            let known: Vec<(u32, u128)> = known.into_iter().map(|(pair, _)| *pair).collect();
+            let fresh: Vec<(u32, u128)> = fresh.into_iter().map(|(pair, _)| *pair).collect();
 
             if !fresh.is_empty() {
                 let data = copy_rows(
@@ -772,15 +862,10 @@ impl Warehouse for PostgresWarehouse {
                     &batch.rows,
                     &fresh,
                     &scope.pipeline,
-                    &loaded_at,
+                    loaded_at,
                     &scope.run_id,
                 );
-                let mut copy = tx
-                    .copy_in_raw(&format!("COPY {target} ({}) FROM STDIN", cols.join(", ")))
-                    .await
-                    .map_err(db("starting COPY"))?;
-                copy.send(data).await.map_err(db("sending rows"))?;
-                copy.finish()
+                copy_in(&mut tx, &copy_target, data)
                     .await
                     .map_err(db(format!("copying new {entity}")))?;
                 counts.inserted += fresh.len() as u64;
@@ -798,12 +883,12 @@ impl Warehouse for PostgresWarehouse {
                     &batch.rows,
                     &known,
                     &scope.pipeline,
-                    &loaded_at,
+                    loaded_at,
                     &scope.run_id,
                 );
                 let mut copy = tx
                     .copy_in_raw(&format!(
-                        "COPY pg_temp.{stage} ({}) FROM STDIN",
+                        "COPY pg_temp.{stage} ({}) FROM STDIN (FORMAT binary)",
                         cols.join(", ")
                     ))
                     .await
@@ -1117,6 +1202,20 @@ impl Warehouse for PostgresWarehouse {
             })
             .collect()
     }
+}
+
+async fn copy_in(
+    tx: &mut Transaction<'static, Postgres>,
+    statement: &str,
+    data: Vec<u8>,
+) -> std::result::Result<(), sqlx::Error> {
+    let mut copy = tx.copy_in_raw(statement).await?;
+    copy.send(data).await?;
+    copy.finish().await.map(|_| ())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
 async fn fence(
