@@ -5,12 +5,11 @@
 
 use std::collections::HashMap;
 
-use arrow_array::{
-    Array, BooleanArray, Date32Array, Decimal128Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
-};
+use arrow_array::{Array, RecordBatch};
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::columns::{CanonicalColumn, canonical_columns};
+use crate::entity::Entity;
 use crate::validate::{strings, timestamps};
 
 /// Which rows of a batch go on to the load, and how many collapsed into them.
@@ -56,74 +55,37 @@ pub fn dedupe_batch(batch: &RecordBatch, rejected: &[bool]) -> Deduplicated {
 
 /// A 128-bit fingerprint of each listed row's canonical values, so the load can tell an
 /// unchanged row from a changed one without comparing every column.
-pub fn row_fingerprints(batch: &RecordBatch, rows: &[u32]) -> Vec<u128> {
-    let columns: Vec<ColumnView<'_>> = batch.columns().iter().map(|c| ColumnView::of(c)).collect();
+pub fn row_fingerprints(entity: Entity, batch: &RecordBatch, rows: &[u32]) -> Vec<u128> {
+    let columns = canonical_columns(entity, batch);
     let mut buf = Vec::with_capacity(256);
     rows.iter()
         .map(|&row| {
             buf.clear();
-            for c in &columns {
-                c.write(row as usize, &mut buf);
+            for (_, c) in &columns {
+                write_cell(c, row as usize, &mut buf);
             }
             xxh3_128(&buf)
         })
         .collect()
 }
 
-enum ColumnView<'a> {
-    Text(&'a StringArray),
-    Date(&'a Date32Array),
-    Instant(&'a TimestampMicrosecondArray),
-    Money(&'a Decimal128Array),
-    Flag(&'a BooleanArray),
-    Other,
-}
-
-impl<'a> ColumnView<'a> {
-    fn of(array: &'a dyn Array) -> Self {
-        let any = array.as_any();
-        if let Some(a) = any.downcast_ref::<StringArray>() {
-            ColumnView::Text(a)
-        } else if let Some(a) = any.downcast_ref::<Date32Array>() {
-            ColumnView::Date(a)
-        } else if let Some(a) = any.downcast_ref::<TimestampMicrosecondArray>() {
-            ColumnView::Instant(a)
-        } else if let Some(a) = any.downcast_ref::<Decimal128Array>() {
-            ColumnView::Money(a)
-        } else if let Some(a) = any.downcast_ref::<BooleanArray>() {
-            ColumnView::Flag(a)
-        } else {
-            ColumnView::Other
-        }
+/// Appends a self-delimiting encoding of the cell: a null and an empty string differ, and
+/// adjacent cells cannot run into each other.
+fn write_cell(column: &CanonicalColumn<'_>, row: usize, buf: &mut Vec<u8>) {
+    if !column.is_valid(row) {
+        buf.push(0);
+        return;
     }
-
-    /// Appends a self-delimiting encoding of the cell: a null and an empty string differ,
-    /// and adjacent cells cannot run into each other.
-    fn write(&self, row: usize, buf: &mut Vec<u8>) {
-        let valid = match self {
-            ColumnView::Text(a) => a.is_valid(row),
-            ColumnView::Date(a) => a.is_valid(row),
-            ColumnView::Instant(a) => a.is_valid(row),
-            ColumnView::Money(a) => a.is_valid(row),
-            ColumnView::Flag(a) => a.is_valid(row),
-            ColumnView::Other => false,
-        };
-        if !valid {
-            buf.push(0);
-            return;
+    buf.push(1);
+    match column {
+        CanonicalColumn::Text(a) => {
+            let v = a.value(row).as_bytes();
+            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            buf.extend_from_slice(v);
         }
-        buf.push(1);
-        match self {
-            ColumnView::Text(a) => {
-                let v = a.value(row).as_bytes();
-                buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                buf.extend_from_slice(v);
-            }
-            ColumnView::Date(a) => buf.extend_from_slice(&a.value(row).to_le_bytes()),
-            ColumnView::Instant(a) => buf.extend_from_slice(&a.value(row).to_le_bytes()),
-            ColumnView::Money(a) => buf.extend_from_slice(&a.value(row).to_le_bytes()),
-            ColumnView::Flag(a) => buf.push(u8::from(a.value(row))),
-            ColumnView::Other => {}
-        }
+        CanonicalColumn::Date(a) => buf.extend_from_slice(&a.value(row).to_le_bytes()),
+        CanonicalColumn::Instant(a) => buf.extend_from_slice(&a.value(row).to_le_bytes()),
+        CanonicalColumn::Money(a) => buf.extend_from_slice(&a.value(row).to_le_bytes()),
+        CanonicalColumn::Flag(a) => buf.push(u8::from(a.value(row))),
     }
 }

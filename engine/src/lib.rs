@@ -5,6 +5,7 @@
 //! The engine never talks to a source and never drops a row: a row is loaded, quarantined
 //! or counted as a duplicate, and the ledger proves which.
 
+pub mod columns;
 pub mod currency;
 pub mod dedupe;
 pub mod entity;

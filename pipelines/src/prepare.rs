@@ -24,7 +24,7 @@ pub fn prepare_batch(
     rules.validate(&mapped.rows, &mut mapped.issues);
     let rejected: Vec<bool> = mapped.issues.iter().map(|i| !i.is_empty()).collect();
     let kept = dedupe_batch(&mapped.rows, &rejected);
-    let fingerprints = row_fingerprints(&mapped.rows, &kept.winners);
+    let fingerprints = row_fingerprints(entity, &mapped.rows, &kept.winners);
 
     let position = |row: u64| SourcePosition {
         location: batch.location.clone(),

@@ -13,10 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arrow_array::{
-    Array, BooleanArray, Date32Array, Decimal128Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
-};
+use arrow_array::RecordBatch;
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::future::BoxFuture;
 use rust_decimal::Decimal;
@@ -28,6 +25,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 use super::{
     BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
 };
+use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
@@ -36,7 +34,7 @@ use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
-use crate::validate::{dates, flags, money, strings, timestamps};
+use crate::validate::strings;
 
 const CONTROL_MIGRATIONS: &[(i32, &str)] = &[(
     1,
@@ -540,28 +538,7 @@ fn copy_rows(
     loaded_at_micros: i64,
     run_id: &str,
 ) -> Vec<u8> {
-    enum Col<'a> {
-        Text(&'a StringArray),
-        Json(&'a StringArray),
-        Date(&'a Date32Array),
-        Instant(&'a TimestampMicrosecondArray),
-        Money(&'a Decimal128Array),
-        Flag(&'a BooleanArray),
-    }
-    let cols: Vec<Col<'_>> = entity
-        .fields()
-        .iter()
-        .map(|f| match f.kind {
-            FieldKind::Text | FieldKind::Currency | FieldKind::Choice(_) => {
-                Col::Text(strings(rows, f.name))
-            }
-            FieldKind::IdList => Col::Json(strings(rows, f.name)),
-            FieldKind::Date => Col::Date(dates(rows, f.name)),
-            FieldKind::Timestamp => Col::Instant(timestamps(rows, f.name)),
-            FieldKind::Money => Col::Money(money(rows, f.name)),
-            FieldKind::Flag => Col::Flag(flags(rows, f.name)),
-        })
-        .collect();
+    let cols = canonical_columns(entity, rows);
     let width = (load_columns(entity).len()) as i16;
     let mut out = Vec::with_capacity(19 + selection.len() * 220);
     out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
@@ -571,26 +548,29 @@ fn copy_rows(
         let row = row as usize;
         out.extend_from_slice(&width.to_be_bytes());
         put_bytes(&mut out, source.as_bytes());
-        for col in &cols {
+        for (kind, col) in &cols {
+            if !col.is_valid(row) {
+                put_null(&mut out);
+                continue;
+            }
             match col {
-                Col::Text(a) if a.is_valid(row) => put_bytes(&mut out, a.value(row).as_bytes()),
-                Col::Json(a) if a.is_valid(row) => {
+                CanonicalColumn::Text(a) if *kind == FieldKind::IdList => {
                     let v = a.value(row).as_bytes();
                     out.extend_from_slice(&(v.len() as i32 + 1).to_be_bytes());
                     out.push(1); // jsonb binary format version
                     out.extend_from_slice(v);
                 }
-                Col::Date(a) if a.is_valid(row) => {
+                CanonicalColumn::Text(a) => put_bytes(&mut out, a.value(row).as_bytes()),
+                CanonicalColumn::Date(a) => {
                     out.extend_from_slice(&4i32.to_be_bytes());
                     out.extend_from_slice(&(a.value(row) - PG_EPOCH_DAYS).to_be_bytes());
                 }
-                Col::Instant(a) if a.is_valid(row) => put_instant(&mut out, a.value(row)),
-                Col::Money(a) if a.is_valid(row) => put_numeric(&mut out, a.value(row)),
-                Col::Flag(a) if a.is_valid(row) => {
+                CanonicalColumn::Instant(a) => put_instant(&mut out, a.value(row)),
+                CanonicalColumn::Money(a) => put_numeric(&mut out, a.value(row)),
+                CanonicalColumn::Flag(a) => {
                     out.extend_from_slice(&1i32.to_be_bytes());
                     out.push(u8::from(a.value(row)));
                 }
-                _ => put_null(&mut out),
             }
         }
         put_null(&mut out); // deleted_at

@@ -9,10 +9,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arrow_array::{
-    Array, BooleanArray, Date32Array, Decimal128Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
-};
+use arrow_array::Array;
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -26,6 +23,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use super::{
     BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
 };
+use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
@@ -34,7 +32,7 @@ use crate::money::display_decimal;
 use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
 use crate::tenant::TenantSlug;
 use crate::time::{format_date, format_timestamp};
-use crate::validate::{dates, flags, money, strings, timestamps};
+use crate::validate::{strings, timestamps};
 
 /// Tenant schema migrations, applied in order; each tenant file records its own version.
 const MIGRATIONS: &[(i64, &str)] = &[(
@@ -408,13 +406,13 @@ impl Warehouse for SqliteWarehouse {
         }
 
         let loaded_at = now_text();
-        let columns = LoadColumns::of(entity, &batch.rows);
+        let columns = canonical_columns(entity, &batch.rows);
         for chunk in to_write.chunks(ROWS_PER_STATEMENT) {
             let sql = self.upsert_statement(entity, chunk.len());
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for (row, hash) in chunk {
                 q = q.bind(scope.pipeline.clone());
-                q = columns.bind_row(q, *row as usize);
+                q = bind_fields(q, &columns, *row as usize);
                 q = q
                     .bind(loaded_at.clone())
                     .bind(scope.run_id.clone())
@@ -767,52 +765,24 @@ async fn add_to_ledger(
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
-/// A batch's canonical columns, resolved once, in load order.
-struct LoadColumns<'a>(Vec<LoadColumn<'a>>);
-
-enum LoadColumn<'a> {
-    Text(&'a StringArray),
-    Date(&'a Date32Array),
-    Instant(&'a TimestampMicrosecondArray),
-    Money(&'a Decimal128Array),
-    Flag(&'a BooleanArray),
-}
-
-impl<'a> LoadColumns<'a> {
-    fn of(entity: Entity, batch: &'a RecordBatch) -> Self {
-        LoadColumns(
-            entity
-                .fields()
-                .iter()
-                .map(|spec| match spec.kind {
-                    FieldKind::Text
-                    | FieldKind::Currency
-                    | FieldKind::Choice(_)
-                    | FieldKind::IdList => LoadColumn::Text(strings(batch, spec.name)),
-                    FieldKind::Date => LoadColumn::Date(dates(batch, spec.name)),
-                    FieldKind::Timestamp => LoadColumn::Instant(timestamps(batch, spec.name)),
-                    FieldKind::Money => LoadColumn::Money(money(batch, spec.name)),
-                    FieldKind::Flag => LoadColumn::Flag(flags(batch, spec.name)),
-                })
-                .collect(),
-        )
+/// Binds one row's canonical values, in field order.
+fn bind_fields<'q>(
+    mut q: SqliteQuery<'q>,
+    columns: &[(FieldKind, CanonicalColumn<'_>)],
+    row: usize,
+) -> SqliteQuery<'q> {
+    for (_, column) in columns {
+        let valid = column.is_valid(row);
+        q = match column {
+            CanonicalColumn::Text(a) => q.bind(valid.then(|| a.value(row).to_string())),
+            CanonicalColumn::Date(a) => q.bind(valid.then(|| format_date(a.value(row)))),
+            CanonicalColumn::Instant(a) => q.bind(valid.then(|| format_timestamp(a.value(row)))),
+            // Amounts are bounded to 18 digits by the map stage, so they fit an i64.
+            CanonicalColumn::Money(a) => q.bind(valid.then(|| a.value(row) as i64)),
+            CanonicalColumn::Flag(a) => q.bind(valid.then(|| a.value(row))),
+        };
     }
-
-    fn bind_row<'q>(&self, mut q: SqliteQuery<'q>, row: usize) -> SqliteQuery<'q> {
-        for column in &self.0 {
-            q = match column {
-                LoadColumn::Text(a) => q.bind(a.is_valid(row).then(|| a.value(row).to_string())),
-                LoadColumn::Date(a) => q.bind(a.is_valid(row).then(|| format_date(a.value(row)))),
-                LoadColumn::Instant(a) => {
-                    q.bind(a.is_valid(row).then(|| format_timestamp(a.value(row))))
-                }
-                // Amounts are bounded to 18 digits by the map stage, so they fit an i64.
-                LoadColumn::Money(a) => q.bind(a.is_valid(row).then(|| a.value(row) as i64)),
-                LoadColumn::Flag(a) => q.bind(a.is_valid(row).then(|| a.value(row))),
-            };
-        }
-        q
-    }
+    q
 }
 
 fn get<T>(row: &SqliteRow, col: &str) -> Result<T>
