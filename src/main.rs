@@ -339,7 +339,7 @@ impl RunObserver for Progress {
 
 async fn sync<W: Warehouse>(warehouse: &W, args: &SyncArgs) -> Result<ExitCode> {
     let spec = PipelineSpec::from_file(&args.pipeline)?;
-    let source = PipelineSource::from_spec(&spec.source);
+    let source = PipelineSource::from_spec(&spec.source)?;
     let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
     let result = run_pipeline(&spec, &source, warehouse, &RunOptions::default(), &progress).await;
     progress.finish();

@@ -3,6 +3,7 @@
 pub mod error;
 pub mod file;
 mod source;
+pub mod sql;
 
 pub use error::{SourceError, SourceErrorKind};
 pub use source::{

@@ -96,6 +96,26 @@ impl SourceBatch {
 /// The batches of one read, in source order. Ends after the last batch or at the first error.
 pub type BatchStream = Pin<Box<dyn Stream<Item = Result<SourceBatch, SourceError>> + Send>>;
 
+/// The receiving end of a reader task or thread, as a [`BatchStream`].
+struct ChannelStream(tokio::sync::mpsc::Receiver<Result<SourceBatch, SourceError>>);
+
+impl Stream for ChannelStream {
+    type Item = Result<SourceBatch, SourceError>;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Wraps a channel fed by a reader as a [`BatchStream`].
+pub(crate) fn channel_stream(
+    rx: tokio::sync::mpsc::Receiver<Result<SourceBatch, SourceError>>,
+) -> BatchStream {
+    Box::pin(ChannelStream(rx))
+}
+
 /// A place finance records are read from.
 ///
 /// Contract:

@@ -80,9 +80,9 @@ impl Mapper {
             };
             if let Origin::Column(i) = origin {
                 let ty = schema.field(i).data_type();
-                if !matches!(ty, DataType::Utf8) {
+                if !readable_type(ty) {
                     return Err(config(format!(
-                        "source column {:?} (for {}) is {ty}; the map stage reads text columns",
+                        "source column {:?} (for {}) is {ty}, which the map stage does not read",
                         columns[i], spec.name
                     )));
                 }
@@ -115,8 +115,20 @@ impl Mapper {
         let fields = self.entity.fields();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(fields.len());
         for (spec, origin) in fields.iter().zip(&self.origins) {
+            // Typed source columns (SQL sources) are rendered as exact text once per batch
+            // and parsed like any other cell, so every source obeys the same rules.
+            let rendered;
             let source = match origin {
-                Origin::Column(i) => records.column(*i).as_any().downcast_ref::<StringArray>(),
+                Origin::Column(i) => {
+                    let column = records.column(*i);
+                    match column.as_any().downcast_ref::<StringArray>() {
+                        Some(text) => Some(text),
+                        None => {
+                            rendered = text_column(column.as_ref());
+                            Some(&rendered)
+                        }
+                    }
+                }
                 Origin::Absent => None,
             };
             columns.push(self.map_column(spec, source, n, &mut issues));
@@ -284,6 +296,65 @@ impl Mapper {
             }
         }
     }
+}
+
+fn readable_type(ty: &DataType) -> bool {
+    matches!(
+        ty,
+        DataType::Utf8
+            | DataType::Int64
+            | DataType::Decimal128(_, _)
+            | DataType::Date32
+            | DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, _)
+            | DataType::Boolean
+    )
+}
+
+/// A typed cell as exact text: integers and decimals as written, dates as `YYYY-MM-DD`,
+/// instants as RFC 3339 UTC, booleans as `true`/`false`. `None` for a null or a type the
+/// map stage does not read.
+pub fn cell_text(array: &dyn Array, row: usize) -> Option<String> {
+    use arrow_array::{
+        BooleanArray, Date32Array, Decimal128Array, Int64Array, TimestampMicrosecondArray,
+    };
+    if array.is_null(row) {
+        return None;
+    }
+    let any = array.as_any();
+    if let Some(a) = any.downcast_ref::<StringArray>() {
+        Some(a.value(row).to_string())
+    } else if let Some(a) = any.downcast_ref::<Int64Array>() {
+        Some(a.value(row).to_string())
+    } else if let Some(a) = any.downcast_ref::<Decimal128Array>() {
+        Some(decimal_text(a.value(row), a.scale()))
+    } else if let Some(a) = any.downcast_ref::<Date32Array>() {
+        Some(sluice_engine::time::format_date(a.value(row)))
+    } else if let Some(a) = any.downcast_ref::<TimestampMicrosecondArray>() {
+        Some(sluice_engine::time::format_timestamp(a.value(row)))
+    } else {
+        any.downcast_ref::<BooleanArray>()
+            .map(|a| a.value(row).to_string())
+    }
+}
+
+/// An unscaled integer with `scale` decimals, as exact text (`12345`, 2 -> `123.45`).
+fn decimal_text(value: i128, scale: i8) -> String {
+    if scale <= 0 {
+        return format!("{value}{}", "0".repeat(scale.unsigned_abs() as usize));
+    }
+    let digits = value.unsigned_abs().to_string();
+    let scale = scale as usize;
+    let padded = if digits.len() <= scale {
+        format!("{}{digits}", "0".repeat(scale + 1 - digits.len()))
+    } else {
+        digits
+    };
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    format!("{}{int}.{frac}", if value < 0 { "-" } else { "" })
+}
+
+fn text_column(array: &dyn Array) -> StringArray {
+    (0..array.len()).map(|row| cell_text(array, row)).collect()
 }
 
 #[allow(clippy::panic)]
@@ -499,6 +570,14 @@ mod tests {
         );
         assert_eq!(out.issues[1][0].value.as_deref(), Some("bad"));
         assert_eq!(out.issues[2][0].rule, "decimal_format");
+    }
+
+    #[test]
+    fn decimals_render_exactly() {
+        assert_eq!(decimal_text(12345, 2), "123.45");
+        assert_eq!(decimal_text(-5, 3), "-0.005");
+        assert_eq!(decimal_text(7, 0), "7");
+        assert_eq!(decimal_text(0, 4), "0.0000");
     }
 
     #[test]

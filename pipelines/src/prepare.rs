@@ -1,7 +1,7 @@
 //! Map, validate and dedupe one source batch into a [`LoadBatch`]: the CPU-bound part of a
 //! run, kept free of I/O so it runs on a blocking thread and benchmarks in isolation.
 
-use arrow_array::{Array, RecordBatch, StringArray};
+use arrow_array::RecordBatch;
 use serde_json::{Map, Value};
 use sluice_connectors::SourceBatch;
 use sluice_engine::dedupe::{dedupe_batch, row_fingerprints};
@@ -67,11 +67,7 @@ fn raw_values(records: &RecordBatch, row: usize) -> Map<String, Value> {
     let schema = records.schema();
     let mut raw = Map::new();
     for (field, column) in schema.fields().iter().zip(records.columns()) {
-        let value = match column.as_any().downcast_ref::<StringArray>() {
-            Some(a) if a.is_valid(row) => Value::String(a.value(row).to_string()),
-            Some(_) => Value::Null,
-            None => Value::String(format!("{:?}", column.slice(row, 1))),
-        };
+        let value = crate::map::cell_text(column.as_ref(), row).map_or(Value::Null, Value::String);
         raw.insert(field.name().clone(), value);
     }
     raw

@@ -50,6 +50,46 @@ pub enum SourceSpec {
     Csv(CsvSpec),
     /// A spreadsheet (xlsx, xls, xlsb, ods).
     Xlsx(SpreadsheetSpec),
+    /// A PostgreSQL table or query.
+    Postgres(SqlSpec),
+    /// A MySQL or MariaDB table or query.
+    Mysql(SqlSpec),
+}
+
+/// `kind = "postgres"` / `kind = "mysql"`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlSpec {
+    /// Connection URL, e.g. `postgres://erp@db:5432/erp` (the password may be in it).
+    pub url: String,
+    /// The password, kept apart from the URL (a secret: never logged or shown).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `name` or `schema.name`; or give `query`.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// A read-only `SELECT` (or `WITH ... SELECT`); or give `table`.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// One or two cursor columns, e.g. `["updated_at", "id"]`; absent: full refresh.
+    #[serde(default)]
+    pub cursor: Vec<String>,
+    /// `disable`, `prefer` or `require`; default: whatever the URL says.
+    #[serde(default)]
+    pub tls: Option<String>,
+}
+
+impl std::fmt::Debug for SqlSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlSpec")
+            .field("url", &sluice_connectors::sql::redact_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("table", &self.table)
+            .field("query", &self.query)
+            .field("cursor", &self.cursor)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// `kind = "csv"`.
@@ -125,7 +165,7 @@ pub struct ScheduleSpec {
 
 /// Default records per batch.
 pub const DEFAULT_BATCH_ROWS: usize = 8192;
-const SOURCE_KINDS_LATER: &[&str] = &["postgres", "mysql", "quickbooks", "odoo"];
+const SOURCE_KINDS_LATER: &[&str] = &["quickbooks", "odoo"];
 
 fn config(message: impl Into<String>) -> PipelineError {
     PipelineError::new(PipelineErrorKind::Config, message)
@@ -155,7 +195,7 @@ impl PipelineSpec {
             && SOURCE_KINDS_LATER.contains(&kind)
         {
             return Err(config(format!(
-                "source kind '{kind}' is not available in this build yet; available: csv, xlsx"
+                "source kind '{kind}' is not available in this build yet; available: csv, xlsx, postgres, mysql"
             )));
         }
         let spec: PipelineSpec = toml::from_str(text).map_err(|e| config(e.to_string()))?;
@@ -167,6 +207,7 @@ impl PipelineSpec {
         let path = match &mut self.source {
             SourceSpec::Csv(c) => &mut c.path,
             SourceSpec::Xlsx(x) => &mut x.path,
+            SourceSpec::Postgres(_) | SourceSpec::Mysql(_) => return,
         };
         if path.is_relative() {
             *path = base.join(&*path);
@@ -193,9 +234,18 @@ impl PipelineSpec {
         self.time_format()?;
         sluice_engine::validate::RuleSet::new(self.entity, &self.rules)
             .map_err(|e| config(e.message().to_string()))?;
-        if let SourceSpec::Csv(c) = &self.source {
-            one_byte("delimiter", c.delimiter.as_deref())?;
-            one_byte("quote", c.quote.as_deref())?;
+        match &self.source {
+            SourceSpec::Csv(c) => {
+                one_byte("delimiter", c.delimiter.as_deref())?;
+                one_byte("quote", c.quote.as_deref())?;
+            }
+            SourceSpec::Postgres(q) | SourceSpec::Mysql(q) => {
+                crate::source::PipelineSource::from_spec(&self.source)?;
+                if q.table.is_some() == q.query.is_some() {
+                    return Err(config("[source] give exactly one of `table` or `query`"));
+                }
+            }
+            SourceSpec::Xlsx(_) => {}
         }
         if self.batch_rows == Some(0) {
             return Err(config("batch_rows must be at least 1"));

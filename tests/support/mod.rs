@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod mysql;
 pub mod pg;
 
 use std::collections::HashMap;

@@ -8,14 +8,11 @@ mod spreadsheet;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use arrow_array::builder::StringBuilder;
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use futures_core::Stream;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -219,16 +216,6 @@ pub(crate) fn raw_record<'a>(
     raw
 }
 
-/// The receiving end of a reader thread, as a [`BatchStream`].
-struct ChannelStream(mpsc::Receiver<Result<SourceBatch, SourceError>>);
-
-impl Stream for ChannelStream {
-    type Item = Result<SourceBatch, SourceError>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
-    }
-}
-
 /// Runs `produce` on its own thread, feeding batches through a bounded channel. `produce`
 /// gets a `send` callback that returns false once the consumer has gone away.
 pub(crate) fn spawn_reader<F>(name: &str, produce: F) -> Result<BatchStream, SourceError>
@@ -246,5 +233,5 @@ where
             SourceError::new(SourceErrorKind::Transient, "starting the reader thread")
                 .with_source(e)
         })?;
-    Ok(Box::pin(ChannelStream(rx)))
+    Ok(crate::source::channel_stream(rx))
 }

@@ -1,0 +1,681 @@
+//! SQL sources: a PostgreSQL or MySQL/MariaDB table or read-only query, read incrementally
+//! by a cursor of one or two columns (e.g. `updated_at, id`) with keyset paging, each page
+//! in its own read-only transaction with a consistent snapshot; or read whole (full
+//! refresh) in one read-only transaction, streamed. Rows become typed Arrow columns.
+//!
+//! Never: build SQL from an identifier that is not a plain name checked before any query
+//! and found in the catalog; use OFFSET; hold more than a page in memory.
+
+mod mysql;
+mod postgres;
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Date32Builder, Decimal128Builder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+use crate::error::{SourceError, SourceErrorKind};
+use crate::source::{
+    BatchStream, HealthReport, ReadRequest, Source, SourceBatch, StreamInfo, SyncMode,
+};
+
+/// Which database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlKind {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
+}
+
+/// What to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlTarget {
+    /// A table, optionally schema-qualified.
+    Table {
+        /// Schema (PostgreSQL) or database (MySQL); the connection's default when absent.
+        schema: Option<String>,
+        /// Table name.
+        name: String,
+    },
+    /// A read-only query (`SELECT ...` or `WITH ...`), used as a subquery.
+    Query(String),
+}
+
+/// TLS for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS.
+    Disable,
+    /// TLS when the server offers it.
+    Prefer,
+    /// TLS or fail.
+    Require,
+}
+
+/// A SQL source's settings. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct SqlSourceConfig {
+    /// The database.
+    pub kind: SqlKind,
+    /// Connection URL (may carry the password).
+    pub url: String,
+    /// The password, when kept apart from the URL as a secret.
+    pub password: Option<String>,
+    /// Table or query.
+    pub target: SqlTarget,
+    /// Cursor columns (one or two); empty for a full refresh.
+    pub cursor: Vec<String>,
+    /// TLS override; the URL's own settings otherwise.
+    pub tls: Option<TlsMode>,
+}
+
+impl fmt::Debug for SqlSourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlSourceConfig")
+            .field("kind", &self.kind)
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("target", &self.target)
+            .field("cursor", &self.cursor)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..s + 3], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A plain SQL identifier: letters, digits, `_`, not starting with a digit, at most 63
+/// characters. Anything else (quotes, spaces, `;`, comments) is refused before any query.
+pub fn check_identifier(what: &str, name: &str) -> Result<(), SourceError> {
+    let b = name.as_bytes();
+    let ok = (1..=63).contains(&b.len())
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SourceError::new(
+            SourceErrorKind::Config,
+            format!(
+                "{what} {name:?} is not a plain identifier (letters, digits and _ only); nothing was queried"
+            ),
+        ))
+    }
+}
+
+impl SqlTarget {
+    /// Parses `name` or `schema.name`, checking both parts.
+    pub fn table(spec: &str) -> Result<Self, SourceError> {
+        let parts: Vec<&str> = spec.split('.').collect();
+        match parts.as_slice() {
+            [name] => {
+                check_identifier("table", name)?;
+                Ok(SqlTarget::Table {
+                    schema: None,
+                    name: name.to_string(),
+                })
+            }
+            [schema, name] => {
+                check_identifier("schema", schema)?;
+                check_identifier("table", name)?;
+                Ok(SqlTarget::Table {
+                    schema: Some(schema.to_string()),
+                    name: name.to_string(),
+                })
+            }
+            _ => Err(SourceError::new(
+                SourceErrorKind::Config,
+                format!("table {spec:?} must be `name` or `schema.name`"),
+            )),
+        }
+    }
+
+    /// A read-only query; refuses statements that are not a single SELECT/WITH.
+    pub fn query(sql: &str) -> Result<Self, SourceError> {
+        let trimmed = sql.trim().trim_end_matches(';').trim();
+        let head = trimmed
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if !(head == "select" || head == "with") || trimmed.contains(';') {
+            return Err(SourceError::new(
+                SourceErrorKind::Config,
+                "query must be a single SELECT (or WITH ... SELECT) statement",
+            ));
+        }
+        Ok(SqlTarget::Query(trimmed.to_string()))
+    }
+}
+
+/// How a source column's values are read and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ColType {
+    /// Integers, as i64.
+    Int,
+    /// Exact decimals with a fixed scale (Decimal128(38, scale)).
+    Decimal(i8),
+    /// Text, and numerics without a declared scale (their exact decimal text).
+    Text,
+    /// JSON documents, as text.
+    Json,
+    /// UUIDs, as text.
+    Uuid,
+    /// Dates.
+    Date,
+    /// Timestamps without a zone (taken as UTC).
+    Timestamp,
+    /// Timestamps with a zone (converted to UTC).
+    TimestampTz,
+    /// Booleans.
+    Bool,
+}
+
+impl ColType {
+    fn arrow(self) -> DataType {
+        match self {
+            ColType::Int => DataType::Int64,
+            ColType::Decimal(s) => DataType::Decimal128(38, s),
+            ColType::Text | ColType::Json | ColType::Uuid => DataType::Utf8,
+            ColType::Date => DataType::Date32,
+            ColType::Timestamp | ColType::TimestampTz => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+            ColType::Bool => DataType::Boolean,
+        }
+    }
+}
+
+/// One column of the stream.
+#[derive(Debug, Clone)]
+pub(crate) struct SqlColumn {
+    pub(crate) name: String,
+    pub(crate) ty: ColType,
+    pub(crate) nullable: bool,
+}
+
+/// One decoded cell.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cell {
+    Null,
+    Int(i64),
+    Decimal(Decimal),
+    Text(String),
+    Date(NaiveDate),
+    Instant(DateTime<Utc>),
+    Bool(bool),
+}
+
+impl Cell {
+    fn to_json(&self) -> Value {
+        match self {
+            Cell::Null => Value::Null,
+            Cell::Int(i) => json!(i),
+            Cell::Decimal(d) => json!(d.to_string()),
+            Cell::Text(t) => json!(t),
+            Cell::Date(d) => json!(d.to_string()),
+            Cell::Instant(t) => json!(t.timestamp_micros()),
+            Cell::Bool(b) => json!(b),
+        }
+    }
+
+    fn from_json(value: &Value, ty: ColType) -> Option<Cell> {
+        Some(match ty {
+            ColType::Int => Cell::Int(value.as_i64()?),
+            ColType::Decimal(_) => Cell::Decimal(value.as_str()?.parse().ok()?),
+            ColType::Text | ColType::Json | ColType::Uuid => {
+                Cell::Text(value.as_str()?.to_string())
+            }
+            ColType::Date => Cell::Date(value.as_str()?.parse().ok()?),
+            ColType::Timestamp | ColType::TimestampTz => {
+                Cell::Instant(DateTime::from_timestamp_micros(value.as_i64()?)?)
+            }
+            ColType::Bool => Cell::Bool(value.as_bool()?),
+        })
+    }
+}
+
+/// Rows of one page, column by column, into an Arrow batch.
+pub(crate) struct ColumnsBuilder {
+    schema: SchemaRef,
+    columns: Vec<(ColType, Builder)>,
+}
+
+enum Builder {
+    Int(Int64Builder),
+    Decimal(Decimal128Builder, i8),
+    Text(StringBuilder),
+    Date(Date32Builder),
+    Instant(TimestampMicrosecondBuilder),
+    Bool(BooleanBuilder),
+}
+
+pub(crate) fn schema_of(columns: &[SqlColumn]) -> SchemaRef {
+    Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow(), true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+impl ColumnsBuilder {
+    pub(crate) fn new(columns: &[SqlColumn]) -> Self {
+        let builders = columns
+            .iter()
+            .map(|c| {
+                let b = match c.ty {
+                    ColType::Int => Builder::Int(Int64Builder::new()),
+                    ColType::Decimal(s) => Builder::Decimal(
+                        Decimal128Builder::new()
+                            .with_precision_and_scale(38, s)
+                            .unwrap_or_default(),
+                        s,
+                    ),
+                    ColType::Text | ColType::Json | ColType::Uuid => {
+                        Builder::Text(StringBuilder::new())
+                    }
+                    ColType::Date => Builder::Date(Date32Builder::new()),
+                    ColType::Timestamp | ColType::TimestampTz => {
+                        Builder::Instant(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+                    }
+                    ColType::Bool => Builder::Bool(BooleanBuilder::new()),
+                };
+                (c.ty, b)
+            })
+            .collect();
+        ColumnsBuilder {
+            schema: schema_of(columns),
+            columns: builders,
+        }
+    }
+
+    pub(crate) fn push(&mut self, cells: Vec<Cell>) -> Result<(), SourceError> {
+        for ((_, builder), cell) in self.columns.iter_mut().zip(cells) {
+            match (builder, cell) {
+                (Builder::Int(b), Cell::Int(v)) => b.append_value(v),
+                (Builder::Decimal(b, scale), Cell::Decimal(mut d)) => {
+                    d.rescale(*scale as u32);
+                    b.append_value(d.mantissa());
+                }
+                (Builder::Text(b), Cell::Text(v)) => b.append_value(v),
+                (Builder::Date(b), Cell::Date(d)) => b.append_value(days_since_epoch(d)),
+                (Builder::Instant(b), Cell::Instant(t)) => b.append_value(t.timestamp_micros()),
+                (Builder::Bool(b), Cell::Bool(v)) => b.append_value(v),
+                (Builder::Int(b), Cell::Null) => b.append_null(),
+                (Builder::Decimal(b, _), Cell::Null) => b.append_null(),
+                (Builder::Text(b), Cell::Null) => b.append_null(),
+                (Builder::Date(b), Cell::Null) => b.append_null(),
+                (Builder::Instant(b), Cell::Null) => b.append_null(),
+                (Builder::Bool(b), Cell::Null) => b.append_null(),
+                (_, cell) => {
+                    return Err(SourceError::new(
+                        SourceErrorKind::Format,
+                        format!("a value {cell:?} does not fit its column type"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(&mut self) -> Result<RecordBatch, SourceError> {
+        let arrays: Vec<ArrayRef> = self
+            .columns
+            .iter_mut()
+            .map(|(_, b)| -> ArrayRef {
+                match b {
+                    Builder::Int(b) => Arc::new(b.finish()),
+                    Builder::Decimal(b, _) => Arc::new(b.finish()),
+                    Builder::Text(b) => Arc::new(b.finish()),
+                    Builder::Date(b) => Arc::new(b.finish()),
+                    Builder::Instant(b) => Arc::new(b.finish()),
+                    Builder::Bool(b) => Arc::new(b.finish()),
+                }
+            })
+            .collect();
+        RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| {
+            SourceError::new(SourceErrorKind::Format, "building a record batch").with_source(e)
+        })
+    }
+}
+
+fn days_since_epoch(d: NaiveDate) -> i32 {
+    (d - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()).num_days() as i32
+}
+
+/// Classifies a driver error: connection problems are transient, the rest permanent.
+pub(crate) fn sql_error(context: &str, e: sqlx::Error) -> SourceError {
+    let kind = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => SourceErrorKind::Transient,
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            Some(c)
+                if c.starts_with("08")
+                    || c == "57P01"
+                    || c == "40001"
+                    || c == "40P01"
+                    || c == "HY000" && d.message().contains("gone away") =>
+            {
+                SourceErrorKind::Transient
+            }
+            Some("28000" | "28P01") => SourceErrorKind::Auth,
+            Some(c) if c.starts_with("42") => SourceErrorKind::Config,
+            _ => SourceErrorKind::Transient,
+        },
+        sqlx::Error::Protocol(_) => SourceErrorKind::Transient,
+        _ => SourceErrorKind::Format,
+    };
+    // sqlx errors never contain the connection password.
+    SourceError::new(kind, context.to_string()).with_source(e)
+}
+
+/// Where paging stands: the cursor values of the last row emitted.
+pub(crate) fn cursor_json(values: &[Cell]) -> Value {
+    json!({ "after": values.iter().map(Cell::to_json).collect::<Vec<_>>() })
+}
+
+pub(crate) fn cursor_values(cursor: Option<&Value>, types: &[ColType]) -> Option<Vec<Cell>> {
+    let after = cursor?.get("after")?.as_array()?;
+    if after.len() != types.len() {
+        return None;
+    }
+    after
+        .iter()
+        .zip(types)
+        .map(|(v, t)| Cell::from_json(v, *t))
+        .collect()
+}
+
+/// A PostgreSQL or MySQL table/query as a [`Source`].
+#[derive(Debug, Clone)]
+pub struct SqlSource {
+    config: SqlSourceConfig,
+}
+
+impl SqlSource {
+    /// A source; identifiers in `config` are checked here, before any connection.
+    pub fn new(config: SqlSourceConfig) -> Result<Self, SourceError> {
+        if config.cursor.len() > 2 {
+            return Err(SourceError::new(
+                SourceErrorKind::Config,
+                "cursor takes one or two columns (e.g. [\"updated_at\", \"id\"])",
+            ));
+        }
+        for c in &config.cursor {
+            check_identifier("cursor column", c)?;
+        }
+        if let SqlTarget::Table { schema, name } = &config.target {
+            if let Some(s) = schema {
+                check_identifier("schema", s)?;
+            }
+            check_identifier("table", name)?;
+        }
+        Ok(SqlSource { config })
+    }
+
+    fn stream_name(&self) -> String {
+        match &self.config.target {
+            SqlTarget::Table {
+                schema: Some(s),
+                name,
+            } => format!("{s}.{name}"),
+            SqlTarget::Table { schema: None, name } => name.clone(),
+            SqlTarget::Query(_) => "query".into(),
+        }
+    }
+
+    fn sync_mode(&self) -> SyncMode {
+        if self.config.cursor.is_empty() {
+            SyncMode::FullRefresh
+        } else {
+            SyncMode::Incremental
+        }
+    }
+
+    async fn columns(&self) -> Result<Vec<SqlColumn>, SourceError> {
+        let columns = match self.config.kind {
+            SqlKind::Postgres => postgres::discover(&self.config).await?,
+            SqlKind::Mysql => mysql::discover(&self.config).await?,
+        };
+        for c in &self.config.cursor {
+            let Some(col) = columns.iter().find(|x| &x.name == c) else {
+                return Err(SourceError::new(
+                    SourceErrorKind::Config,
+                    format!(
+                        "cursor column {c:?} is not a column of {}",
+                        self.stream_name()
+                    ),
+                ));
+            };
+            if col.nullable && matches!(self.config.target, SqlTarget::Table { .. }) {
+                return Err(SourceError::new(
+                    SourceErrorKind::Config,
+                    format!(
+                        "cursor column {c:?} is nullable: rows where it is NULL would never be read incrementally. Make it NOT NULL, or use a `query` that COALESCEs it"
+                    ),
+                ));
+            }
+        }
+        Ok(columns)
+    }
+}
+
+impl Source for SqlSource {
+    async fn streams(&self) -> Result<Vec<StreamInfo>, SourceError> {
+        let columns = self.columns().await?;
+        Ok(vec![StreamInfo {
+            name: self.stream_name(),
+            schema: schema_of(&columns),
+            sync_mode: self.sync_mode(),
+        }])
+    }
+
+    async fn check(&self) -> Result<HealthReport, SourceError> {
+        let started = std::time::Instant::now();
+        let detail = match self.config.kind {
+            SqlKind::Postgres => postgres::check(&self.config).await?,
+            SqlKind::Mysql => mysql::check(&self.config).await?,
+        };
+        Ok(HealthReport {
+            detail,
+            latency: started.elapsed(),
+        })
+    }
+
+    async fn read(&self, request: ReadRequest) -> Result<BatchStream, SourceError> {
+        let columns = self.columns().await?;
+        let location = format!(
+            "{}:{}",
+            match self.config.kind {
+                SqlKind::Postgres => "postgres",
+                SqlKind::Mysql => "mysql",
+            },
+            self.stream_name()
+        );
+        let plan = ReadPlan {
+            config: self.config.clone(),
+            columns,
+            from: request.from,
+            batch_rows: request.batch_rows.max(1),
+            location,
+        };
+        Ok(match self.config.kind {
+            SqlKind::Postgres => postgres::read(plan),
+            SqlKind::Mysql => mysql::read(plan),
+        })
+    }
+}
+
+/// Everything a reader task needs.
+pub(crate) struct ReadPlan {
+    pub(crate) config: SqlSourceConfig,
+    pub(crate) columns: Vec<SqlColumn>,
+    pub(crate) from: Option<Value>,
+    pub(crate) batch_rows: usize,
+    pub(crate) location: String,
+}
+
+impl ReadPlan {
+    pub(crate) fn cursor_indices(&self) -> Vec<usize> {
+        self.config
+            .cursor
+            .iter()
+            .filter_map(|c| self.columns.iter().position(|x| &x.name == c))
+            .collect()
+    }
+
+    pub(crate) fn cursor_types(&self) -> Vec<ColType> {
+        self.cursor_indices()
+            .iter()
+            .map(|&i| self.columns[i].ty)
+            .collect()
+    }
+
+    /// `SELECT cols FROM source` and, for keyset pages, the WHERE and ORDER BY, with
+    /// placeholders produced by `ph(n)` (1-based) and identifiers quoted by `q`.
+    pub(crate) fn page_sql(
+        &self,
+        q: &dyn Fn(&str) -> String,
+        ph: &dyn Fn(usize) -> String,
+        after: bool,
+        limit: Option<usize>,
+    ) -> String {
+        let cols: Vec<String> = self.columns.iter().map(|c| q(&c.name)).collect();
+        let source = match &self.config.target {
+            SqlTarget::Table {
+                schema: Some(s),
+                name,
+            } => format!("{}.{}", q(s), q(name)),
+            SqlTarget::Table { schema: None, name } => q(name),
+            SqlTarget::Query(sql) => format!("({sql}) AS sluice_q"),
+        };
+        let cur: Vec<String> = self.config.cursor.iter().map(|c| q(c)).collect();
+        let mut sql = format!("SELECT {} FROM {source}", cols.join(", "));
+        if after {
+            match cur.as_slice() {
+                [c1] => sql.push_str(&format!(" WHERE {c1} > {}", ph(1))),
+                [c1, c2] => sql.push_str(&format!(
+                    " WHERE ({c1} > {} OR ({c1} = {} AND {c2} > {}))",
+                    ph(1),
+                    ph(2),
+                    ph(3)
+                )),
+                _ => {}
+            }
+        }
+        if !cur.is_empty() {
+            sql.push_str(&format!(" ORDER BY {}", cur.join(", ")));
+        }
+        if let Some(n) = limit {
+            sql.push_str(&format!(" LIMIT {n}"));
+        }
+        sql
+    }
+
+    /// The rest of a group of rows sharing the last single-column cursor value.
+    pub(crate) fn group_sql(
+        &self,
+        q: &dyn Fn(&str) -> String,
+        ph: &dyn Fn(usize) -> String,
+    ) -> String {
+        let base = self.page_sql(q, ph, false, None);
+        let c1 = q(&self.config.cursor[0]);
+        match base.find(" ORDER BY") {
+            Some(i) => format!("{} WHERE {c1} = {}", &base[..i], ph(1)),
+            None => format!("{base} WHERE {c1} = {}", ph(1)),
+        }
+    }
+
+    pub(crate) fn batch(
+        &self,
+        records: RecordBatch,
+        first_ordinal: u64,
+        cursor: Value,
+    ) -> SourceBatch {
+        let n = records.num_rows() as u64;
+        SourceBatch {
+            positions: (first_ordinal..first_ordinal + n).collect(),
+            records,
+            rejects: Vec::new(),
+            cursor,
+            location: self.location.clone(),
+            sheet: None,
+        }
+    }
+}
+
+/// Cursor values as bind arguments for the keyset WHERE: `[v1]` or `[v1, v1, v2]`.
+pub(crate) fn keyset_args(values: &[Cell]) -> Vec<Cell> {
+    match values {
+        [v1, v2] => vec![v1.clone(), v1.clone(), v2.clone()],
+        other => other.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_that_try_sql_are_refused() {
+        for bad in [
+            "inv\"oices",
+            "inv;drop",
+            "inv--",
+            "inv/*x*/",
+            "a b",
+            "1abc",
+            "",
+            "a.b.c",
+        ] {
+            assert!(SqlTarget::table(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(SqlTarget::table("public.invoices").is_ok());
+        assert!(SqlTarget::query("SELECT 1; DROP TABLE x").is_err());
+        assert!(SqlTarget::query("DELETE FROM x").is_err());
+        assert!(SqlTarget::query("with a as (select 1) select * from a").is_ok());
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact_url("postgres://erp:hunter2@db:5432/erp"),
+            "postgres://erp@db:5432/erp"
+        );
+        let cfg = SqlSourceConfig {
+            kind: SqlKind::Postgres,
+            url: "postgres://erp:hunter2@db/erp".into(),
+            password: Some("s3cret".into()),
+            target: SqlTarget::Query("select 1".into()),
+            cursor: vec![],
+            tls: None,
+        };
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! PostgreSQL as a source: catalog discovery, keyset pages in REPEATABLE READ READ ONLY
+//! transactions, typed decoding.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use futures_util::TryStreamExt;
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode};
+use sqlx::{AssertSqlSafe, Column, ConnectOptions, Executor, Row, Statement, TypeInfo};
+
+use super::{
+    Cell, ColType, ColumnsBuilder, ReadPlan, SqlColumn, SqlSourceConfig, SqlTarget, TlsMode,
+    cursor_json, cursor_values, keyset_args, redact_url, sql_error,
+};
+use crate::error::{SourceError, SourceErrorKind};
+use crate::source::{BatchStream, SourceBatch, channel_stream};
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn placeholder(n: usize) -> String {
+    format!("${n}")
+}
+
+async fn connect(config: &SqlSourceConfig) -> Result<PgConnection, SourceError> {
+    let mut options = PgConnectOptions::from_str(&config.url).map_err(|_| {
+        SourceError::new(
+            SourceErrorKind::Config,
+            format!("not a valid PostgreSQL URL: {}", redact_url(&config.url)),
+        )
+    })?;
+    if let Some(p) = &config.password {
+        options = options.password(p);
+    }
+    if let Some(tls) = config.tls {
+        options = options.ssl_mode(match tls {
+            TlsMode::Disable => PgSslMode::Disable,
+            TlsMode::Prefer => PgSslMode::Prefer,
+            TlsMode::Require => PgSslMode::Require,
+        });
+    }
+    options
+        .connect()
+        .await
+        .map_err(|e| sql_error(&format!("connecting to {}", redact_url(&config.url)), e))
+}
+
+fn col_type(name: &str, data_type: &str, scale: Option<i32>) -> Result<ColType, SourceError> {
+    Ok(match data_type {
+        "smallint" | "integer" | "bigint" | "INT2" | "INT4" | "INT8" => ColType::Int,
+        "numeric" | "NUMERIC" => match scale {
+            Some(s) if (0..=38).contains(&s) => ColType::Decimal(s as i8),
+            _ => ColType::Text,
+        },
+        "text" | "character varying" | "character" | "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => {
+            ColType::Text
+        }
+        "date" | "DATE" => ColType::Date,
+        "timestamp without time zone" | "TIMESTAMP" => ColType::Timestamp,
+        "timestamp with time zone" | "TIMESTAMPTZ" => ColType::TimestampTz,
+        "boolean" | "BOOL" => ColType::Bool,
+        "json" | "jsonb" | "JSON" | "JSONB" => ColType::Json,
+        "uuid" | "UUID" => ColType::Uuid,
+        other => {
+            return Err(SourceError::new(
+                SourceErrorKind::Config,
+                format!(
+                    "column {name:?} has type {other}, which sluice does not read; cast it in a `query` (e.g. to numeric or text)"
+                ),
+            ));
+        }
+    })
+}
+
+pub(super) async fn discover(config: &SqlSourceConfig) -> Result<Vec<SqlColumn>, SourceError> {
+    let mut conn = connect(config).await?;
+    match &config.target {
+        SqlTarget::Table { schema, name } => {
+            let rows: Vec<(String, String, bool, Option<i32>)> = sqlx::query_as(
+                "SELECT column_name::text, data_type::text, is_nullable = 'YES', numeric_scale::int \
+                 FROM information_schema.columns \
+                 WHERE table_schema = COALESCE($1, current_schema()) AND table_name = $2 ORDER BY ordinal_position",
+            )
+            .bind(schema)
+            .bind(name)
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| sql_error("reading the catalog", e))?;
+            if rows.is_empty() {
+                return Err(SourceError::new(
+                    SourceErrorKind::NotFound,
+                    format!(
+                        "table {}{name} not found (or not visible to this user)",
+                        schema.as_ref().map(|s| format!("{s}.")).unwrap_or_default()
+                    ),
+                ));
+            }
+            rows.into_iter()
+                .map(|(n, t, nullable, scale)| {
+                    Ok(SqlColumn {
+                        ty: col_type(&n, &t, scale)?,
+                        name: n,
+                        nullable,
+                    })
+                })
+                .collect()
+        }
+        SqlTarget::Query(sql) => {
+            let described = (&mut conn)
+                .prepare(sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(sql.clone())))
+                .await
+                .map_err(|e| sql_error("describing the query", e))?;
+            described
+                .columns()
+                .iter()
+                .map(|c| {
+                    Ok(SqlColumn {
+                        name: c.name().to_string(),
+                        ty: col_type(c.name(), c.type_info().name(), None)?,
+                        nullable: true,
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+pub(super) async fn check(config: &SqlSourceConfig) -> Result<String, SourceError> {
+    let mut conn = connect(config).await?;
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| sql_error("reading the server version", e))?;
+    let privilege = match &config.target {
+        SqlTarget::Table { schema, name } => {
+            let qualified = match schema {
+                Some(s) => format!("{}.{}", quote(s), quote(name)),
+                None => quote(name),
+            };
+            let ok: bool = sqlx::query_scalar("SELECT has_table_privilege($1, 'SELECT')")
+                .bind(&qualified)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| sql_error(&format!("checking privileges on {qualified}"), e))?;
+            if !ok {
+                return Err(SourceError::new(
+                    SourceErrorKind::Auth,
+                    format!("this user may not SELECT from {qualified}"),
+                ));
+            }
+            format!("SELECT on {qualified} granted")
+        }
+        SqlTarget::Query(_) => {
+            discover(config).await?;
+            "query describes".to_string()
+        }
+    };
+    Ok(format!("connected to PostgreSQL {version}; {privilege}"))
+}
+
+fn decode(row: &PgRow, i: usize) -> Result<Cell, sqlx::Error> {
+    let type_name = row.column(i).type_info().name().to_string();
+    Ok(match type_name.as_str() {
+        "INT2" => row
+            .try_get::<Option<i16>, _>(i)?
+            .map_or(Cell::Null, |v| Cell::Int(v.into())),
+        "INT4" => row
+            .try_get::<Option<i32>, _>(i)?
+            .map_or(Cell::Null, |v| Cell::Int(v.into())),
+        "INT8" => row
+            .try_get::<Option<i64>, _>(i)?
+            .map_or(Cell::Null, Cell::Int),
+        "NUMERIC" => match row.try_get::<Option<Decimal>, _>(i)? {
+            None => Cell::Null,
+            Some(d) => Cell::Decimal(d),
+        },
+        "DATE" => row
+            .try_get::<Option<NaiveDate>, _>(i)?
+            .map_or(Cell::Null, Cell::Date),
+        "TIMESTAMP" => row
+            .try_get::<Option<NaiveDateTime>, _>(i)?
+            .map_or(Cell::Null, |t| Cell::Instant(t.and_utc())),
+        "TIMESTAMPTZ" => row
+            .try_get::<Option<DateTime<Utc>>, _>(i)?
+            .map_or(Cell::Null, Cell::Instant),
+        "BOOL" => row
+            .try_get::<Option<bool>, _>(i)?
+            .map_or(Cell::Null, Cell::Bool),
+        "JSON" | "JSONB" => row
+            .try_get::<Option<sqlx::types::Json<serde_json::Value>>, _>(i)?
+            .map_or(Cell::Null, |j| Cell::Text(j.0.to_string())),
+        "UUID" => row
+            .try_get::<Option<sqlx::types::Uuid>, _>(i)?
+            .map_or(Cell::Null, |u| Cell::Text(u.to_string())),
+        _ => row
+            .try_get::<Option<String>, _>(i)?
+            .map_or(Cell::Null, Cell::Text),
+    })
+}
+
+/// Numeric cells become text for columns read as text (numerics without a scale).
+fn fit(cell: Cell, ty: ColType) -> Cell {
+    match (cell, ty) {
+        (Cell::Decimal(d), ColType::Text) => Cell::Text(d.to_string()),
+        (c, _) => c,
+    }
+}
+
+fn decode_row(row: &PgRow, columns: &[SqlColumn]) -> Result<Vec<Cell>, sqlx::Error> {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Ok(fit(decode(row, i)?, c.ty)))
+        .collect()
+}
+
+fn bind<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    cell: &Cell,
+    ty: ColType,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    match (cell, ty) {
+        (Cell::Int(v), _) => q.bind(*v),
+        (Cell::Decimal(d), _) => q.bind(*d),
+        (Cell::Text(t), ColType::Uuid) => {
+            q.bind(sqlx::types::Uuid::parse_str(t).unwrap_or_default())
+        }
+        (Cell::Text(t), _) => q.bind(t.clone()),
+        (Cell::Date(d), _) => q.bind(*d),
+        (Cell::Instant(t), ColType::Timestamp) => q.bind(t.naive_utc()),
+        (Cell::Instant(t), _) => q.bind(*t),
+        (Cell::Bool(b), _) => q.bind(*b),
+        (Cell::Null, _) => q.bind(Option::<String>::None),
+    }
+}
+
+pub(super) fn read(plan: ReadPlan) -> BatchStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        if let Err(e) = read_pages(&plan, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    channel_stream(rx)
+}
+
+type Sender = tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>;
+
+async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
+    let mut conn = connect(&plan.config).await?;
+    let ctx = |what: &str| format!("{what} {}", plan.location);
+    if plan.config.cursor.is_empty() {
+        // Full refresh: one consistent snapshot, streamed.
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| sql_error(&ctx("starting a read of"), e))?;
+        let sql = plan.page_sql(&quote, &placeholder, false, None);
+        let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut conn);
+        let mut builder = ColumnsBuilder::new(&plan.columns);
+        let (mut in_batch, mut ordinal) = (0usize, 1u64);
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(|e| sql_error(&ctx("reading"), e))?
+        {
+            builder.push(
+                decode_row(&row, &plan.columns).map_err(|e| sql_error(&ctx("decoding"), e))?,
+            )?;
+            in_batch += 1;
+            if in_batch == plan.batch_rows {
+                let batch = plan.batch(
+                    builder.finish()?,
+                    ordinal,
+                    serde_json::json!({ "full_refresh_rows": ordinal - 1 + in_batch as u64 }),
+                );
+                ordinal += in_batch as u64;
+                in_batch = 0;
+                if out.send(Ok(batch)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if in_batch > 0 {
+            let batch = plan.batch(
+                builder.finish()?,
+                ordinal,
+                serde_json::json!({ "full_refresh_rows": ordinal - 1 + in_batch as u64 }),
+            );
+            let _ = out.send(Ok(batch)).await;
+        }
+        return Ok(());
+    }
+
+    let types = plan.cursor_types();
+    let idx = plan.cursor_indices();
+    let mut after = cursor_values(plan.from.as_ref(), &types);
+    if plan.from.is_some() && after.is_none() {
+        tracing::warn!(stream = %plan.location, "saved cursor does not fit this stream's cursor columns; reading from the start");
+    }
+    let mut ordinal = 1u64;
+    loop {
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| sql_error(&ctx("starting a page of"), e))?;
+        let sql = plan.page_sql(&quote, &placeholder, after.is_some(), Some(plan.batch_rows));
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        if let Some(values) = &after {
+            let arg_types: Vec<ColType> = if types.len() == 2 {
+                vec![types[0], types[0], types[1]]
+            } else {
+                types.clone()
+            };
+            for (cell, ty) in keyset_args(values).iter().zip(arg_types) {
+                q = bind(q, cell, ty);
+            }
+        }
+        let rows = q
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| sql_error(&ctx("reading a page of"), e))?;
+        let full_page = rows.len() == plan.batch_rows;
+        let mut cells: Vec<Vec<Cell>> = rows
+            .iter()
+            .map(|r| decode_row(r, &plan.columns))
+            .collect::<Result<_, _>>()
+            .map_err(|e| sql_error(&ctx("decoding"), e))?;
+        if full_page && idx.len() == 1 {
+            // One cursor column: finish the group of rows sharing the page's last value,
+            // so the next page can start strictly after it without missing any.
+            let last = cells
+                .last()
+                .map(|r| r[idx[0]].clone())
+                .unwrap_or(Cell::Null);
+            cells.retain(|r| r[idx[0]] != last);
+            let group_sql = plan.group_sql(&quote, &placeholder);
+            let group = bind(sqlx::query(AssertSqlSafe(group_sql)), &last, types[0])
+                .fetch_all(&mut conn)
+                .await
+                .map_err(|e| sql_error(&ctx("reading a page of"), e))?;
+            for r in &group {
+                cells.push(
+                    decode_row(r, &plan.columns).map_err(|e| sql_error(&ctx("decoding"), e))?,
+                );
+            }
+        }
+        conn.execute("COMMIT")
+            .await
+            .map_err(|e| sql_error(&ctx("ending a page of"), e))?;
+        let Some(last_row) = cells.last() else {
+            return Ok(());
+        };
+        let values: Vec<Cell> = idx.iter().map(|&i| last_row[i].clone()).collect();
+        let n = cells.len() as u64;
+        let mut builder = ColumnsBuilder::new(&plan.columns);
+        for row in cells {
+            builder.push(row)?;
+        }
+        let batch = plan.batch(builder.finish()?, ordinal, cursor_json(&values));
+        ordinal += n;
+        after = Some(values);
+        if out.send(Ok(batch)).await.is_err() || !full_page {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! PostgreSQL and MariaDB as sources, against real servers: the type matrix, keyset paging
+//! through 10,000 rows sharing one `updated_at`, incremental runs, a connection killed
+//! mid-stream, and hostile table names.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use rust_decimal::Decimal;
+use sluice_connectors::sql::{SqlKind, SqlSource, SqlSourceConfig, SqlTarget};
+use sluice_connectors::{ReadRequest, Source};
+use sluice_engine::{RowCounts, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_pipelines::map::cell_text;
+use sluice_pipelines::{
+    PipelineSource, PipelineSpec, Quiet, RunObserver, RunOptions, run_pipeline,
+};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use support::mysql::TestMysql;
+use support::pg::TestDb;
+
+async fn read_all(source: &SqlSource) -> (Vec<String>, Vec<Vec<Option<String>>>) {
+    let streams = source.streams().await.expect("discover");
+    let names = streams[0]
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let mut stream = source
+        .read(ReadRequest {
+            stream: streams[0].name.clone(),
+            from: None,
+            batch_rows: 2,
+        })
+        .await
+        .expect("read");
+    let mut rows = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let b = batch.expect("batch").records;
+        for r in 0..b.num_rows() {
+            rows.push(
+                b.columns()
+                    .iter()
+                    .map(|c| cell_text(c.as_ref(), r))
+                    .collect(),
+            );
+        }
+    }
+    (names, rows)
+}
+
+fn s(v: &str) -> Option<String> {
+    Some(v.to_string())
+}
+
+#[tokio::test]
+async fn postgres_type_matrix_reads_every_value_exactly() {
+    let db = TestDb::create().await;
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(
+        "CREATE TABLE matrix (id bigint PRIMARY KEY, i2 smallint, i4 integer, n numeric(12,3), nf numeric, t text, v varchar(20), c char(3), \
+           d date, ts timestamp, tstz timestamptz, b boolean, j jsonb, u uuid); \
+         INSERT INTO matrix VALUES \
+           (1, -7, 2147483647, 12345.678, 0.1234567890123, 'héllo', 'x\"y', 'ab', '2024-02-29', '2024-03-01 12:30:45.123456', '2024-03-01 12:00:00+02', true, '{\"a\": [1, 2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'), \
+           (2, NULL, NULL, -0.001, NULL, '', NULL, NULL, NULL, NULL, NULL, false, NULL, NULL)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("setup");
+    let source = SqlSource::new(SqlSourceConfig {
+        kind: SqlKind::Postgres,
+        url: db.url.clone(),
+        password: None,
+        target: SqlTarget::table("public.matrix").expect("name"),
+        cursor: vec!["id".into()],
+        tls: None,
+    })
+    .expect("source");
+    let (names, rows) = read_all(&source).await;
+    assert_eq!(
+        names,
+        [
+            "id", "i2", "i4", "n", "nf", "t", "v", "c", "d", "ts", "tstz", "b", "j", "u"
+        ]
+    );
+    assert_eq!(
+        rows[0],
+        vec![
+            s("1"),
+            s("-7"),
+            s("2147483647"),
+            s("12345.678"),
+            s("0.1234567890123"),
+            s("héllo"),
+            s("x\"y"),
+            s("ab "),
+            s("2024-02-29"),
+            s("2024-03-01T12:30:45.123456Z"),
+            s("2024-03-01T10:00:00.000000Z"),
+            s("true"),
+            s("{\"a\":[1,2]}"),
+            s("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        ]
+    );
+    assert_eq!(
+        rows[1],
+        vec![
+            s("2"),
+            None,
+            None,
+            s("-0.001"),
+            None,
+            s(""),
+            None,
+            None,
+            None,
+            None,
+            None,
+            s("false"),
+            None,
+            None
+        ]
+    );
+
+    sqlx::raw_sql("CREATE TABLE odd (id int PRIMARY KEY, p point)")
+        .execute(&mut conn)
+        .await
+        .expect("odd");
+    let odd = SqlSource::new(SqlSourceConfig {
+        kind: SqlKind::Postgres,
+        url: db.url.clone(),
+        password: None,
+        target: SqlTarget::table("odd").expect("name"),
+        cursor: vec![],
+        tls: None,
+    })
+    .expect("source");
+    let err = odd.streams().await.expect_err("point is not read");
+    assert!(
+        err.to_string().contains("\"p\"") && err.to_string().contains("point"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn mariadb_type_matrix_reads_every_value_exactly() {
+    let db = TestMysql::create().await;
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(
+        "CREATE TABLE matrix (id bigint PRIMARY KEY, ti tinyint, i int, big bigint unsigned, n decimal(12,3), t text, v varchar(20), \
+           d date, dt datetime(6), ts timestamp(6) NULL, b boolean, j json); \
+         SET time_zone = '+00:00'; \
+         INSERT INTO matrix VALUES \
+           (1, -7, 2147483647, 18446744073709551615, 12345.678, 'héllo', 'x`y', '2024-02-29', '2024-03-01 12:30:45.123456', '2024-03-01 10:00:00', true, '{\"a\": [1, 2]}'), \
+           (2, NULL, NULL, 5, -0.001, '', NULL, NULL, NULL, NULL, false, NULL)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("setup");
+    let source = SqlSource::new(SqlSourceConfig {
+        kind: SqlKind::Mysql,
+        url: db.url.clone(),
+        password: None,
+        target: SqlTarget::table("matrix").expect("name"),
+        cursor: vec!["id".into()],
+        tls: None,
+    })
+    .expect("source");
+    let (names, rows) = read_all(&source).await;
+    assert_eq!(
+        names,
+        [
+            "id", "ti", "i", "big", "n", "t", "v", "d", "dt", "ts", "b", "j"
+        ]
+    );
+    assert_eq!(
+        rows[0],
+        vec![
+            s("1"),
+            s("-7"),
+            s("2147483647"),
+            s("18446744073709551615"),
+            s("12345.678"),
+            s("héllo"),
+            s("x`y"),
+            s("2024-02-29"),
+            s("2024-03-01T12:30:45.123456Z"),
+            s("2024-03-01T10:00:00.000000Z"),
+            s("true"),
+            s("{\"a\": [1, 2]}")
+        ]
+    );
+    assert_eq!(
+        rows[1],
+        vec![
+            s("2"),
+            None,
+            None,
+            s("5"),
+            s("-0.001"),
+            s(""),
+            None,
+            None,
+            None,
+            None,
+            s("false"),
+            None
+        ]
+    );
+}
+
+fn invoice_rows(n: usize, same_updated_at: bool) -> Vec<String> {
+    (1..=n)
+        .map(|i| {
+            let ts = if same_updated_at {
+                "2024-05-01 10:00:00".to_string()
+            } else {
+                format!("2024-05-01 10:00:{:02}", i % 60)
+            };
+            format!(
+                "({i}, 'INV-{i:06}', '2024-04-01', '2024-05-01', 'USD', {}.25, {}.25, '{ts}')",
+                100 + i,
+                i % 7
+            )
+        })
+        .collect()
+}
+
+const SOURCE_TABLE: &str = "(id bigint PRIMARY KEY, external_id varchar(40) NOT NULL, issue_date date NOT NULL, due_date date NOT NULL, \
+    currency char(3) NOT NULL, total decimal(12,2) NOT NULL, balance decimal(12,2) NOT NULL, updated_at timestamp(6) NOT NULL)";
+
+fn spec(dir: &Path, kind: &str, url: &str, cursor: &str, batch_rows: usize) -> PipelineSpec {
+    let text = format!(
+        "name = \"erp-invoices\"\ntenant = \"acme\"\nentity = \"invoices\"\nbatch_rows = {batch_rows}\n\
+         [source]\nkind = \"{kind}\"\nurl = \"{url}\"\ntable = \"src_invoices\"\ncursor = {cursor}\n"
+    );
+    let path = dir.join("p.toml");
+    std::fs::write(&path, text).expect("toml");
+    PipelineSpec::from_file(&path).expect("spec")
+}
+
+async fn loaded(w: &SqliteWarehouse) -> (usize, Decimal, usize) {
+    let inv = w
+        .invoices(&TenantSlug::parse("acme").expect("slug"))
+        .await
+        .expect("invoices");
+    let distinct: HashSet<&str> = inv.iter().map(|i| i.external_id.as_str()).collect();
+    (inv.len(), inv.iter().map(|i| i.total).sum(), distinct.len())
+}
+
+fn expected_sum(n: usize) -> Decimal {
+    (1..=n)
+        .map(|i| Decimal::new((100 + i as i64) * 100 + 25, 2))
+        .sum()
+}
+
+async fn setup_pg(db: &TestDb, rows: &[String]) {
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE TABLE src_invoices {}",
+        SOURCE_TABLE.replace("timestamp(6)", "timestamp")
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("table");
+    for chunk in rows.chunks(1000) {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "INSERT INTO src_invoices VALUES {}",
+            chunk.join(", ")
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("rows");
+    }
+}
+
+async fn setup_mysql(db: &TestMysql, rows: &[String]) {
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET time_zone = '+00:00'; CREATE TABLE src_invoices {SOURCE_TABLE}"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("table");
+    for chunk in rows.chunks(1000) {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "SET time_zone = '+00:00'; INSERT INTO src_invoices VALUES {}",
+            chunk.join(", ")
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("rows");
+    }
+}
+
+async fn ten_thousand_sharing_one_updated_at(kind: &str, url: &str, cursor: &str) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = SqliteWarehouse::new(dir.path().join("data"));
+    let spec = spec(dir.path(), kind, url, cursor, 1000);
+    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let report = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect("run");
+    assert_eq!(
+        report.ledger.counts.rows_read, 10_000,
+        "{kind} {cursor}: no row read twice"
+    );
+    assert_eq!(report.ledger.counts.inserted, 10_000);
+    assert_eq!(report.ledger.counts.deduplicated, 0);
+    assert_eq!(
+        loaded(&w).await,
+        (10_000, expected_sum(10_000), 10_000),
+        "{kind} {cursor}"
+    );
+    let again = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect("incremental run");
+    assert_eq!(
+        again.ledger.counts.rows_read, 0,
+        "nothing new after the cursor"
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_rows_sharing_one_updated_at_load_exactly_once() {
+    let rows = invoice_rows(10_000, true);
+    let pg = TestDb::create().await;
+    setup_pg(&pg, &rows).await;
+    let my = TestMysql::create().await;
+    setup_mysql(&my, &rows).await;
+    for cursor in ["[\"updated_at\", \"id\"]", "[\"updated_at\"]"] {
+        ten_thousand_sharing_one_updated_at("postgres", &pg.url, cursor).await;
+        ten_thousand_sharing_one_updated_at("mysql", &my.url, cursor).await;
+    }
+}
+
+#[tokio::test]
+async fn rows_inserted_and_updated_between_runs_are_picked_up_once() {
+    let pg = TestDb::create().await;
+    setup_pg(&pg, &invoice_rows(3_000, false)).await;
+    let my = TestMysql::create().await;
+    setup_mysql(&my, &invoice_rows(3_000, false)).await;
+    for (kind, url) in [("postgres", pg.url.clone()), ("mysql", my.url.clone())] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let w = SqliteWarehouse::new(dir.path().join("data"));
+        let spec = spec(dir.path(), kind, &url, "[\"updated_at\", \"id\"]", 700);
+        let source = PipelineSource::from_spec(&spec.source).expect("source");
+        run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+            .await
+            .expect("first run");
+        let changes = [
+            "INSERT INTO src_invoices VALUES (5001, 'INV-005001', '2024-06-01', '2024-07-01', 'EUR', 10.00, 10.00, '2024-06-01 00:00:00'), \
+             (5002, 'INV-005002', '2024-06-01', '2024-07-01', 'EUR', 20.00, 20.00, '2024-06-01 00:00:00')",
+            "UPDATE src_invoices SET balance = 0, updated_at = '2024-06-02 00:00:00' WHERE id IN (1, 2, 3)",
+        ];
+        for sql in changes {
+            if kind == "postgres" {
+                let mut c = PgConnection::connect(&url).await.expect("pg");
+                sqlx::raw_sql(sql).execute(&mut c).await.expect("change");
+            } else {
+                let mut c = sqlx::MySqlConnection::connect(&url).await.expect("mysql");
+                sqlx::raw_sql(AssertSqlSafe(format!("SET time_zone = '+00:00'; {sql}")))
+                    .execute(&mut c)
+                    .await
+                    .expect("change");
+            }
+        }
+        let second = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+            .await
+            .expect("second run");
+        let c = second.ledger.counts;
+        assert_eq!(
+            (c.rows_read, c.inserted, c.updated, c.unchanged),
+            (5, 2, 3, 0),
+            "{kind}"
+        );
+        let third = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+            .await
+            .expect("third run");
+        assert_eq!(third.ledger.counts.rows_read, 0, "{kind}: nothing repeated");
+        let (n, _, distinct) = loaded(&w).await;
+        assert_eq!((n, distinct), (3_002, 3_002), "{kind}");
+        let paid = w
+            .invoices(&TenantSlug::parse("acme").expect("slug"))
+            .await
+            .expect("inv");
+        assert!(
+            paid.iter()
+                .filter(|i| ["INV-000001", "INV-000002", "INV-000003"]
+                    .contains(&i.external_id.as_str()))
+                .all(|i| i.status == "paid")
+        );
+    }
+}
+
+/// Holds the run after its first committed batch until the test has killed the source's
+/// connection.
+struct KillAfterFirstBatch {
+    done: Mutex<bool>,
+    kill: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl RunObserver for KillAfterFirstBatch {
+    fn batch_committed(&self, _totals: &RowCounts) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if !*done {
+            *done = true;
+            (self.kill)();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_connection_killed_mid_stream_is_retryable_and_the_rerun_resumes() {
+    let pg = TestDb::create().await;
+    setup_pg(&pg, &invoice_rows(20_000, false)).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = SqliteWarehouse::new(dir.path().join("data"));
+    let spec = spec(
+        dir.path(),
+        "postgres",
+        &pg.url,
+        "[\"updated_at\", \"id\"]",
+        500,
+    );
+    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let url = pg.url.clone();
+    let observer = KillAfterFirstBatch {
+        done: Mutex::new(false),
+        kill: Arc::new(move || {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+                rt.block_on(async {
+                    let mut c = PgConnection::connect(&url).await.expect("admin");
+                    let killed: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()) k",
+                    )
+                    .fetch_one(&mut c)
+                    .await
+                    .expect("terminate");
+                    assert!(killed >= 1, "the source connection was open");
+                });
+            })
+            .join()
+            .expect("killer");
+        }),
+    };
+    let err = run_pipeline(&spec, &source, &w, &RunOptions::default(), &observer)
+        .await
+        .expect_err("connection killed");
+    assert!(err.is_transient(), "{err}");
+    let tenant = TenantSlug::parse("acme").expect("slug");
+    let failed = w
+        .run(&tenant, err.run_id().expect("id"))
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert!(
+        failed.counts.rows_read >= 500 && failed.counts.rows_read < 20_000,
+        "{:?}",
+        failed.counts
+    );
+
+    let rerun = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect("rerun");
+    assert_eq!(
+        failed.counts.rows_read + rerun.ledger.counts.rows_read,
+        20_000,
+        "resumed exactly after the last commit"
+    );
+    assert_eq!(loaded(&w).await, (20_000, expected_sum(20_000), 20_000));
+}
+
+#[tokio::test]
+async fn hostile_table_names_are_rejected_before_any_query() {
+    // Port 1 is closed: had anything tried to connect, the error would say so.
+    for table in [
+        "inv\"; DROP TABLE x; --",
+        "inv; select 1",
+        "inv /* c */",
+        "inv--x",
+        "a.b.c",
+    ] {
+        let text = format!(
+            "name = \"p\"\ntenant = \"acme\"\nentity = \"invoices\"\n[source]\nkind = \"postgres\"\nurl = \"postgres://u:pw@127.0.0.1:1/x\"\ntable = {}\n",
+            toml_string(table)
+        );
+        let err = PipelineSpec::from_toml(&text).expect_err(table);
+        assert!(
+            err.message().contains("not a plain identifier") || err.message().contains("must be"),
+            "{table}: {err}"
+        );
+        assert!(!err.message().contains("connect"), "{err}");
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
