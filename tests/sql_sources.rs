@@ -503,3 +503,90 @@ async fn hostile_table_names_are_rejected_before_any_query() {
 fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
+
+#[tokio::test]
+async fn soft_deleted_rows_are_marked_and_leave_the_figures() {
+    let pg = TestDb::create().await;
+    let my = TestMysql::create().await;
+    let mut c = pg.connect().await;
+    sqlx::raw_sql(
+        "CREATE TABLE src_invoices (id bigint PRIMARY KEY, external_id text NOT NULL, issue_date date, due_date date, currency text, \
+           total numeric(12,2), balance numeric(12,2), updated_at timestamp NOT NULL, deleted_at timestamptz); \
+         INSERT INTO src_invoices VALUES (1, 'A', '2024-01-01', '2024-01-31', 'USD', 10, 10, '2024-02-01', NULL), \
+           (2, 'B', '2024-01-01', '2024-01-31', 'USD', 20, 20, '2024-02-01', NULL), (3, 'C', '2024-01-01', '2024-01-31', 'USD', 30, 30, '2024-02-01', NULL)",
+    )
+    .execute(&mut c)
+    .await
+    .expect("pg setup");
+    let mut m = my.connect().await;
+    sqlx::raw_sql(
+        "CREATE TABLE src_invoices (id bigint PRIMARY KEY, external_id varchar(10) NOT NULL, issue_date date, due_date date, currency char(3), \
+           total decimal(12,2), balance decimal(12,2), updated_at datetime(6) NOT NULL, is_deleted boolean NOT NULL DEFAULT false); \
+         INSERT INTO src_invoices VALUES (1, 'A', '2024-01-01', '2024-01-31', 'USD', 10, 10, '2024-02-01', false), \
+           (2, 'B', '2024-01-01', '2024-01-31', 'USD', 20, 20, '2024-02-01', false), (3, 'C', '2024-01-01', '2024-01-31', 'USD', 30, 30, '2024-02-01', false)",
+    )
+    .execute(&mut m)
+    .await
+    .expect("mysql setup");
+
+    for (kind, url, column) in [
+        ("postgres", pg.url.clone(), "deleted_at"),
+        ("mysql", my.url.clone(), "is_deleted"),
+    ] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let text = format!(
+            "name = \"erp\"\ntenant = \"acme\"\nentity = \"invoices\"\n[source]\nkind = \"{kind}\"\nurl = \"{url}\"\ntable = \"src_invoices\"\n\
+             cursor = [\"updated_at\", \"id\"]\nsoft_delete = \"{column}\"\n"
+        );
+        let spec = PipelineSpec::from_toml(&text).expect("spec");
+        let w = SqliteWarehouse::new(dir.path().join("data"));
+        let source = PipelineSource::from_spec(&spec.source).expect("source");
+        run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+            .await
+            .expect("first");
+        let delete = if kind == "postgres" {
+            "UPDATE src_invoices SET deleted_at = '2024-03-01T00:00:00Z', updated_at = '2024-03-01' WHERE id = 2"
+        } else {
+            "UPDATE src_invoices SET is_deleted = true, updated_at = '2024-03-01' WHERE id = 2"
+        };
+        if kind == "postgres" {
+            sqlx::raw_sql(delete).execute(&mut c).await.expect("delete");
+        } else {
+            sqlx::raw_sql(delete).execute(&mut m).await.expect("delete");
+        }
+        let second = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+            .await
+            .expect("second");
+        assert_eq!(
+            (second.ledger.counts.rows_read, second.ledger.counts.updated),
+            (1, 1),
+            "{kind}"
+        );
+        let tenant = TenantSlug::parse("acme").expect("slug");
+        let ids: Vec<String> = w
+            .invoices(&tenant)
+            .await
+            .expect("inv")
+            .into_iter()
+            .map(|i| i.external_id)
+            .collect();
+        assert_eq!(
+            ids,
+            ["A", "C"],
+            "{kind}: the deleted invoice is no longer listed"
+        );
+        let aging = w
+            .aging(
+                &tenant,
+                sluice_engine::finance::AgingSide::Receivable,
+                "2024-06-30".parse().expect("d"),
+            )
+            .await
+            .expect("aging");
+        assert_eq!(
+            aging.currencies["USD"].over_90,
+            Decimal::new(4000, 2),
+            "{kind}: 10 + 30, not 60"
+        );
+    }
+}

@@ -34,6 +34,7 @@ pub struct Mapper {
     origins: Vec<Origin>,
     decimal: DecimalFormat,
     time: TimeFormat,
+    soft_delete: Option<usize>,
 }
 
 /// A mapped batch: canonical columns and, per row, what failed to parse.
@@ -43,6 +44,8 @@ pub struct MappedBatch {
     pub rows: RecordBatch,
     /// Per row, the cells that could not be read.
     pub issues: Vec<Vec<CellError>>,
+    /// Per row, when the source marks it deleted (empty without a soft-delete column).
+    pub deleted_at: Vec<Option<i64>>,
 }
 
 fn config(message: String) -> PipelineError {
@@ -105,7 +108,36 @@ impl Mapper {
             origins,
             decimal,
             time,
+            soft_delete: None,
         })
+    }
+
+    /// Reads deletions from `column`: a timestamp (the row is deleted when it is set) or a
+    /// boolean (deleted when true, as of the row's `updated_at`, else as of now).
+    pub fn with_soft_delete(
+        mut self,
+        column: &str,
+        schema: &Schema,
+    ) -> Result<Self, PipelineError> {
+        let i = schema
+            .fields()
+            .iter()
+            .position(|f| f.name() == column)
+            .ok_or_else(|| {
+                config(format!(
+                    "soft_delete column {column:?} is not a column of the source"
+                ))
+            })?;
+        match schema.field(i).data_type() {
+            DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, _) | DataType::Boolean => {}
+            other => {
+                return Err(config(format!(
+                    "soft_delete column {column:?} is {other}; it must be a timestamp or a boolean"
+                )));
+            }
+        }
+        self.soft_delete = Some(i);
+        Ok(self)
     }
 
     /// Maps one batch of source records.
@@ -142,7 +174,15 @@ impl Mapper {
         // The canonical schema is fixed by the entity and every column is built to it.
         let rows = RecordBatch::try_new(self.entity.schema(), columns)
             .unwrap_or_else(|e| unreachable_schema(self.entity, e));
-        MappedBatch { rows, issues }
+        let deleted_at = self
+            .soft_delete
+            .map(|i| deletions(records.column(i).as_ref(), &rows))
+            .unwrap_or_default();
+        MappedBatch {
+            rows,
+            issues,
+            deleted_at,
+        }
     }
 
     fn map_column(
@@ -296,6 +336,33 @@ impl Mapper {
             }
         }
     }
+}
+
+/// Deletion instants from a soft-delete column (see [`Mapper::with_soft_delete`]).
+fn deletions(column: &dyn Array, rows: &RecordBatch) -> Vec<Option<i64>> {
+    use arrow_array::{BooleanArray, TimestampMicrosecondArray};
+    let any = column.as_any();
+    if let Some(at) = any.downcast_ref::<TimestampMicrosecondArray>() {
+        return (0..at.len())
+            .map(|r| at.is_valid(r).then(|| at.value(r)))
+            .collect();
+    }
+    let Some(flags) = any.downcast_ref::<BooleanArray>() else {
+        return Vec::new();
+    };
+    let updated = sluice_engine::validate::timestamps(rows, "updated_at");
+    let now = chrono::Utc::now().timestamp_micros();
+    (0..flags.len())
+        .map(|r| {
+            (flags.is_valid(r) && flags.value(r)).then(|| {
+                if updated.is_valid(r) {
+                    updated.value(r)
+                } else {
+                    now
+                }
+            })
+        })
+        .collect()
 }
 
 fn readable_type(ty: &DataType) -> bool {

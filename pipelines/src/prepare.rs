@@ -24,7 +24,15 @@ pub fn prepare_batch(
     rules.validate(&mapped.rows, &mut mapped.issues);
     let rejected: Vec<bool> = mapped.issues.iter().map(|i| !i.is_empty()).collect();
     let kept = dedupe_batch(&mapped.rows, &rejected);
-    let fingerprints = row_fingerprints(entity, &mapped.rows, &kept.winners);
+    let mut fingerprints = row_fingerprints(entity, &mapped.rows, &kept.winners);
+    // A deletion is a change of the row: it takes part in the fingerprint.
+    for (fp, &row) in fingerprints.iter_mut().zip(&kept.winners) {
+        if let Some(Some(at)) = mapped.deleted_at.get(row as usize) {
+            let mut bytes = fp.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&at.to_le_bytes());
+            *fp = xxhash_rust::xxh3::xxh3_128(&bytes);
+        }
+    }
 
     let position = |row: u64| SourcePosition {
         location: batch.location.clone(),
@@ -59,6 +67,7 @@ pub fn prepare_batch(
         rows_read,
         deduplicated: kept.deduplicated,
         cursor: Some(batch.cursor),
+        deleted_at: mapped.deleted_at,
     }
 }
 

@@ -172,6 +172,10 @@ async fn execute<S: Source, W: Warehouse>(
         spec.decimal_format()?,
         spec.time_format()?,
     )?;
+    let mapper = match spec.soft_delete_column() {
+        Some(column) => mapper.with_soft_delete(column, &stream.schema)?,
+        None => mapper,
+    };
     let scope = RunScope {
         tenant: tenant.clone(),
         pipeline: spec.name.clone(),

@@ -77,6 +77,11 @@ pub struct SqlSpec {
     /// `disable`, `prefer` or `require`; default: whatever the URL says.
     #[serde(default)]
     pub tls: Option<String>,
+    /// A column that marks deleted rows: a timestamp (`deleted_at`) or a boolean
+    /// (`is_deleted`). Deleted rows stay in the warehouse, marked, and drop out of every
+    /// aggregate. Give it a cursor so that a deletion (which should bump `updated_at`) is read.
+    #[serde(default)]
+    pub soft_delete: Option<String>,
 }
 
 impl std::fmt::Debug for SqlSpec {
@@ -88,6 +93,7 @@ impl std::fmt::Debug for SqlSpec {
             .field("query", &self.query)
             .field("cursor", &self.cursor)
             .field("tls", &self.tls)
+            .field("soft_delete", &self.soft_delete)
             .finish()
     }
 }
@@ -244,6 +250,10 @@ impl PipelineSpec {
                 if q.table.is_some() == q.query.is_some() {
                     return Err(config("[source] give exactly one of `table` or `query`"));
                 }
+                if let Some(c) = &q.soft_delete {
+                    sluice_connectors::sql::check_identifier("soft_delete column", c)
+                        .map_err(|e| config(format!("[source] {}", e.message())))?;
+                }
             }
             SourceSpec::Xlsx(_) => {}
         }
@@ -251,6 +261,14 @@ impl PipelineSpec {
             return Err(config("batch_rows must be at least 1"));
         }
         Ok(())
+    }
+
+    /// The source's soft-delete column, if it has one.
+    pub fn soft_delete_column(&self) -> Option<&str> {
+        match &self.source {
+            SourceSpec::Postgres(q) | SourceSpec::Mysql(q) => q.soft_delete.as_deref(),
+            SourceSpec::Csv(_) | SourceSpec::Xlsx(_) => None,
+        }
     }
 
     /// Records per batch.

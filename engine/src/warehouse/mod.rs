@@ -76,6 +76,16 @@ pub struct LoadBatch {
     pub deduplicated: u64,
     /// The cursor reached at the end of the batch.
     pub cursor: Option<Value>,
+    /// Per row of `rows`, when the source marks it deleted (UTC microseconds); empty when
+    /// the pipeline has no soft-delete column.
+    pub deleted_at: Vec<Option<i64>>,
+}
+
+impl LoadBatch {
+    /// When the source deleted `row`, if it did.
+    pub fn deleted_at(&self, row: usize) -> Option<i64> {
+        self.deleted_at.get(row).copied().flatten()
+    }
 }
 
 /// What a committed batch did.

@@ -533,6 +533,7 @@ fn put_instant(out: &mut Vec<u8>, micros: i64) {
 fn copy_rows(
     entity: Entity,
     rows: &RecordBatch,
+    deleted: &[Option<i64>],
     selection: &[(u32, u128)],
     source: &str,
     loaded_at_micros: i64,
@@ -573,7 +574,10 @@ fn copy_rows(
                 }
             }
         }
-        put_null(&mut out); // deleted_at
+        match deleted.get(row).copied().flatten() {
+            Some(at) => put_instant(&mut out, at),
+            None => put_null(&mut out),
+        }
         put_instant(&mut out, loaded_at_micros);
         put_bytes(&mut out, run_id.as_bytes());
         put_bytes(&mut out, &fingerprint.to_le_bytes());
@@ -795,6 +799,7 @@ impl Warehouse for PostgresWarehouse {
                 let data = copy_rows(
                     entity,
                     &batch.rows,
+                    &batch.deleted_at,
                     &all,
                     &scope.pipeline,
                     loaded_at,
@@ -840,6 +845,7 @@ impl Warehouse for PostgresWarehouse {
                 let data = copy_rows(
                     entity,
                     &batch.rows,
+                    &batch.deleted_at,
                     &fresh,
                     &scope.pipeline,
                     loaded_at,
@@ -861,6 +867,7 @@ impl Warehouse for PostgresWarehouse {
                 let data = copy_rows(
                     entity,
                     &batch.rows,
+                    &batch.deleted_at,
                     &known,
                     &scope.pipeline,
                     loaded_at,

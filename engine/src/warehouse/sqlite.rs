@@ -167,10 +167,7 @@ fn now_text() -> String {
 /// A multi-row upsert of `rows` rows, each binding [`load_columns`] in order.
 fn upsert_sql(entity: Entity, rows: usize) -> String {
     let cols = load_columns(entity);
-    let placeholders = format!(
-        "(?, {}, NULL, ?, ?, ?)",
-        vec!["?"; cols.len() - 5].join(", ")
-    );
+    let placeholders = format!("(?, {}, ?, ?, ?, ?)", vec!["?"; cols.len() - 5].join(", "));
     let values = vec![placeholders.as_str(); rows].join(", ");
     let updates: Vec<String> = cols
         .iter()
@@ -413,6 +410,7 @@ impl Warehouse for SqliteWarehouse {
             for (row, hash) in chunk {
                 q = q.bind(scope.pipeline.clone());
                 q = bind_fields(q, &columns, *row as usize);
+                q = q.bind(batch.deleted_at(*row as usize).map(format_timestamp));
                 q = q
                     .bind(loaded_at.clone())
                     .bind(scope.run_id.clone())
