@@ -147,8 +147,14 @@ impl Mapper {
         let fields = self.entity.fields();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(fields.len());
         for (spec, origin) in fields.iter().zip(&self.origins) {
-            // Typed source columns (SQL sources) are rendered as exact text once per batch
-            // and parsed like any other cell, so every source obeys the same rules.
+            if let Origin::Column(i) = origin
+                && let Some(mapped) = typed_column(spec, records.column(*i).as_ref(), &mut issues)
+            {
+                columns.push(mapped);
+                continue;
+            }
+            // Other typed source columns are rendered as exact text once per batch and
+            // parsed like any other cell, so every source obeys the same rules.
             let rendered;
             let source = match origin {
                 Origin::Column(i) => {
@@ -335,6 +341,116 @@ impl Mapper {
                 Arc::new(b.finish())
             }
         }
+    }
+}
+
+/// Maps a typed source column straight onto a canonical one of a compatible type (dates,
+/// instants, exact decimals, integers as amounts, booleans) without a round trip through
+/// text. `None` when there is no direct path; the caller renders and parses instead.
+fn typed_column(
+    spec: &FieldSpec,
+    array: &dyn Array,
+    issues: &mut [Vec<CellError>],
+) -> Option<ArrayRef> {
+    use arrow_array::{
+        BooleanArray, Date32Array, Decimal128Array, Int64Array, TimestampMicrosecondArray,
+    };
+    const DAY_MICROS: i64 = 86_400_000_000;
+    let any = array.as_any();
+    let n = array.len();
+    match spec.kind {
+        FieldKind::Date => {
+            if let Some(a) = any.downcast_ref::<Date32Array>() {
+                return Some(Arc::new(a.clone()));
+            }
+            let a = any.downcast_ref::<TimestampMicrosecondArray>()?;
+            let mut b = Date32Builder::with_capacity(n);
+            for r in 0..n {
+                b.append_option(
+                    a.is_valid(r)
+                        .then(|| a.value(r).div_euclid(DAY_MICROS) as i32),
+                );
+            }
+            Some(Arc::new(b.finish()))
+        }
+        FieldKind::Timestamp => {
+            if let Some(a) = any.downcast_ref::<TimestampMicrosecondArray>() {
+                return Some(Arc::new(a.clone().with_timezone("UTC")));
+            }
+            let a = any.downcast_ref::<Date32Array>()?;
+            let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+            for r in 0..n {
+                b.append_option(a.is_valid(r).then(|| i64::from(a.value(r)) * DAY_MICROS));
+            }
+            Some(Arc::new(b.finish()))
+        }
+        FieldKind::Money => {
+            let mut b = Decimal128Builder::with_capacity(n)
+                .with_precision_and_scale(MONEY_PRECISION, MONEY_SCALE as i8)
+                .unwrap_or_else(|_| Decimal128Builder::with_capacity(n));
+            let max_units: i128 = 999_999_999_999_999_999;
+            let mut push = |r: usize,
+                            units: Result<i128, &'static str>,
+                            b: &mut Decimal128Builder| match units {
+                Ok(u) if u.abs() <= max_units => b.append_value(u),
+                Ok(_) => {
+                    issues[r].push(CellError::new(
+                        spec.name,
+                        rule::DECIMAL_FORMAT,
+                        cell_text(array, r),
+                        "amount exceeds 14 integer digits",
+                    ));
+                    b.append_null();
+                }
+                Err(message) => {
+                    issues[r].push(CellError::new(
+                        spec.name,
+                        rule::DECIMAL_FORMAT,
+                        cell_text(array, r),
+                        message,
+                    ));
+                    b.append_null();
+                }
+            };
+            if let Some(a) = any.downcast_ref::<Decimal128Array>() {
+                let scale = i32::from(a.scale());
+                for r in 0..n {
+                    if a.is_null(r) {
+                        b.append_null();
+                        continue;
+                    }
+                    let v = a.value(r);
+                    let units = if scale <= 4 {
+                        v.checked_mul(10i128.pow((4 - scale) as u32))
+                            .ok_or("amount out of range")
+                    } else {
+                        let div = 10i128.pow((scale - 4) as u32);
+                        if v % div == 0 {
+                            Ok(v / div)
+                        } else {
+                            Err("more than 4 decimal places; amounts are never rounded")
+                        }
+                    };
+                    push(r, units, &mut b);
+                }
+                return Some(Arc::new(b.finish()));
+            }
+            let a = any.downcast_ref::<Int64Array>()?;
+            for r in 0..n {
+                if a.is_null(r) {
+                    b.append_null();
+                } else {
+                    push(r, Ok(i128::from(a.value(r)) * 10_000), &mut b);
+                }
+            }
+            Some(Arc::new(b.finish()))
+        }
+        // Nulls in a flag take the field's default: leave those to the text path.
+        FieldKind::Flag => any
+            .downcast_ref::<BooleanArray>()
+            .filter(|a| a.null_count() == 0)
+            .map(|a| Arc::new(a.clone()) as ArrayRef),
+        _ => None,
     }
 }
 

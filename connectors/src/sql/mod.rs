@@ -555,10 +555,16 @@ impl ReadPlan {
 
     /// `SELECT cols FROM source` and, for keyset pages, the WHERE and ORDER BY, with
     /// placeholders produced by `ph(n)` (1-based) and identifiers quoted by `q`.
+    ///
+    /// Two cursor columns page with `(c1, c2) > (v1, v2)` where the database seeks an index
+    /// on it (`row_values`, PostgreSQL), else with `c1 >= v1 AND (c1 > v1 OR c2 > v2)`,
+    /// which keeps a range on `c1` usable (MySQL/MariaDB). Either way no page rescans the
+    /// rows before it.
     pub(crate) fn page_sql(
         &self,
         q: &dyn Fn(&str) -> String,
         ph: &dyn Fn(usize) -> String,
+        row_values: bool,
         after: bool,
         limit: Option<usize>,
     ) -> String {
@@ -576,8 +582,11 @@ impl ReadPlan {
         if after {
             match cur.as_slice() {
                 [c1] => sql.push_str(&format!(" WHERE {c1} > {}", ph(1))),
+                [c1, c2] if row_values => {
+                    sql.push_str(&format!(" WHERE ({c1}, {c2}) > ({}, {})", ph(1), ph(2)))
+                }
                 [c1, c2] => sql.push_str(&format!(
-                    " WHERE ({c1} > {} OR ({c1} = {} AND {c2} > {}))",
+                    " WHERE {c1} >= {} AND ({c1} > {} OR {c2} > {})",
                     ph(1),
                     ph(2),
                     ph(3)
@@ -600,7 +609,7 @@ impl ReadPlan {
         q: &dyn Fn(&str) -> String,
         ph: &dyn Fn(usize) -> String,
     ) -> String {
-        let base = self.page_sql(q, ph, false, None);
+        let base = self.page_sql(q, ph, false, false, None);
         let c1 = q(&self.config.cursor[0]);
         match base.find(" ORDER BY") {
             Some(i) => format!("{} WHERE {c1} = {}", &base[..i], ph(1)),
@@ -626,10 +635,11 @@ impl ReadPlan {
     }
 }
 
-/// Cursor values as bind arguments for the keyset WHERE: `[v1]` or `[v1, v1, v2]`.
-pub(crate) fn keyset_args(values: &[Cell]) -> Vec<Cell> {
+/// Cursor values as bind arguments for the keyset WHERE (see [`ReadPlan::page_sql`]):
+/// `[v1]`, `[v1, v2]` for row values, or `[v1, v1, v2]`.
+pub(crate) fn keyset_args(values: &[Cell], row_values: bool) -> Vec<Cell> {
     match values {
-        [v1, v2] => vec![v1.clone(), v1.clone(), v2.clone()],
+        [v1, v2] if !row_values => vec![v1.clone(), v1.clone(), v2.clone()],
         other => other.to_vec(),
     }
 }

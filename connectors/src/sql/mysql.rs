@@ -264,7 +264,7 @@ async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
         conn.execute(begin)
             .await
             .map_err(|e| sql_error(&ctx("starting a read of"), e))?;
-        let sql = plan.page_sql(&quote, &placeholder, false, None);
+        let sql = plan.page_sql(&quote, &placeholder, false, false, None);
         let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut conn);
         let mut builder = ColumnsBuilder::new(&plan.columns);
         let (mut in_batch, mut ordinal) = (0usize, 1u64);
@@ -312,10 +312,16 @@ async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
         conn.execute(begin)
             .await
             .map_err(|e| sql_error(&ctx("starting a page of"), e))?;
-        let sql = plan.page_sql(&quote, &placeholder, after.is_some(), Some(plan.batch_rows));
+        let sql = plan.page_sql(
+            &quote,
+            &placeholder,
+            false,
+            after.is_some(),
+            Some(plan.batch_rows),
+        );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         if let Some(values) = &after {
-            for cell in keyset_args(values) {
+            for cell in keyset_args(values, false) {
                 q = bind(q, &cell);
             }
         }

@@ -160,9 +160,8 @@ pub(super) async fn check(config: &SqlSourceConfig) -> Result<String, SourceErro
     Ok(format!("connected to PostgreSQL {version}; {privilege}"))
 }
 
-fn decode(row: &PgRow, i: usize) -> Result<Cell, sqlx::Error> {
-    let type_name = row.column(i).type_info().name().to_string();
-    Ok(match type_name.as_str() {
+fn decode(row: &PgRow, i: usize, type_name: &str) -> Result<Cell, sqlx::Error> {
+    Ok(match type_name {
         "INT2" => row
             .try_get::<Option<i16>, _>(i)?
             .map_or(Cell::Null, |v| Cell::Int(v.into())),
@@ -208,11 +207,23 @@ fn fit(cell: Cell, ty: ColType) -> Cell {
     }
 }
 
-fn decode_row(row: &PgRow, columns: &[SqlColumn]) -> Result<Vec<Cell>, sqlx::Error> {
+/// The server's type name of each column of a result, looked up once per result.
+fn type_names(row: &PgRow) -> Vec<String> {
+    row.columns()
+        .iter()
+        .map(|c| c.type_info().name().to_string())
+        .collect()
+}
+
+fn decode_row(
+    row: &PgRow,
+    columns: &[SqlColumn],
+    types: &[String],
+) -> Result<Vec<Cell>, sqlx::Error> {
     columns
         .iter()
         .enumerate()
-        .map(|(i, c)| Ok(fit(decode(row, i)?, c.ty)))
+        .map(|(i, c)| Ok(fit(decode(row, i, &types[i])?, c.ty)))
         .collect()
 }
 
@@ -256,17 +267,22 @@ async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(|e| sql_error(&ctx("starting a read of"), e))?;
-        let sql = plan.page_sql(&quote, &placeholder, false, None);
+        let sql = plan.page_sql(&quote, &placeholder, true, false, None);
         let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut conn);
         let mut builder = ColumnsBuilder::new(&plan.columns);
         let (mut in_batch, mut ordinal) = (0usize, 1u64);
+        let mut names: Vec<String> = Vec::new();
         while let Some(row) = rows
             .try_next()
             .await
             .map_err(|e| sql_error(&ctx("reading"), e))?
         {
+            if names.is_empty() {
+                names = type_names(&row);
+            }
             builder.push(
-                decode_row(&row, &plan.columns).map_err(|e| sql_error(&ctx("decoding"), e))?,
+                decode_row(&row, &plan.columns, &names)
+                    .map_err(|e| sql_error(&ctx("decoding"), e))?,
             )?;
             in_batch += 1;
             if in_batch == plan.batch_rows {
@@ -304,15 +320,16 @@ async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(|e| sql_error(&ctx("starting a page of"), e))?;
-        let sql = plan.page_sql(&quote, &placeholder, after.is_some(), Some(plan.batch_rows));
+        let sql = plan.page_sql(
+            &quote,
+            &placeholder,
+            true,
+            after.is_some(),
+            Some(plan.batch_rows),
+        );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         if let Some(values) = &after {
-            let arg_types: Vec<ColType> = if types.len() == 2 {
-                vec![types[0], types[0], types[1]]
-            } else {
-                types.clone()
-            };
-            for (cell, ty) in keyset_args(values).iter().zip(arg_types) {
+            for (cell, ty) in keyset_args(values, true).iter().zip(types.iter().copied()) {
                 q = bind(q, cell, ty);
             }
         }
@@ -321,9 +338,10 @@ async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
             .await
             .map_err(|e| sql_error(&ctx("reading a page of"), e))?;
         let full_page = rows.len() == plan.batch_rows;
+        let names = rows.first().map(type_names).unwrap_or_default();
         let mut cells: Vec<Vec<Cell>> = rows
             .iter()
-            .map(|r| decode_row(r, &plan.columns))
+            .map(|r| decode_row(r, &plan.columns, &names))
             .collect::<Result<_, _>>()
             .map_err(|e| sql_error(&ctx("decoding"), e))?;
         if full_page && idx.len() == 1 {
@@ -339,9 +357,11 @@ async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
                 .fetch_all(&mut conn)
                 .await
                 .map_err(|e| sql_error(&ctx("reading a page of"), e))?;
+            let group_names = group.first().map(type_names).unwrap_or_default();
             for r in &group {
                 cells.push(
-                    decode_row(r, &plan.columns).map_err(|e| sql_error(&ctx("decoding"), e))?,
+                    decode_row(r, &plan.columns, &group_names)
+                        .map_err(|e| sql_error(&ctx("decoding"), e))?,
                 );
             }
         }
