@@ -12,6 +12,7 @@ use chrono::NaiveDate;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use sluice_connectors::Source;
 use sluice_engine::finance::{AGING_BUCKETS, AgingReport, AgingSide};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::secrets::MasterKey;
@@ -70,6 +71,9 @@ enum Command {
     /// Finance reports from loaded data.
     #[command(subcommand)]
     Finance(FinanceCommand),
+    /// Check a pipeline's source, or list what it offers.
+    #[command(subcommand)]
+    Source(SourceCommand),
     /// Provision and list tenants (PostgreSQL warehouse).
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -78,6 +82,25 @@ enum Command {
         after_help = "Example:\n  SLUICE_DATABASE_URL=postgres://sluice@127.0.0.1/sluice sluice migrate"
     )]
     Migrate,
+}
+
+#[derive(Subcommand)]
+enum SourceCommand {
+    /// Connect to the pipeline's source, check the privileges it needs and report latency.
+    #[command(after_help = "Example:\n  sluice source check examples/invoices.toml")]
+    Check {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+    },
+    /// List the source's streams; for a database, every table with its columns and mapped types.
+    #[command(after_help = "Example:\n  sluice source discover erp-invoices.toml --json")]
+    Discover {
+        /// The pipeline file (TOML).
+        pipeline: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -237,6 +260,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         None => match cli.command {
+            Command::Source(cmd) => source_command(cmd).await,
             Command::Tenant(_) | Command::Migrate => bail!(
                 "`tenant` and `migrate` manage the PostgreSQL warehouse: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse creates a tenant's file on its first sync)"
             ),
@@ -247,6 +271,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 async fn run_command<W: Warehouse>(warehouse: &W, command: Command) -> Result<ExitCode> {
     match command {
+        Command::Source(cmd) => source_command(cmd).await,
         Command::Sync(args) => sync(warehouse, &args).await,
         Command::Quarantine(cmd) => quarantine(warehouse, cmd).await,
         Command::Finance(FinanceCommand::ArAging(a)) => {
@@ -259,6 +284,64 @@ async fn run_command<W: Warehouse>(warehouse: &W, command: Command) -> Result<Ex
             bail!("this command needs the PostgreSQL warehouse")
         }
     }
+}
+
+async fn source_command(cmd: SourceCommand) -> Result<ExitCode> {
+    match cmd {
+        SourceCommand::Check { pipeline } => {
+            let spec = PipelineSpec::from_file(&pipeline)?;
+            let report = PipelineSource::from_spec(&spec.source)?.check().await?;
+            println!("ok: {} ({} ms)", report.detail, report.latency.as_millis());
+        }
+        SourceCommand::Discover { pipeline, json } => {
+            let spec = PipelineSpec::from_file(&pipeline)?;
+            let source = PipelineSource::from_spec(&spec.source)?;
+            let listing: Vec<serde_json::Value> = match &source {
+                PipelineSource::Sql(sql) => sql
+                    .catalog()
+                    .await?
+                    .into_iter()
+                    .map(|t| {
+                        json!({ "stream": t.name, "columns": t.columns.iter().map(|c| json!({
+                            "name": c.name, "database_type": c.database_type, "nullable": c.nullable,
+                            "reads_as": c.reads_as.as_ref().ok(), "unsupported": c.reads_as.as_ref().err(),
+                        })).collect::<Vec<_>>() })
+                    })
+                    .collect(),
+                other => other
+                    .streams()
+                    .await?
+                    .into_iter()
+                    .map(|s| {
+                        json!({ "stream": s.name, "columns": s.schema.fields().iter().map(|f| json!({
+                            "name": f.name(), "reads_as": f.data_type().to_string(), "nullable": f.is_nullable(),
+                        })).collect::<Vec<_>>() })
+                    })
+                    .collect(),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&listing)?);
+            } else {
+                for stream in &listing {
+                    println!("{}", stream["stream"].as_str().unwrap_or(""));
+                    for c in stream["columns"].as_array().into_iter().flatten() {
+                        let reads =
+                            c["reads_as"]
+                                .as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| {
+                                    format!(
+                                        "not read: {}",
+                                        c["unsupported"].as_str().unwrap_or("unsupported")
+                                    )
+                                });
+                        println!("  {:<32} {}", c["name"].as_str().unwrap_or(""), reads);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn tenant(warehouse: &PostgresWarehouse, cmd: TenantCommand) -> Result<ExitCode> {

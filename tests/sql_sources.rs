@@ -590,3 +590,62 @@ async fn soft_deleted_rows_are_marked_and_leave_the_figures() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_cli_checks_a_source_and_lists_its_catalog() {
+    let pg = TestDb::create().await;
+    let mut c = pg.connect().await;
+    sqlx::raw_sql("CREATE TABLE src_invoices (id bigint PRIMARY KEY, total numeric(12,2), geo point, updated_at timestamptz NOT NULL)")
+        .execute(&mut c)
+        .await
+        .expect("setup");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"erp\"\ntenant = \"acme\"\nentity = \"invoices\"\n[source]\nkind = \"postgres\"\nurl = \"{}\"\ntable = \"src_invoices\"\n",
+            pg.url
+        ),
+    )
+    .expect("toml");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    let check = run(&["source", "check", path.to_str().expect("path")]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("SELECT on \"src_invoices\" granted") && out.contains(" ms)"),
+        "{out}"
+    );
+
+    let discover = run(&["source", "discover", path.to_str().expect("path"), "--json"]);
+    assert!(
+        discover.status.success(),
+        "{}",
+        String::from_utf8_lossy(&discover.stderr)
+    );
+    let listing: serde_json::Value = serde_json::from_slice(&discover.stdout).expect("json");
+    let table = listing
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["stream"] == "public.src_invoices"))
+        .expect("table listed");
+    let cols = table["columns"].as_array().expect("columns");
+    assert_eq!(cols[1]["reads_as"], "Decimal128(38, 2)");
+    assert!(
+        cols[2]["unsupported"]
+            .as_str()
+            .unwrap_or("")
+            .contains("point"),
+        "{cols:?}"
+    );
+    assert_eq!(cols[3]["nullable"], false);
+}

@@ -482,6 +482,61 @@ impl SqlSource {
     }
 }
 
+/// A table the database offers, with each column's type and how sluice reads it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CatalogTable {
+    /// `schema.table`.
+    pub name: String,
+    /// The table's columns in order.
+    pub columns: Vec<CatalogColumn>,
+}
+
+/// One column of a [`CatalogTable`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CatalogColumn {
+    /// Column name.
+    pub name: String,
+    /// The database's type name.
+    pub database_type: String,
+    /// The Arrow type sluice reads it as, or why it cannot.
+    pub reads_as: Result<String, String>,
+    /// Whether it may be NULL.
+    pub nullable: bool,
+}
+
+impl SqlSource {
+    /// Every table the connection can see (outside the system schemas), with its columns
+    /// and their mapped types.
+    pub async fn catalog(&self) -> Result<Vec<CatalogTable>, SourceError> {
+        let rows = match self.config.kind {
+            SqlKind::Postgres => postgres::catalog(&self.config).await?,
+            SqlKind::Mysql => mysql::catalog(&self.config).await?,
+        };
+        let mut tables: Vec<CatalogTable> = Vec::new();
+        for (table, column, database_type, nullable, mapped) in rows {
+            let col = CatalogColumn {
+                name: column,
+                database_type,
+                reads_as: mapped
+                    .map(|t| t.arrow().to_string())
+                    .map_err(|e| e.message().to_string()),
+                nullable,
+            };
+            match tables.last_mut() {
+                Some(t) if t.name == table => t.columns.push(col),
+                _ => tables.push(CatalogTable {
+                    name: table,
+                    columns: vec![col],
+                }),
+            }
+        }
+        Ok(tables)
+    }
+}
+
+/// One catalog row: table, column, database type, nullable, how it maps.
+pub(crate) type CatalogRow = (String, String, String, bool, Result<ColType, SourceError>);
+
 impl Source for SqlSource {
     async fn streams(&self) -> Result<Vec<StreamInfo>, SourceError> {
         let columns = self.columns().await?;

@@ -148,6 +148,27 @@ pub(super) async fn discover(config: &SqlSourceConfig) -> Result<Vec<SqlColumn>,
     }
 }
 
+pub(super) async fn catalog(
+    config: &SqlSourceConfig,
+) -> Result<Vec<super::CatalogRow>, SourceError> {
+    let mut conn = connect(config).await?;
+    let rows: Vec<(String, String, String, String, String, Option<u64>)> = sqlx::query_as(
+        "SELECT CAST(CONCAT(table_schema, '.', table_name) AS CHAR), CAST(column_name AS CHAR), CAST(data_type AS CHAR), \
+                CAST(column_type AS CHAR), CAST(is_nullable AS CHAR), numeric_scale \
+         FROM information_schema.columns WHERE table_schema = DATABASE() ORDER BY table_name, ordinal_position",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|e| sql_error("reading the catalog", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, c, dt, ct, nullable, scale)| {
+            let mapped = col_type(&c, &dt, &ct, scale.map(|s| s as i64));
+            (t, c, ct, nullable == "YES", mapped)
+        })
+        .collect())
+}
+
 pub(super) async fn check(config: &SqlSourceConfig) -> Result<String, SourceError> {
     let mut conn = connect(config).await?;
     let version: String = sqlx::query_scalar("SELECT CAST(VERSION() AS CHAR)")

@@ -127,6 +127,27 @@ pub(super) async fn discover(config: &SqlSourceConfig) -> Result<Vec<SqlColumn>,
     }
 }
 
+pub(super) async fn catalog(
+    config: &SqlSourceConfig,
+) -> Result<Vec<super::CatalogRow>, SourceError> {
+    let mut conn = connect(config).await?;
+    let rows: Vec<(String, String, String, bool, Option<i32>)> = sqlx::query_as(
+        "SELECT table_schema::text || '.' || table_name::text, column_name::text, data_type::text, is_nullable = 'YES', numeric_scale::int \
+         FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+         ORDER BY table_schema, table_name, ordinal_position",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|e| sql_error("reading the catalog", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, c, dt, nullable, scale)| {
+            let mapped = col_type(&c, &dt, scale);
+            (t, c, dt, nullable, mapped)
+        })
+        .collect())
+}
+
 pub(super) async fn check(config: &SqlSourceConfig) -> Result<String, SourceError> {
     let mut conn = connect(config).await?;
     let version: String = sqlx::query_scalar("SHOW server_version")
