@@ -1,1 +1,8 @@
-//! placeholder
+//! Workers: pipeline locks and idempotency keys, the retry policy, and (to come) the job
+//! queues and the scheduler.
+
+pub mod error;
+pub mod lock;
+pub mod retry;
+
+pub use error::{WorkerError, WorkerErrorKind};

@@ -1,0 +1,191 @@
+//! Pipeline locks and idempotency keys.
+//!
+//! A lock per (tenant, pipeline) keeps two syncs of one pipeline from running at once: `SET
+//! key value NX PX ttl` with a random token, renewed while the run lasts, released by
+//! compare-and-delete so a worker can only ever release its own lease. The lock's value
+//! names the run, so a trigger arriving meanwhile joins it. Correctness never rests on the
+//! lock alone: the warehouse's commit fence stops a worker whose lease expired.
+//!
+//! Idempotency keys map a caller's key to the run it started, for 24 hours.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+
+use crate::error::{WorkerError, WorkerErrorKind};
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A held lock: who holds it and the token that proves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The locked key.
+    pub key: String,
+    /// The run holding the lock.
+    pub run_id: String,
+    /// Random proof of ownership.
+    pub token: String,
+}
+
+impl Lease {
+    fn value(&self) -> String {
+        format!("{}|{}", self.run_id, self.token)
+    }
+}
+
+/// Outcome of trying to take a pipeline's lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// The lock is ours.
+    Held(Lease),
+    /// Another run holds it: join that run.
+    Busy {
+        /// The run that holds the lock.
+        run_id: String,
+    },
+}
+
+/// Redis-backed locks and idempotency keys, all under one key prefix (tests use their own).
+#[derive(Clone)]
+pub struct RedisLocks {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+/// Renews only while we still hold the lease.
+const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Releases only our own lease.
+const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+fn redis_error(context: &str, e: redis::RedisError) -> WorkerError {
+    WorkerError::new(WorkerErrorKind::Queue, format!("{context}: {e}"))
+}
+
+impl RedisLocks {
+    /// Connects (the connection reconnects by itself after a Redis restart).
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, WorkerError> {
+        let client = redis::Client::open(url).map_err(|e| redis_error("invalid Redis URL", e))?;
+        let conn = client
+            .get_connection_manager()
+            .await
+            .map_err(|e| redis_error("connecting to Redis", e))?;
+        Ok(RedisLocks {
+            conn,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    fn lock_key(&self, tenant: &str, pipeline: &str) -> String {
+        format!("{}:lock:{tenant}:{pipeline}", self.prefix)
+    }
+
+    /// Takes the (tenant, pipeline) lock for `run_id` for `ttl`, or names the run that has it.
+    pub async fn acquire(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+        run_id: &str,
+        ttl: Duration,
+    ) -> Result<Acquired, WorkerError> {
+        let lease = Lease {
+            key: self.lock_key(tenant, pipeline),
+            run_id: run_id.to_string(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&lease.key)
+            .arg(lease.value())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("taking the pipeline lock", e))?;
+        if set.is_some() {
+            return Ok(Acquired::Held(lease));
+        }
+        let holder: Option<String> = conn
+            .get(&lease.key)
+            .await
+            .map_err(|e| redis_error("reading the pipeline lock", e))?;
+        match holder {
+            Some(v) => Ok(Acquired::Busy {
+                run_id: v.split('|').next().unwrap_or_default().to_string(),
+            }),
+            // Released between our SET and GET: try once more.
+            None => Box::pin(self.acquire(tenant, pipeline, run_id, ttl)).await,
+        }
+    }
+
+    /// Extends our lease; false when it is no longer ours (expired and taken).
+    pub async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, WorkerError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::Script::new(RENEW)
+            .key(&lease.key)
+            .arg(lease.value())
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("renewing the pipeline lock", e))?;
+        Ok(n == 1)
+    }
+
+    /// Releases our lease; false when it was not ours any more.
+    pub async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::Script::new(RELEASE)
+            .key(&lease.key)
+            .arg(lease.value())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("releasing the pipeline lock", e))?;
+        Ok(n == 1)
+    }
+
+    /// Records `key` -> `run_id` unless the key is known; returns the run the key maps to.
+    pub async fn remember(
+        &self,
+        tenant: &str,
+        key: &str,
+        run_id: &str,
+    ) -> Result<String, WorkerError> {
+        let k = format!("{}:idem:{tenant}:{key}", self.prefix);
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&k)
+            .arg(run_id)
+            .arg("NX")
+            .arg("EX")
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("recording the idempotency key", e))?;
+        if set.is_some() {
+            return Ok(run_id.to_string());
+        }
+        let existing: Option<String> = conn
+            .get(&k)
+            .await
+            .map_err(|e| redis_error("reading the idempotency key", e))?;
+        Ok(existing.unwrap_or_else(|| run_id.to_string()))
+    }
+
+    /// Deletes every key under this prefix (tests clean up with it).
+    pub async fn clear_prefix(&self) -> Result<(), WorkerError> {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = conn
+            .keys(format!("{}:*", self.prefix))
+            .await
+            .map_err(|e| redis_error("listing keys", e))?;
+        if !keys.is_empty() {
+            let _: () = conn
+                .del(keys)
+                .await
+                .map_err(|e| redis_error("deleting keys", e))?;
+        }
+        Ok(())
+    }
+}
