@@ -564,3 +564,55 @@ async fn amounts_dates_and_id_lists_survive_the_binary_copy_exactly() {
         lite.payments(&slug("acme")).await.expect("sqlite payments")
     );
 }
+
+#[tokio::test]
+async fn dead_letters_are_kept_per_tenant_and_replayed_once() {
+    let db = TestDb::create().await;
+    let w = warehouse_with(&db, &["acme", "globex"]).await;
+    let letter = sluice_engine::dead_letter::DeadLetter {
+        id: "dl-1".into(),
+        tenant: "acme".into(),
+        pipeline: "inv".into(),
+        job_kind: "sync".into(),
+        job: serde_json::json!({ "tenant": "acme", "pipeline": "inv" }),
+        attempts: serde_json::json!([{ "number": 1, "error": "connection reset", "transient": true }]),
+        reason: "all 5 attempts failed".into(),
+        created_at: chrono::Utc::now(),
+        replayed_at: None,
+        replay_run: None,
+    };
+    w.record_dead_letter(&letter).await.expect("record");
+    let listed = w.dead_letters(&slug("acme"), 10).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].attempts, letter.attempts);
+    assert!(
+        w.dead_letters(&slug("globex"), 10)
+            .await
+            .expect("list")
+            .is_empty(),
+        "per tenant"
+    );
+    assert!(
+        w.dead_letter(&slug("globex"), "dl-1")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        w.mark_dead_letter_replayed(&slug("acme"), "dl-1", "run-9")
+            .await
+            .expect("mark")
+    );
+    assert!(
+        !w.mark_dead_letter_replayed(&slug("acme"), "dl-1", "run-10")
+            .await
+            .expect("mark"),
+        "once"
+    );
+    let got = w
+        .dead_letter(&slug("acme"), "dl-1")
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(got.replay_run.as_deref(), Some("run-9"));
+}

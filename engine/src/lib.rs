@@ -7,6 +7,7 @@
 
 pub mod columns;
 pub mod currency;
+pub mod dead_letter;
 pub mod dedupe;
 pub mod entity;
 pub mod error;

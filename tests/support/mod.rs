@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
+use sluice_engine::dead_letter::DeadLetter;
 use sluice_engine::entity::{Bill, Invoice, Payment};
 use sluice_engine::finance::{AgingReport, AgingSide};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantinedRow};
@@ -352,5 +353,30 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     }
     async fn payments(&self, t: &TenantSlug) -> sluice_engine::Result<Vec<Payment>> {
         self.inner.payments(t).await
+    }
+    async fn record_dead_letter(&self, letter: &DeadLetter) -> sluice_engine::Result<()> {
+        self.inner.record_dead_letter(letter).await
+    }
+    async fn dead_letters(
+        &self,
+        t: &TenantSlug,
+        limit: u32,
+    ) -> sluice_engine::Result<Vec<DeadLetter>> {
+        self.inner.dead_letters(t, limit).await
+    }
+    async fn dead_letter(
+        &self,
+        t: &TenantSlug,
+        id: &str,
+    ) -> sluice_engine::Result<Option<DeadLetter>> {
+        self.inner.dead_letter(t, id).await
+    }
+    async fn mark_dead_letter_replayed(
+        &self,
+        t: &TenantSlug,
+        id: &str,
+        run: &str,
+    ) -> sluice_engine::Result<bool> {
+        self.inner.mark_dead_letter_replayed(t, id, run).await
     }
 }

@@ -2,6 +2,7 @@
 //! queues and the scheduler.
 
 pub mod error;
+pub mod jobs;
 pub mod lock;
 pub mod retry;
 

@@ -26,6 +26,7 @@ use serde_json::Value;
 pub use postgres::{FaultHook, FaultPoint, PostgresWarehouse, TenantInfo};
 pub use sqlite::SqliteWarehouse;
 
+use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, Invoice, Payment};
 use crate::error::Result;
 use crate::finance::{AgingReport, AgingSide};
@@ -178,6 +179,31 @@ pub trait Warehouse: Send + Sync {
 
     /// Every loaded payment of the tenant, ordered by source and external id.
     fn payments(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Payment>>> + Send;
+
+    /// Records a dead job.
+    fn record_dead_letter(&self, letter: &DeadLetter) -> impl Future<Output = Result<()>> + Send;
+
+    /// The tenant's dead letters, newest first.
+    fn dead_letters(
+        &self,
+        tenant: &TenantSlug,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// One dead letter.
+    fn dead_letter(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<DeadLetter>>> + Send;
+
+    /// Marks a dead letter replayed by `run_id`; false when it was already replayed.
+    fn mark_dead_letter_replayed(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        run_id: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// Quotes an SQL identifier (every identifier sluice builds into SQL is also validated).

@@ -26,6 +26,7 @@ use super::{
     BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
+use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
@@ -40,10 +41,16 @@ const CONTROL_MIGRATIONS: &[(i32, &str)] = &[(
     1,
     include_str!("../../../migrations/control/0001_control.sql"),
 )];
-const TENANT_MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    include_str!("../../../migrations/tenant/postgres/0001_warehouse.sql"),
-)];
+const TENANT_MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/tenant/postgres/0001_warehouse.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/tenant/postgres/0002_dead_letters.sql"),
+    ),
+];
 /// Serialises migrators across processes (an arbitrary constant, "sluice" in ASCII).
 const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
 
@@ -1164,6 +1171,73 @@ impl Warehouse for PostgresWarehouse {
             .collect()
     }
 
+    async fn record_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        let tenant = TenantSlug::parse(&letter.tenant)?;
+        self.prepare_tenant(&tenant).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (id, pipeline, job_kind, job, attempts, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            table(&tenant, "dead_letters")
+        )))
+        .bind(&letter.id)
+        .bind(&letter.pipeline)
+        .bind(&letter.job_kind)
+        .bind(sqlx::types::Json(&letter.job))
+        .bind(sqlx::types::Json(&letter.attempts))
+        .bind(&letter.reason)
+        .bind(letter.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a dead letter"))?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, tenant: &TenantSlug, limit: u32) -> Result<Vec<DeadLetter>> {
+        self.prepare_tenant(tenant).await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} ORDER BY created_at DESC, seq DESC LIMIT $1",
+            table(tenant, "dead_letters")
+        )))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing dead letters"))?;
+        rows.iter()
+            .map(|r| dead_letter_from_row(tenant, r))
+            .collect()
+    }
+
+    async fn dead_letter(&self, tenant: &TenantSlug, id: &str) -> Result<Option<DeadLetter>> {
+        self.prepare_tenant(tenant).await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE id = $1",
+            table(tenant, "dead_letters")
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a dead letter"))?;
+        row.map(|r| dead_letter_from_row(tenant, &r)).transpose()
+    }
+
+    async fn mark_dead_letter_replayed(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        run_id: &str,
+    ) -> Result<bool> {
+        self.prepare_tenant(tenant).await?;
+        let res = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET replayed_at = now(), replay_run = $1 WHERE id = $2 AND replayed_at IS NULL",
+            table(tenant, "dead_letters")
+        )))
+        .bind(run_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("marking a dead letter replayed"))?;
+        Ok(res.rows_affected() == 1)
+    }
+
     async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
         self.prepare_tenant(tenant).await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -1189,6 +1263,23 @@ impl Warehouse for PostgresWarehouse {
             })
             .collect()
     }
+}
+
+fn dead_letter_from_row(tenant: &TenantSlug, r: &PgRow) -> Result<DeadLetter> {
+    let job: sqlx::types::Json<Value> = get(r, "job")?;
+    let attempts: sqlx::types::Json<Value> = get(r, "attempts")?;
+    Ok(DeadLetter {
+        id: get(r, "id")?,
+        tenant: tenant.to_string(),
+        pipeline: get(r, "pipeline")?,
+        job_kind: get(r, "job_kind")?,
+        job: job.0,
+        attempts: attempts.0,
+        reason: get(r, "reason")?,
+        created_at: get(r, "created_at")?,
+        replayed_at: get(r, "replayed_at")?,
+        replay_run: get(r, "replay_run")?,
+    })
 }
 
 async fn copy_in(

@@ -24,6 +24,7 @@ use super::{
     BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
+use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
@@ -35,10 +36,16 @@ use crate::time::{format_date, format_timestamp};
 use crate::validate::{strings, timestamps};
 
 /// Tenant schema migrations, applied in order; each tenant file records its own version.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!("../../../migrations/tenant/sqlite/0001_warehouse.sql"),
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/tenant/sqlite/0001_warehouse.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/tenant/sqlite/0002_dead_letters.sql"),
+    ),
+];
 
 /// Rows per multi-row INSERT: 500 rows x at most 16 columns stays far below SQLite's
 /// 32766 bound parameters.
@@ -641,6 +648,65 @@ impl Warehouse for SqliteWarehouse {
         self.payments_of(tenant).await
     }
 
+    async fn record_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        let tenant = TenantSlug::parse(&letter.tenant)?;
+        let pool = self.pool(&tenant, true).await?;
+        sqlx::query(
+            "INSERT INTO dead_letters (id, pipeline, job_kind, job, attempts, reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&letter.id)
+        .bind(&letter.pipeline)
+        .bind(&letter.job_kind)
+        .bind(letter.job.to_string())
+        .bind(letter.attempts.to_string())
+        .bind(&letter.reason)
+        .bind(letter.created_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .execute(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("recording a dead letter", e))?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, tenant: &TenantSlug, limit: u32) -> Result<Vec<DeadLetter>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows =
+            sqlx::query("SELECT * FROM dead_letters ORDER BY created_at DESC, id DESC LIMIT ?")
+                .bind(i64::from(limit))
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| EngineError::from_sqlx("listing dead letters", e))?;
+        rows.iter()
+            .map(|r| dead_letter_from_row(tenant, r))
+            .collect()
+    }
+
+    async fn dead_letter(&self, tenant: &TenantSlug, id: &str) -> Result<Option<DeadLetter>> {
+        let pool = self.pool(tenant, false).await?;
+        let row = sqlx::query("SELECT * FROM dead_letters WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading a dead letter", e))?;
+        row.map(|r| dead_letter_from_row(tenant, &r)).transpose()
+    }
+
+    async fn mark_dead_letter_replayed(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        run_id: &str,
+    ) -> Result<bool> {
+        let pool = self.pool(tenant, false).await?;
+        let res = sqlx::query("UPDATE dead_letters SET replayed_at = ?, replay_run = ? WHERE id = ? AND replayed_at IS NULL")
+            .bind(now_text())
+            .bind(run_id)
+            .bind(id)
+            .execute(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("marking a dead letter replayed", e))?;
+        Ok(res.rows_affected() == 1)
+    }
+
     async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
         let pool = self.pool(tenant, false).await?;
         let rows = sqlx::query(
@@ -813,6 +879,32 @@ fn instant_col(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
 fn money_col(row: &SqliteRow, col: &str) -> Result<Decimal> {
     let units: i64 = get(row, col)?;
     Ok(display_decimal(i128::from(units)))
+}
+
+fn dead_letter_from_row(tenant: &TenantSlug, r: &SqliteRow) -> Result<DeadLetter> {
+    let json = |col: &str| -> Result<Value> {
+        let text: String = get(r, col)?;
+        serde_json::from_str(&text).map_err(|e| {
+            EngineError::new(
+                ErrorKind::Warehouse,
+                format!("dead letter {col} is not JSON"),
+            )
+            .with_source(e)
+        })
+    };
+    let instant = |col: &str| -> Result<Option<DateTime<Utc>>> { instant_col(r, col) };
+    Ok(DeadLetter {
+        id: get(r, "id")?,
+        tenant: tenant.to_string(),
+        pipeline: get(r, "pipeline")?,
+        job_kind: get(r, "job_kind")?,
+        job: json("job")?,
+        attempts: json("attempts")?,
+        reason: get(r, "reason")?,
+        created_at: instant("created_at")?.unwrap_or_default(),
+        replayed_at: instant("replayed_at")?,
+        replay_run: get(r, "replay_run")?,
+    })
 }
 
 fn ledger_from_row(tenant: &TenantSlug, r: &SqliteRow) -> Result<RunLedger> {

@@ -1,0 +1,198 @@
+//! Jobs and how one is run: a sync of a pipeline, attempted under the retry policy; each
+//! attempt is a run of its own in the ledger; a job that fails permanently or exhausts its
+//! attempts becomes a dead letter that an admin can replay once the cause is fixed.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use sluice_connectors::Source;
+use sluice_engine::TenantSlug;
+use sluice_engine::dead_letter::DeadLetter;
+use sluice_engine::warehouse::Warehouse;
+use sluice_pipelines::{
+    PipelineError, PipelineSpec, RunObserver, RunOptions, RunReport, run_pipeline,
+};
+use tracing::Instrument;
+
+use crate::error::{WorkerError, WorkerErrorKind};
+use crate::retry::{Attempt, Outcome, RetryPolicy, run_with_retries};
+
+/// What started a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The scheduler, on a pipeline's cron tick.
+    Cron,
+    /// An operator, from the CLI.
+    Manual,
+    /// A client of the HTTP API.
+    Api,
+    /// An admin replaying a dead letter or quarantined rows.
+    Replay,
+}
+
+impl Trigger {
+    /// The word recorded in the run ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Cron => "cron",
+            Trigger::Manual => "manual",
+            Trigger::Api => "api",
+            Trigger::Replay => "replay",
+        }
+    }
+}
+
+/// Sync one pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncJob {
+    /// The tenant.
+    pub tenant: String,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// What asked for it.
+    pub trigger: Trigger,
+    /// The run id handed back to whoever triggered it; the first attempt runs under it.
+    pub run_id: String,
+    /// Follows the work through logs (the API's request id, or a fresh one).
+    pub correlation_id: String,
+}
+
+impl SyncJob {
+    /// A job with fresh run and correlation ids.
+    pub fn new(tenant: &str, pipeline: &str, trigger: Trigger) -> Self {
+        SyncJob {
+            tenant: tenant.to_string(),
+            pipeline: pipeline.to_string(),
+            trigger,
+            run_id: uuid::Uuid::now_v7().to_string(),
+            correlation_id: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    /// The run id of attempt `n`: the job's own for the first, then `<run_id>.<n>`.
+    pub fn attempt_run_id(&self, n: u32) -> String {
+        if n <= 1 {
+            self.run_id.clone()
+        } else {
+            format!("{}.{n}", self.run_id)
+        }
+    }
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum JobOutcome {
+    /// A run succeeded.
+    Succeeded {
+        /// The successful run.
+        report: Box<RunReport>,
+        /// The attempts that failed before it.
+        failed: Vec<Attempt>,
+    },
+    /// The job is dead and recorded as a dead letter.
+    Dead {
+        /// The dead letter's id.
+        dead_letter: String,
+        /// Every failed attempt.
+        failed: Vec<Attempt>,
+        /// Why it is dead.
+        reason: String,
+    },
+}
+
+/// Runs `job` from `source` into `warehouse` under `policy`. Never returns an error for a
+/// failed sync: failures are retried and, in the end, recorded as a dead letter.
+pub async fn run_sync_job<S: Source, W: Warehouse>(
+    job: &SyncJob,
+    spec: &PipelineSpec,
+    source: &S,
+    warehouse: &W,
+    policy: &RetryPolicy,
+    observer: &dyn RunObserver,
+) -> Result<JobOutcome, WorkerError> {
+    let span = tracing::info_span!("job", tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
+    let (outcome, _) = run_with_retries(
+        policy,
+        |n| {
+            let options = RunOptions {
+                trigger: job.trigger.as_str().to_string(),
+                run_id: Some(job.attempt_run_id(n)),
+            };
+            async move { run_pipeline(spec, source, warehouse, &options, observer).await }
+        },
+        PipelineError::is_transient,
+    )
+    .instrument(span)
+    .await;
+    match outcome {
+        Outcome::Succeeded { value, failed } => Ok(JobOutcome::Succeeded {
+            report: Box::new(value),
+            failed,
+        }),
+        Outcome::Dead { failed, reason } => {
+            let letter = DeadLetter {
+                id: uuid::Uuid::now_v7().to_string(),
+                tenant: job.tenant.clone(),
+                pipeline: job.pipeline.clone(),
+                job_kind: "sync".into(),
+                job: serde_json::to_value(job).unwrap_or_default(),
+                attempts: serde_json::to_value(&failed).unwrap_or_default(),
+                reason: reason.clone(),
+                created_at: Utc::now(),
+                replayed_at: None,
+                replay_run: None,
+            };
+            warehouse.record_dead_letter(&letter).await.map_err(|e| {
+                WorkerError::new(
+                    WorkerErrorKind::Queue,
+                    format!("recording the dead letter: {e}"),
+                )
+            })?;
+            tracing::error!(dead_letter = %letter.id, %reason, "job is dead");
+            Ok(JobOutcome::Dead {
+                dead_letter: letter.id,
+                failed,
+                reason,
+            })
+        }
+    }
+}
+
+/// Replays a dead sync job as a new job (trigger `replay`), once: a dead letter already
+/// replayed is refused.
+pub async fn replay_dead_letter<S: Source, W: Warehouse>(
+    tenant: &TenantSlug,
+    id: &str,
+    spec: &PipelineSpec,
+    source: &S,
+    warehouse: &W,
+    policy: &RetryPolicy,
+    observer: &dyn RunObserver,
+) -> Result<JobOutcome, WorkerError> {
+    let job_error = |m: String| WorkerError::new(WorkerErrorKind::Job, m);
+    let letter = warehouse
+        .dead_letter(tenant, id)
+        .await
+        .map_err(|e| job_error(e.to_string()))?
+        .ok_or_else(|| job_error(format!("no dead letter {id} for tenant {tenant}")))?;
+    if letter.replayed_at.is_some() {
+        return Err(job_error(format!(
+            "dead letter {id} was already replayed (run {})",
+            letter.replay_run.as_deref().unwrap_or("?")
+        )));
+    }
+    let original: SyncJob = serde_json::from_value(letter.job.clone())
+        .map_err(|e| job_error(format!("dead letter {id} holds no sync job: {e}")))?;
+    let job = SyncJob {
+        trigger: Trigger::Replay,
+        ..SyncJob::new(&original.tenant, &original.pipeline, Trigger::Replay)
+    };
+    let outcome = run_sync_job(&job, spec, source, warehouse, policy, observer).await?;
+    if let JobOutcome::Succeeded { report, .. } = &outcome {
+        warehouse
+            .mark_dead_letter_replayed(tenant, id, &report.ledger.run_id)
+            .await
+            .map_err(|e| job_error(e.to_string()))?;
+    }
+    Ok(outcome)
+}
