@@ -71,6 +71,12 @@ enum Command {
     /// Finance reports from loaded data.
     #[command(subcommand)]
     Finance(FinanceCommand),
+    /// The run ledger: what each run read and where every row went.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Jobs that failed for good: list them, replay one after fixing the cause.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
     /// Check a pipeline's source, or list what it offers.
     #[command(subcommand)]
     Source(SourceCommand),
@@ -82,6 +88,74 @@ enum Command {
         after_help = "Example:\n  SLUICE_DATABASE_URL=postgres://sluice@127.0.0.1/sluice sluice migrate"
     )]
     Migrate,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// List runs, newest first, across tenants unless --tenant is given.
+    #[command(
+        after_help = "Example:\n  sluice runs list --tenant acme --pipeline acme-invoices --json"
+    )]
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// At most this many runs per tenant.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run's accounting.
+    #[command(
+        after_help = "Example:\n  sluice runs show 0193a6f0-7c1e-7a51-9d4e-3f0a0b1c2d3e --json"
+    )]
+    Show {
+        /// The run id.
+        id: String,
+        /// Only look in this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// List dead jobs, newest first, with each attempt's error.
+    #[command(after_help = "Example:\n  sluice dead-letters list --tenant acme")]
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// At most this many per tenant.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a dead job once its cause is fixed (with the usual retries); a dead letter is
+    /// replayed at most once.
+    #[command(
+        after_help = "Example:\n  sluice dead-letters replay 0193a6f0-... --pipeline examples/invoices.toml"
+    )]
+    Replay {
+        /// The dead letter's id.
+        id: String,
+        /// The pipeline file of the dead job's pipeline.
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -260,7 +334,6 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         None => match cli.command {
-            Command::Source(cmd) => source_command(cmd).await,
             Command::Tenant(_) | Command::Migrate => bail!(
                 "`tenant` and `migrate` manage the PostgreSQL warehouse: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse creates a tenant's file on its first sync)"
             ),
@@ -272,6 +345,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 async fn run_command<W: Warehouse>(warehouse: &W, command: Command) -> Result<ExitCode> {
     match command {
         Command::Source(cmd) => source_command(cmd).await,
+        Command::Runs(cmd) => runs_command(warehouse, cmd).await,
+        Command::DeadLetters(cmd) => dead_letters_command(warehouse, cmd).await,
         Command::Sync(args) => sync(warehouse, &args).await,
         Command::Quarantine(cmd) => quarantine(warehouse, cmd).await,
         Command::Finance(FinanceCommand::ArAging(a)) => {
@@ -284,6 +359,212 @@ async fn run_command<W: Warehouse>(warehouse: &W, command: Command) -> Result<Ex
             bail!("this command needs the PostgreSQL warehouse")
         }
     }
+}
+
+fn ledger_json(l: &sluice_engine::RunLedger) -> serde_json::Value {
+    let c = &l.counts;
+    json!({
+        "run_id": l.run_id, "tenant": l.tenant, "pipeline": l.pipeline, "entity": l.entity,
+        "trigger": l.trigger, "status": l.status, "started_at": l.started_at, "finished_at": l.finished_at,
+        "rows_read": c.rows_read, "loaded": c.loaded(), "inserted": c.inserted, "updated": c.updated,
+        "unchanged": c.unchanged, "quarantined": c.quarantined, "deduplicated": c.deduplicated,
+        "rules_hash": l.rules_hash, "error": l.error,
+    })
+}
+
+async fn runs_command<W: Warehouse>(warehouse: &W, cmd: RunsCommand) -> Result<ExitCode> {
+    match cmd {
+        RunsCommand::List {
+            tenant,
+            pipeline,
+            limit,
+            json,
+        } => {
+            let mut all = Vec::new();
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                all.extend(warehouse.runs(&t, pipeline.as_deref(), limit).await?);
+            }
+            all.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&all.iter().map(ledger_json).collect::<Vec<_>>())?
+                );
+            } else {
+                println!(
+                    "{:<40} {:<10} {:<20} {:<9} {:>9} {:>9} {:>11} {:>12}",
+                    "run",
+                    "tenant",
+                    "pipeline",
+                    "status",
+                    "read",
+                    "loaded",
+                    "quarantined",
+                    "deduplicated"
+                );
+                for l in &all {
+                    let c = &l.counts;
+                    println!(
+                        "{:<40} {:<10} {:<20} {:<9} {:>9} {:>9} {:>11} {:>12}",
+                        l.run_id,
+                        l.tenant,
+                        l.pipeline,
+                        l.status.as_str(),
+                        c.rows_read,
+                        c.loaded(),
+                        c.quarantined,
+                        c.deduplicated
+                    );
+                }
+            }
+        }
+        RunsCommand::Show { id, tenant, json } => {
+            let mut found = None;
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                if let Some(run) = warehouse.run(&t, &id).await? {
+                    found = Some(run);
+                    break;
+                }
+            }
+            let Some(l) = found else {
+                bail!("no run with id {id}")
+            };
+            if json {
+                println!("{}", ledger_json(&l));
+            } else {
+                let c = &l.counts;
+                println!(
+                    "run {} ({}), {} -> tenant {}",
+                    l.run_id,
+                    l.status.as_str(),
+                    l.pipeline,
+                    l.tenant
+                );
+                println!(
+                    "  trigger {}, started {}, finished {}",
+                    l.trigger,
+                    l.started_at,
+                    l.finished_at
+                        .map(|f| f.to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+                println!(
+                    "  rows read {}, loaded {} (inserted {}, updated {}, unchanged {}), quarantined {}, deduplicated {}",
+                    c.rows_read,
+                    c.loaded(),
+                    c.inserted,
+                    c.updated,
+                    c.unchanged,
+                    c.quarantined,
+                    c.deduplicated
+                );
+                if let Some(e) = &l.error {
+                    println!("  error: {e}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dead_letters_command<W: Warehouse>(
+    warehouse: &W,
+    cmd: DeadLettersCommand,
+) -> Result<ExitCode> {
+    match cmd {
+        DeadLettersCommand::List {
+            tenant,
+            limit,
+            json,
+        } => {
+            let mut all = Vec::new();
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                all.extend(warehouse.dead_letters(&t, limit).await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&all)?);
+            } else if all.is_empty() {
+                println!("no dead letters");
+            } else {
+                for d in &all {
+                    let attempts = d.attempts.as_array().map_or(0, Vec::len);
+                    let replay = d
+                        .replay_run
+                        .as_deref()
+                        .map(|r| format!(" (replayed as run {r})"))
+                        .unwrap_or_default();
+                    println!(
+                        "{}  {}/{}  {} attempt(s), {}: {}{}",
+                        d.id, d.tenant, d.pipeline, attempts, d.created_at, d.reason, replay
+                    );
+                    if let Some(last) = d.attempts.as_array().and_then(|a| a.last()) {
+                        println!("    last error: {}", last["error"].as_str().unwrap_or(""));
+                    }
+                }
+            }
+        }
+        DeadLettersCommand::Replay { id, pipeline, json } => {
+            let spec = PipelineSpec::from_file(&pipeline)?;
+            let tenant = TenantSlug::parse(&spec.tenant)?;
+            let letter = warehouse
+                .dead_letter(&tenant, &id)
+                .await?
+                .with_context(|| {
+                    format!("no dead letter {id} in tenant {tenant} (the pipeline file's tenant)")
+                })?;
+            if letter.pipeline != spec.name {
+                bail!(
+                    "dead letter {id} belongs to pipeline '{}', not '{}'",
+                    letter.pipeline,
+                    spec.name
+                );
+            }
+            let source = PipelineSource::from_spec(&spec.source)?;
+            let outcome = sluice_workers::jobs::replay_dead_letter(
+                &tenant,
+                &id,
+                &spec,
+                &source,
+                warehouse,
+                &sluice_workers::retry::RetryPolicy::default(),
+                &sluice_pipelines::Quiet,
+            )
+            .await?;
+            match outcome {
+                sluice_workers::jobs::JobOutcome::Succeeded { report, .. } => {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({ "dead_letter": id, "status": "replayed", "run": ledger_json(&report.ledger) })
+                        );
+                    } else {
+                        println!(
+                            "replayed dead letter {id} as run {} ({} rows read)",
+                            report.ledger.run_id, report.ledger.counts.rows_read
+                        );
+                    }
+                }
+                sluice_workers::jobs::JobOutcome::Dead {
+                    dead_letter,
+                    reason,
+                    ..
+                } => {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({ "dead_letter": id, "status": "dead", "new_dead_letter": dead_letter, "reason": reason })
+                        );
+                    } else {
+                        eprintln!(
+                            "the replay failed too ({reason}); new dead letter {dead_letter}"
+                        );
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn source_command(cmd: SourceCommand) -> Result<ExitCode> {

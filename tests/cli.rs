@@ -347,3 +347,85 @@ async fn postgres_flow_from_the_command_line() {
     let q = stdout_json(&run(&["quarantine", "list", "--json"]));
     assert_eq!(q.as_array().map(Vec::len), Some(8));
 }
+
+#[tokio::test]
+async fn runs_and_dead_letters_from_the_command_line() {
+    use sluice_engine::Warehouse;
+    let data = tempfile::tempdir().expect("tmp");
+    let synced = stdout_json(&sluice(
+        data.path(),
+        &[
+            "sync",
+            example("invoices.toml").to_str().expect("path"),
+            "--json",
+        ],
+    ));
+    let runs = stdout_json(&sluice(data.path(), &["runs", "list", "--json"]));
+    assert_eq!(runs[0]["run_id"], synced["run_id"]);
+    assert_eq!(runs[0]["rows_read"], 26);
+    let shown = stdout_json(&sluice(
+        data.path(),
+        &[
+            "runs",
+            "show",
+            synced["run_id"].as_str().expect("id"),
+            "--json",
+        ],
+    ));
+    assert_eq!(shown["status"], "succeeded");
+    assert_eq!(shown["loaded"], synced["loaded"]);
+
+    // A dead sync job of the example pipeline, as the workers record one.
+    let warehouse = sluice_engine::SqliteWarehouse::new(data.path());
+    let job = sluice_workers::jobs::SyncJob::new(
+        "acme",
+        "acme-invoices",
+        sluice_workers::jobs::Trigger::Cron,
+    );
+    warehouse
+        .record_dead_letter(&sluice_engine::dead_letter::DeadLetter {
+            id: "dl-cli".into(),
+            tenant: "acme".into(),
+            pipeline: "acme-invoices".into(),
+            job_kind: "sync".into(),
+            job: serde_json::to_value(&job).expect("job"),
+            attempts: serde_json::json!([{ "number": 1, "at": "2024-06-30T00:00:00Z", "error": "connection reset", "transient": true }]),
+            reason: "all 5 attempts failed".into(),
+            created_at: chrono::Utc::now(),
+            replayed_at: None,
+            replay_run: None,
+        })
+        .await
+        .expect("record");
+    let listed =
+        String::from_utf8_lossy(&sluice(data.path(), &["dead-letters", "list"]).stdout).to_string();
+    assert!(
+        listed.contains("dl-cli") && listed.contains("connection reset"),
+        "{listed}"
+    );
+    let replayed = stdout_json(&sluice(
+        data.path(),
+        &[
+            "dead-letters",
+            "replay",
+            "dl-cli",
+            "--pipeline",
+            example("invoices.toml").to_str().expect("path"),
+            "--json",
+        ],
+    ));
+    assert_eq!(replayed["status"], "replayed");
+    assert_eq!(replayed["run"]["trigger"], "replay");
+    let again = sluice(
+        data.path(),
+        &[
+            "dead-letters",
+            "replay",
+            "dl-cli",
+            "--pipeline",
+            example("invoices.toml").to_str().expect("path"),
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already replayed"));
+}

@@ -323,6 +323,14 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     async fn run(&self, t: &TenantSlug, id: &str) -> sluice_engine::Result<Option<RunLedger>> {
         self.inner.run(t, id).await
     }
+    async fn runs(
+        &self,
+        t: &TenantSlug,
+        p: Option<&str>,
+        limit: u32,
+    ) -> sluice_engine::Result<Vec<RunLedger>> {
+        self.inner.runs(t, p, limit).await
+    }
     async fn quarantined(
         &self,
         t: &TenantSlug,

@@ -149,6 +149,14 @@ pub trait Warehouse: Send + Sync {
         run_id: &str,
     ) -> impl Future<Output = Result<Option<RunLedger>>> + Send;
 
+    /// The tenant's runs, newest first, optionally of one pipeline.
+    fn runs(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RunLedger>>> + Send;
+
     /// Quarantined rows matching `filter`, oldest first.
     fn quarantined(
         &self,

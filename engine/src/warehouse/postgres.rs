@@ -1030,6 +1030,25 @@ impl Warehouse for PostgresWarehouse {
         row.map(|r| ledger_from_row(tenant, &r)).transpose()
     }
 
+    async fn runs(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RunLedger>> {
+        self.prepare_tenant(tenant).await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE ($1::text IS NULL OR pipeline = $1) ORDER BY started_at DESC, run_id DESC LIMIT $2",
+            table(tenant, "runs")
+        )))
+        .bind(pipeline)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing runs"))?;
+        rows.iter().map(|r| ledger_from_row(tenant, r)).collect()
+    }
+
     async fn quarantined(
         &self,
         tenant: &TenantSlug,

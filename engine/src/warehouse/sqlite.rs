@@ -530,6 +530,22 @@ impl Warehouse for SqliteWarehouse {
         row.map(|r| ledger_from_row(tenant, &r)).transpose()
     }
 
+    async fn runs(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RunLedger>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows = sqlx::query("SELECT * FROM runs WHERE (?1 IS NULL OR pipeline = ?1) ORDER BY started_at DESC, run_id DESC LIMIT ?2")
+            .bind(pipeline)
+            .bind(i64::from(limit))
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("listing runs", e))?;
+        rows.iter().map(|r| ledger_from_row(tenant, r)).collect()
+    }
+
     async fn quarantined(
         &self,
         tenant: &TenantSlug,
