@@ -384,7 +384,7 @@ async fn runs_command<W: Warehouse>(warehouse: &W, cmd: RunsCommand) -> Result<E
             for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
                 all.extend(warehouse.runs(&t, pipeline.as_deref(), limit).await?);
             }
-            all.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+            all.sort_by_key(|l| std::cmp::Reverse(l.started_at));
             if json {
                 println!(
                     "{}",
