@@ -690,6 +690,101 @@ impl ReadPlan {
     }
 }
 
+/// What the keyset reader needs from a database connection.
+pub(crate) trait PageConn: Send {
+    /// Quotes an identifier.
+    fn quote(name: &str) -> String;
+    /// The `n`th (1-based) bind placeholder.
+    fn placeholder(n: usize) -> String;
+    /// Whether keyset pages may compare row values (`(a, b) > (x, y)`) with an index seek.
+    const ROW_VALUES: bool;
+    /// Starts a page's read-only snapshot transaction.
+    fn begin_page(&mut self) -> impl std::future::Future<Output = Result<(), SourceError>> + Send;
+    /// Ends it.
+    fn end_page(&mut self) -> impl std::future::Future<Output = Result<(), SourceError>> + Send;
+    /// Runs `sql` with `args` (each with its column type) and decodes every row.
+    fn fetch_rows(
+        &mut self,
+        sql: String,
+        args: Vec<(Cell, ColType)>,
+        columns: &[SqlColumn],
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<Cell>>, SourceError>> + Send;
+}
+
+pub(crate) type BatchSender = tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>;
+
+/// Reads a stream page by page in cursor order, each page in its own snapshot, sending one
+/// batch per page whose cursor is the last row's cursor values.
+pub(crate) async fn read_incremental<C: PageConn>(
+    plan: &ReadPlan,
+    conn: &mut C,
+    out: &BatchSender,
+) -> Result<(), SourceError> {
+    let types = plan.cursor_types();
+    let idx = plan.cursor_indices();
+    let mut after = cursor_values(plan.from.as_ref(), &types);
+    if plan.from.is_some() && after.is_none() {
+        tracing::warn!(stream = %plan.location, "saved cursor does not fit this stream's cursor columns; reading from the start");
+    }
+    let mut ordinal = 1u64;
+    loop {
+        conn.begin_page().await?;
+        let sql = plan.page_sql(
+            &C::quote,
+            &C::placeholder,
+            C::ROW_VALUES,
+            after.is_some(),
+            Some(plan.batch_rows),
+        );
+        let args: Vec<(Cell, ColType)> = match &after {
+            Some(values) => {
+                let arg_types: Vec<ColType> = if types.len() == 2 && !C::ROW_VALUES {
+                    vec![types[0], types[0], types[1]]
+                } else {
+                    types.clone()
+                };
+                keyset_args(values, C::ROW_VALUES)
+                    .into_iter()
+                    .zip(arg_types)
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let mut cells = conn.fetch_rows(sql, args, &plan.columns).await?;
+        let full_page = cells.len() == plan.batch_rows;
+        if full_page && idx.len() == 1 {
+            // One cursor column: finish the group of rows sharing the page's last value,
+            // so the next page can start strictly after it without missing any.
+            let last = cells
+                .last()
+                .map(|r| r[idx[0]].clone())
+                .unwrap_or(Cell::Null);
+            cells.retain(|r| r[idx[0]] != last);
+            let group_sql = plan.group_sql(&C::quote, &C::placeholder);
+            let group = conn
+                .fetch_rows(group_sql, vec![(last, types[0])], &plan.columns)
+                .await?;
+            cells.extend(group);
+        }
+        conn.end_page().await?;
+        let Some(last_row) = cells.last() else {
+            return Ok(());
+        };
+        let values: Vec<Cell> = idx.iter().map(|&i| last_row[i].clone()).collect();
+        let n = cells.len() as u64;
+        let mut builder = ColumnsBuilder::new(&plan.columns);
+        for row in cells {
+            builder.push(row)?;
+        }
+        let batch = plan.batch(builder.finish()?, ordinal, cursor_json(&values));
+        ordinal += n;
+        after = Some(values);
+        if out.send(Ok(batch)).await.is_err() || !full_page {
+            return Ok(());
+        }
+    }
+}
+
 /// Cursor values as bind arguments for the keyset WHERE (see [`ReadPlan::page_sql`]):
 /// `[v1]`, `[v1, v2]` for row values, or `[v1, v1, v2]`.
 pub(crate) fn keyset_args(values: &[Cell], row_values: bool) -> Vec<Cell> {

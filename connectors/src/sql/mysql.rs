@@ -11,11 +11,11 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlRow, MySqlSslMode};
 use sqlx::{AssertSqlSafe, Column, ConnectOptions, Executor, Row, Statement, TypeInfo};
 
 use super::{
-    Cell, ColType, ColumnsBuilder, ReadPlan, SqlColumn, SqlSourceConfig, SqlTarget, TlsMode,
-    cursor_json, cursor_values, keyset_args, redact_url, sql_error,
+    BatchSender, Cell, ColType, ColumnsBuilder, PageConn, ReadPlan, SqlColumn, SqlSourceConfig,
+    SqlTarget, TlsMode, read_incremental, redact_url, sql_error,
 };
 use crate::error::{SourceError, SourceErrorKind};
-use crate::source::{BatchStream, SourceBatch, channel_stream};
+use crate::source::{BatchStream, channel_stream};
 
 fn quote(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
@@ -272,9 +272,7 @@ pub(super) fn read(plan: ReadPlan) -> BatchStream {
     channel_stream(rx)
 }
 
-type Sender = tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>;
-
-async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
+async fn read_pages(plan: &ReadPlan, out: &BatchSender) -> Result<(), SourceError> {
     let mut conn = connect(&plan.config).await?;
     let ctx = |what: &str| format!("{what} {}", plan.location);
     let begin = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
@@ -322,76 +320,49 @@ async fn read_pages(plan: &ReadPlan, out: &Sender) -> Result<(), SourceError> {
         return Ok(());
     }
 
-    let types = plan.cursor_types();
-    let idx = plan.cursor_indices();
-    let mut after = cursor_values(plan.from.as_ref(), &types);
-    if plan.from.is_some() && after.is_none() {
-        tracing::warn!(stream = %plan.location, "saved cursor does not fit this stream's cursor columns; reading from the start");
+    read_incremental(plan, &mut conn, out).await
+}
+
+impl PageConn for MySqlConnection {
+    fn quote(name: &str) -> String {
+        quote(name)
     }
-    let mut ordinal = 1u64;
-    loop {
-        conn.execute(begin)
+    fn placeholder(n: usize) -> String {
+        placeholder(n)
+    }
+    const ROW_VALUES: bool = false;
+
+    async fn begin_page(&mut self) -> Result<(), SourceError> {
+        self.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             .await
-            .map_err(|e| sql_error(&ctx("starting a page of"), e))?;
-        let sql = plan.page_sql(
-            &quote,
-            &placeholder,
-            false,
-            after.is_some(),
-            Some(plan.batch_rows),
-        );
+            .map(|_| ())
+            .map_err(|e| sql_error("starting a page", e))
+    }
+
+    async fn end_page(&mut self) -> Result<(), SourceError> {
+        self.execute("COMMIT")
+            .await
+            .map(|_| ())
+            .map_err(|e| sql_error("ending a page", e))
+    }
+
+    async fn fetch_rows(
+        &mut self,
+        sql: String,
+        args: Vec<(Cell, ColType)>,
+        columns: &[SqlColumn],
+    ) -> Result<Vec<Vec<Cell>>, SourceError> {
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        if let Some(values) = &after {
-            for cell in keyset_args(values, false) {
-                q = bind(q, &cell);
-            }
+        for (cell, _) in &args {
+            q = bind(q, cell);
         }
         let rows = q
-            .fetch_all(&mut conn)
+            .fetch_all(&mut *self)
             .await
-            .map_err(|e| sql_error(&ctx("reading a page of"), e))?;
-        let full_page = rows.len() == plan.batch_rows;
-        let mut cells: Vec<Vec<Cell>> = rows
-            .iter()
-            .map(|r| decode_row(r, &plan.columns))
+            .map_err(|e| sql_error("reading a page", e))?;
+        rows.iter()
+            .map(|r| decode_row(r, columns))
             .collect::<Result<_, _>>()
-            .map_err(|e| sql_error(&ctx("decoding"), e))?;
-        if full_page && idx.len() == 1 {
-            let last = cells
-                .last()
-                .map(|r| r[idx[0]].clone())
-                .unwrap_or(Cell::Null);
-            cells.retain(|r| r[idx[0]] != last);
-            let group = bind(
-                sqlx::query(AssertSqlSafe(plan.group_sql(&quote, &placeholder))),
-                &last,
-            )
-            .fetch_all(&mut conn)
-            .await
-            .map_err(|e| sql_error(&ctx("reading a page of"), e))?;
-            for r in &group {
-                cells.push(
-                    decode_row(r, &plan.columns).map_err(|e| sql_error(&ctx("decoding"), e))?,
-                );
-            }
-        }
-        conn.execute("COMMIT")
-            .await
-            .map_err(|e| sql_error(&ctx("ending a page of"), e))?;
-        let Some(last_row) = cells.last() else {
-            return Ok(());
-        };
-        let values: Vec<Cell> = idx.iter().map(|&i| last_row[i].clone()).collect();
-        let n = cells.len() as u64;
-        let mut builder = ColumnsBuilder::new(&plan.columns);
-        for row in cells {
-            builder.push(row)?;
-        }
-        let batch = plan.batch(builder.finish()?, ordinal, cursor_json(&values));
-        ordinal += n;
-        after = Some(values);
-        if out.send(Ok(batch)).await.is_err() || !full_page {
-            return Ok(());
-        }
+            .map_err(|e| sql_error("decoding a page", e))
     }
 }
