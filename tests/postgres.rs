@@ -484,6 +484,35 @@ async fn sqlite_and_postgres_hold_identical_content_and_accounting() {
         q(lite.quarantined(&t, &all).await.expect("l")),
         q(pg.quarantined(&t, &all).await.expect("p"))
     );
+    for rule in [
+        "currency_code",
+        "balance_within_total",
+        "ragged_row",
+        "no_such_rule",
+    ] {
+        let filter = QuarantineFilter {
+            rule: Some(rule.into()),
+            limit: Some(100_000),
+            ..Default::default()
+        };
+        let (l, p) = (
+            lite.quarantined(&t, &filter).await.expect("l"),
+            pg.quarantined(&t, &filter).await.expect("p"),
+        );
+        assert!(
+            l.iter().all(|r| r.errors.iter().any(|e| e.rule == rule)),
+            "{rule}"
+        );
+        assert_eq!(l.is_empty(), rule == "no_such_rule", "{rule}");
+        assert_eq!(q(l), q(p), "filtered by {rule}");
+    }
+    let pending = QuarantineFilter {
+        status: Some(sluice_engine::quarantine::QuarantineStatus::Pending),
+        limit: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(lite.quarantined(&t, &pending).await.expect("l").len(), 3);
+    assert_eq!(pg.quarantined(&t, &pending).await.expect("p").len(), 3);
     for as_of in ["2024-02-15", "2024-06-30"] {
         let d = as_of.parse().expect("date");
         for side in [AgingSide::Receivable, AgingSide::Payable] {
