@@ -55,6 +55,12 @@ impl SourceError {
         self
     }
 
+    /// Prefixes the message with where it happened (`postgres:public.invoices: ...`).
+    pub fn with_context(mut self, location: &str) -> Self {
+        self.message = format!("{location}: {}", self.message);
+        self
+    }
+
     /// The kind.
     pub fn kind(&self) -> SourceErrorKind {
         self.kind

@@ -702,6 +702,12 @@ pub(crate) trait PageConn: Send {
     fn begin_page(&mut self) -> impl std::future::Future<Output = Result<(), SourceError>> + Send;
     /// Ends it.
     fn end_page(&mut self) -> impl std::future::Future<Output = Result<(), SourceError>> + Send;
+    /// Streams and decodes the rows of `sql` (no arguments), for a full refresh.
+    fn stream_rows<'a>(
+        &'a mut self,
+        sql: String,
+        columns: &'a [SqlColumn],
+    ) -> futures_util::stream::BoxStream<'a, Result<Vec<Cell>, SourceError>>;
     /// Runs `sql` with `args` (each with its column type) and decodes every row.
     fn fetch_rows(
         &mut self,
@@ -712,6 +718,76 @@ pub(crate) trait PageConn: Send {
 }
 
 pub(crate) type BatchSender = tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>;
+
+/// Reads the whole stream in one snapshot, streamed into batches of `batch_rows`.
+pub(crate) async fn read_full_refresh<C: PageConn>(
+    plan: &ReadPlan,
+    conn: &mut C,
+    out: &BatchSender,
+) -> Result<(), SourceError> {
+    use futures_util::StreamExt;
+    conn.begin_page().await?;
+    {
+        let sql = plan.page_sql(&C::quote, &C::placeholder, C::ROW_VALUES, false, None);
+        let mut rows = conn.stream_rows(sql, &plan.columns);
+        let mut builder = ColumnsBuilder::new(&plan.columns);
+        let (mut in_batch, mut ordinal) = (0usize, 1u64);
+        while let Some(row) = rows.next().await {
+            builder.push(row?)?;
+            in_batch += 1;
+            if in_batch == plan.batch_rows {
+                let read = ordinal - 1 + in_batch as u64;
+                let batch = plan.batch(
+                    builder.finish()?,
+                    ordinal,
+                    json!({ "full_refresh_rows": read }),
+                );
+                ordinal += in_batch as u64;
+                in_batch = 0;
+                if out.send(Ok(batch)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if in_batch > 0 {
+            let read = ordinal - 1 + in_batch as u64;
+            let batch = plan.batch(
+                builder.finish()?,
+                ordinal,
+                json!({ "full_refresh_rows": read }),
+            );
+            if out.send(Ok(batch)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    conn.end_page().await
+}
+
+/// Starts a reader task for `plan` on a connection made by `connect`, as a [`BatchStream`].
+pub(crate) fn spawn_read<C, F, Fut>(plan: ReadPlan, connect: F) -> BatchStream
+where
+    C: PageConn + 'static,
+    F: FnOnce(SqlSourceConfig) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<C, SourceError>> + Send,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        let result = async {
+            let mut conn = connect(plan.config.clone()).await?;
+            if plan.config.cursor.is_empty() {
+                read_full_refresh(&plan, &mut conn, &tx).await
+            } else {
+                read_incremental(&plan, &mut conn, &tx).await
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tx.send(Err(e.with_context(&plan.location))).await;
+        }
+    });
+    crate::source::channel_stream(rx)
+}
 
 /// Reads a stream page by page in cursor order, each page in its own snapshot, sending one
 /// batch per page whose cursor is the last row's cursor values.

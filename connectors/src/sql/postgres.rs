@@ -4,17 +4,16 @@
 use std::str::FromStr;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
-use futures_util::TryStreamExt;
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode};
 use sqlx::{AssertSqlSafe, Column, ConnectOptions, Executor, Row, Statement, TypeInfo};
 
 use super::{
-    BatchSender, Cell, ColType, ColumnsBuilder, PageConn, ReadPlan, SqlColumn, SqlSourceConfig,
-    SqlTarget, TlsMode, read_incremental, redact_url, sql_error,
+    Cell, ColType, PageConn, ReadPlan, SqlColumn, SqlSourceConfig, SqlTarget, TlsMode, redact_url,
+    spawn_read, sql_error,
 };
 use crate::error::{SourceError, SourceErrorKind};
-use crate::source::{BatchStream, channel_stream};
+use crate::source::BatchStream;
 
 fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -269,66 +268,7 @@ fn bind<'q>(
 }
 
 pub(super) fn read(plan: ReadPlan) -> BatchStream {
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tokio::spawn(async move {
-        if let Err(e) = read_pages(&plan, &tx).await {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    channel_stream(rx)
-}
-
-async fn read_pages(plan: &ReadPlan, out: &BatchSender) -> Result<(), SourceError> {
-    let mut conn = connect(&plan.config).await?;
-    let ctx = |what: &str| format!("{what} {}", plan.location);
-    if plan.config.cursor.is_empty() {
-        // Full refresh: one consistent snapshot, streamed.
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(|e| sql_error(&ctx("starting a read of"), e))?;
-        let sql = plan.page_sql(&quote, &placeholder, true, false, None);
-        let mut rows = sqlx::query(AssertSqlSafe(sql)).fetch(&mut conn);
-        let mut builder = ColumnsBuilder::new(&plan.columns);
-        let (mut in_batch, mut ordinal) = (0usize, 1u64);
-        let mut names: Vec<String> = Vec::new();
-        while let Some(row) = rows
-            .try_next()
-            .await
-            .map_err(|e| sql_error(&ctx("reading"), e))?
-        {
-            if names.is_empty() {
-                names = type_names(&row);
-            }
-            builder.push(
-                decode_row(&row, &plan.columns, &names)
-                    .map_err(|e| sql_error(&ctx("decoding"), e))?,
-            )?;
-            in_batch += 1;
-            if in_batch == plan.batch_rows {
-                let batch = plan.batch(
-                    builder.finish()?,
-                    ordinal,
-                    serde_json::json!({ "full_refresh_rows": ordinal - 1 + in_batch as u64 }),
-                );
-                ordinal += in_batch as u64;
-                in_batch = 0;
-                if out.send(Ok(batch)).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-        if in_batch > 0 {
-            let batch = plan.batch(
-                builder.finish()?,
-                ordinal,
-                serde_json::json!({ "full_refresh_rows": ordinal - 1 + in_batch as u64 }),
-            );
-            let _ = out.send(Ok(batch)).await;
-        }
-        return Ok(());
-    }
-
-    read_incremental(plan, &mut conn, out).await
+    spawn_read(plan, |config| async move { connect(&config).await })
 }
 
 impl PageConn for PgConnection {
@@ -352,6 +292,23 @@ impl PageConn for PgConnection {
             .await
             .map(|_| ())
             .map_err(|e| sql_error("ending a page", e))
+    }
+
+    fn stream_rows<'a>(
+        &'a mut self,
+        sql: String,
+        columns: &'a [SqlColumn],
+    ) -> futures_util::stream::BoxStream<'a, Result<Vec<Cell>, SourceError>> {
+        use futures_util::StreamExt;
+        let mut names: Option<Vec<String>> = None;
+        sqlx::query(AssertSqlSafe(sql))
+            .fetch(self)
+            .map(move |row| {
+                let row = row.map_err(|e| sql_error("reading", e))?;
+                let names = names.get_or_insert_with(|| type_names(&row));
+                decode_row(&row, columns, names).map_err(|e| sql_error("decoding", e))
+            })
+            .boxed()
     }
 
     async fn fetch_rows(
