@@ -200,10 +200,11 @@ mod tests {
             Outcome::Dead { .. } => panic!("should have succeeded"),
         }
         assert_eq!(calls.load(Ordering::SeqCst), 4);
-        // Each wait is at least the planned one (20, 40, 80 ms) and at most twice it (jitter).
+        // Each wait is at least the planned one (20, 40, 80 ms) and at most twice it (jitter),
+        // with room for a busy machine oversleeping.
         for (got, planned) in slept.iter().zip(policy.planned_waits()) {
             assert!(
-                *got >= planned && *got < planned * 2 + Duration::from_millis(30),
+                *got >= planned && *got < planned * 2 + Duration::from_millis(250),
                 "{got:?} vs {planned:?}"
             );
         }
