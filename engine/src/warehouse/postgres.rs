@@ -406,6 +406,18 @@ impl PostgresWarehouse {
         master.unwrap_key(&wrapped, tenant.as_str())
     }
 
+    /// Every row of an entity table that the source has not deleted, in key order.
+    async fn live_rows(&self, tenant: &TenantSlug, entity_table: &str) -> Result<Vec<PgRow>> {
+        self.prepare_tenant(tenant).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
+            table(tenant, entity_table)
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(format!("reading {entity_table}")))
+    }
+
     async fn fire(
         &self,
         name: &'static str,
@@ -1132,14 +1144,7 @@ impl Warehouse for PostgresWarehouse {
     }
 
     async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
-        self.prepare_tenant(tenant).await?;
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
-            table(tenant, "invoices")
-        )))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("reading invoices"))?;
+        let rows = self.live_rows(tenant, "invoices").await?;
         rows.iter()
             .map(|r| {
                 Ok(Invoice {
@@ -1161,14 +1166,7 @@ impl Warehouse for PostgresWarehouse {
     }
 
     async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
-        self.prepare_tenant(tenant).await?;
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
-            table(tenant, "bills")
-        )))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("reading bills"))?;
+        let rows = self.live_rows(tenant, "bills").await?;
         rows.iter()
             .map(|r| {
                 Ok(Bill {
@@ -1258,14 +1256,7 @@ impl Warehouse for PostgresWarehouse {
     }
 
     async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
-        self.prepare_tenant(tenant).await?;
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
-            table(tenant, "payments")
-        )))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("reading payments"))?;
+        let rows = self.live_rows(tenant, "payments").await?;
         rows.iter()
             .map(|r| {
                 let applied: Option<sqlx::types::Json<Vec<String>>> = get(r, "applied_to")?;

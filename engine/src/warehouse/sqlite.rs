@@ -637,13 +637,7 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
-        let pool = self.pool(tenant, false).await?;
-        let rows = sqlx::query(
-            "SELECT * FROM invoices WHERE deleted_at IS NULL ORDER BY source, external_id",
-        )
-        .fetch_all(&pool)
-        .await
-        .map_err(|e| EngineError::from_sqlx("reading invoices", e))?;
+        let rows = self.live_rows(tenant, "invoices").await?;
         rows.iter()
             .map(|r| {
                 Ok(Invoice {
@@ -665,7 +659,28 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
-        self.payments_of(tenant).await
+        let rows = self.live_rows(tenant, "payments").await?;
+        rows.iter()
+            .map(|r| {
+                let applied: Option<String> = get(r, "applied_to")?;
+                Ok(Payment {
+                    external_id: get(r, "external_id")?,
+                    direction: get(r, "direction")?,
+                    counterparty_id: get(r, "counterparty_id")?,
+                    date: date_col(r, "date")?,
+                    amount: money_col(r, "amount")?,
+                    currency: get(r, "currency")?,
+                    applied_to: match applied {
+                        Some(text) => serde_json::from_str(&text).map_err(|e| {
+                            EngineError::new(ErrorKind::Warehouse, "applied_to is not a JSON list")
+                                .with_source(e)
+                        })?,
+                        None => Vec::new(),
+                    },
+                    updated_at: instant_col(r, "updated_at")?,
+                })
+            })
+            .collect()
     }
 
     async fn record_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
@@ -728,13 +743,7 @@ impl Warehouse for SqliteWarehouse {
     }
 
     async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
-        let pool = self.pool(tenant, false).await?;
-        let rows = sqlx::query(
-            "SELECT * FROM bills WHERE deleted_at IS NULL ORDER BY source, external_id",
-        )
-        .fetch_all(&pool)
-        .await
-        .map_err(|e| EngineError::from_sqlx("reading bills", e))?;
+        let rows = self.live_rows(tenant, "bills").await?;
         rows.iter()
             .map(|r| {
                 Ok(Bill {
@@ -758,35 +767,16 @@ impl Warehouse for SqliteWarehouse {
 }
 
 impl SqliteWarehouse {
-    async fn payments_of(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
+    /// Every row of an entity table that the source has not deleted, in key order.
+    async fn live_rows(&self, tenant: &TenantSlug, table: &str) -> Result<Vec<SqliteRow>> {
         let pool = self.pool(tenant, false).await?;
-        let rows = sqlx::query(
-            "SELECT * FROM payments WHERE deleted_at IS NULL ORDER BY source, external_id",
-        )
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
+            quote_ident(table)
+        )))
         .fetch_all(&pool)
         .await
-        .map_err(|e| EngineError::from_sqlx("reading payments", e))?;
-        rows.iter()
-            .map(|r| {
-                let applied: Option<String> = get(r, "applied_to")?;
-                Ok(Payment {
-                    external_id: get(r, "external_id")?,
-                    direction: get(r, "direction")?,
-                    counterparty_id: get(r, "counterparty_id")?,
-                    date: date_col(r, "date")?,
-                    amount: money_col(r, "amount")?,
-                    currency: get(r, "currency")?,
-                    applied_to: match applied {
-                        Some(text) => serde_json::from_str(&text).map_err(|e| {
-                            EngineError::new(ErrorKind::Warehouse, "applied_to is not a JSON list")
-                                .with_source(e)
-                        })?,
-                        None => Vec::new(),
-                    },
-                    updated_at: instant_col(r, "updated_at")?,
-                })
-            })
-            .collect()
+        .map_err(|e| EngineError::from_sqlx(format!("reading {table}"), e))
     }
 }
 
