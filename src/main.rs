@@ -5,7 +5,8 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use chrono::NaiveDate;
@@ -13,12 +14,20 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sluice_connectors::Source;
+use sluice_engine::control::PipelineStore;
 use sluice_engine::finance::{AGING_BUCKETS, AgingReport, AgingSide};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_engine::{RowCounts, SqliteWarehouse, TenantSlug, Warehouse};
-use sluice_pipelines::{PipelineSource, PipelineSpec, RunObserver, RunOptions, run_pipeline};
+use sluice_pipelines::{
+    PipelineSource, PipelineSpec, RunObserver, RunOptions, RunReport, run_pipeline,
+};
+use sluice_workers::jobs::Trigger;
+use sluice_workers::retry::RetryPolicy;
+use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
+use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers, shutdown_signal};
+use sluice_workers::{QueueSettings, Queues, TriggerOutcome, TriggerRequest};
 
 #[derive(Parser)]
 #[command(
@@ -48,8 +57,62 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    queue: QueueArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where jobs are queued (used by trigger, worker, scheduler and serve).
+#[derive(Args)]
+struct QueueArgs {
+    /// Queue jobs in Redis (shared by workers on any machine) instead of the embedded
+    /// SQLite queue in the data directory (e.g. redis://127.0.0.1:6379).
+    #[arg(long, global = true, env = "SLUICE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key, to share one Redis between installations.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_QUEUE_PREFIX",
+        default_value = "sluice"
+    )]
+    queue_prefix: String,
+    /// How often a worker proves it is alive; one silent for 3 beats is dead and its jobs
+    /// go to another worker.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_HEARTBEAT_MS",
+        default_value_t = 5000
+    )]
+    heartbeat_ms: u64,
+    /// How long a running job's pipeline lock lasts without renewal (renewed every third).
+    #[arg(long, global = true, env = "SLUICE_LEASE_MS", default_value_t = 30000)]
+    lease_ms: u64,
+    /// First wait between retries of a transiently failing job (then doubling: 1 s, 2 s,
+    /// 4 s, 8 s by default).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_RETRY_BASE_MS",
+        default_value_t = 1000
+    )]
+    retry_base_ms: u64,
+}
+
+impl QueueArgs {
+    fn settings(&self, data_dir: &Path) -> QueueSettings {
+        let mut s = QueueSettings::new(self.redis_url.clone(), data_dir.to_path_buf());
+        s.prefix = self.queue_prefix.clone();
+        s.heartbeat = Duration::from_millis(self.heartbeat_ms.max(1000));
+        s.lease_ttl = Duration::from_millis(self.lease_ms.max(300));
+        s
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy::with_base(Duration::from_millis(self.retry_base_ms))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,6 +140,22 @@ enum Command {
     /// Jobs that failed for good: list them, replay one after fixing the cause.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Queue a sync of a pipeline (registering the pipeline file first) and print its run id.
+    #[command(
+        after_help = "Example:\n  sluice trigger examples/invoices.toml --wait\n  sluice --redis-url redis://127.0.0.1:6379 trigger acme-invoices --tenant acme --json"
+    )]
+    Trigger(TriggerArgs),
+    /// Run sync jobs from the queue until SIGTERM or SIGINT.
+    #[command(
+        after_help = "Example:\n  sluice --redis-url redis://127.0.0.1:6379 --database-url postgres://127.0.0.1/sluice worker --concurrency 4"
+    )]
+    Worker(WorkerArgs),
+    /// Queue syncs of scheduled pipelines when their cron ticks come.
+    #[command(after_help = "Example:\n  sluice scheduler --catch-up skip")]
+    Scheduler(SchedulerArgs),
+    /// Workers, the scheduler and the HTTP API in one process.
+    #[command(after_help = "Example:\n  sluice serve --listen 127.0.0.1:8080")]
+    Serve(ServeArgs),
     /// Check a pipeline's source, or list what it offers.
     #[command(subcommand)]
     Source(SourceCommand),
@@ -202,6 +281,63 @@ enum TenantCommand {
 }
 
 #[derive(Args)]
+struct TriggerArgs {
+    /// A pipeline file (registered, or updated, under its name first) or a registered
+    /// pipeline's name.
+    pipeline: String,
+    /// The tenant of a pipeline given by name.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The same key within 24 hours returns the same run instead of queueing another.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Wait for the run to end and print its accounting, as `sync` does (with the embedded
+    /// queue, this process runs the job if no worker takes it).
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Sync jobs run at once by this process.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Seconds in-flight jobs may take to finish after SIGTERM/SIGINT; a job still running
+    /// then is taken over by another worker and resumes from its last committed batch.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CatchUpArg {
+    /// Forget ticks missed while no scheduler ran.
+    Skip,
+    /// One run for the latest missed tick.
+    One,
+}
+
+#[derive(Args)]
+struct SchedulerArgs {
+    /// Ticks missed while no scheduler ran.
+    #[arg(long, value_enum, default_value_t = CatchUpArg::One)]
+    catch_up: CatchUpArg,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    scheduler: SchedulerArgs,
+}
+
+#[derive(Args)]
 struct SyncArgs {
     /// The pipeline file (TOML).
     pipeline: PathBuf,
@@ -314,9 +450,18 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let master = std::env::var("SLUICE_MASTER_KEY")
+        .ok()
+        .map(|k| MasterKey::from_hex(&k))
+        .transpose()?;
+    let queue = cli.queue.settings(&cli.data_dir);
+    let policy = cli.queue.policy();
     match cli.database_url.as_deref() {
         Some(url) => {
-            let warehouse = PostgresWarehouse::connect(url).await?;
+            let mut warehouse = PostgresWarehouse::connect(url).await?;
+            if let Some(m) = master {
+                warehouse = warehouse.with_master_key(m);
+            }
             match cli.command {
                 Command::Tenant(cmd) => tenant(&warehouse, cmd).await,
                 Command::Migrate => {
@@ -330,20 +475,57 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     }
                     Ok(ExitCode::SUCCESS)
                 }
-                other => run_command(&warehouse, other).await,
+                other => run_command(Arc::new(warehouse), other, queue, policy).await,
             }
         }
         None => match cli.command {
             Command::Tenant(_) | Command::Migrate => bail!(
                 "`tenant` and `migrate` manage the PostgreSQL warehouse: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse creates a tenant's file on its first sync)"
             ),
-            other => run_command(&SqliteWarehouse::new(&cli.data_dir), other).await,
+            other => {
+                let mut warehouse = SqliteWarehouse::new(&cli.data_dir);
+                if let Some(m) = master {
+                    warehouse = warehouse.with_master_key(m);
+                }
+                run_command(Arc::new(warehouse), other, queue, policy).await
+            }
         },
     }
 }
 
-async fn run_command<W: Warehouse>(warehouse: &W, command: Command) -> Result<ExitCode> {
+async fn run_command<W: Warehouse + PipelineStore + 'static>(
+    warehouse: Arc<W>,
+    command: Command,
+    queue: QueueSettings,
+    policy: RetryPolicy,
+) -> Result<ExitCode> {
+    let env = |queues: Queues| {
+        Arc::new(WorkerEnv {
+            warehouse: warehouse.clone(),
+            queues: Arc::new(queues),
+            policy,
+        })
+    };
+    let warehouse = &*warehouse;
     match command {
+        Command::Trigger(args) => trigger(env(Queues::connect(queue).await?), &args).await,
+        Command::Worker(args) => {
+            run_workers(
+                env(Queues::connect(queue).await?),
+                &args.options(),
+                shutdown_signal(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scheduler(args) => {
+            let env = env(Queues::connect(queue).await?);
+            Scheduler::new(env.warehouse.clone(), env.queues.clone(), args.options())
+                .run(shutdown_signal())
+                .await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => serve(env(Queues::connect(queue).await?), &args).await,
         Command::Source(cmd) => source_command(cmd).await,
         Command::Runs(cmd) => runs_command(warehouse, cmd).await,
         Command::DeadLetters(cmd) => dead_letters_command(warehouse, cmd).await,
@@ -701,6 +883,173 @@ impl RunObserver for Progress {
     }
 }
 
+impl WorkerArgs {
+    fn options(&self) -> WorkerOptions {
+        WorkerOptions {
+            concurrency: self.concurrency.max(1),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+        }
+    }
+}
+
+impl SchedulerArgs {
+    fn options(&self) -> SchedulerOptions {
+        SchedulerOptions {
+            catch_up: match self.catch_up {
+                CatchUpArg::Skip => CatchUp::Skip,
+                CatchUpArg::One => CatchUp::One,
+            },
+            ..SchedulerOptions::default()
+        }
+    }
+}
+
+/// Workers, scheduler and API until SIGTERM/SIGINT.
+async fn serve<W: Warehouse + PipelineStore + 'static>(
+    env: Arc<WorkerEnv<W>>,
+    args: &ServeArgs,
+) -> Result<ExitCode> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let api = tokio::spawn(sluice_api::serve(args.listen, stopped()));
+    let scheduler = tokio::spawn(
+        Scheduler::new(
+            env.warehouse.clone(),
+            env.queues.clone(),
+            args.scheduler.options(),
+        )
+        .run(stopped()),
+    );
+    let options = args.worker.options();
+    let workers = run_workers(env, &options, stopped());
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let (worked, ()) = tokio::join!(workers, signal);
+    worked?;
+    scheduler.await?;
+    api.await?.context("serving the API")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Registers the pipeline (when given a file), queues a sync, and with `--wait` follows it.
+async fn trigger<W: Warehouse + PipelineStore + 'static>(
+    env: Arc<WorkerEnv<W>>,
+    args: &TriggerArgs,
+) -> Result<ExitCode> {
+    let path = Path::new(&args.pipeline);
+    let (tenant, name) = if path.extension().is_some_and(|e| e == "toml") || path.is_file() {
+        let spec = PipelineSpec::from_file(path)?;
+        let tenant = TenantSlug::parse(&spec.tenant)?;
+        let (fields, secrets) = spec.to_stored();
+        env.warehouse
+            .save_pipeline(&tenant, &spec.name, &fields, &secrets)
+            .await?;
+        (tenant, spec.name)
+    } else {
+        let tenant = args
+            .tenant
+            .as_deref()
+            .context("give --tenant with a pipeline name (or give the pipeline file instead)")?;
+        let tenant = TenantSlug::parse(tenant)?;
+        if env
+            .warehouse
+            .pipeline(&tenant, &args.pipeline)
+            .await?
+            .is_none()
+        {
+            bail!(
+                "pipeline '{}' of tenant '{tenant}' is not registered; trigger its pipeline file once to register it",
+                args.pipeline
+            );
+        }
+        (tenant, args.pipeline.clone())
+    };
+    let triggered = env
+        .queues
+        .trigger(&TriggerRequest {
+            tenant: tenant.to_string(),
+            pipeline: name.clone(),
+            trigger: Trigger::Manual,
+            idempotency_key: args.idempotency_key.clone(),
+            correlation_id: None,
+        })
+        .await?;
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::to_string(&triggered)?);
+        } else {
+            let how = match triggered.outcome {
+                TriggerOutcome::Enqueued => "queued",
+                TriggerOutcome::Joined => "joined the run already queued or running",
+                TriggerOutcome::Repeated => "idempotency key seen before; its run",
+            };
+            println!("{how}: {}", triggered.run_id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // With the embedded queue there may be no worker: run one here until the run ends.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let local = (!env.queues.is_redis()).then(|| {
+        let env = env.clone();
+        tokio::spawn(async move {
+            let options = WorkerOptions {
+                concurrency: 1,
+                ..WorkerOptions::default()
+            };
+            run_workers(env, &options, async move {
+                let _ = done_rx.await;
+            })
+            .await
+        })
+    });
+    let waited = env
+        .queues
+        .wait(&triggered.run_id, Duration::from_millis(100))
+        .await;
+    let _ = done_tx.send(());
+    if let Some(worker) = local {
+        worker.await??;
+    }
+    let result = waited?;
+    let final_run = result.final_run_id.clone();
+    let ledger = match &final_run {
+        Some(run) => env.warehouse.run(&tenant, run).await?,
+        None => None,
+    };
+    match (result.status.as_str(), ledger) {
+        ("succeeded", Some(ledger)) => {
+            let duration = ledger
+                .finished_at
+                .and_then(|f| (f - ledger.started_at).to_std().ok())
+                .unwrap_or_default();
+            print_report(&RunReport { ledger, duration }, args.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            let reason = result.reason.clone().unwrap_or_else(|| "failed".into());
+            if args.json {
+                println!(
+                    "{}",
+                    json!({ "run_id": final_run.as_deref().unwrap_or(&triggered.run_id), "status": "failed",
+                            "error": reason, "dead_letter": result.dead_letter })
+                );
+            }
+            eprintln!("error: {reason}");
+            if let Some(d) = &result.dead_letter {
+                eprintln!("the job is dead: see `sluice dead-letters list`; dead letter {d}");
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 async fn sync<W: Warehouse>(warehouse: &W, args: &SyncArgs) -> Result<ExitCode> {
     let spec = PipelineSpec::from_file(&args.pipeline)?;
     let source = PipelineSource::from_spec(&spec.source)?;
@@ -709,43 +1058,7 @@ async fn sync<W: Warehouse>(warehouse: &W, args: &SyncArgs) -> Result<ExitCode> 
     progress.finish();
     match result {
         Ok(report) => {
-            let l = &report.ledger;
-            let c = &l.counts;
-            if args.json {
-                let out = json!({
-                    "run_id": l.run_id, "tenant": l.tenant, "pipeline": l.pipeline, "entity": l.entity,
-                    "status": l.status, "rows_read": c.rows_read, "loaded": c.loaded(),
-                    "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
-                    "quarantined": c.quarantined, "deduplicated": c.deduplicated,
-                    "duration_ms": report.duration.as_millis() as u64, "rules_hash": l.rules_hash,
-                });
-                println!("{out}");
-            } else {
-                let secs = report.duration.as_secs_f64();
-                println!(
-                    "run {} succeeded in {:.2} s ({:.0} rows/s)",
-                    l.run_id,
-                    secs,
-                    c.rows_read as f64 / secs.max(1e-6)
-                );
-                println!(
-                    "  pipeline      {} ({} -> tenant {})",
-                    l.pipeline, l.entity, l.tenant
-                );
-                println!("  rows read     {}", c.rows_read);
-                println!(
-                    "  loaded        {}  (inserted {}, updated {}, unchanged {})",
-                    c.loaded(),
-                    c.inserted,
-                    c.updated,
-                    c.unchanged
-                );
-                println!("  quarantined   {}", c.quarantined);
-                println!("  deduplicated  {}", c.deduplicated);
-                if c.quarantined > 0 {
-                    println!("see why: sluice quarantine list --run {}", l.run_id);
-                }
-            }
+            print_report(&report, args.json);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -763,6 +1076,47 @@ async fn sync<W: Warehouse>(warehouse: &W, args: &SyncArgs) -> Result<ExitCode> 
                 );
             }
             Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// A finished run's accounting, as `sync` prints it (`--json`: one object).
+fn print_report(report: &RunReport, as_json: bool) {
+    let l = &report.ledger;
+    let c = &l.counts;
+    if as_json {
+        let out = json!({
+            "run_id": l.run_id, "tenant": l.tenant, "pipeline": l.pipeline, "entity": l.entity,
+            "status": l.status, "rows_read": c.rows_read, "loaded": c.loaded(),
+            "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
+            "quarantined": c.quarantined, "deduplicated": c.deduplicated,
+            "duration_ms": report.duration.as_millis() as u64, "rules_hash": l.rules_hash,
+        });
+        println!("{out}");
+    } else {
+        let secs = report.duration.as_secs_f64();
+        println!(
+            "run {} succeeded in {:.2} s ({:.0} rows/s)",
+            l.run_id,
+            secs,
+            c.rows_read as f64 / secs.max(1e-6)
+        );
+        println!(
+            "  pipeline      {} ({} -> tenant {})",
+            l.pipeline, l.entity, l.tenant
+        );
+        println!("  rows read     {}", c.rows_read);
+        println!(
+            "  loaded        {}  (inserted {}, updated {}, unchanged {})",
+            c.loaded(),
+            c.inserted,
+            c.updated,
+            c.unchanged
+        );
+        println!("  quarantined   {}", c.quarantined);
+        println!("  deduplicated  {}", c.deduplicated);
+        if c.quarantined > 0 {
+            println!("see why: sluice quarantine list --run {}", l.run_id);
         }
     }
 }

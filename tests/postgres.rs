@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use rust_decimal::Decimal;
 use sluice_connectors::{BatchStream, HealthReport, ReadRequest, Source, SourceError, StreamInfo};
+use sluice_engine::control::PipelineStore;
 use sluice_engine::finance::AgingSide;
 use sluice_engine::quarantine::QuarantineFilter;
 use sluice_engine::secrets::MasterKey;
@@ -244,11 +245,13 @@ async fn missing_tenants_and_hostile_names_are_rejected_and_create_nothing() {
 #[tokio::test]
 async fn pipeline_secrets_are_encrypted_at_rest() {
     let db = TestDb::create().await;
-    let w = warehouse_with(&db, &["acme"]).await;
+    let w = warehouse_with(&db, &["acme"])
+        .await
+        .with_master_key(master());
     let spec = serde_json::json!({ "name": "erp", "source": { "kind": "postgres", "url": "postgres://erp@db/erp" } });
     let mut secrets = serde_json::Map::new();
     secrets.insert("password".into(), "correct-horse-battery-staple".into());
-    w.store_pipeline(&slug("acme"), "erp", &spec, &secrets, &master())
+    w.save_pipeline(&slug("acme"), "erp", &spec, &secrets)
         .await
         .expect("store");
 
@@ -274,19 +277,30 @@ async fn pipeline_secrets_are_encrypted_at_rest() {
         "secret in the audit log: {audit}"
     );
 
-    let (spec_back, secrets_back) = w
-        .load_pipeline(&slug("acme"), "erp", &master())
+    let back = w
+        .pipeline(&slug("acme"), "erp")
         .await
         .expect("load")
         .expect("present");
-    assert_eq!(spec_back, spec);
-    assert_eq!(secrets_back["password"], "correct-horse-battery-staple");
+    assert_eq!(back.spec, spec);
+    assert_eq!(back.secrets["password"], "correct-horse-battery-staple");
+    assert!(!format!("{back:?}").contains("correct-horse"));
     let wrong = MasterKey::from_hex(&MASTER_KEY_HEX.replace('4', "5")).expect("key");
-    let err = w
-        .load_pipeline(&slug("acme"), "erp", &wrong)
+    let other = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(wrong);
+    let err = other
+        .pipeline(&slug("acme"), "erp")
         .await
         .expect_err("wrong master key");
     assert!(!err.to_string().contains("correct-horse"));
+    let keyless = PostgresWarehouse::connect(&db.url).await.expect("connect");
+    let err = keyless
+        .pipeline(&slug("acme"), "erp")
+        .await
+        .expect_err("no master key");
+    assert!(err.to_string().contains("SLUICE_MASTER_KEY"), "{err}");
 }
 
 /// A source that waits until every racer has read its stream state before yielding.

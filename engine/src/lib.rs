@@ -6,6 +6,7 @@
 //! or counted as a duplicate, and the ledger proves which.
 
 pub mod columns;
+pub mod control;
 pub mod currency;
 pub mod dead_letter;
 pub mod dedupe;

@@ -7,6 +7,7 @@ pub mod prepare;
 pub mod runner;
 pub mod source;
 pub mod spec;
+pub mod stored;
 
 pub use error::{PipelineError, PipelineErrorKind};
 pub use runner::{Quiet, RunObserver, RunOptions, RunReport, run_pipeline};

@@ -169,6 +169,18 @@ pub struct ScheduleSpec {
     pub cron: String,
 }
 
+impl ScheduleSpec {
+    /// The parsed expression: six fields (seconds first) or the classic five (minutes
+    /// first, at second 0); times are UTC.
+    pub fn parse(&self) -> Result<croner::Cron, PipelineError> {
+        croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .build()
+            .parse(&self.cron)
+            .map_err(|e| config(format!("[schedule] cron '{}': {e}", self.cron)))
+    }
+}
+
 /// Default records per batch.
 pub const DEFAULT_BATCH_ROWS: usize = 8192;
 const SOURCE_KINDS_LATER: &[&str] = &["quickbooks", "odoo"];
@@ -259,6 +271,9 @@ impl PipelineSpec {
         }
         if self.batch_rows == Some(0) {
             return Err(config("batch_rows must be at least 1"));
+        }
+        if let Some(schedule) = &self.schedule {
+            schedule.parse()?;
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use sluice_pipelines::{
 use tracing::Instrument;
 
 use crate::error::{WorkerError, WorkerErrorKind};
-use crate::retry::{Attempt, Outcome, RetryPolicy, run_with_retries};
+use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
 
 /// What started a sync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +55,10 @@ pub struct SyncJob {
     pub run_id: String,
     /// Follows the work through logs (the API's request id, or a fresh one).
     pub correlation_id: String,
+    /// The token of the pipeline lock the trigger took for this run; the worker takes the
+    /// lock over with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_token: Option<String>,
 }
 
 impl SyncJob {
@@ -66,6 +70,7 @@ impl SyncJob {
             trigger,
             run_id: uuid::Uuid::now_v7().to_string(),
             correlation_id: uuid::Uuid::now_v7().to_string(),
+            lock_token: None,
         }
     }
 
@@ -110,9 +115,24 @@ pub async fn run_sync_job<S: Source, W: Warehouse>(
     policy: &RetryPolicy,
     observer: &dyn RunObserver,
 ) -> Result<JobOutcome, WorkerError> {
+    continue_sync_job(job, Vec::new(), spec, source, warehouse, policy, observer).await
+}
+
+/// Like [`run_sync_job`] for a job whose earlier deliveries already made the `prior`
+/// attempts (see [`continue_with_retries`]).
+pub async fn continue_sync_job<S: Source, W: Warehouse>(
+    job: &SyncJob,
+    prior: Vec<Attempt>,
+    spec: &PipelineSpec,
+    source: &S,
+    warehouse: &W,
+    policy: &RetryPolicy,
+    observer: &dyn RunObserver,
+) -> Result<JobOutcome, WorkerError> {
     let span = tracing::info_span!("job", tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
-    let (outcome, _) = run_with_retries(
+    let (outcome, _) = continue_with_retries(
         policy,
+        prior,
         |n| {
             let options = RunOptions {
                 trigger: job.trigger.as_str().to_string(),
@@ -130,24 +150,14 @@ pub async fn run_sync_job<S: Source, W: Warehouse>(
             failed,
         }),
         Outcome::Dead { failed, reason } => {
-            let letter = DeadLetter {
-                id: uuid::Uuid::now_v7().to_string(),
-                tenant: job.tenant.clone(),
-                pipeline: job.pipeline.clone(),
-                job_kind: "sync".into(),
-                job: serde_json::to_value(job).unwrap_or_default(),
-                attempts: serde_json::to_value(&failed).unwrap_or_default(),
-                reason: reason.clone(),
-                created_at: Utc::now(),
-                replayed_at: None,
-                replay_run: None,
-            };
+            let letter = dead_letter(job, &failed, &reason);
             warehouse.record_dead_letter(&letter).await.map_err(|e| {
                 WorkerError::new(
                     WorkerErrorKind::Queue,
                     format!("recording the dead letter: {e}"),
                 )
             })?;
+            crate::metrics::metrics().dead_letters.inc();
             tracing::error!(dead_letter = %letter.id, %reason, "job is dead");
             Ok(JobOutcome::Dead {
                 dead_letter: letter.id,
@@ -155,6 +165,22 @@ pub async fn run_sync_job<S: Source, W: Warehouse>(
                 reason,
             })
         }
+    }
+}
+
+/// The dead letter of a sync job that failed for good.
+pub fn dead_letter(job: &SyncJob, failed: &[Attempt], reason: &str) -> DeadLetter {
+    DeadLetter {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant: job.tenant.clone(),
+        pipeline: job.pipeline.clone(),
+        job_kind: "sync".into(),
+        job: serde_json::to_value(job).unwrap_or_default(),
+        attempts: serde_json::to_value(failed).unwrap_or_default(),
+        reason: reason.to_string(),
+        created_at: Utc::now(),
+        replayed_at: None,
+        replay_run: None,
     }
 }
 

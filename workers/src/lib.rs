@@ -1,9 +1,18 @@
-//! Workers: pipeline locks and idempotency keys, the retry policy, and (to come) the job
-//! queues and the scheduler.
+//! Workers: the job queues (Redis or embedded SQLite), the workers that run syncs from them
+//! under the retry policy, pipeline locks and idempotency keys, the cron scheduler, and the
+//! program's Prometheus metrics.
 
+pub mod coord;
 pub mod error;
 pub mod jobs;
 pub mod lock;
+pub mod metrics;
+pub mod queue;
 pub mod retry;
+pub mod scheduler;
+pub mod worker;
 
 pub use error::{WorkerError, WorkerErrorKind};
+pub use queue::{
+    JobResult, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest, Triggered,
+};

@@ -30,7 +30,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn value(&self) -> String {
+    /// What the lock key holds while this lease is held.
+    pub fn value(&self) -> String {
         format!("{}|{}", self.run_id, self.token)
     }
 }
@@ -56,6 +57,11 @@ pub struct RedisLocks {
 
 /// Renews only while we still hold the lease.
 const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Takes the lock over for a lease we were handed: ours if it still holds our value or is
+/// free; otherwise returns the holder's value.
+const CLAIM: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return '' end return v";
+/// Moves a pipeline's last fired tick forward, never back.
+const ADVANCE_TICK: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or tonumber(v) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
 /// Releases only our own lease.
 const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
@@ -79,6 +85,15 @@ impl RedisLocks {
 
     fn lock_key(&self, tenant: &str, pipeline: &str) -> String {
         format!("{}:lock:{tenant}:{pipeline}", self.prefix)
+    }
+
+    /// The lease a trigger handed over with a job.
+    pub fn lease(&self, tenant: &str, pipeline: &str, run_id: &str, token: &str) -> Lease {
+        Lease {
+            key: self.lock_key(tenant, pipeline),
+            run_id: run_id.to_string(),
+            token: token.to_string(),
+        }
     }
 
     /// Takes the (tenant, pipeline) lock for `run_id` for `ttl`, or names the run that has it.
@@ -118,6 +133,81 @@ impl RedisLocks {
             // Released between our SET and GET: try once more.
             None => Box::pin(self.acquire(tenant, pipeline, run_id, ttl)).await,
         }
+    }
+
+    /// Takes over `lease` (handed over with a queued job) for `ttl`: `None` when it is ours
+    /// (still held or free again), else the run that holds the lock now.
+    pub async fn claim(&self, lease: &Lease, ttl: Duration) -> Result<Option<String>, WorkerError> {
+        let mut conn = self.conn.clone();
+        let holder: String = redis::Script::new(CLAIM)
+            .key(&lease.key)
+            .arg(lease.value())
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("claiming the pipeline lock", e))?;
+        Ok((!holder.is_empty()).then(|| holder.split('|').next().unwrap_or_default().to_string()))
+    }
+
+    /// Records how a job ended, for whoever waits on its run (kept 24 hours).
+    pub async fn save_result(&self, run_id: &str, result: &str) -> Result<(), WorkerError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .set_ex(
+                format!("{}:result:{run_id}", self.prefix),
+                result,
+                IDEMPOTENCY_TTL.as_secs(),
+            )
+            .await
+            .map_err(|e| redis_error("recording the job result", e))?;
+        Ok(())
+    }
+
+    /// How the job of `run_id` ended, once it has.
+    pub async fn result(&self, run_id: &str) -> Result<Option<String>, WorkerError> {
+        let mut conn = self.conn.clone();
+        conn.get(format!("{}:result:{run_id}", self.prefix))
+            .await
+            .map_err(|e| redis_error("reading the job result", e))
+    }
+
+    /// The last tick (Unix milliseconds) fired for a pipeline.
+    pub async fn last_tick(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+    ) -> Result<Option<i64>, WorkerError> {
+        let mut conn = self.conn.clone();
+        conn.get(format!("{}:tick:{tenant}:{pipeline}", self.prefix))
+            .await
+            .map_err(|e| redis_error("reading the last tick", e))
+    }
+
+    /// Records that the tick at `at_ms` fired (never moves back).
+    pub async fn advance_tick(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+        at_ms: i64,
+    ) -> Result<(), WorkerError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::Script::new(ADVANCE_TICK)
+            .key(format!("{}:tick:{tenant}:{pipeline}", self.prefix))
+            .arg(at_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("recording the tick", e))?;
+        Ok(())
+    }
+
+    /// The connection, for the queues that share it.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Extends our lease; false when it is no longer ours (expired and taken).

@@ -99,6 +99,23 @@ pub enum Outcome<T> {
 /// retried. Also returns the waits actually slept, for observability and tests.
 pub async fn run_with_retries<T, E, F, Fut>(
     policy: &RetryPolicy,
+    op: F,
+    is_transient: impl Fn(&E) -> bool,
+) -> (Outcome<T>, Vec<Duration>)
+where
+    E: std::fmt::Display,
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    continue_with_retries(policy, Vec::new(), op, is_transient).await
+}
+
+/// Like [`run_with_retries`], for work that already used up the `prior` attempts (a job
+/// taken over after its worker died): numbering goes on from them, and they count towards
+/// the policy's limit, so a job that keeps killing its worker ends up dead, not looping.
+pub async fn continue_with_retries<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    prior: Vec<Attempt>,
     mut op: F,
     is_transient: impl Fn(&E) -> bool,
 ) -> (Outcome<T>, Vec<Duration>)
@@ -107,9 +124,26 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut waits = policy.backoff();
-    let mut failed: Vec<Attempt> = Vec::new();
+    let mut waits = policy.backoff().skip(prior.len().saturating_sub(1));
     let mut slept = Vec::new();
+    if prior.len() >= policy.attempts.max(1) {
+        let reason = format!("all {} attempts failed", prior.len());
+        return (
+            Outcome::Dead {
+                failed: prior,
+                reason,
+            },
+            slept,
+        );
+    }
+    if !prior.is_empty()
+        && let Some(wait) = waits.next()
+    {
+        let started = Instant::now();
+        tokio::time::sleep(wait).await;
+        slept.push(started.elapsed());
+    }
+    let mut failed = prior;
     loop {
         let number = failed.len() as u32 + 1;
         match op(number).await {

@@ -26,6 +26,10 @@ use super::{
     BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
+use crate::control::{
+    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, no_master_key,
+    secrets_context,
+};
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
@@ -89,6 +93,7 @@ pub struct PostgresWarehouse {
     pool: PgPool,
     fault: Option<FaultHook>,
     commits: AtomicU64,
+    master: Option<Arc<MasterKey>>,
 }
 
 fn db(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> EngineError {
@@ -124,7 +129,14 @@ impl PostgresWarehouse {
             pool,
             fault: None,
             commits: AtomicU64::new(0),
+            master: None,
         })
+    }
+
+    /// Uses `master` to open tenants' data keys (needed to store or read pipeline secrets).
+    pub fn with_master_key(mut self, master: MasterKey) -> Self {
+        self.master = Some(Arc::new(master));
+        self
     }
 
     /// Installs a fault hook (tests only).
@@ -317,85 +329,8 @@ impl PostgresWarehouse {
         Ok(migrated)
     }
 
-    /// Stores (or replaces) a pipeline definition; `secrets` are sealed under the tenant's
-    /// data key and never stored in clear.
-    pub async fn store_pipeline(
-        &self,
-        tenant: &TenantSlug,
-        name: &str,
-        spec: &Value,
-        secrets: &serde_json::Map<String, Value>,
-        master: &MasterKey,
-    ) -> Result<()> {
-        let key = self.data_key(tenant, master).await?;
-        let sealed = (!secrets.is_empty()).then(|| {
-            key.seal(
-                Value::Object(secrets.clone()).to_string().as_bytes(),
-                &format!("{tenant}/{name}"),
-            )
-        });
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(db("starting to store the pipeline"))?;
-        sqlx::query(
-            "INSERT INTO sluice.pipelines (tenant, name, spec, secrets) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (tenant, name) DO UPDATE SET spec = EXCLUDED.spec, secrets = EXCLUDED.secrets, updated_at = now()",
-        )
-        .bind(tenant.as_str())
-        .bind(name)
-        .bind(sqlx::types::Json(spec))
-        .bind(sealed)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("storing the pipeline"))?;
-        let secret_names: Vec<&String> = secrets.keys().collect();
-        audit(
-            &mut tx,
-            "cli",
-            "pipeline.store",
-            Some(tenant.as_str()),
-            name,
-            serde_json::json!({ "secrets": secret_names }),
-        )
-        .await?;
-        tx.commit().await.map_err(db("committing the pipeline"))
-    }
-
-    /// A stored pipeline's definition and its decrypted secrets.
-    pub async fn load_pipeline(
-        &self,
-        tenant: &TenantSlug,
-        name: &str,
-        master: &MasterKey,
-    ) -> Result<Option<(Value, serde_json::Map<String, Value>)>> {
-        let row = sqlx::query(
-            "SELECT spec, secrets FROM sluice.pipelines WHERE tenant = $1 AND name = $2",
-        )
-        .bind(tenant.as_str())
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| control_error("reading the pipeline", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let spec: sqlx::types::Json<Value> = row.try_get("spec").map_err(db("spec"))?;
-        let sealed: Option<Vec<u8>> = row.try_get("secrets").map_err(db("secrets"))?;
-        let secrets = match sealed {
-            None => serde_json::Map::new(),
-            Some(bytes) => {
-                let key = self.data_key(tenant, master).await?;
-                let plain = key.open(&bytes, &format!("{tenant}/{name}"))?;
-                serde_json::from_slice(&plain).map_err(|e| {
-                    EngineError::new(ErrorKind::Warehouse, "stored secrets are not a JSON object")
-                        .with_source(e)
-                })?
-            }
-        };
-        Ok(Some((spec.0, secrets)))
-    }
-
-    async fn data_key(&self, tenant: &TenantSlug, master: &MasterKey) -> Result<DataKey> {
+    async fn data_key(&self, tenant: &TenantSlug) -> Result<DataKey> {
+        let master = self.master.as_deref().ok_or_else(no_master_key)?;
         let wrapped: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT wrapped_key FROM sluice.tenants WHERE slug = $1")
                 .bind(tenant.as_str())
@@ -1410,4 +1345,93 @@ fn quarantined_from_row(tenant: &TenantSlug, r: &PgRow) -> Result<QuarantinedRow
         errors: errors.0,
         created_at: get(r, "created_at")?,
     })
+}
+
+impl PipelineStore for PostgresWarehouse {
+    async fn save_pipeline(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+        spec: &Value,
+        secrets: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        let sealed = if secrets.is_empty() {
+            None
+        } else {
+            let key = self.data_key(tenant).await?;
+            Some(key.seal(
+                Value::Object(secrets.clone()).to_string().as_bytes(),
+                &secrets_context(tenant, name),
+            ))
+        };
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting to store the pipeline"))?;
+        sqlx::query(
+            "INSERT INTO sluice.pipelines (tenant, name, spec, secrets) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, name) DO UPDATE SET spec = EXCLUDED.spec, secrets = EXCLUDED.secrets, updated_at = now()",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .bind(sqlx::types::Json(spec))
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("storing the pipeline"))?;
+        let secret_names: Vec<&String> = secrets.keys().collect();
+        audit(
+            &mut tx,
+            "cli",
+            "pipeline.store",
+            Some(tenant.as_str()),
+            name,
+            serde_json::json!({ "secrets": secret_names }),
+        )
+        .await?;
+        tx.commit().await.map_err(db("committing the pipeline"))
+    }
+
+    async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
+        let row = sqlx::query(
+            "SELECT spec, secrets, updated_at FROM sluice.pipelines WHERE tenant = $1 AND name = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| control_error("reading the pipeline", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let spec: sqlx::types::Json<Value> = row.try_get("spec").map_err(db("spec"))?;
+        let sealed: Option<Vec<u8>> = row.try_get("secrets").map_err(db("secrets"))?;
+        let secrets = match sealed {
+            None => serde_json::Map::new(),
+            Some(bytes) => {
+                let key = self.data_key(tenant).await?;
+                decode_secrets(&key.open(&bytes, &secrets_context(tenant, name))?)?
+            }
+        };
+        Ok(Some(StoredPipeline {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            spec: spec.0,
+            secrets,
+            updated_at: row.try_get("updated_at").map_err(db("updated_at"))?,
+        }))
+    }
+
+    async fn scheduled_pipelines(&self) -> Result<Vec<ScheduledPipeline>> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT tenant, name, spec->'schedule'->>'cron' FROM sluice.pipelines \
+             WHERE spec->'schedule'->>'cron' IS NOT NULL ORDER BY tenant, name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| control_error("listing scheduled pipelines", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, name, cron)| ScheduledPipeline { tenant, name, cron })
+            .collect())
+    }
 }

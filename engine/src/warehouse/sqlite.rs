@@ -24,6 +24,10 @@ use super::{
     BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
+use crate::control::{
+    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, no_master_key,
+    secrets_context,
+};
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
@@ -31,6 +35,7 @@ use crate::finance::{AgingBuckets, AgingReport, AgingSide};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::display_decimal;
 use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
+use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
 use crate::time::{format_date, format_timestamp};
 use crate::validate::{strings, timestamps};
@@ -56,6 +61,8 @@ pub struct SqliteWarehouse {
     data_dir: PathBuf,
     pools: AsyncMutex<HashMap<TenantSlug, SqlitePool>>,
     upsert_sql: Mutex<HashMap<(Entity, usize), Arc<str>>>,
+    control: tokio::sync::OnceCell<SqlitePool>,
+    master: Option<Arc<MasterKey>>,
 }
 
 impl SqliteWarehouse {
@@ -65,7 +72,69 @@ impl SqliteWarehouse {
             data_dir: data_dir.into(),
             pools: AsyncMutex::new(HashMap::new()),
             upsert_sql: Mutex::new(HashMap::new()),
+            control: tokio::sync::OnceCell::new(),
+            master: None,
         }
+    }
+
+    /// Uses `master` to wrap tenants' data keys (needed to store or read pipeline secrets).
+    pub fn with_master_key(mut self, master: MasterKey) -> Self {
+        self.master = Some(Arc::new(master));
+        self
+    }
+
+    /// The control database (`<data dir>/control.sqlite`), created and migrated on first use.
+    async fn control(&self) -> Result<&SqlitePool> {
+        self.control
+            .get_or_try_init(|| async {
+                std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+                    EngineError::new(
+                        ErrorKind::Config,
+                        format!("cannot create data directory {}", self.data_dir.display()),
+                    )
+                    .with_source(e)
+                })?;
+                let path = self.data_dir.join("control.sqlite");
+                let options = SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(30));
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(options)
+                    .await
+                    .map_err(|e| {
+                        EngineError::from_sqlx(format!("opening {}", path.display()), e)
+                    })?;
+                migrate_with(&pool, "the control store", CONTROL_MIGRATIONS).await?;
+                Ok(pool)
+            })
+            .await
+    }
+
+    /// The tenant's data key, created (and stored wrapped) on first use.
+    async fn data_key(&self, tenant: &TenantSlug) -> Result<DataKey> {
+        let master = self.master.as_deref().ok_or_else(no_master_key)?;
+        let pool = self.control().await?;
+        let fresh = DataKey::generate();
+        sqlx::query(
+            "INSERT INTO tenant_keys (tenant, wrapped_key, created_at) VALUES (?, ?, ?) ON CONFLICT (tenant) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(master.wrap(&fresh, tenant.as_str()))
+        .bind(now_text())
+        .execute(pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("storing the tenant key", e))?;
+        let wrapped: Vec<u8> =
+            sqlx::query_scalar("SELECT wrapped_key FROM tenant_keys WHERE tenant = ?")
+                .bind(tenant.as_str())
+                .fetch_one(pool)
+                .await
+                .map_err(|e| EngineError::from_sqlx("reading the tenant key", e))?;
+        master.unwrap_key(&wrapped, tenant.as_str())
     }
 
     /// The data directory.
@@ -137,8 +206,22 @@ impl SqliteWarehouse {
     }
 }
 
+/// Migrations of the control database.
+const CONTROL_MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    include_str!("../../../migrations/control/sqlite/0001_control.sql"),
+)];
+
 async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
-    let ctx = |what: &str| format!("migrating tenant '{tenant}': {what}");
+    migrate_with(pool, &format!("tenant '{tenant}'"), MIGRATIONS).await
+}
+
+async fn migrate_with(
+    pool: &SqlitePool,
+    what: &str,
+    migrations: &[(i64, &'static str)],
+) -> Result<()> {
+    let ctx = |step: &str| format!("migrating {what}: {step}");
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
@@ -154,7 +237,7 @@ async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| EngineError::from_sqlx(ctx("reading version"), e))?;
-    for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    for &(version, sql) in migrations.iter().filter(|(v, _)| *v > current) {
         sqlx::raw_sql(sql)
             .execute(&mut *tx)
             .await
@@ -876,14 +959,19 @@ fn date_col(row: &SqliteRow, col: &str) -> Result<NaiveDate> {
 
 fn instant_col(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
     let text: Option<String> = get(row, col)?;
-    text.map(|t| {
-        DateTime::parse_from_rfc3339(&t)
-            .map(|d| d.with_timezone(&Utc))
-            .map_err(|e| {
-                EngineError::new(ErrorKind::Warehouse, format!("{col} holds {t:?}")).with_source(e)
-            })
-    })
-    .transpose()
+    text.map(|t| parse_instant(&t)).transpose()
+}
+
+fn parse_instant(text: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|d| d.with_timezone(&Utc))
+        .map_err(|e| {
+            EngineError::new(
+                ErrorKind::Warehouse,
+                format!("not an RFC 3339 instant: {text:?}"),
+            )
+            .with_source(e)
+        })
 }
 
 fn money_col(row: &SqliteRow, col: &str) -> Result<Decimal> {
@@ -980,4 +1068,84 @@ fn quarantined_from_row(tenant: &TenantSlug, r: &SqliteRow) -> Result<Quarantine
             .map(|d| d.with_timezone(&Utc))
             .map_err(|e| bad("created_at").with_source(e))?,
     })
+}
+
+impl PipelineStore for SqliteWarehouse {
+    async fn save_pipeline(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+        spec: &Value,
+        secrets: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        let sealed = if secrets.is_empty() {
+            None
+        } else {
+            let key = self.data_key(tenant).await?;
+            Some(key.seal(
+                Value::Object(secrets.clone()).to_string().as_bytes(),
+                &secrets_context(tenant, name),
+            ))
+        };
+        let now = now_text();
+        sqlx::query(
+            "INSERT INTO pipelines (tenant, name, spec, secrets, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, name) DO UPDATE SET spec = excluded.spec, secrets = excluded.secrets, updated_at = excluded.updated_at",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .bind(spec.to_string())
+        .bind(sealed)
+        .bind(&now)
+        .bind(&now)
+        .execute(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("storing the pipeline", e))?;
+        Ok(())
+    }
+
+    async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
+        let row: Option<(String, Option<Vec<u8>>, String)> = sqlx::query_as(
+            "SELECT spec, secrets, updated_at FROM pipelines WHERE tenant = ? AND name = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .fetch_optional(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading the pipeline", e))?;
+        let Some((spec, sealed, updated_at)) = row else {
+            return Ok(None);
+        };
+        let secrets = match sealed {
+            None => serde_json::Map::new(),
+            Some(bytes) => {
+                let key = self.data_key(tenant).await?;
+                decode_secrets(&key.open(&bytes, &secrets_context(tenant, name))?)?
+            }
+        };
+        let spec = serde_json::from_str(&spec).map_err(|e| {
+            EngineError::new(ErrorKind::Warehouse, "a stored pipeline is not JSON").with_source(e)
+        })?;
+        Ok(Some(StoredPipeline {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            spec,
+            secrets,
+            updated_at: parse_instant(&updated_at)?,
+        }))
+    }
+
+    async fn scheduled_pipelines(&self) -> Result<Vec<ScheduledPipeline>> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT tenant, name, json_extract(spec, '$.schedule.cron') AS cron FROM pipelines \
+             WHERE cron IS NOT NULL ORDER BY tenant, name",
+        )
+        .fetch_all(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("listing scheduled pipelines", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, name, cron)| ScheduledPipeline { tenant, name, cron })
+            .collect())
+    }
 }

@@ -1,0 +1,341 @@
+//! Coordination between triggers, workers and schedulers: pipeline locks, idempotency keys,
+//! job results and the scheduler's last fired ticks. In Redis when workers share a Redis
+//! ([`RedisLocks`]); in the embedded queue's SQLite file otherwise ([`SqliteCoord`]), with
+//! the same semantics: every operation is one atomic statement, so two processes on one
+//! machine coordinate as two machines do through Redis.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::SqlitePool;
+
+use crate::error::{WorkerError, WorkerErrorKind};
+use crate::lock::{Acquired, IDEMPOTENCY_TTL, Lease, RedisLocks};
+use crate::metrics::metrics;
+
+/// Locks, idempotency keys, results and ticks, wherever they live.
+#[derive(Clone)]
+pub enum Coordinator {
+    /// Shared by every worker that uses the same Redis.
+    Redis(RedisLocks),
+    /// Shared by every process that uses the same data directory.
+    Sqlite(SqliteCoord),
+}
+
+impl Coordinator {
+    /// The lease a trigger handed over with a job (its run and token).
+    pub fn lease(&self, tenant: &str, pipeline: &str, run_id: &str, token: &str) -> Lease {
+        match self {
+            Coordinator::Redis(r) => r.lease(tenant, pipeline, run_id, token),
+            Coordinator::Sqlite(_) => Lease {
+                key: SqliteCoord::lock_key(tenant, pipeline),
+                run_id: run_id.to_string(),
+                token: token.to_string(),
+            },
+        }
+    }
+
+    /// Takes the (tenant, pipeline) lock for `run_id`, or names the run that has it.
+    pub async fn acquire(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+        run_id: &str,
+        ttl: Duration,
+    ) -> Result<Acquired, WorkerError> {
+        let got = match self {
+            Coordinator::Redis(r) => r.acquire(tenant, pipeline, run_id, ttl).await?,
+            Coordinator::Sqlite(s) => s.acquire(tenant, pipeline, run_id, ttl).await?,
+        };
+        if matches!(got, Acquired::Busy { .. }) {
+            metrics().lock_contention.inc();
+        }
+        Ok(got)
+    }
+
+    /// Takes over a lease handed over with a job: `None` when it is ours, else the holder.
+    pub async fn claim(&self, lease: &Lease, ttl: Duration) -> Result<Option<String>, WorkerError> {
+        let holder = match self {
+            Coordinator::Redis(r) => r.claim(lease, ttl).await?,
+            Coordinator::Sqlite(s) => s.claim(lease, ttl).await?,
+        };
+        if holder.is_some() {
+            metrics().lock_contention.inc();
+        }
+        Ok(holder)
+    }
+
+    /// Extends our lease; false when it is no longer ours.
+    pub async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.renew(lease, ttl).await,
+            Coordinator::Sqlite(s) => s.renew(lease, ttl).await,
+        }
+    }
+
+    /// Releases our lease; false when it was not ours any more.
+    pub async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.release(lease).await,
+            Coordinator::Sqlite(s) => s.release(lease).await,
+        }
+    }
+
+    /// Maps `key` to `run_id` unless it is known (24 hours); returns the run it maps to.
+    pub async fn remember(
+        &self,
+        tenant: &str,
+        key: &str,
+        run_id: &str,
+    ) -> Result<String, WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.remember(tenant, key, run_id).await,
+            Coordinator::Sqlite(s) => s.remember(tenant, key, run_id).await,
+        }
+    }
+
+    /// Records how the job of `run_id` ended.
+    pub async fn save_result(&self, run_id: &str, result: &str) -> Result<(), WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.save_result(run_id, result).await,
+            Coordinator::Sqlite(s) => s.save_result(run_id, result).await,
+        }
+    }
+
+    /// How the job of `run_id` ended, once it has.
+    pub async fn result(&self, run_id: &str) -> Result<Option<String>, WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.result(run_id).await,
+            Coordinator::Sqlite(s) => s.result(run_id).await,
+        }
+    }
+
+    /// The last tick (Unix ms) fired for a pipeline.
+    pub async fn last_tick(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+    ) -> Result<Option<i64>, WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.last_tick(tenant, pipeline).await,
+            Coordinator::Sqlite(s) => s.last_tick(tenant, pipeline).await,
+        }
+    }
+
+    /// Records that a tick fired (never moves back).
+    pub async fn advance_tick(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+        at_ms: i64,
+    ) -> Result<(), WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.advance_tick(tenant, pipeline, at_ms).await,
+            Coordinator::Sqlite(s) => s.advance_tick(tenant, pipeline, at_ms).await,
+        }
+    }
+}
+
+/// The embedded coordinator: tables in the embedded queue's SQLite file.
+#[derive(Clone)]
+pub struct SqliteCoord {
+    pool: SqlitePool,
+}
+
+const SETUP: &str = "
+CREATE TABLE IF NOT EXISTS sluice_locks (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sluice_idempotency (key TEXT PRIMARY KEY, run_id TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sluice_job_results (run_id TEXT PRIMARY KEY, result TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sluice_ticks (pipeline TEXT PRIMARY KEY, tick INTEGER NOT NULL);
+";
+
+fn db_error(context: &str, e: sqlx::Error) -> WorkerError {
+    WorkerError::new(WorkerErrorKind::Queue, format!("{context}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl SqliteCoord {
+    fn lock_key(tenant: &str, pipeline: &str) -> String {
+        format!("lock:{tenant}:{pipeline}")
+    }
+
+    /// Creates the tables if needed.
+    pub async fn new(pool: SqlitePool) -> Result<Self, WorkerError> {
+        sqlx::raw_sql(SETUP)
+            .execute(&pool)
+            .await
+            .map_err(|e| db_error("creating the coordination tables", e))?;
+        Ok(SqliteCoord { pool })
+    }
+
+    async fn acquire(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+        run_id: &str,
+        ttl: Duration,
+    ) -> Result<Acquired, WorkerError> {
+        let lease = Lease {
+            key: Self::lock_key(tenant, pipeline),
+            run_id: run_id.to_string(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        match self.take(&lease, ttl, false).await? {
+            None => Ok(Acquired::Held(lease)),
+            Some(run_id) => Ok(Acquired::Busy { run_id }),
+        }
+    }
+
+    async fn claim(&self, lease: &Lease, ttl: Duration) -> Result<Option<String>, WorkerError> {
+        self.take(lease, ttl, true).await
+    }
+
+    /// Sets the lock to `lease` when it is free (or expired), or, with `ours_too`, when it
+    /// already holds `lease`; otherwise returns the holder's run.
+    async fn take(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        ours_too: bool,
+    ) -> Result<Option<String>, WorkerError> {
+        let now = now_ms();
+        let took: Option<String> = sqlx::query_scalar(
+            "INSERT INTO sluice_locks (key, value, expires_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at \
+             WHERE sluice_locks.expires_at <= ?4 OR (?5 AND sluice_locks.value = excluded.value) \
+             RETURNING value",
+        )
+        .bind(&lease.key)
+        .bind(lease.value())
+        .bind(now + ms(ttl))
+        .bind(now)
+        .bind(ours_too)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_error("taking the pipeline lock", e))?;
+        if took.is_some() {
+            return Ok(None);
+        }
+        let holder: Option<String> =
+            sqlx::query_scalar("SELECT value FROM sluice_locks WHERE key = ?")
+                .bind(&lease.key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| db_error("reading the pipeline lock", e))?;
+        Ok(Some(
+            holder
+                .and_then(|v| v.split('|').next().map(str::to_string))
+                .unwrap_or_default(),
+        ))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, WorkerError> {
+        let now = now_ms();
+        let n = sqlx::query(
+            "UPDATE sluice_locks SET expires_at = ? WHERE key = ? AND value = ? AND expires_at > ?",
+        )
+        .bind(now + ms(ttl))
+        .bind(&lease.key)
+        .bind(lease.value())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("renewing the pipeline lock", e))?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+        let n = sqlx::query("DELETE FROM sluice_locks WHERE key = ? AND value = ?")
+            .bind(&lease.key)
+            .bind(lease.value())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error("releasing the pipeline lock", e))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn remember(&self, tenant: &str, key: &str, run_id: &str) -> Result<String, WorkerError> {
+        let now = now_ms();
+        let k = format!("{tenant}:{key}");
+        sqlx::query(
+            "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at \
+             WHERE sluice_idempotency.expires_at <= ?4",
+        )
+        .bind(&k)
+        .bind(run_id)
+        .bind(now + ms(IDEMPOTENCY_TTL))
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("recording the idempotency key", e))?;
+        sqlx::query_scalar("SELECT run_id FROM sluice_idempotency WHERE key = ?")
+            .bind(&k)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error("reading the idempotency key", e))
+    }
+
+    async fn save_result(&self, run_id: &str, result: &str) -> Result<(), WorkerError> {
+        let now = now_ms();
+        sqlx::query("DELETE FROM sluice_job_results WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error("expiring job results", e))?;
+        sqlx::query(
+            "INSERT INTO sluice_job_results (run_id, result, expires_at) VALUES (?, ?, ?) \
+             ON CONFLICT (run_id) DO UPDATE SET result = excluded.result, expires_at = excluded.expires_at",
+        )
+        .bind(run_id)
+        .bind(result)
+        .bind(now + ms(IDEMPOTENCY_TTL))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("recording the job result", e))?;
+        Ok(())
+    }
+
+    async fn result(&self, run_id: &str) -> Result<Option<String>, WorkerError> {
+        sqlx::query_scalar("SELECT result FROM sluice_job_results WHERE run_id = ?")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("reading the job result", e))
+    }
+
+    async fn last_tick(&self, tenant: &str, pipeline: &str) -> Result<Option<i64>, WorkerError> {
+        sqlx::query_scalar("SELECT tick FROM sluice_ticks WHERE pipeline = ?")
+            .bind(format!("{tenant}:{pipeline}"))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("reading the last tick", e))
+    }
+
+    async fn advance_tick(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+        at_ms: i64,
+    ) -> Result<(), WorkerError> {
+        sqlx::query(
+            "INSERT INTO sluice_ticks (pipeline, tick) VALUES (?, ?) \
+             ON CONFLICT (pipeline) DO UPDATE SET tick = max(tick, excluded.tick)",
+        )
+        .bind(format!("{tenant}:{pipeline}"))
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("recording the tick", e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,357 @@
+//! The job queues: apalis-redis when `SLUICE_REDIS_URL` is set (any number of workers on
+//! any number of machines), otherwise apalis-sqlite in `<data dir>/queue.sqlite` (workers in
+//! the same process, or in other processes on the same machine). Syncs and replays have
+//! queues of their own, so a large replay never starves scheduled syncs.
+//!
+//! A trigger takes the pipeline's lock for the run it creates and hands the lock's token to
+//! the job; a trigger arriving while that run is queued or running joins it. An idempotency
+//! key maps to the run it first produced for 24 hours.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use apalis::prelude::TaskSink;
+use apalis_redis::RedisStorage;
+use apalis_sqlite::SqliteStorage;
+use serde::{Deserialize, Serialize};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+
+use crate::coord::{Coordinator, SqliteCoord};
+use crate::error::{WorkerError, WorkerErrorKind};
+use crate::jobs::{SyncJob, Trigger};
+use crate::lock::{Acquired, RedisLocks};
+
+/// Which queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueName {
+    /// Pipeline syncs.
+    Sync,
+    /// Replays of quarantined rows.
+    Replay,
+}
+
+impl QueueName {
+    /// The label in metrics and the queue's name in the backend.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueName::Sync => "sync",
+            QueueName::Replay => "replay",
+        }
+    }
+}
+
+/// Where the queues live and how liveness is judged.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// Redis, or (absent) the embedded SQLite queue.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (tests use their own).
+    pub prefix: String,
+    /// The data directory holding `queue.sqlite` in embedded mode.
+    pub data_dir: PathBuf,
+    /// How often a worker proves it is alive.
+    pub heartbeat: Duration,
+    /// Heartbeats a worker may miss before its jobs go to another worker.
+    pub missed_heartbeats: usize,
+    /// How long a running job's pipeline lock lasts without renewal (renewed every third).
+    pub lease_ttl: Duration,
+    /// How long a queued job's pipeline lock lasts before a worker takes it over.
+    pub queued_ttl: Duration,
+    /// How often an idle worker looks for a new job.
+    pub poll_interval: Duration,
+}
+
+impl QueueSettings {
+    /// Production defaults: heartbeat 5 s, a worker silent for 3 heartbeats is dead, lock
+    /// lease 30 s, queued lock 1 hour, idle workers look for jobs every 200 ms.
+    pub fn new(redis_url: Option<String>, data_dir: PathBuf) -> Self {
+        QueueSettings {
+            redis_url,
+            prefix: "sluice".into(),
+            data_dir,
+            heartbeat: Duration::from_secs(5),
+            missed_heartbeats: 3,
+            lease_ttl: Duration::from_secs(30),
+            queued_ttl: Duration::from_secs(3600),
+            poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// How a job ended, for whoever waits on its run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// `succeeded` or `dead`.
+    pub status: String,
+    /// The run of the last attempt (the successful one, when it succeeded).
+    pub final_run_id: Option<String>,
+    /// The dead letter, when dead.
+    pub dead_letter: Option<String>,
+    /// Why it is dead.
+    pub reason: Option<String>,
+}
+
+/// A request to sync a pipeline.
+#[derive(Debug, Clone)]
+pub struct TriggerRequest {
+    /// The tenant.
+    pub tenant: String,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// Who asks.
+    pub trigger: Trigger,
+    /// The same key within 24 hours returns the same run.
+    pub idempotency_key: Option<String>,
+    /// Follows the work through logs; a fresh one when absent.
+    pub correlation_id: Option<String>,
+}
+
+/// What a trigger did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerOutcome {
+    /// A new run was queued.
+    Enqueued,
+    /// A run of the pipeline was already queued or running: this is its id.
+    Joined,
+    /// The idempotency key was seen before: this is the run it produced.
+    Repeated,
+}
+
+/// A trigger's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Triggered {
+    /// The run to follow.
+    pub run_id: String,
+    /// How it was obtained.
+    pub outcome: TriggerOutcome,
+}
+
+enum Backend {
+    Redis(apalis_redis::ConnectionManager),
+    Sqlite(SqlitePool),
+}
+
+/// The queues and their coordinator.
+pub struct Queues {
+    settings: QueueSettings,
+    backend: Backend,
+    coord: Coordinator,
+}
+
+fn queue_error(context: &str, e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::new(WorkerErrorKind::Queue, format!("{context}: {e}"))
+}
+
+impl Queues {
+    /// Connects to Redis, or opens (and sets up) the embedded queue.
+    pub async fn connect(settings: QueueSettings) -> Result<Self, WorkerError> {
+        match &settings.redis_url {
+            Some(url) => {
+                let locks = RedisLocks::connect(url, &settings.prefix).await?;
+                Ok(Queues {
+                    backend: Backend::Redis(locks.connection()),
+                    coord: Coordinator::Redis(locks),
+                    settings,
+                })
+            }
+            None => {
+                std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+                    queue_error(
+                        &format!("creating data directory {}", settings.data_dir.display()),
+                        e,
+                    )
+                })?;
+                let path = settings.data_dir.join("queue.sqlite");
+                let options = SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(30));
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(options)
+                    .await
+                    .map_err(|e| queue_error(&format!("opening {}", path.display()), e))?;
+                SqliteStorage::setup(&pool)
+                    .await
+                    .map_err(|e| queue_error("setting up the embedded queue", e))?;
+                let coord = SqliteCoord::new(pool.clone()).await?;
+                Ok(Queues {
+                    backend: Backend::Sqlite(pool),
+                    coord: Coordinator::Sqlite(coord),
+                    settings,
+                })
+            }
+        }
+    }
+
+    /// Whether the queues are in Redis (shared by machines) rather than embedded.
+    pub fn is_redis(&self) -> bool {
+        matches!(self.backend, Backend::Redis(_))
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
+    /// Locks, idempotency keys, results and ticks.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coord
+    }
+
+    pub(crate) fn redis_config(&self, queue: QueueName) -> apalis_redis::Config {
+        apalis_redis::Config::default()
+            .queue(format!("{}:{}", self.settings.prefix, queue.as_str()))
+            .batch_size(1)
+            .heartbeat_interval(self.settings.heartbeat)
+            .missed_heartbeats(self.settings.missed_heartbeats)
+            .emit_events(false)
+    }
+
+    pub(crate) fn sqlite_config(&self, queue: QueueName) -> apalis_sqlite::Config {
+        apalis_sqlite::Config::default()
+            .queue(queue.as_str())
+            .batch_size(1)
+            .heartbeat_interval(self.settings.heartbeat)
+            .missed_heartbeats(self.settings.missed_heartbeats)
+    }
+
+    /// A Redis storage of `queue` (Redis mode only).
+    pub(crate) fn redis_storage<T>(&self, queue: QueueName) -> Option<RedisStorage<T>> {
+        match &self.backend {
+            Backend::Redis(conn) => {
+                Some(RedisStorage::new(conn.clone()).with_config(self.redis_config(queue)))
+            }
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// A SQLite storage of `queue` (embedded mode only).
+    pub(crate) fn sqlite_storage<T>(&self, queue: QueueName) -> Option<SqliteStorage<T>> {
+        match &self.backend {
+            Backend::Sqlite(pool) => {
+                Some(SqliteStorage::new(pool).with_config(self.sqlite_config(queue)))
+            }
+            Backend::Redis(_) => None,
+        }
+    }
+
+    /// Puts a sync job on the sync queue.
+    pub async fn push_sync(&self, job: SyncJob) -> Result<(), WorkerError> {
+        if let Some(mut storage) = self.redis_storage::<SyncJob>(QueueName::Sync) {
+            storage
+                .push(job)
+                .await
+                .map_err(|e| queue_error("queueing the sync job in Redis", e))?;
+        } else if let Some(mut storage) = self.sqlite_storage::<SyncJob>(QueueName::Sync) {
+            storage
+                .push(job)
+                .await
+                .map_err(|e| queue_error("queueing the sync job", e))?;
+        }
+        Ok(())
+    }
+
+    /// Jobs waiting in `queue`.
+    pub async fn depth(&self, queue: QueueName) -> Result<u64, WorkerError> {
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let n: u64 = redis::cmd("LLEN")
+                    .arg(self.redis_config(queue).active_jobs_list())
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| queue_error("reading the queue depth", e))?;
+                Ok(n)
+            }
+            Backend::Sqlite(pool) => {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM Jobs WHERE job_type = ? AND status = 'Pending'",
+                )
+                .bind(queue.as_str())
+                .fetch_one(pool)
+                .await
+                .map_err(|e| queue_error("reading the queue depth", e))?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            }
+        }
+    }
+
+    /// Queues a sync of a pipeline, or joins the run already queued or running, or returns
+    /// the run an idempotency key produced before.
+    pub async fn trigger(&self, req: &TriggerRequest) -> Result<Triggered, WorkerError> {
+        let run_id = uuid::Uuid::now_v7().to_string();
+        let coord = &self.coord;
+        let acquired = coord
+            .acquire(
+                &req.tenant,
+                &req.pipeline,
+                &run_id,
+                self.settings.queued_ttl,
+            )
+            .await?;
+        match acquired {
+            Acquired::Held(lease) => {
+                if let Some(key) = &req.idempotency_key {
+                    let mapped = coord.remember(&req.tenant, key, &run_id).await?;
+                    if mapped != run_id {
+                        coord.release(&lease).await?;
+                        return Ok(Triggered {
+                            run_id: mapped,
+                            outcome: TriggerOutcome::Repeated,
+                        });
+                    }
+                }
+                let job = SyncJob {
+                    tenant: req.tenant.clone(),
+                    pipeline: req.pipeline.clone(),
+                    trigger: req.trigger,
+                    run_id: run_id.clone(),
+                    correlation_id: req
+                        .correlation_id
+                        .clone()
+                        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                    lock_token: Some(lease.token.clone()),
+                };
+                if let Err(e) = self.push_sync(job).await {
+                    coord.release(&lease).await.ok();
+                    return Err(e);
+                }
+                tracing::info!(tenant = %req.tenant, pipeline = %req.pipeline, %run_id, trigger = req.trigger.as_str(), "sync queued");
+                Ok(Triggered {
+                    run_id,
+                    outcome: TriggerOutcome::Enqueued,
+                })
+            }
+            Acquired::Busy { run_id: running } => {
+                if let Some(key) = &req.idempotency_key {
+                    let mapped = coord.remember(&req.tenant, key, &running).await?;
+                    if mapped != running {
+                        return Ok(Triggered {
+                            run_id: mapped,
+                            outcome: TriggerOutcome::Repeated,
+                        });
+                    }
+                }
+                Ok(Triggered {
+                    run_id: running,
+                    outcome: TriggerOutcome::Joined,
+                })
+            }
+        }
+    }
+
+    /// Waits until the job of `run_id` has ended (polling every `every`).
+    pub async fn wait(&self, run_id: &str, every: Duration) -> Result<JobResult, WorkerError> {
+        loop {
+            if let Some(text) = self.coord.result(run_id).await? {
+                return serde_json::from_str(&text)
+                    .map_err(|e| queue_error("reading the job result", e));
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Workers: processes (or tasks of a process) that take sync jobs from the queue and run
+//! them. Each worker has a unique name (host, pid, queue, index), proves it is alive with
+//! heartbeats, and takes over the jobs of workers that stopped heartbeating. A job's
+//! handler never fails in apalis' eyes: the retry policy and dead letters are ours, so
+//! apalis' own retries never apply.
+//!
+//! On SIGTERM or SIGINT a worker stops fetching, lets in-flight jobs finish within the
+//! shutdown timeout, and exits; a job still running then is handed back by the heartbeat
+//! timeout and resumes, on another worker, from its last committed batch.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apalis::layers::WorkerBuilderExt;
+use apalis::prelude::{BackendExt, BoxDynError, Data, Monitor, ParallelizeExt, WorkerBuilder};
+use chrono::Utc;
+use sluice_engine::control::PipelineStore;
+use sluice_engine::{RunStatus, TenantSlug, Warehouse};
+use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet};
+
+use crate::error::{WorkerError, WorkerErrorKind};
+use crate::jobs::{JobOutcome, SyncJob, continue_sync_job, dead_letter};
+use crate::lock::Lease;
+use crate::metrics::metrics;
+use crate::queue::{JobResult, QueueName, Queues};
+use crate::retry::{Attempt, RetryPolicy};
+
+/// What a worker needs to run jobs.
+pub struct WorkerEnv<W> {
+    /// Where rows go and where pipelines are stored.
+    pub warehouse: Arc<W>,
+    /// The queues and their coordinator.
+    pub queues: Arc<Queues>,
+    /// The retry policy.
+    pub policy: RetryPolicy,
+}
+
+/// How many workers, and how long shutdown may take.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Sync jobs run at once by this process.
+    pub concurrency: usize,
+    /// How long in-flight jobs may take to finish after a shutdown signal.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 2,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `host-pid-queue-index`: unique among the workers of every machine.
+pub fn worker_name(queue: QueueName, index: usize) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}-{}-{index}", std::process::id(), queue.as_str())
+}
+
+async fn sync_handler<W>(job: SyncJob, env: Data<Arc<WorkerEnv<W>>>) -> Result<(), BoxDynError>
+where
+    W: Warehouse + PipelineStore + 'static,
+{
+    let env: Arc<WorkerEnv<W>> = (*env).clone();
+    env.handle_sync(job).await;
+    Ok(())
+}
+
+/// Runs sync workers until `shutdown` completes, then shuts down gracefully.
+pub async fn run_workers<W>(
+    env: Arc<WorkerEnv<W>>,
+    options: &WorkerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError>
+where
+    W: Warehouse + PipelineStore + 'static,
+{
+    let queues = env.queues.clone();
+    let sampler = tokio::spawn(sample_depth(queues.clone()));
+    let concurrency = options.concurrency.max(1);
+    let mut monitor = Monitor::new()
+        .shutdown_timeout(options.shutdown_timeout)
+        .should_restart(|ctx, error| {
+            tracing::warn!(worker = ctx.name(), %error, "worker stopped; restarting it");
+            true
+        });
+    if queues.is_redis() {
+        let env = env.clone();
+        let q = queues.clone();
+        monitor = monitor.register_n(concurrency, move |index, _| {
+            let storage = q
+                .redis_storage::<SyncJob>(QueueName::Sync)
+                .unwrap_or_else(|| unreachable!("redis mode"))
+                .poll_with_interval(q.settings().poll_interval);
+            WorkerBuilder::new(worker_name(QueueName::Sync, index))
+                .backend(storage)
+                .concurrency(1)
+                .parallelize(tokio::spawn)
+                .data(env.clone())
+                .build(sync_handler::<W>)
+        });
+    } else {
+        let env = env.clone();
+        let q = queues.clone();
+        monitor = monitor.register_n(concurrency, move |index, _| {
+            let storage = q
+                .sqlite_storage::<SyncJob>(QueueName::Sync)
+                .unwrap_or_else(|| unreachable!("embedded mode"))
+                .poll_with_interval(q.settings().poll_interval);
+            WorkerBuilder::new(worker_name(QueueName::Sync, index))
+                .backend(storage)
+                .concurrency(1)
+                .parallelize(tokio::spawn)
+                .data(env.clone())
+                .build(sync_handler::<W>)
+        });
+    }
+    tracing::info!(
+        concurrency,
+        queue = if queues.is_redis() {
+            "redis"
+        } else {
+            "embedded"
+        },
+        "workers started"
+    );
+    let result = monitor
+        .run_with_signal(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new jobs; waiting for in-flight jobs");
+            Ok(())
+        })
+        .await;
+    sampler.abort();
+    result.map_err(|e| WorkerError::new(WorkerErrorKind::Queue, format!("workers: {e}")))
+}
+
+/// Samples queue depth into the metrics every few seconds.
+async fn sample_depth(queues: Arc<Queues>) {
+    loop {
+        for q in [QueueName::Sync, QueueName::Replay] {
+            match queues.depth(q).await {
+                Ok(n) => metrics()
+                    .queue_depth
+                    .with_label_values(&[q.as_str()])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX)),
+                Err(e) => tracing::debug!(error = %e, "sampling queue depth"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+impl<W> WorkerEnv<W>
+where
+    W: Warehouse + PipelineStore + 'static,
+{
+    /// Runs one sync job to its end: takes the pipeline lock over (waiting while another
+    /// run holds it), keeps it renewed, runs the sync under the retry policy (continuing
+    /// the attempts of an earlier delivery of the same job), records the result, releases
+    /// the lock.
+    pub async fn handle_sync(&self, job: SyncJob) {
+        let queue = QueueName::Sync.as_str();
+        let m = metrics();
+        m.jobs_started.with_label_values(&[queue]).inc();
+        m.in_flight.with_label_values(&[queue]).inc();
+        let started = Instant::now();
+        let span = tracing::info_span!("job", queue, tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
+        let result = tracing::Instrument::instrument(self.run_locked(&job), span).await;
+        match &result.status[..] {
+            "succeeded" => m.jobs_succeeded.with_label_values(&[queue]).inc(),
+            _ => m.jobs_dead.with_label_values(&[queue]).inc(),
+        }
+        m.job_duration
+            .with_label_values(&[queue])
+            .observe(started.elapsed().as_secs_f64());
+        m.in_flight.with_label_values(&[queue]).dec();
+        let text = serde_json::to_string(&result).unwrap_or_default();
+        if let Err(e) = self
+            .queues
+            .coordinator()
+            .save_result(&job.run_id, &text)
+            .await
+        {
+            tracing::error!(error = %e, "could not record the job's result");
+        }
+    }
+
+    async fn run_locked(&self, job: &SyncJob) -> JobResult {
+        let coord = self.queues.coordinator().clone();
+        let settings = self.queues.settings().clone();
+        let token = job
+            .lock_token
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let lease = coord.lease(&job.tenant, &job.pipeline, &job.run_id, &token);
+        let mut waited = 0u32;
+        loop {
+            match coord.claim(&lease, settings.lease_ttl).await {
+                Ok(None) => break,
+                Ok(Some(other)) => {
+                    if waited == 0 {
+                        tracing::info!(running = %other, "another run of the pipeline holds its lock; waiting");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the pipeline lock; retrying");
+                    if waited >= 120 {
+                        return self
+                            .dead(job, &[], &format!("could not take the pipeline lock: {e}"))
+                            .await;
+                    }
+                }
+            }
+            waited += 1;
+            tokio::time::sleep((settings.lease_ttl / 4).min(Duration::from_secs(5))).await;
+        }
+        let renewer = tokio::spawn(keep_renewed(
+            coord.clone(),
+            lease.clone(),
+            settings.lease_ttl,
+        ));
+        let result = self.run_job(job).await;
+        renewer.abort();
+        if let Err(e) = coord.release(&lease).await {
+            tracing::warn!(error = %e, "releasing the pipeline lock");
+        }
+        result
+    }
+
+    async fn run_job(&self, job: &SyncJob) -> JobResult {
+        let spec = match self.load_spec(job).await {
+            Ok(spec) => spec,
+            Err(reason) => return self.dead(job, &[], &reason).await,
+        };
+        let prior = match self.earlier_attempts(job).await {
+            Ok(Ok(prior)) => prior,
+            Ok(Err(done)) => return done,
+            Err(e) => return self.dead(job, &[], &e).await,
+        };
+        let source = match PipelineSource::from_spec(&spec.source) {
+            Ok(s) => s,
+            Err(e) => return self.dead(job, &prior, &e.to_string()).await,
+        };
+        let outcome = continue_sync_job(
+            job,
+            prior,
+            &spec,
+            &source,
+            &*self.warehouse,
+            &self.policy,
+            &Quiet,
+        )
+        .await;
+        match outcome {
+            Ok(JobOutcome::Succeeded { report, failed }) => {
+                let m = metrics();
+                m.jobs_failed
+                    .with_label_values(&[QueueName::Sync.as_str()])
+                    .inc_by(failed.len() as u64);
+                m.record_run("succeeded", &report.ledger.counts);
+                JobResult {
+                    status: "succeeded".into(),
+                    final_run_id: Some(report.ledger.run_id.clone()),
+                    dead_letter: None,
+                    reason: None,
+                }
+            }
+            Ok(JobOutcome::Dead {
+                dead_letter,
+                failed,
+                reason,
+            }) => {
+                metrics()
+                    .jobs_failed
+                    .with_label_values(&[QueueName::Sync.as_str()])
+                    .inc_by(failed.len() as u64);
+                JobResult {
+                    status: "dead".into(),
+                    final_run_id: failed.last().map(|a| job.attempt_run_id(a.number)),
+                    dead_letter: Some(dead_letter),
+                    reason: Some(reason),
+                }
+            }
+            Err(e) => JobResult {
+                status: "dead".into(),
+                final_run_id: None,
+                dead_letter: None,
+                reason: Some(e.to_string()),
+            },
+        }
+    }
+
+    async fn load_spec(&self, job: &SyncJob) -> Result<PipelineSpec, String> {
+        let tenant = TenantSlug::parse(&job.tenant).map_err(|e| e.to_string())?;
+        let stored = self
+            .warehouse
+            .pipeline(&tenant, &job.pipeline)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "pipeline '{}' of tenant '{}' is not registered (run `sluice trigger <pipeline.toml>` to register it)",
+                    job.pipeline, job.tenant
+                )
+            })?;
+        PipelineSpec::from_stored(&stored.spec, &stored.secrets).map_err(|e| e.to_string())
+    }
+
+    /// The attempts an earlier delivery of this job already made, read from the ledger. A
+    /// run left `running` belonged to a worker that died: it is closed as failed. When an
+    /// earlier attempt succeeded (the worker died after the run, before acknowledging the
+    /// job), the job is done: `Err(result)`.
+    async fn earlier_attempts(
+        &self,
+        job: &SyncJob,
+    ) -> Result<Result<Vec<Attempt>, JobResult>, String> {
+        let tenant = TenantSlug::parse(&job.tenant).map_err(|e| e.to_string())?;
+        self.warehouse
+            .prepare_tenant(&tenant)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut prior = Vec::new();
+        for number in 1..=self.policy.attempts.max(1) as u32 + 1 {
+            let run_id = job.attempt_run_id(number);
+            let Some(ledger) = self
+                .warehouse
+                .run(&tenant, &run_id)
+                .await
+                .map_err(|e| e.to_string())?
+            else {
+                break;
+            };
+            let error = match ledger.status {
+                RunStatus::Succeeded => {
+                    return Ok(Err(JobResult {
+                        status: "succeeded".into(),
+                        final_run_id: Some(run_id),
+                        dead_letter: None,
+                        reason: None,
+                    }));
+                }
+                RunStatus::Running => {
+                    let msg = "the worker running this attempt stopped (no heartbeat); the job was taken over by another worker";
+                    self.warehouse
+                        .finish_run(&tenant, &run_id, RunStatus::Failed, Some(msg))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tracing::warn!(attempt = number, run = %run_id, "took over a job whose worker died");
+                    msg.to_string()
+                }
+                _ => ledger.error.clone().unwrap_or_else(|| "failed".into()),
+            };
+            prior.push(Attempt {
+                number,
+                at: ledger.started_at,
+                error,
+                transient: true,
+            });
+        }
+        Ok(Ok(prior))
+    }
+
+    async fn dead(&self, job: &SyncJob, failed: &[Attempt], reason: &str) -> JobResult {
+        let mut attempts = failed.to_vec();
+        if attempts.is_empty() {
+            attempts.push(Attempt {
+                number: 1,
+                at: Utc::now(),
+                error: reason.to_string(),
+                transient: false,
+            });
+        }
+        let letter = dead_letter(job, &attempts, reason);
+        let id = letter.id.clone();
+        tracing::error!(%reason, dead_letter = %id, "job is dead");
+        let recorded = self.warehouse.record_dead_letter(&letter).await;
+        if let Err(e) = &recorded {
+            tracing::error!(error = %e, "could not record the dead letter");
+        } else {
+            metrics().dead_letters.inc();
+        }
+        JobResult {
+            status: "dead".into(),
+            final_run_id: None,
+            dead_letter: recorded.ok().map(|()| id),
+            reason: Some(reason.to_string()),
+        }
+    }
+}
+
+/// Renews the lease every third of its time to live until aborted.
+async fn keep_renewed(coord: crate::coord::Coordinator, lease: Lease, ttl: Duration) {
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match coord.renew(&lease, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(run = %lease.run_id, "the pipeline lock was lost; the commit fence still protects the load");
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing the pipeline lock"),
+        }
+    }
+}
