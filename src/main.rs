@@ -499,13 +499,8 @@ async fn run_command<W: Warehouse + PipelineStore + 'static>(
     queue: QueueSettings,
     policy: RetryPolicy,
 ) -> Result<ExitCode> {
-    let env = |queues: Queues| {
-        Arc::new(WorkerEnv {
-            warehouse: warehouse.clone(),
-            queues: Arc::new(queues),
-            policy,
-        })
-    };
+    let env =
+        |queues: Queues| Arc::new(WorkerEnv::new(warehouse.clone(), Arc::new(queues), policy));
     let warehouse = &*warehouse;
     match command {
         Command::Trigger(args) => trigger(env(Queues::connect(queue).await?), &args).await,

@@ -5,6 +5,7 @@
 
 pub mod mysql;
 pub mod pg;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

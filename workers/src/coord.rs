@@ -53,16 +53,22 @@ impl Coordinator {
         Ok(got)
     }
 
-    /// Takes over a lease handed over with a job: `None` when it is ours, else the holder.
-    pub async fn claim(&self, lease: &Lease, ttl: Duration) -> Result<Option<String>, WorkerError> {
-        let holder = match self {
-            Coordinator::Redis(r) => r.claim(lease, ttl).await?,
-            Coordinator::Sqlite(s) => s.claim(lease, ttl).await?,
+    /// Takes over a lease handed over with a job for the worker `holder`: `Ok` with the
+    /// worker's own lease, or `Err` naming the run whose live worker holds the lock.
+    pub async fn claim(
+        &self,
+        lease: &Lease,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Result<Lease, String>, WorkerError> {
+        let got = match self {
+            Coordinator::Redis(r) => r.claim(lease, holder, ttl).await?,
+            Coordinator::Sqlite(s) => s.claim(lease, holder, ttl).await?,
         };
-        if holder.is_some() {
+        if got.is_err() {
             metrics().lock_contention.inc();
         }
-        Ok(holder)
+        Ok(got)
     }
 
     /// Extends our lease; false when it is no longer ours.
@@ -187,36 +193,48 @@ impl SqliteCoord {
             run_id: run_id.to_string(),
             token: uuid::Uuid::new_v4().simple().to_string(),
         };
-        match self.take(&lease, ttl, false).await? {
+        match self.take(&lease, None, ttl).await? {
             None => Ok(Acquired::Held(lease)),
             Some(run_id) => Ok(Acquired::Busy { run_id }),
         }
     }
 
-    async fn claim(&self, lease: &Lease, ttl: Duration) -> Result<Option<String>, WorkerError> {
-        self.take(lease, ttl, true).await
+    async fn claim(
+        &self,
+        lease: &Lease,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Result<Lease, String>, WorkerError> {
+        let held = lease.held_by(holder);
+        Ok(match self.take(&held, Some(lease), ttl).await? {
+            None => Ok(held),
+            Some(run) => Err(run),
+        })
     }
 
-    /// Sets the lock to `lease` when it is free (or expired), or, with `ours_too`, when it
-    /// already holds `lease`; otherwise returns the holder's run.
+    /// Sets the lock to `lease` when it is free (or expired), already holds `lease`, or
+    /// holds `handed_over` (the queued lease a worker takes over); otherwise returns the
+    /// holder's run.
     async fn take(
         &self,
         lease: &Lease,
+        handed_over: Option<&Lease>,
         ttl: Duration,
-        ours_too: bool,
     ) -> Result<Option<String>, WorkerError> {
         let now = now_ms();
+        let queued = handed_over.map(Lease::value);
         let took: Option<String> = sqlx::query_scalar(
             "INSERT INTO sluice_locks (key, value, expires_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at \
-             WHERE sluice_locks.expires_at <= ?4 OR (?5 AND sluice_locks.value = excluded.value) \
+             WHERE sluice_locks.expires_at <= ?4 OR sluice_locks.value = excluded.value \
+                OR sluice_locks.value = ?5 \
              RETURNING value",
         )
         .bind(&lease.key)
         .bind(lease.value())
         .bind(now + ms(ttl))
         .bind(now)
-        .bind(ours_too)
+        .bind(queued)
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| db_error("taking the pipeline lock", e))?;

@@ -34,6 +34,14 @@ impl Lease {
     pub fn value(&self) -> String {
         format!("{}|{}", self.run_id, self.token)
     }
+
+    /// The same run's lease once the worker `holder` has taken it over.
+    pub fn held_by(&self, holder: &str) -> Lease {
+        Lease {
+            token: format!("{}|{holder}", self.token),
+            ..self.clone()
+        }
+    }
 }
 
 /// Outcome of trying to take a pipeline's lock.
@@ -57,9 +65,10 @@ pub struct RedisLocks {
 
 /// Renews only while we still hold the lease.
 const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
-/// Takes the lock over for a lease we were handed: ours if it still holds our value or is
-/// free; otherwise returns the holder's value.
-const CLAIM: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return '' end return v";
+/// Takes the lock over for a lease handed over with a job: when it is free, still holds
+/// the queued value (ARGV[1]) or already holds this worker's value (ARGV[2]); otherwise
+/// returns the holder's value.
+const CLAIM: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] or v == ARGV[2] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return '' end return v";
 /// Moves a pipeline's last fired tick forward, never back.
 const ADVANCE_TICK: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or tonumber(v) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
 /// Releases only our own lease.
@@ -135,18 +144,30 @@ impl RedisLocks {
         }
     }
 
-    /// Takes over `lease` (handed over with a queued job) for `ttl`: `None` when it is ours
-    /// (still held or free again), else the run that holds the lock now.
-    pub async fn claim(&self, lease: &Lease, ttl: Duration) -> Result<Option<String>, WorkerError> {
+    /// Takes over `lease` (handed over with a queued job) for the worker `holder`, for
+    /// `ttl`: `Ok(lease)` with the worker's own lease, or `Err(run)` naming the run whose
+    /// live worker holds the lock.
+    pub async fn claim(
+        &self,
+        lease: &Lease,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Result<Lease, String>, WorkerError> {
+        let held = lease.held_by(holder);
         let mut conn = self.conn.clone();
-        let holder: String = redis::Script::new(CLAIM)
+        let current: String = redis::Script::new(CLAIM)
             .key(&lease.key)
             .arg(lease.value())
+            .arg(held.value())
             .arg(ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error("claiming the pipeline lock", e))?;
-        Ok((!holder.is_empty()).then(|| holder.split('|').next().unwrap_or_default().to_string()))
+        Ok(if current.is_empty() {
+            Ok(held)
+        } else {
+            Err(current.split('|').next().unwrap_or_default().to_string())
+        })
     }
 
     /// Records how a job ended, for whoever waits on its run (kept 24 hours).

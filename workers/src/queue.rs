@@ -259,13 +259,19 @@ impl Queues {
     pub async fn depth(&self, queue: QueueName) -> Result<u64, WorkerError> {
         match &self.backend {
             Backend::Redis(conn) => {
+                // New jobs wait in the scheduled set until a worker's fetch moves them to
+                // the active list.
                 let mut conn = conn.clone();
-                let n: u64 = redis::cmd("LLEN")
-                    .arg(self.redis_config(queue).active_jobs_list())
+                let config = self.redis_config(queue);
+                let (active, scheduled): (u64, u64) = redis::pipe()
+                    .cmd("LLEN")
+                    .arg(config.active_jobs_list())
+                    .cmd("ZCARD")
+                    .arg(config.scheduled_jobs_set())
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| queue_error("reading the queue depth", e))?;
-                Ok(n)
+                Ok(active + scheduled)
             }
             Backend::Sqlite(pool) => {
                 let n: i64 = sqlx::query_scalar(

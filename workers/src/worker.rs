@@ -8,12 +8,15 @@
 //! shutdown timeout, and exits; a job still running then is handed back by the heartbeat
 //! timeout and resumes, on another worker, from its last committed batch.
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apalis::layers::WorkerBuilderExt;
-use apalis::prelude::{BackendExt, BoxDynError, Data, Monitor, ParallelizeExt, WorkerBuilder};
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, Monitor, ParallelizeExt, WorkerBuilder, WorkerContext,
+};
 use chrono::Utc;
 use sluice_engine::control::PipelineStore;
 use sluice_engine::{RunStatus, TenantSlug, Warehouse};
@@ -34,6 +37,21 @@ pub struct WorkerEnv<W> {
     pub queues: Arc<Queues>,
     /// The retry policy.
     pub policy: RetryPolicy,
+    /// Runs being worked on in this process: a job delivered again while its first
+    /// delivery still runs here (after a Redis restart) is not run twice.
+    running: Mutex<HashSet<String>>,
+}
+
+impl<W> WorkerEnv<W> {
+    /// Workers over `warehouse` and `queues`.
+    pub fn new(warehouse: Arc<W>, queues: Arc<Queues>, policy: RetryPolicy) -> Self {
+        WorkerEnv {
+            warehouse,
+            queues,
+            policy,
+            running: Mutex::new(HashSet::new()),
+        }
+    }
 }
 
 /// How many workers, and how long shutdown may take.
@@ -65,12 +83,16 @@ pub fn worker_name(queue: QueueName, index: usize) -> String {
     format!("{host}-{}-{}-{index}", std::process::id(), queue.as_str())
 }
 
-async fn sync_handler<W>(job: SyncJob, env: Data<Arc<WorkerEnv<W>>>) -> Result<(), BoxDynError>
+async fn sync_handler<W>(
+    job: SyncJob,
+    env: Data<Arc<WorkerEnv<W>>>,
+    worker: WorkerContext,
+) -> Result<(), BoxDynError>
 where
     W: Warehouse + PipelineStore + 'static,
 {
     let env: Arc<WorkerEnv<W>> = (*env).clone();
-    env.handle_sync(job).await;
+    env.handle_sync(job, worker.name()).await;
     Ok(())
 }
 
@@ -191,15 +213,32 @@ where
     /// Runs one sync job to its end: takes the pipeline lock over (waiting while another
     /// run holds it), keeps it renewed, runs the sync under the retry policy (continuing
     /// the attempts of an earlier delivery of the same job), records the result, releases
-    /// the lock.
-    pub async fn handle_sync(&self, job: SyncJob) {
+    /// the lock. `holder` names the worker.
+    pub async fn handle_sync(&self, job: SyncJob, holder: &str) {
+        let fresh = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.run_id.clone());
+        if !fresh {
+            tracing::info!(run_id = %job.run_id, "job delivered again while it runs in this process; the running delivery finishes it");
+            return;
+        }
+        self.handle_fresh(&job, holder).await;
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.run_id);
+    }
+
+    async fn handle_fresh(&self, job: &SyncJob, holder: &str) {
         let queue = QueueName::Sync.as_str();
         let m = metrics();
         m.jobs_started.with_label_values(&[queue]).inc();
         m.in_flight.with_label_values(&[queue]).inc();
         let started = Instant::now();
         let span = tracing::info_span!("job", queue, tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
-        let result = tracing::Instrument::instrument(self.run_locked(&job), span).await;
+        let result = tracing::Instrument::instrument(self.run_locked(job, holder), span).await;
         match &result.status[..] {
             "succeeded" => m.jobs_succeeded.with_label_values(&[queue]).inc(),
             _ => m.jobs_dead.with_label_values(&[queue]).inc(),
@@ -219,19 +258,19 @@ where
         }
     }
 
-    async fn run_locked(&self, job: &SyncJob) -> JobResult {
+    async fn run_locked(&self, job: &SyncJob, holder: &str) -> JobResult {
         let coord = self.queues.coordinator().clone();
         let settings = self.queues.settings().clone();
         let token = job
             .lock_token
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-        let lease = coord.lease(&job.tenant, &job.pipeline, &job.run_id, &token);
+        let handed_over = coord.lease(&job.tenant, &job.pipeline, &job.run_id, &token);
         let mut waited = 0u32;
-        loop {
-            match coord.claim(&lease, settings.lease_ttl).await {
-                Ok(None) => break,
-                Ok(Some(other)) => {
+        let lease = loop {
+            match coord.claim(&handed_over, holder, settings.lease_ttl).await {
+                Ok(Ok(lease)) => break lease,
+                Ok(Err(other)) => {
                     if waited == 0 {
                         tracing::info!(running = %other, "another run of the pipeline holds its lock; waiting");
                     }
@@ -247,10 +286,12 @@ where
             }
             waited += 1;
             tokio::time::sleep((settings.lease_ttl / 4).min(Duration::from_secs(5))).await;
-        }
+        };
         let renewer = tokio::spawn(keep_renewed(
             coord.clone(),
+            handed_over,
             lease.clone(),
+            holder.to_string(),
             settings.lease_ttl,
         ));
         let result = self.run_job(job).await;
@@ -422,15 +463,28 @@ where
     }
 }
 
-/// Renews the lease every third of its time to live until aborted.
-async fn keep_renewed(coord: crate::coord::Coordinator, lease: Lease, ttl: Duration) {
+/// Renews the lease every third of its time to live until aborted. A lease that expired
+/// (Redis was unreachable for longer than the lease) is taken again when still free.
+async fn keep_renewed(
+    coord: crate::coord::Coordinator,
+    handed_over: Lease,
+    lease: Lease,
+    holder: String,
+    ttl: Duration,
+) {
     loop {
         tokio::time::sleep(ttl / 3).await;
         match coord.renew(&lease, ttl).await {
             Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(run = %lease.run_id, "the pipeline lock was lost; the commit fence still protects the load");
-            }
+            Ok(false) => match coord.claim(&handed_over, &holder, ttl).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(run = %lease.run_id, "the pipeline lock had expired; taken again")
+                }
+                Ok(Err(other)) => {
+                    tracing::warn!(run = %lease.run_id, %other, "the pipeline lock was taken by another run; the commit fence protects the load")
+                }
+                Err(e) => tracing::warn!(error = %e, "taking the pipeline lock again"),
+            },
             Err(e) => tracing::warn!(error = %e, "renewing the pipeline lock"),
         }
     }

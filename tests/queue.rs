@@ -1,0 +1,500 @@
+//! Queued syncs end to end: triggers that join a running run, schedulers that fire each
+//! tick once, a worker killed with SIGKILL mid-sync whose job another worker finishes, and
+//! a Redis restarted under a running job. Real Redis and PostgreSQL; the embedded queue
+//! where the behaviour must match.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+use sluice_engine::control::PipelineStore;
+use sluice_engine::secrets::MasterKey;
+use sluice_engine::warehouse::PostgresWarehouse;
+use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_pipelines::PipelineSpec;
+use sluice_workers::jobs::Trigger;
+use sluice_workers::retry::RetryPolicy;
+use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
+use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers};
+use sluice_workers::{QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest};
+use support::messy_invoices;
+use support::pg::{MASTER_KEY_HEX, TestDb};
+use support::redis::{Prefix, PrivateRedis};
+
+fn slug(s: &str) -> TenantSlug {
+    TenantSlug::parse(s).expect("slug")
+}
+
+fn settings(redis: Option<(&str, &str)>, dir: &Path) -> QueueSettings {
+    let mut s = QueueSettings::new(redis.map(|(url, _)| url.to_string()), dir.to_path_buf());
+    if let Some((_, prefix)) = redis {
+        s.prefix = prefix.to_string();
+    }
+    s.heartbeat = Duration::from_secs(1);
+    s.lease_ttl = Duration::from_secs(3);
+    s.poll_interval = Duration::from_millis(50);
+    s
+}
+
+/// Writes a pipeline file (and its CSV) and returns the spec.
+fn write_pipeline(
+    dir: &Path,
+    name: &str,
+    csv: &str,
+    batch_rows: usize,
+    cron: Option<&str>,
+) -> PipelineSpec {
+    let file = dir.join(format!("{name}.csv"));
+    std::fs::write(&file, csv).expect("csv");
+    let schedule = cron
+        .map(|c| format!("[schedule]\ncron = \"{c}\"\n"))
+        .unwrap_or_default();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\ntenant = \"acme\"\nentity = \"invoices\"\nbatch_rows = {batch_rows}\n[source]\nkind = \"csv\"\npath = \"{name}.csv\"\n{schedule}"
+        ),
+    )
+    .expect("toml");
+    PipelineSpec::from_file(&path).expect("spec")
+}
+
+async fn register<S: PipelineStore>(store: &S, spec: &PipelineSpec) {
+    let (fields, secrets) = spec.to_stored();
+    store
+        .save_pipeline(&slug(&spec.tenant), &spec.name, &fields, &secrets)
+        .await
+        .expect("register pipeline");
+}
+
+fn manual(pipeline: &str) -> TriggerRequest {
+    TriggerRequest {
+        tenant: "acme".into(),
+        pipeline: pipeline.into(),
+        trigger: Trigger::Manual,
+        idempotency_key: None,
+        correlation_id: None,
+    }
+}
+
+/// Ten triggers at once: one run queued, nine joined; a keyed trigger joins too and its key
+/// keeps returning that run.
+async fn ten_triggers_make_one_run(queues: Arc<Queues>) {
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let q = queues.clone();
+            tokio::spawn(async move { q.trigger(&manual("invoices")).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("join").expect("trigger"));
+    }
+    let enqueued: Vec<_> = outcomes
+        .iter()
+        .filter(|t| t.outcome == TriggerOutcome::Enqueued)
+        .collect();
+    assert_eq!(enqueued.len(), 1, "{outcomes:?}");
+    let run = &enqueued[0].run_id;
+    assert!(outcomes.iter().all(|t| &t.run_id == run), "{outcomes:?}");
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|t| t.outcome == TriggerOutcome::Joined)
+            .count(),
+        9
+    );
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 1);
+
+    let keyed = TriggerRequest {
+        idempotency_key: Some("nightly-2026-11-22".into()),
+        ..manual("invoices")
+    };
+    let first = queues.trigger(&keyed).await.expect("keyed");
+    assert_eq!(&first.run_id, run);
+    // Another pipeline is not blocked by this one's run.
+    let other = queues.trigger(&manual("bills")).await.expect("other");
+    assert_eq!(other.outcome, TriggerOutcome::Enqueued);
+    assert_ne!(&other.run_id, run);
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 2);
+}
+
+#[tokio::test]
+async fn ten_concurrent_triggers_make_one_run_in_redis() {
+    let p = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let queues = Queues::connect(settings(Some((&p.url, &p.prefix)), dir.path()))
+        .await
+        .expect("Redis must be reachable");
+    ten_triggers_make_one_run(Arc::new(queues)).await;
+}
+
+#[tokio::test]
+async fn ten_concurrent_triggers_make_one_run_in_the_embedded_queue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let queues = Queues::connect(settings(None, dir.path()))
+        .await
+        .expect("embedded queue");
+    ten_triggers_make_one_run(Arc::new(queues)).await;
+}
+
+/// Polls until `check` holds or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn finished_runs<W: Warehouse>(w: &W, pipeline: &str) -> Vec<sluice_engine::RunLedger> {
+    w.runs(&slug("acme"), Some(pipeline), 100)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.status != RunStatus::Running)
+        .collect()
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(secs, 0).single().expect("instant")
+}
+
+#[tokio::test]
+async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let (csv, _) = messy_invoices(50, 7);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 1000, Some("*/2 * * * * *"));
+    let store = Arc::new(SqliteWarehouse::new(&data));
+    register(&*store, &spec).await;
+
+    // Two scheduler replicas with connections of their own, and a worker.
+    let qa = Arc::new(Queues::connect(settings(None, &data)).await.expect("q"));
+    let qb = Arc::new(Queues::connect(settings(None, &data)).await.expect("q"));
+    let env = Arc::new(WorkerEnv::new(
+        store.clone(),
+        qa.clone(),
+        RetryPolicy::with_base(Duration::from_millis(10)),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(async move {
+        run_workers(env, &WorkerOptions::default(), async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let options = SchedulerOptions::default();
+    let mut a = Scheduler::new(store.clone(), qa.clone(), options.clone());
+    let mut b = Scheduler::new(store.clone(), qb.clone(), options.clone());
+
+    let t0 = 1_800_000_000; // an even second
+    assert_eq!(
+        a.pass(at(t0)).await.expect("pass").0,
+        0,
+        "no tick before start"
+    );
+    assert_eq!(b.pass(at(t0)).await.expect("pass").0, 0);
+    for k in 1..=3 {
+        let t = at(t0 + 2 * k);
+        let (ra, rb) = tokio::join!(a.pass(t), b.pass(t));
+        assert_eq!(ra.expect("a").0, 1, "replica a sees tick {k} due");
+        assert_eq!(rb.expect("b").0, 1, "replica b sees tick {k} due");
+        eventually(Duration::from_secs(30), "the tick's run", || async {
+            finished_runs(&*store, "invoices").await.len() == k as usize
+        })
+        .await;
+    }
+    // The same instant again fires nothing.
+    assert_eq!(a.pass(at(t0 + 6)).await.expect("pass").0, 0);
+    let runs = finished_runs(&*store, "invoices").await;
+    assert_eq!(runs.len(), 3, "one run per tick, not one per replica");
+    assert!(runs.iter().all(|r| r.trigger == "cron"));
+
+    // A scheduler starting after a 10 s outage makes up the missed ticks with one run...
+    let mut c = Scheduler::new(store.clone(), qb.clone(), options.clone());
+    assert_eq!(c.pass(at(t0 + 16)).await.expect("pass").0, 1);
+    eventually(Duration::from_secs(30), "the catch-up run", || async {
+        finished_runs(&*store, "invoices").await.len() == 4
+    })
+    .await;
+    // ... or none when told to skip them.
+    let mut d = Scheduler::new(
+        store.clone(),
+        qb.clone(),
+        SchedulerOptions {
+            catch_up: CatchUp::Skip,
+            ..options.clone()
+        },
+    );
+    assert_eq!(d.pass(at(t0 + 30)).await.expect("pass").0, 0);
+
+    // A schedule changed in the store applies without a restart.
+    let yearly = write_pipeline(dir.path(), "invoices", &csv, 1000, Some("0 0 0 1 1 *"));
+    register(&*store, &yearly).await;
+    assert_eq!(c.pass(at(t0 + 40)).await.expect("pass").0, 0);
+    let back = write_pipeline(dir.path(), "invoices", &csv, 1000, Some("*/2 * * * * *"));
+    register(&*store, &back).await;
+    assert_eq!(c.pass(at(t0 + 42)).await.expect("pass").0, 1);
+
+    let text = sluice_workers::metrics::render();
+    assert!(text.contains("sluice_scheduler_ticks_total"), "{text}");
+    assert!(text.contains("sluice_jobs_succeeded_total{queue=\"sync\"}"));
+    let _ = stop.send(());
+    worker.await.expect("join").expect("workers");
+}
+
+fn master() -> MasterKey {
+    MasterKey::from_hex(MASTER_KEY_HEX).expect("key")
+}
+
+async fn pg_warehouse(db: &TestDb) -> PostgresWarehouse {
+    let w = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    w
+}
+
+async fn totals<W: Warehouse>(w: &W) -> (usize, HashMap<String, Decimal>) {
+    let invoices = w.invoices(&slug("acme")).await.expect("invoices");
+    let mut by = HashMap::new();
+    for i in &invoices {
+        *by.entry(i.currency.clone()).or_insert(Decimal::ZERO) += i.total;
+    }
+    (invoices.len(), by)
+}
+
+fn expected_sums(exp: &support::Expected) -> HashMap<String, Decimal> {
+    exp.sum_of_totals()
+        .into_iter()
+        .map(|(c, v)| (c.to_string(), v))
+        .collect()
+}
+
+/// A `sluice worker` process.
+fn spawn_worker(db: &TestDb, redis: &Prefix, data: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--database-url", &db.url])
+        .args(["--redis-url", &redis.url])
+        .args(["--queue-prefix", &redis.prefix])
+        .args(["--heartbeat-ms", "1000", "--lease-ms", "3000"])
+        .args(["--retry-base-ms", "100"])
+        .args(["worker", "--concurrency", "1"])
+        .env("SLUICE_MASTER_KEY", MASTER_KEY_HEX)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a worker")
+}
+
+struct Reaper(Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled() {
+    let db = TestDb::create().await;
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = pg_warehouse(&db).await;
+    let (csv, exp) = messy_invoices(40_000, 11);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+    register(&w, &spec).await;
+    let queues = Queues::connect(settings(
+        Some((&redis.url, &redis.prefix)),
+        &dir.path().join("data"),
+    ))
+    .await
+    .expect("queues");
+
+    let mut workers = Reaper(vec![spawn_worker(&db, &redis, &dir.path().join("data"))]);
+    let run = queues.trigger(&manual("invoices")).await.expect("trigger");
+    // Kill the worker once some batches, not all, have committed.
+    eventually(Duration::from_secs(60), "the first batches", || async {
+        w.run(&slug("acme"), &run.run_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.counts.rows_read > 0)
+    })
+    .await;
+    let killed = &mut workers.0[0];
+    Command::new("kill")
+        .args(["-9", &killed.id().to_string()])
+        .status()
+        .expect("kill -9");
+    let _ = killed.wait();
+    let at_kill = w
+        .run(&slug("acme"), &run.run_id)
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(
+        at_kill.status,
+        RunStatus::Running,
+        "the sync must still be running when its worker dies"
+    );
+
+    // Another worker takes the job over after the heartbeat timeout and finishes it.
+    workers
+        .0
+        .push(spawn_worker(&db, &redis, &dir.path().join("data")));
+    let result = tokio::time::timeout(
+        Duration::from_secs(120),
+        queues.wait(&run.run_id, Duration::from_millis(200)),
+    )
+    .await
+    .expect("the job ends")
+    .expect("result");
+    assert_eq!(result.status, "succeeded", "{result:?}");
+    let second = format!("{}.2", run.run_id);
+    assert_eq!(result.final_run_id.as_deref(), Some(second.as_str()));
+
+    let first = w
+        .run(&slug("acme"), &run.run_id)
+        .await
+        .expect("ledger")
+        .expect("first attempt");
+    assert_eq!(first.status, RunStatus::Failed);
+    assert!(
+        first.error.as_deref().unwrap_or("").contains("stopped"),
+        "{first:?}"
+    );
+    let retried = w
+        .run(&slug("acme"), &second)
+        .await
+        .expect("ledger")
+        .expect("second attempt");
+    assert_eq!(retried.status, RunStatus::Succeeded);
+    // Attempt 2 resumed after attempt 1's committed batches: every record read once.
+    assert_eq!(
+        first.counts.rows_read + retried.counts.rows_read,
+        exp.rows_read
+    );
+    let (count, sums) = totals(&w).await;
+    assert_eq!(count, exp.winners.len());
+    assert_eq!(sums, expected_sums(&exp));
+}
+
+#[tokio::test]
+async fn a_redis_restart_under_a_running_job_loses_nothing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
+        .with_test_writer()
+        .try_init();
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let redis_dir = dir.path().join("redis");
+    std::fs::create_dir_all(&redis_dir).expect("dir");
+    let mut redis = PrivateRedis::start(&redis_dir);
+    let url = redis.url();
+    let w = Arc::new(pg_warehouse(&db).await);
+    let (csv, exp) = messy_invoices(30_000, 12);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+    register(&*w, &spec).await;
+    let data: PathBuf = dir.path().join("data");
+    let queues = Arc::new(
+        Queues::connect(settings(Some((&url, "sluice")), &data))
+            .await
+            .expect("queues"),
+    );
+    let env = Arc::new(WorkerEnv::new(
+        w.clone(),
+        queues.clone(),
+        RetryPolicy::with_base(Duration::from_millis(100)),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(async move {
+        run_workers(
+            env,
+            &WorkerOptions {
+                concurrency: 1,
+                ..WorkerOptions::default()
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+
+    let run = queues.trigger(&manual("invoices")).await.expect("trigger");
+    eventually(Duration::from_secs(60), "the first batches", || async {
+        w.run(&slug("acme"), &run.run_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.counts.rows_read > 0)
+    })
+    .await;
+    redis.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+
+    let result = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            // The coordinator reconnects by itself; errors while Redis is down are retried.
+            if let Ok(r) = queues.wait(&run.run_id, Duration::from_millis(200)).await {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the job ends");
+    assert_eq!(result.status, "succeeded", "{result:?}");
+    let (count, sums) = totals(&*w).await;
+    assert_eq!(count, exp.winners.len());
+    assert_eq!(sums, expected_sums(&exp));
+    let runs = w
+        .runs(&slug("acme"), Some("invoices"), 10)
+        .await
+        .expect("runs");
+    let read: u64 = runs.iter().map(|r| r.counts.rows_read).sum();
+    assert_eq!(
+        read, exp.rows_read,
+        "every record read exactly once: {runs:?}"
+    );
+
+    // The workers reconnected: a job queued after the restart runs too.
+    let again = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(again.outcome, TriggerOutcome::Enqueued);
+    let result = tokio::time::timeout(
+        Duration::from_secs(120),
+        queues.wait(&again.run_id, Duration::from_millis(200)),
+    )
+    .await
+    .expect("the second job ends")
+    .expect("result");
+    assert_eq!(result.status, "succeeded", "{result:?}");
+    let (count, sums) = totals(&*w).await;
+    assert_eq!(count, exp.winners.len());
+    assert_eq!(sums, expected_sums(&exp));
+    let _ = stop.send(());
+    worker.await.expect("join").expect("workers");
+}
