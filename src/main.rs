@@ -221,16 +221,19 @@ enum DeadLettersCommand {
         json: bool,
     },
     /// Replay a dead job once its cause is fixed (with the usual retries); a dead letter is
-    /// replayed at most once.
+    /// replayed at most once. The job's pipeline is the registered one, or the file given.
     #[command(
-        after_help = "Example:\n  sluice dead-letters replay 0193a6f0-... --pipeline examples/invoices.toml"
+        after_help = "Example:\n  sluice dead-letters replay 0193a6f0-...\n  sluice dead-letters replay 0193a6f0-... --pipeline examples/invoices.toml"
     )]
     Replay {
         /// The dead letter's id.
         id: String,
-        /// The pipeline file of the dead job's pipeline.
+        /// Only look in this tenant.
         #[arg(long)]
-        pipeline: PathBuf,
+        tenant: Option<String>,
+        /// Register this pipeline file (the fixed definition) and replay with it.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -644,7 +647,7 @@ async fn runs_command<W: Warehouse>(warehouse: &W, cmd: RunsCommand) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dead_letters_command<W: Warehouse>(
+async fn dead_letters_command<W: Warehouse + PipelineStore>(
     warehouse: &W,
     cmd: DeadLettersCommand,
 ) -> Result<ExitCode> {
@@ -680,22 +683,42 @@ async fn dead_letters_command<W: Warehouse>(
                 }
             }
         }
-        DeadLettersCommand::Replay { id, pipeline, json } => {
-            let spec = PipelineSpec::from_file(&pipeline)?;
-            let tenant = TenantSlug::parse(&spec.tenant)?;
-            let letter = warehouse
-                .dead_letter(&tenant, &id)
+        DeadLettersCommand::Replay {
+            id,
+            tenant,
+            pipeline,
+            json,
+        } => {
+            if let Some(file) = &pipeline {
+                let spec = PipelineSpec::from_file(file)?;
+                let (fields, secrets) = spec.to_stored();
+                warehouse
+                    .save_pipeline(
+                        &TenantSlug::parse(&spec.tenant)?,
+                        &spec.name,
+                        &fields,
+                        &secrets,
+                    )
+                    .await?;
+            }
+            let mut found = None;
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                if let Some(letter) = warehouse.dead_letter(&t, &id).await? {
+                    found = Some((t, letter));
+                    break;
+                }
+            }
+            let (tenant, letter) = found.with_context(|| format!("no dead letter with id {id}"))?;
+            let stored = warehouse
+                .pipeline(&tenant, &letter.pipeline)
                 .await?
                 .with_context(|| {
-                    format!("no dead letter {id} in tenant {tenant} (the pipeline file's tenant)")
+                    format!(
+                        "pipeline '{}' of tenant '{tenant}' is not registered: pass its file with --pipeline",
+                        letter.pipeline
+                    )
                 })?;
-            if letter.pipeline != spec.name {
-                bail!(
-                    "dead letter {id} belongs to pipeline '{}', not '{}'",
-                    letter.pipeline,
-                    spec.name
-                );
-            }
+            let spec = PipelineSpec::from_stored(&stored.spec, &stored.secrets)?;
             let source = PipelineSource::from_spec(&spec.source)?;
             let outcome = sluice_workers::jobs::replay_dead_letter(
                 &tenant,

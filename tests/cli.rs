@@ -14,6 +14,8 @@ fn sluice(data: &Path, args: &[&str]) -> Output {
         .arg(data)
         .args(args)
         .env_remove("SLUICE_LOG")
+        .env_remove("SLUICE_REDIS_URL")
+        .env_remove("SLUICE_DATABASE_URL")
         .output()
         .expect("run sluice")
 }
@@ -416,16 +418,79 @@ async fn runs_and_dead_letters_from_the_command_line() {
     ));
     assert_eq!(replayed["status"], "replayed");
     assert_eq!(replayed["run"]["trigger"], "replay");
-    let again = sluice(
-        data.path(),
-        &[
-            "dead-letters",
-            "replay",
-            "dl-cli",
-            "--pipeline",
-            example("invoices.toml").to_str().expect("path"),
-        ],
-    );
+    // The first replay registered the pipeline: no file needed any more.
+    let again = sluice(data.path(), &["dead-letters", "replay", "dl-cli"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already replayed"));
+}
+
+#[test]
+fn trigger_queues_a_sync_joins_it_and_waits_for_it_on_the_embedded_queue() {
+    let data = tempfile::tempdir().expect("tmp");
+    let file = example("invoices.toml");
+    let file = file.to_str().expect("path");
+    let other = tempfile::tempdir().expect("tmp");
+    let synced = stdout_json(&sluice(other.path(), &["sync", file, "--json"]));
+
+    // --wait runs the job (no worker is running) and prints what `sync --json` prints.
+    let waited = stdout_json(&sluice(data.path(), &["trigger", file, "--wait", "--json"]));
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&waited), keys(&synced));
+    assert_eq!(waited["status"], "succeeded");
+    assert_eq!(waited["inserted"], 16);
+    assert_eq!(waited["quarantined"], 8);
+
+    // By name: queued; a second trigger joins the queued run.
+    let by_name = ["trigger", "acme-invoices", "--tenant", "acme", "--json"];
+    let queued = stdout_json(&sluice(data.path(), &by_name));
+    assert_eq!(queued["outcome"], "enqueued");
+    let joined = stdout_json(&sluice(data.path(), &by_name));
+    assert_eq!(joined["outcome"], "joined");
+    assert_eq!(joined["run_id"], queued["run_id"]);
+    // Waiting joins it too, runs it here, and reports that run.
+    let done = stdout_json(&sluice(
+        data.path(),
+        &[
+            "trigger",
+            "acme-invoices",
+            "--tenant",
+            "acme",
+            "--wait",
+            "--json",
+        ],
+    ));
+    assert_eq!(done["run_id"], queued["run_id"]);
+    assert_eq!(done["unchanged"], 16);
+    let runs = stdout_json(&sluice(data.path(), &["runs", "list", "--json"]));
+    assert_eq!(runs.as_array().map(Vec::len), Some(2));
+    assert_eq!(runs[0]["trigger"], "manual");
+
+    // An idempotency key returns the run it produced the first time.
+    let keyed = [
+        "trigger",
+        "acme-invoices",
+        "--tenant",
+        "acme",
+        "--idempotency-key",
+        "close-2024-06",
+        "--wait",
+        "--json",
+    ];
+    let first = stdout_json(&sluice(data.path(), &keyed));
+    let repeat = stdout_json(&sluice(data.path(), &keyed));
+    assert_eq!(first["run_id"], repeat["run_id"]);
+    let runs = stdout_json(&sluice(data.path(), &["runs", "list", "--json"]));
+    assert_eq!(runs.as_array().map(Vec::len), Some(3));
+
+    let unknown = sluice(data.path(), &["trigger", "nope", "--tenant", "acme"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("not registered"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
 }

@@ -498,3 +498,62 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     let _ = stop.send(());
     worker.await.expect("join").expect("workers");
 }
+
+#[tokio::test]
+async fn sigterm_lets_the_running_job_finish_before_the_worker_exits() {
+    let db = TestDb::create().await;
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = pg_warehouse(&db).await;
+    let (csv, exp) = messy_invoices(20_000, 13);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+    register(&w, &spec).await;
+    let queues = Queues::connect(settings(
+        Some((&redis.url, &redis.prefix)),
+        &dir.path().join("data"),
+    ))
+    .await
+    .expect("queues");
+    let mut workers = Reaper(vec![spawn_worker(&db, &redis, &dir.path().join("data"))]);
+    let run = queues.trigger(&manual("invoices")).await.expect("trigger");
+    eventually(Duration::from_secs(60), "the first batches", || async {
+        w.run(&slug("acme"), &run.run_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.counts.rows_read > 0)
+    })
+    .await;
+    let worker = &mut workers.0[0];
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = worker.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the worker did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    // It stopped only after the job ended, in one attempt.
+    let result = queues
+        .coordinator()
+        .result(&run.run_id)
+        .await
+        .expect("result")
+        .expect("the job finished before the worker exited");
+    assert!(result.contains("succeeded"), "{result}");
+    let ledger = w
+        .run(&slug("acme"), &run.run_id)
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(ledger.status, RunStatus::Succeeded);
+    assert_eq!(ledger.counts.rows_read, exp.rows_read);
+    let (count, sums) = totals(&w).await;
+    assert_eq!(count, exp.winners.len());
+    assert_eq!(sums, expected_sums(&exp));
+}
