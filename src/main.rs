@@ -23,7 +23,7 @@ use sluice_engine::{RowCounts, SqliteWarehouse, TenantSlug, Warehouse};
 use sluice_pipelines::{
     PipelineSource, PipelineSpec, RunObserver, RunOptions, RunReport, run_pipeline,
 };
-use sluice_workers::jobs::Trigger;
+use sluice_workers::jobs::{ReplaySelection, Trigger};
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers, shutdown_signal};
@@ -308,6 +308,9 @@ struct WorkerArgs {
     /// Sync jobs run at once by this process.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
+    /// Quarantine replay jobs run at once by this process (a queue of their own).
+    #[arg(long, default_value_t = 1)]
+    replay_concurrency: usize,
     /// Seconds in-flight jobs may take to finish after SIGTERM/SIGINT; a job still running
     /// then is taken over by another worker and resumes from its last committed batch.
     #[arg(long, default_value_t = 30)]
@@ -370,6 +373,37 @@ enum QuarantineCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
         /// Print JSON (an array of rows).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay quarantined rows of a pipeline (after fixing the rows or the pipeline): rows
+    /// that pass now are loaded and marked replayed, the rest stay pending with their new
+    /// errors. Queued on the replay queue; prints the replay's run id.
+    #[command(
+        after_help = "Example:\n  sluice quarantine replay --tenant acme --pipeline acme-invoices --rule currency_iso4217 --wait"
+    )]
+    Replay {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The registered pipeline whose rows are replayed.
+        #[arg(long)]
+        pipeline: String,
+        /// Only these rows (repeat the option); default: every pending or fixed row that
+        /// matches --run and --rule.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Only rows read by this run.
+        #[arg(long)]
+        run: Option<String>,
+        /// Only rows that failed this rule.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Wait for the replay and print its accounting (with the embedded queue, this
+        /// process runs it if no worker does).
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -524,6 +558,40 @@ async fn run_command<W: Warehouse + PipelineStore + 'static>(
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve(env(Queues::connect(queue).await?), &args).await,
+        Command::Quarantine(QuarantineCommand::Replay {
+            tenant,
+            pipeline,
+            ids,
+            run,
+            rule,
+            wait,
+            json,
+        }) => {
+            let env = env(Queues::connect(queue).await?);
+            let tenant = TenantSlug::parse(&tenant)?;
+            if env.warehouse.pipeline(&tenant, &pipeline).await?.is_none() {
+                bail!(
+                    "pipeline '{pipeline}' of tenant '{tenant}' is not registered; trigger its pipeline file once to register it"
+                );
+            }
+            let selection = ReplaySelection {
+                pipeline,
+                ids,
+                run_id: run,
+                rule,
+            };
+            let queued = env.queues.replay(tenant.as_str(), selection, None).await?;
+            if wait {
+                wait_and_report(env, &tenant, &queued.run_id, json).await
+            } else {
+                if json {
+                    println!("{}", serde_json::to_string(&queued)?);
+                } else {
+                    println!("replay queued: {}", queued.run_id);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
         Command::Source(cmd) => source_command(cmd).await,
         Command::Runs(cmd) => runs_command(warehouse, cmd).await,
         Command::DeadLetters(cmd) => dead_letters_command(warehouse, cmd).await,
@@ -905,6 +973,7 @@ impl WorkerArgs {
     fn options(&self) -> WorkerOptions {
         WorkerOptions {
             concurrency: self.concurrency.max(1),
+            replay_concurrency: self.replay_concurrency.max(1),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
         }
     }
@@ -1012,6 +1081,17 @@ async fn trigger<W: Warehouse + PipelineStore + 'static>(
         }
         return Ok(ExitCode::SUCCESS);
     }
+    wait_and_report(env, &tenant, &triggered.run_id, args.json).await
+}
+
+/// Waits for the job of `run_id` (running it here with the embedded queue when no worker
+/// takes it) and prints its final run as `sync` does.
+async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
+    env: Arc<WorkerEnv<W>>,
+    tenant: &TenantSlug,
+    run_id: &str,
+    json_out: bool,
+) -> Result<ExitCode> {
     // With the embedded queue there may be no worker: run one here until the run ends.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let local = (!env.queues.is_redis()).then(|| {
@@ -1027,10 +1107,7 @@ async fn trigger<W: Warehouse + PipelineStore + 'static>(
             .await
         })
     });
-    let waited = env
-        .queues
-        .wait(&triggered.run_id, Duration::from_millis(100))
-        .await;
+    let waited = env.queues.wait(run_id, Duration::from_millis(100)).await;
     let _ = done_tx.send(());
     if let Some(worker) = local {
         worker.await??;
@@ -1038,7 +1115,7 @@ async fn trigger<W: Warehouse + PipelineStore + 'static>(
     let result = waited?;
     let final_run = result.final_run_id.clone();
     let ledger = match &final_run {
-        Some(run) => env.warehouse.run(&tenant, run).await?,
+        Some(run) => env.warehouse.run(tenant, run).await?,
         None => None,
     };
     match (result.status.as_str(), ledger) {
@@ -1047,15 +1124,15 @@ async fn trigger<W: Warehouse + PipelineStore + 'static>(
                 .finished_at
                 .and_then(|f| (f - ledger.started_at).to_std().ok())
                 .unwrap_or_default();
-            print_report(&RunReport { ledger, duration }, args.json);
+            print_report(&RunReport { ledger, duration }, json_out);
             Ok(ExitCode::SUCCESS)
         }
         _ => {
             let reason = result.reason.clone().unwrap_or_else(|| "failed".into());
-            if args.json {
+            if json_out {
                 println!(
                     "{}",
-                    json!({ "run_id": final_run.as_deref().unwrap_or(&triggered.run_id), "status": "failed",
+                    json!({ "run_id": final_run.as_deref().unwrap_or(run_id), "status": "failed",
                             "error": reason, "dead_letter": result.dead_letter })
                 );
             }
@@ -1213,6 +1290,9 @@ async fn quarantine<W: Warehouse>(warehouse: &W, cmd: QuarantineCommand) -> Resu
                     rows.len()
                 );
             }
+        }
+        QuarantineCommand::Replay { .. } => {
+            bail!("quarantine replay is queued by run_command")
         }
         QuarantineCommand::Show { id, tenant, json } => {
             let mut found = None;

@@ -494,3 +494,91 @@ fn trigger_queues_a_sync_joins_it_and_waits_for_it_on_the_embedded_queue() {
         String::from_utf8_lossy(&unknown.stderr)
     );
 }
+
+#[tokio::test]
+async fn quarantined_rows_are_replayed_after_a_fix_and_stay_pending_otherwise() {
+    use sqlx::Connection;
+    let data = tempfile::tempdir().expect("tmp");
+    let file = example("invoices.toml");
+    let synced = stdout_json(&sluice(
+        data.path(),
+        &["trigger", file.to_str().expect("path"), "--wait", "--json"],
+    ));
+    assert_eq!(synced["quarantined"], 8);
+    let replay = |extra: &[&str]| {
+        let mut args = vec![
+            "quarantine",
+            "replay",
+            "--tenant",
+            "acme",
+            "--pipeline",
+            "acme-invoices",
+            "--wait",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        stdout_json(&sluice(data.path(), &args))
+    };
+
+    // Nothing fixed: every row fails again, stays pending with its errors, no copies.
+    let first = replay(&[]);
+    assert_eq!(first["status"], "succeeded");
+    assert_eq!(first["rows_read"], 8);
+    assert_eq!(first["quarantined"], 8);
+    assert_eq!(first["loaded"], 0);
+    let rows = stdout_json(&sluice(data.path(), &["quarantine", "list", "--json"]));
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 8);
+    assert!(rows.iter().all(|r| r["status"] == "pending"));
+
+    // An admin fixes the bad currency of one row (what the API's PATCH will do).
+    let bad = rows
+        .iter()
+        .find(|r| r["errors"][0]["rule"] == "currency_code")
+        .expect("a currency error");
+    let id = bad["id"].as_str().expect("id");
+    let url = format!(
+        "sqlite://{}",
+        data.path().join("tenants/acme.sqlite").display()
+    );
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("open");
+    sqlx::query(
+        "UPDATE quarantine SET raw = json_set(raw, '$.Currency', 'USD'), status = 'fixed' WHERE id = ?",
+    )
+    .bind(id)
+    .execute(&mut conn)
+    .await
+    .expect("fix");
+    drop(conn);
+
+    let fixed = replay(&["--id", id]);
+    assert_eq!(fixed["rows_read"], 1);
+    assert_eq!(fixed["inserted"], 1);
+    assert_eq!(fixed["quarantined"], 0);
+    let shown = stdout_json(&sluice(data.path(), &["quarantine", "show", id, "--json"]));
+    assert_eq!(shown["status"], "replayed");
+    let runs = stdout_json(&sluice(data.path(), &["runs", "list", "--json"]));
+    assert!(
+        runs.as_array()
+            .expect("runs")
+            .iter()
+            .any(|r| r["trigger"] == "replay")
+    );
+    let pending = stdout_json(&sluice(
+        data.path(),
+        &["quarantine", "list", "--status", "pending", "--json"],
+    ));
+    assert_eq!(pending.as_array().map(Vec::len), Some(7));
+    // The replayed invoice is in the warehouse, next to the 16 loaded at first.
+    let warehouse = sluice_engine::SqliteWarehouse::new(data.path());
+    let tenant = sluice_engine::TenantSlug::parse("acme").expect("slug");
+    let invoices = sluice_engine::Warehouse::invoices(&warehouse, &tenant)
+        .await
+        .expect("invoices");
+    assert_eq!(invoices.len(), 17);
+    let again = replay(&["--id", id]);
+    assert_eq!(
+        again["rows_read"], 0,
+        "a replayed row is not replayed twice"
+    );
+}

@@ -557,3 +557,147 @@ async fn sigterm_lets_the_running_job_finish_before_the_worker_exits() {
     assert_eq!(count, exp.winners.len());
     assert_eq!(sums, expected_sums(&exp));
 }
+
+#[tokio::test]
+async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending() {
+    use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus};
+    use sluice_workers::jobs::ReplaySelection;
+    let db = TestDb::create().await;
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = Arc::new(pg_warehouse(&db).await);
+    let (csv, exp) = messy_invoices(2_000, 14);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+    register(&*w, &spec).await;
+    let queues = Arc::new(
+        Queues::connect(settings(
+            Some((&redis.url, &redis.prefix)),
+            &dir.path().join("data"),
+        ))
+        .await
+        .expect("queues"),
+    );
+    let env = Arc::new(WorkerEnv::new(
+        w.clone(),
+        queues.clone(),
+        RetryPolicy::with_base(Duration::from_millis(10)),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(async move {
+        run_workers(env, &WorkerOptions::default(), async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let wait = |run: String| {
+        let q = queues.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                q.wait(&run, Duration::from_millis(50)),
+            )
+            .await
+            .expect("the job ends")
+            .expect("result")
+        }
+    };
+    let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(wait(sync.run_id.clone()).await.status, "succeeded");
+    let tenant = slug("acme");
+    let all = QuarantineFilter {
+        limit: Some(100_000),
+        ..QuarantineFilter::default()
+    };
+    let quarantined = w.quarantined(&tenant, &all).await.expect("quarantine");
+    assert_eq!(quarantined.len() as u64, exp.quarantined);
+
+    // Replaying everything unchanged: all fail again, nothing loaded, nothing duplicated.
+    let selection = ReplaySelection {
+        pipeline: "invoices".into(),
+        ids: Vec::new(),
+        run_id: None,
+        rule: None,
+    };
+    let replay = queues
+        .replay("acme", selection.clone(), None)
+        .await
+        .expect("replay");
+    let result = wait(replay.run_id.clone()).await;
+    assert_eq!(result.status, "succeeded", "{result:?}");
+    let ledger = w
+        .run(&tenant, &replay.run_id)
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(ledger.trigger, "replay");
+    assert_eq!(ledger.counts.rows_read, exp.quarantined);
+    assert_eq!(ledger.counts.quarantined, exp.quarantined);
+    assert_eq!(
+        w.quarantined(&tenant, &all).await.expect("q").len() as u64,
+        exp.quarantined
+    );
+
+    // Fix the rows with a bad currency (as the API's PATCH will), then replay them.
+    let bad: Vec<String> = quarantined
+        .iter()
+        .filter(|r| r.errors.iter().any(|e| e.rule == "currency_code") && r.errors.len() == 1)
+        .map(|r| r.id.clone())
+        .collect();
+    assert!(!bad.is_empty(), "the generator makes bad currencies");
+    let mut conn = db.connect().await;
+    sqlx::query(
+        "UPDATE tenant_acme.quarantine SET raw = jsonb_set(raw, '{currency}', '\"USD\"'), \
+         raw_text = replace(raw_text, '\"currency\":\"XYZ\"', '\"currency\":\"USD\"'), status = 'fixed' WHERE id = ANY($1)",
+    )
+    .bind(&bad)
+    .execute(&mut conn)
+    .await
+    .expect("fix");
+    let before = w.invoices(&tenant).await.expect("invoices").len();
+    let fixed = queues
+        .replay(
+            "acme",
+            ReplaySelection {
+                ids: bad.clone(),
+                ..selection
+            },
+            None,
+        )
+        .await
+        .expect("replay");
+    assert_eq!(wait(fixed.run_id.clone()).await.status, "succeeded");
+    let ledger = w
+        .run(&tenant, &fixed.run_id)
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(ledger.counts.rows_read, bad.len() as u64);
+    assert_eq!(ledger.counts.quarantined, 0);
+    let after = w.invoices(&tenant).await.expect("invoices").len();
+    assert_eq!(
+        (after - before) as u64
+            + ledger.counts.updated
+            + ledger.counts.unchanged
+            + ledger.counts.deduplicated,
+        bad.len() as u64
+    );
+    for id in &bad {
+        let row = w
+            .quarantined_row(&tenant, id)
+            .await
+            .expect("row")
+            .expect("present");
+        assert_eq!(row.status, QuarantineStatus::Replayed);
+    }
+    let pending = QuarantineFilter {
+        status: Some(QuarantineStatus::Pending),
+        limit: Some(100_000),
+        ..QuarantineFilter::default()
+    };
+    assert_eq!(
+        w.quarantined(&tenant, &pending).await.expect("q").len(),
+        quarantined.len() - bad.len()
+    );
+    let _ = stop.send(());
+    worker.await.expect("join").expect("workers");
+}

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod map;
 pub mod prepare;
+pub mod replay;
 pub mod runner;
 pub mod source;
 pub mod spec;

@@ -363,6 +363,15 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     async fn payments(&self, t: &TenantSlug) -> sluice_engine::Result<Vec<Payment>> {
         self.inner.payments(t).await
     }
+    async fn settle_replay(
+        &self,
+        t: &TenantSlug,
+        run_id: &str,
+        replayed: &[String],
+        failed: &[(String, Vec<sluice_engine::validate::CellError>)],
+    ) -> sluice_engine::Result<()> {
+        self.inner.settle_replay(t, run_id, replayed, failed).await
+    }
     async fn record_dead_letter(&self, letter: &DeadLetter) -> sluice_engine::Result<()> {
         self.inner.record_dead_letter(letter).await
     }

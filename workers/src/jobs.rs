@@ -84,6 +84,36 @@ impl SyncJob {
     }
 }
 
+/// Which quarantined rows a replay takes: rows of one pipeline, by id, or by filter
+/// (pending and fixed rows only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaySelection {
+    /// The pipeline whose rows are replayed.
+    pub pipeline: String,
+    /// These rows; when empty, every pending or fixed row matching the filters below.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Only rows read by this run.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// Only rows that failed this rule.
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+/// Replay quarantined rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayJob {
+    /// The tenant.
+    pub tenant: String,
+    /// The rows.
+    pub selection: ReplaySelection,
+    /// The replay's run id.
+    pub run_id: String,
+    /// Follows the work through logs.
+    pub correlation_id: String,
+}
+
 /// How a job ended.
 #[derive(Debug)]
 pub enum JobOutcome {
@@ -181,6 +211,27 @@ pub fn dead_letter(job: &SyncJob, failed: &[Attempt], reason: &str) -> DeadLette
         created_at: Utc::now(),
         replayed_at: None,
         replay_run: None,
+    }
+}
+
+/// The dead letter of a replay job that failed for good.
+pub fn replay_dead_letter_record(job: &ReplayJob, failed: &[Attempt], reason: &str) -> DeadLetter {
+    DeadLetter {
+        job_kind: "replay".into(),
+        pipeline: job.selection.pipeline.clone(),
+        job: serde_json::to_value(job).unwrap_or_default(),
+        ..dead_letter(
+            &SyncJob {
+                tenant: job.tenant.clone(),
+                pipeline: job.selection.pipeline.clone(),
+                trigger: Trigger::Replay,
+                run_id: job.run_id.clone(),
+                correlation_id: job.correlation_id.clone(),
+                lock_token: None,
+            },
+            failed,
+            reason,
+        )
     }
 }
 

@@ -19,7 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
 use crate::coord::{Coordinator, SqliteCoord};
 use crate::error::{WorkerError, WorkerErrorKind};
-use crate::jobs::{SyncJob, Trigger};
+use crate::jobs::{ReplayJob, ReplaySelection, SyncJob, Trigger};
 use crate::lock::{Acquired, RedisLocks};
 
 /// Which queue.
@@ -253,6 +253,38 @@ impl Queues {
                 .map_err(|e| queue_error("queueing the sync job", e))?;
         }
         Ok(())
+    }
+
+    /// Queues a replay of quarantined rows (on the replay queue, so it never holds up
+    /// syncs); returns its run id.
+    pub async fn replay(
+        &self,
+        tenant: &str,
+        selection: ReplaySelection,
+        correlation_id: Option<String>,
+    ) -> Result<Triggered, WorkerError> {
+        let job = ReplayJob {
+            tenant: tenant.to_string(),
+            selection,
+            run_id: uuid::Uuid::now_v7().to_string(),
+            correlation_id: correlation_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        };
+        let run_id = job.run_id.clone();
+        if let Some(mut storage) = self.redis_storage::<ReplayJob>(QueueName::Replay) {
+            storage
+                .push(job)
+                .await
+                .map_err(|e| queue_error("queueing the replay job in Redis", e))?;
+        } else if let Some(mut storage) = self.sqlite_storage::<ReplayJob>(QueueName::Replay) {
+            storage
+                .push(job)
+                .await
+                .map_err(|e| queue_error("queueing the replay job", e))?;
+        }
+        Ok(Triggered {
+            run_id,
+            outcome: TriggerOutcome::Enqueued,
+        })
     }
 
     /// Jobs waiting in `queue`.

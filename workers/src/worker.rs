@@ -19,15 +19,22 @@ use apalis::prelude::{
 };
 use chrono::Utc;
 use sluice_engine::control::PipelineStore;
+use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunStatus, TenantSlug, Warehouse};
-use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet};
+use sluice_pipelines::replay::replay_quarantined;
+use sluice_pipelines::{
+    PipelineError, PipelineErrorKind, PipelineSource, PipelineSpec, Quiet, RunOptions,
+};
 
 use crate::error::{WorkerError, WorkerErrorKind};
-use crate::jobs::{JobOutcome, SyncJob, continue_sync_job, dead_letter};
+use crate::jobs::{
+    JobOutcome, ReplayJob, SyncJob, Trigger, continue_sync_job, dead_letter,
+    replay_dead_letter_record,
+};
 use crate::lock::Lease;
 use crate::metrics::metrics;
 use crate::queue::{JobResult, QueueName, Queues};
-use crate::retry::{Attempt, RetryPolicy};
+use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
 
 /// What a worker needs to run jobs.
 pub struct WorkerEnv<W> {
@@ -59,6 +66,9 @@ impl<W> WorkerEnv<W> {
 pub struct WorkerOptions {
     /// Sync jobs run at once by this process.
     pub concurrency: usize,
+    /// Replay jobs run at once by this process (their own queue and workers, so replays
+    /// never hold up syncs).
+    pub replay_concurrency: usize,
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
 }
@@ -67,6 +77,7 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             concurrency: 2,
+            replay_concurrency: 1,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -96,7 +107,16 @@ where
     Ok(())
 }
 
-/// Runs sync workers until `shutdown` completes, then shuts down gracefully.
+async fn replay_handler<W>(job: ReplayJob, env: Data<Arc<WorkerEnv<W>>>) -> Result<(), BoxDynError>
+where
+    W: Warehouse + PipelineStore + 'static,
+{
+    let env: Arc<WorkerEnv<W>> = (*env).clone();
+    env.handle_replay(job).await;
+    Ok(())
+}
+
+/// Runs sync and replay workers until `shutdown` completes, then shuts down gracefully.
 pub async fn run_workers<W>(
     env: Arc<WorkerEnv<W>>,
     options: &WorkerOptions,
@@ -108,6 +128,7 @@ where
     let queues = env.queues.clone();
     let sampler = tokio::spawn(sample_depth(queues.clone()));
     let concurrency = options.concurrency.max(1);
+    let replays = options.replay_concurrency.max(1);
     let mut monitor = Monitor::new()
         .shutdown_timeout(options.shutdown_timeout)
         .should_restart(|ctx, error| {
@@ -115,8 +136,8 @@ where
             true
         });
     if queues.is_redis() {
-        let env = env.clone();
-        let q = queues.clone();
+        let (env, env_r) = (env.clone(), env.clone());
+        let (q, q_r) = (queues.clone(), queues.clone());
         monitor = monitor.register_n(concurrency, move |index, _| {
             let storage = q
                 .redis_storage::<SyncJob>(QueueName::Sync)
@@ -129,9 +150,22 @@ where
                 .data(env.clone())
                 .build(sync_handler::<W>)
         });
+        let (env, q) = (env_r, q_r);
+        monitor = monitor.register_n(replays, move |index, _| {
+            let storage = q
+                .redis_storage::<ReplayJob>(QueueName::Replay)
+                .unwrap_or_else(|| unreachable!("redis mode"))
+                .poll_with_interval(q.settings().poll_interval);
+            WorkerBuilder::new(worker_name(QueueName::Replay, index))
+                .backend(storage)
+                .concurrency(1)
+                .parallelize(tokio::spawn)
+                .data(env.clone())
+                .build(replay_handler::<W>)
+        });
     } else {
-        let env = env.clone();
-        let q = queues.clone();
+        let (env, env_r) = (env.clone(), env.clone());
+        let (q, q_r) = (queues.clone(), queues.clone());
         monitor = monitor.register_n(concurrency, move |index, _| {
             let storage = q
                 .sqlite_storage::<SyncJob>(QueueName::Sync)
@@ -144,9 +178,23 @@ where
                 .data(env.clone())
                 .build(sync_handler::<W>)
         });
+        let (env, q) = (env_r, q_r);
+        monitor = monitor.register_n(replays, move |index, _| {
+            let storage = q
+                .sqlite_storage::<ReplayJob>(QueueName::Replay)
+                .unwrap_or_else(|| unreachable!("embedded mode"))
+                .poll_with_interval(q.settings().poll_interval);
+            WorkerBuilder::new(worker_name(QueueName::Replay, index))
+                .backend(storage)
+                .concurrency(1)
+                .parallelize(tokio::spawn)
+                .data(env.clone())
+                .build(replay_handler::<W>)
+        });
     }
     tracing::info!(
         concurrency,
+        replays,
         queue = if queues.is_redis() {
             "redis"
         } else {
@@ -366,16 +414,19 @@ where
     }
 
     async fn load_spec(&self, job: &SyncJob) -> Result<PipelineSpec, String> {
-        let tenant = TenantSlug::parse(&job.tenant).map_err(|e| e.to_string())?;
+        self.stored_spec(&job.tenant, &job.pipeline).await
+    }
+
+    async fn stored_spec(&self, tenant: &str, pipeline: &str) -> Result<PipelineSpec, String> {
+        let tenant = TenantSlug::parse(tenant).map_err(|e| e.to_string())?;
         let stored = self
             .warehouse
-            .pipeline(&tenant, &job.pipeline)
+            .pipeline(&tenant, pipeline)
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| {
                 format!(
-                    "pipeline '{}' of tenant '{}' is not registered (run `sluice trigger <pipeline.toml>` to register it)",
-                    job.pipeline, job.tenant
+                    "pipeline '{pipeline}' of tenant '{tenant}' is not registered (run `sluice trigger <pipeline.toml>` to register it)"
                 )
             })?;
         PipelineSpec::from_stored(&stored.spec, &stored.secrets).map_err(|e| e.to_string())
@@ -435,6 +486,172 @@ where
         Ok(Ok(prior))
     }
 
+    /// Runs one replay job: selects the rows (again for each attempt, so an attempt never
+    /// touches rows an earlier one settled), replays them under the retry policy, records
+    /// the result.
+    pub async fn handle_replay(&self, job: ReplayJob) {
+        let queue = QueueName::Replay.as_str();
+        let m = metrics();
+        m.jobs_started.with_label_values(&[queue]).inc();
+        m.in_flight.with_label_values(&[queue]).inc();
+        let started = Instant::now();
+        let span = tracing::info_span!("job", queue, tenant = %job.tenant, pipeline = %job.selection.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
+        let result = tracing::Instrument::instrument(self.run_replay(&job), span).await;
+        match &result.status[..] {
+            "succeeded" => m.jobs_succeeded.with_label_values(&[queue]).inc(),
+            _ => m.jobs_dead.with_label_values(&[queue]).inc(),
+        }
+        m.job_duration
+            .with_label_values(&[queue])
+            .observe(started.elapsed().as_secs_f64());
+        m.in_flight.with_label_values(&[queue]).dec();
+        let text = serde_json::to_string(&result).unwrap_or_default();
+        if let Err(e) = self
+            .queues
+            .coordinator()
+            .save_result(&job.run_id, &text)
+            .await
+        {
+            tracing::error!(error = %e, "could not record the job's result");
+        }
+    }
+
+    async fn run_replay(&self, job: &ReplayJob) -> JobResult {
+        let spec = match self.stored_spec(&job.tenant, &job.selection.pipeline).await {
+            Ok(spec) => spec,
+            Err(reason) => return self.dead_replay(job, &[], &reason).await,
+        };
+        let (outcome, _) = continue_with_retries(
+            &self.policy,
+            Vec::new(),
+            |n| {
+                let spec = &spec;
+                async move {
+                    let rows = self.replay_rows(job).await?;
+                    let options = RunOptions {
+                        trigger: Trigger::Replay.as_str().to_string(),
+                        run_id: Some(if n <= 1 {
+                            job.run_id.clone()
+                        } else {
+                            format!("{}.{n}", job.run_id)
+                        }),
+                    };
+                    replay_quarantined(spec, &*self.warehouse, &rows, &options).await
+                }
+            },
+            PipelineError::is_transient,
+        )
+        .await;
+        match outcome {
+            Outcome::Succeeded { value, failed } => {
+                metrics()
+                    .jobs_failed
+                    .with_label_values(&[QueueName::Replay.as_str()])
+                    .inc_by(failed.len() as u64);
+                metrics().record_run("succeeded", &value.ledger.counts);
+                JobResult {
+                    status: "succeeded".into(),
+                    final_run_id: Some(value.ledger.run_id),
+                    dead_letter: None,
+                    reason: None,
+                }
+            }
+            Outcome::Dead { failed, reason } => self.dead_replay(job, &failed, &reason).await,
+        }
+    }
+
+    /// The pending or fixed rows the selection names.
+    async fn replay_rows(&self, job: &ReplayJob) -> Result<Vec<QuarantinedRow>, PipelineError> {
+        let tenant = TenantSlug::parse(&job.tenant)?;
+        let sel = &job.selection;
+        let open = |r: &QuarantinedRow| {
+            r.pipeline == sel.pipeline
+                && matches!(
+                    r.status,
+                    QuarantineStatus::Pending | QuarantineStatus::Fixed
+                )
+        };
+        let mut rows = Vec::new();
+        if sel.ids.is_empty() {
+            for status in [QuarantineStatus::Pending, QuarantineStatus::Fixed] {
+                let filter = QuarantineFilter {
+                    run_id: sel.run_id.clone(),
+                    status: Some(status),
+                    rule: sel.rule.clone(),
+                    limit: Some(u32::MAX),
+                };
+                rows.extend(
+                    self.warehouse
+                        .quarantined(&tenant, &filter)
+                        .await?
+                        .into_iter()
+                        .filter(|r| open(r)),
+                );
+            }
+        } else {
+            for id in &sel.ids {
+                let row = self
+                    .warehouse
+                    .quarantined_row(&tenant, id)
+                    .await?
+                    .ok_or_else(|| {
+                        PipelineError::new(
+                            PipelineErrorKind::Config,
+                            format!("no quarantined row {id} in tenant {tenant}"),
+                        )
+                    })?;
+                if open(&row) {
+                    rows.push(row);
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn dead_replay(&self, job: &ReplayJob, failed: &[Attempt], reason: &str) -> JobResult {
+        let mut attempts = failed.to_vec();
+        if attempts.is_empty() {
+            attempts.push(Attempt {
+                number: 1,
+                at: Utc::now(),
+                error: reason.to_string(),
+                transient: false,
+            });
+        }
+        let letter = replay_dead_letter_record(job, &attempts, reason);
+        self.record_dead(letter, failed.last().map(|a| a.number), &job.run_id, reason)
+            .await
+    }
+
+    async fn record_dead(
+        &self,
+        letter: sluice_engine::dead_letter::DeadLetter,
+        last_attempt: Option<u32>,
+        run_id: &str,
+        reason: &str,
+    ) -> JobResult {
+        let id = letter.id.clone();
+        tracing::error!(%reason, dead_letter = %id, "job is dead");
+        let recorded = self.warehouse.record_dead_letter(&letter).await;
+        if let Err(e) = &recorded {
+            tracing::error!(error = %e, "could not record the dead letter");
+        } else {
+            metrics().dead_letters.inc();
+        }
+        JobResult {
+            status: "dead".into(),
+            final_run_id: last_attempt.map(|n| {
+                if n <= 1 {
+                    run_id.to_string()
+                } else {
+                    format!("{run_id}.{n}")
+                }
+            }),
+            dead_letter: recorded.ok().map(|()| id),
+            reason: Some(reason.to_string()),
+        }
+    }
+
     async fn dead(&self, job: &SyncJob, failed: &[Attempt], reason: &str) -> JobResult {
         let mut attempts = failed.to_vec();
         if attempts.is_empty() {
@@ -446,20 +663,7 @@ where
             });
         }
         let letter = dead_letter(job, &attempts, reason);
-        let id = letter.id.clone();
-        tracing::error!(%reason, dead_letter = %id, "job is dead");
-        let recorded = self.warehouse.record_dead_letter(&letter).await;
-        if let Err(e) = &recorded {
-            tracing::error!(error = %e, "could not record the dead letter");
-        } else {
-            metrics().dead_letters.inc();
-        }
-        JobResult {
-            status: "dead".into(),
-            final_run_id: None,
-            dead_letter: recorded.ok().map(|()| id),
-            reason: Some(reason.to_string()),
-        }
+        self.record_dead(letter, None, &job.run_id, reason).await
     }
 }
 

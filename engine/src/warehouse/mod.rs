@@ -33,6 +33,7 @@ use crate::finance::{AgingReport, AgingSide};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantinedRow};
 use crate::tenant::TenantSlug;
+use crate::validate::CellError;
 
 /// Which run is committing, to which tenant, pipeline and stream.
 #[derive(Debug, Clone)]
@@ -163,6 +164,18 @@ pub trait Warehouse: Send + Sync {
         tenant: &TenantSlug,
         filter: &QuarantineFilter,
     ) -> impl Future<Output = Result<Vec<QuarantinedRow>>> + Send;
+
+    /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
+    /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their
+    /// new errors and count in the run's ledger as read and quarantined. Rows no longer
+    /// pending or fixed are left alone.
+    fn settle_replay(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+        replayed: &[String],
+        failed: &[(String, Vec<CellError>)],
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// One quarantined row.
     fn quarantined_row(

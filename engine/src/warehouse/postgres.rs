@@ -39,7 +39,7 @@ use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
-use crate::validate::strings;
+use crate::validate::{CellError, strings};
 
 const CONTROL_MIGRATIONS: &[(i32, &str)] = &[(
     1,
@@ -53,6 +53,10 @@ const TENANT_MIGRATIONS: &[(i32, &str)] = &[
     (
         2,
         include_str!("../../../migrations/tenant/postgres/0002_dead_letters.sql"),
+    ),
+    (
+        3,
+        include_str!("../../../migrations/tenant/postgres/0003_quarantine_replay.sql"),
     ),
 ];
 /// Serialises migrators across processes (an arbitrary constant, "sluice" in ASCII).
@@ -1121,6 +1125,60 @@ impl Warehouse for PostgresWarehouse {
                 })
             })
             .collect()
+    }
+
+    async fn settle_replay(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+        replayed: &[String],
+        failed: &[(String, Vec<CellError>)],
+    ) -> Result<()> {
+        self.prepare_tenant(tenant).await?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting to settle the replay"))?;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET status = 'replayed', replay_run = $1, replayed_at = now() \
+             WHERE id = ANY($2) AND status IN ('pending', 'fixed')",
+            table(tenant, "quarantine")
+        )))
+        .bind(run_id)
+        .bind(replayed)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("marking quarantined rows replayed"))?;
+        let ids: Vec<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
+        let errors: Vec<String> = failed
+            .iter()
+            .map(|(_, e)| serde_json::to_string(e).unwrap_or_else(|_| "[]".into()))
+            .collect();
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {0} AS q SET status = 'pending', errors = f.errors::jsonb \
+             FROM UNNEST($1::text[], $2::text[]) AS f(id, errors) \
+             WHERE q.id = f.id AND q.status IN ('pending', 'fixed')",
+            table(tenant, "quarantine")
+        )))
+        .bind(&ids)
+        .bind(&errors)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording replayed rows' errors"))?;
+        let n = failed.len() as i64;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET rows_read = rows_read + $1, quarantined = quarantined + $1 WHERE run_id = $2",
+            table(tenant, "runs")
+        )))
+        .bind(n)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("updating the run ledger"))?;
+        tx.commit()
+            .await
+            .map_err(db("committing the replay's quarantine"))
     }
 
     async fn record_dead_letter(&self, letter: &DeadLetter) -> Result<()> {

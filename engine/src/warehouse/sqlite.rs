@@ -38,7 +38,7 @@ use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, Sour
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
 use crate::time::{format_date, format_timestamp};
-use crate::validate::{strings, timestamps};
+use crate::validate::{CellError, strings, timestamps};
 
 /// Tenant schema migrations, applied in order; each tenant file records its own version.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -49,6 +49,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         2,
         include_str!("../../../migrations/tenant/sqlite/0002_dead_letters.sql"),
+    ),
+    (
+        3,
+        include_str!("../../../migrations/tenant/sqlite/0003_quarantine_replay.sql"),
     ),
 ];
 
@@ -764,6 +768,57 @@ impl Warehouse for SqliteWarehouse {
                 })
             })
             .collect()
+    }
+
+    async fn settle_replay(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+        replayed: &[String],
+        failed: &[(String, Vec<CellError>)],
+    ) -> Result<()> {
+        let pool = self.pool(tenant, false).await?;
+        let mut tx = pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| EngineError::from_sqlx("starting to settle the replay", e))?;
+        let now = now_text();
+        for id in replayed {
+            sqlx::query(
+                "UPDATE quarantine SET status = 'replayed', replay_run = ?, replayed_at = ? \
+                 WHERE id = ? AND status IN ('pending', 'fixed')",
+            )
+            .bind(run_id)
+            .bind(&now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx("marking a quarantined row replayed", e))?;
+        }
+        for (id, errors) in failed {
+            sqlx::query(
+                "UPDATE quarantine SET status = 'pending', errors = ? WHERE id = ? AND status IN ('pending', 'fixed')",
+            )
+            .bind(serde_json::to_string(errors).unwrap_or_else(|_| "[]".into()))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx("recording a replayed row's errors", e))?;
+        }
+        let n = failed.len() as u64;
+        add_to_ledger(
+            &mut tx,
+            run_id,
+            &RowCounts {
+                rows_read: n,
+                quarantined: n,
+                ..RowCounts::default()
+            },
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(|e| EngineError::from_sqlx("committing the replay's quarantine", e))
     }
 
     async fn record_dead_letter(&self, letter: &DeadLetter) -> Result<()> {

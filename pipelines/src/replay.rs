@@ -1,0 +1,266 @@
+//! Replaying quarantined rows: their raw values (as read, or as an admin fixed them) go
+//! through the pipeline's map, validate and dedupe stages again as one run of their own
+//! (trigger `replay`). A row that passes is loaded and marked `replayed` by the run; one
+//! that fails again stays `pending` with its new errors. The run's ledger balances like
+//! any other: rows_read = loaded + quarantined + deduplicated.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use chrono::Utc;
+use serde_json::Value;
+use sluice_connectors::SourceBatch;
+use sluice_engine::quarantine::{QuarantineStatus, QuarantinedRow};
+use sluice_engine::validate::RuleSet;
+use sluice_engine::warehouse::{RunScope, Warehouse};
+use sluice_engine::{ErrorKind, RowCounts, RunLedger, RunStatus, TenantSlug};
+
+use crate::error::{PipelineError, PipelineErrorKind};
+use crate::map::Mapper;
+use crate::prepare::prepare_batch;
+use crate::runner::{RunOptions, RunReport};
+use crate::spec::PipelineSpec;
+
+/// The stream whose fence replay batches commit under (a replay has no source cursor).
+pub const REPLAY_STREAM: &str = "quarantine-replay";
+
+/// Replays `rows` (quarantined rows of `spec`'s pipeline, pending or fixed) as one run.
+/// Rows of another pipeline, or already replayed or ignored, are refused.
+pub async fn replay_quarantined<W: Warehouse>(
+    spec: &PipelineSpec,
+    warehouse: &W,
+    rows: &[QuarantinedRow],
+    options: &RunOptions,
+) -> Result<RunReport, PipelineError> {
+    let config = |m: String| PipelineError::new(PipelineErrorKind::Config, m);
+    if let Some(other) = rows.iter().find(|r| r.pipeline != spec.name) {
+        return Err(config(format!(
+            "quarantined row {} belongs to pipeline '{}', not '{}'",
+            other.id, other.pipeline, spec.name
+        )));
+    }
+    if let Some(done) = rows.iter().find(|r| {
+        !matches!(
+            r.status,
+            QuarantineStatus::Pending | QuarantineStatus::Fixed
+        )
+    }) {
+        return Err(config(format!(
+            "quarantined row {} is {}: only pending or fixed rows are replayed",
+            done.id,
+            done.status.as_str()
+        )));
+    }
+    let started = Instant::now();
+    let tenant = TenantSlug::parse(&spec.tenant)?;
+    let rules = RuleSet::new(spec.entity, &spec.rules)?;
+    warehouse.prepare_tenant(&tenant).await?;
+    let run_id = options
+        .run_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    warehouse
+        .begin_run(&RunLedger {
+            run_id: run_id.clone(),
+            tenant: tenant.to_string(),
+            pipeline: spec.name.clone(),
+            entity: spec.entity.name().to_string(),
+            trigger: options.trigger.clone(),
+            started_at: Utc::now(),
+            finished_at: None,
+            status: RunStatus::Running,
+            counts: RowCounts::default(),
+            rules_hash: rules.hash(),
+            error: None,
+        })
+        .await?;
+    let span = tracing::info_span!("replay", tenant = %tenant, pipeline = %spec.name, run_id = %run_id, rows = rows.len());
+    let outcome = tracing::Instrument::instrument(
+        replay_batches(spec, warehouse, &tenant, &run_id, rules, rows),
+        span,
+    )
+    .await
+    .and_then(|totals| totals.check().map(|()| totals).map_err(PipelineError::from));
+    match outcome {
+        Ok(totals) => {
+            let stored = warehouse
+                .finish_run(&tenant, &run_id, RunStatus::Succeeded, None)
+                .await?;
+            if stored.counts != totals {
+                let msg = format!(
+                    "ledger disagrees with the replay: stored {:?}, counted {:?}",
+                    stored.counts, totals
+                );
+                warehouse
+                    .finish_run(&tenant, &run_id, RunStatus::Failed, Some(&msg))
+                    .await?;
+                return Err(PipelineError::new(
+                    PipelineErrorKind::Engine(ErrorKind::AccountingMismatch),
+                    msg,
+                )
+                .in_run(&run_id));
+            }
+            Ok(RunReport {
+                ledger: stored,
+                duration: started.elapsed(),
+            })
+        }
+        Err(e) => {
+            if let Err(record) = warehouse
+                .finish_run(&tenant, &run_id, RunStatus::Failed, Some(e.message()))
+                .await
+            {
+                tracing::error!(error = %record, "could not record the failed replay");
+            }
+            Err(e.in_run(&run_id))
+        }
+    }
+}
+
+/// The source columns a replay batch has: every raw key (in first-seen order), then the
+/// columns the mapping reads that no row has (as empty cells).
+fn replay_columns(spec: &PipelineSpec, rows: &[QuarantinedRow]) -> Vec<String> {
+    let mut columns: Vec<String> = Vec::new();
+    for r in rows {
+        for k in r.raw.keys() {
+            if !columns.iter().any(|c| c == k) {
+                columns.push(k.clone());
+            }
+        }
+    }
+    for field in spec.entity.fields() {
+        let source = spec
+            .mapping
+            .get(field.name)
+            .map_or(field.name, String::as_str);
+        if !columns.iter().any(|c| c.eq_ignore_ascii_case(source)) {
+            columns.push(source.to_string());
+        }
+    }
+    columns
+}
+
+fn cell(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+async fn replay_batches<W: Warehouse>(
+    spec: &PipelineSpec,
+    warehouse: &W,
+    tenant: &TenantSlug,
+    run_id: &str,
+    rules: RuleSet,
+    rows: &[QuarantinedRow],
+) -> Result<RowCounts, PipelineError> {
+    let columns = replay_columns(spec, rows);
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|c| Field::new(c, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let required: Vec<&str> = spec.rules.require.iter().map(String::as_str).collect();
+    let mut mapper = Mapper::new(
+        spec.entity,
+        &spec.mapping,
+        &required,
+        &schema,
+        spec.decimal_format()?,
+        spec.time_format()?,
+    )?;
+    if let Some(column) = spec.soft_delete_column() {
+        mapper = mapper.with_soft_delete(column, &schema)?;
+    }
+    let scope = RunScope {
+        tenant: tenant.clone(),
+        pipeline: spec.name.clone(),
+        stream: REPLAY_STREAM.to_string(),
+        run_id: run_id.to_string(),
+        rules_hash: rules.hash(),
+    };
+    let mut version = warehouse
+        .stream_state(tenant, &spec.name, REPLAY_STREAM)
+        .await?
+        .version;
+    let mut totals = RowCounts::default();
+    // A record rejected as a whole (a ragged line) has no trustworthy cells until an admin
+    // fixes it: unfixed, it stays pending as it is.
+    let (unfixed, rows): (Vec<&QuarantinedRow>, Vec<&QuarantinedRow>) =
+        rows.iter().partition(|r| {
+            r.status == QuarantineStatus::Pending && r.errors.iter().any(|e| e.field == "_record")
+        });
+    if !unfixed.is_empty() {
+        let failed: Vec<_> = unfixed
+            .iter()
+            .map(|r| (r.id.clone(), r.errors.clone()))
+            .collect();
+        warehouse
+            .settle_replay(tenant, run_id, &[], &failed)
+            .await?;
+        totals.rows_read += failed.len() as u64;
+        totals.quarantined += failed.len() as u64;
+    }
+    for chunk in rows.chunks(spec.batch_rows().max(1)) {
+        let arrays: Vec<ArrayRef> = columns
+            .iter()
+            .map(|c| {
+                Arc::new(StringArray::from(
+                    chunk.iter().map(|r| cell(r.raw.get(c))).collect::<Vec<_>>(),
+                )) as ArrayRef
+            })
+            .collect();
+        let records = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| {
+            PipelineError::new(
+                PipelineErrorKind::Engine(ErrorKind::Input),
+                format!("building the replay batch: {e}"),
+            )
+        })?;
+        let batch = SourceBatch {
+            records,
+            positions: (0..chunk.len() as u64).collect(),
+            rejects: Vec::new(),
+            cursor: Value::Null,
+            location: "quarantine".into(),
+            sheet: None,
+        };
+        let mut load = prepare_batch(&mapper, &rules, spec.entity, batch);
+        let mut failed_rows = vec![false; chunk.len()];
+        let failed: Vec<(String, Vec<sluice_engine::validate::CellError>)> =
+            std::mem::take(&mut load.quarantine)
+                .into_iter()
+                .filter_map(|q| {
+                    let i = usize::try_from(q.position.row).ok()?;
+                    failed_rows[i] = true;
+                    Some((chunk[i].id.clone(), q.errors))
+                })
+                .collect();
+        let replayed: Vec<String> = chunk
+            .iter()
+            .zip(&failed_rows)
+            .filter(|(_, f)| !**f)
+            .map(|(r, _)| r.id.clone())
+            .collect();
+        load.rows_read -= failed.len() as u64;
+        load.cursor = None;
+        let committed = warehouse.commit_batch(&scope, &load, version).await?;
+        version = committed.version;
+        totals.add(&committed.counts);
+        warehouse
+            .settle_replay(tenant, run_id, &replayed, &failed)
+            .await?;
+        totals.rows_read += failed.len() as u64;
+        totals.quarantined += failed.len() as u64;
+        tracing::info!(
+            replayed = replayed.len(),
+            failed = failed.len(),
+            "replay batch committed"
+        );
+    }
+    Ok(totals)
+}
