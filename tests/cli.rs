@@ -582,3 +582,100 @@ async fn quarantined_rows_are_replayed_after_a_fix_and_stay_pending_otherwise() 
         "a replayed row is not replayed twice"
     );
 }
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn serve_runs_queued_syncs_exposes_health_and_metrics_and_stops_on_sigterm() {
+    use std::time::{Duration, Instant};
+    let data = tempfile::tempdir().expect("tmp");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("SLUICE_REDIS_URL")
+        .env_remove("SLUICE_DATABASE_URL")
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(r) = http_get(port, "/health")
+            && r.starts_with("HTTP/1.1 200")
+        {
+            assert!(r.contains("\"status\":\"ok\""), "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = stdout_json(&sluice(
+        data.path(),
+        &[
+            "trigger",
+            example("invoices.toml").to_str().expect("path"),
+            "--json",
+        ],
+    ));
+    let run = queued["run_id"].as_str().expect("run id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = sluice(data.path(), &["runs", "show", &run, "--json"]);
+        if shown.status.success() && stdout_json(&shown)["status"] == "succeeded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve's workers did not run the job"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = http_get(port, "/metrics").expect("metrics");
+        if m.contains("sluice_jobs_succeeded_total{queue=\"sync\"} 1") {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no job in the metrics: {m}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        metrics.contains("sluice_rows_total{outcome=\"read\"} 26"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_rows_total{outcome=\"quarantined\"} 8"));
+    assert!(metrics.contains("sluice_job_duration_seconds_count{queue=\"sync\"} 1"));
+    assert!(metrics.contains("sluice_queue_depth"));
+    Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = serve.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = serve.kill();
+            panic!("serve did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+}

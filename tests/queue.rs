@@ -288,12 +288,21 @@ fn expected_sums(exp: &support::Expected) -> HashMap<String, Decimal> {
 
 /// A `sluice worker` process.
 fn spawn_worker(db: &TestDb, redis: &Prefix, data: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--database-url", &db.url])
-        .args(["--redis-url", &redis.url])
-        .args(["--queue-prefix", &redis.prefix])
+    worker_command(Some((db, redis)), data)
+}
+
+/// A `sluice worker` process on PostgreSQL and Redis, or on the embedded warehouse and
+/// queue of `data`.
+fn worker_command(services: Option<(&TestDb, &Prefix)>, data: &Path) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.arg("--data-dir").arg(data);
+    if let Some((db, redis)) = services {
+        cmd.args(["--database-url", &db.url])
+            .args(["--redis-url", &redis.url])
+            .args(["--queue-prefix", &redis.prefix]);
+    }
+    cmd.env_remove("SLUICE_DATABASE_URL")
+        .env_remove("SLUICE_REDIS_URL")
         .args(["--heartbeat-ms", "1000", "--lease-ms", "3000"])
         .args(["--retry-base-ms", "100"])
         .args(["worker", "--concurrency", "1"])
@@ -700,4 +709,52 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
     );
     let _ = stop.send(());
     worker.await.expect("join").expect("workers");
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let w = SqliteWarehouse::new(&data);
+    let (csv, exp) = messy_invoices(40_000, 15);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+    register(&w, &spec).await;
+    let queues = Queues::connect(settings(None, &data))
+        .await
+        .expect("queues");
+    let mut workers = Reaper(vec![worker_command(None, &data)]);
+    let run = queues.trigger(&manual("invoices")).await.expect("trigger");
+    eventually(Duration::from_secs(60), "the first batches", || async {
+        w.run(&slug("acme"), &run.run_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.counts.rows_read > 0)
+    })
+    .await;
+    let killed = &mut workers.0[0];
+    Command::new("kill")
+        .args(["-9", &killed.id().to_string()])
+        .status()
+        .expect("kill -9");
+    let _ = killed.wait();
+    workers.0.push(worker_command(None, &data));
+    let result = tokio::time::timeout(
+        Duration::from_secs(120),
+        queues.wait(&run.run_id, Duration::from_millis(200)),
+    )
+    .await
+    .expect("the job ends")
+    .expect("result");
+    assert_eq!(result.status, "succeeded", "{result:?}");
+    let runs = w
+        .runs(&slug("acme"), Some("invoices"), 10)
+        .await
+        .expect("runs");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let read: u64 = runs.iter().map(|r| r.counts.rows_read).sum();
+    assert_eq!(read, exp.rows_read);
+    let (count, sums) = totals(&w).await;
+    assert_eq!(count, exp.winners.len());
+    assert_eq!(sums, expected_sums(&exp));
 }
