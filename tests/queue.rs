@@ -286,6 +286,69 @@ fn expected_sums(exp: &support::Expected) -> HashMap<String, Decimal> {
         .collect()
 }
 
+/// PostgreSQL, a Redis prefix and a registered pipeline over a generated file.
+struct Fixture {
+    db: TestDb,
+    redis: Prefix,
+    dir: tempfile::TempDir,
+    w: PostgresWarehouse,
+    exp: support::Expected,
+    queues: Queues,
+}
+
+impl Fixture {
+    async fn new(rows: usize, seed: u64) -> Self {
+        let db = TestDb::create().await;
+        let redis = Prefix::new();
+        let dir = tempfile::tempdir().expect("tmp");
+        let w = pg_warehouse(&db).await;
+        let (csv, exp) = messy_invoices(rows, seed);
+        let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+        register(&w, &spec).await;
+        let queues = Queues::connect(settings(
+            Some((&redis.url, &redis.prefix)),
+            &dir.path().join("data"),
+        ))
+        .await
+        .expect("queues");
+        Fixture {
+            db,
+            redis,
+            dir,
+            w,
+            exp,
+            queues,
+        }
+    }
+}
+
+/// Waits until the run has committed at least one batch.
+async fn first_batches_committed<W: Warehouse>(w: &W, run_id: &str) {
+    eventually(Duration::from_secs(60), "the first batches", || async {
+        w.run(&slug("acme"), run_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.counts.rows_read > 0)
+    })
+    .await;
+}
+
+/// The warehouse holds exactly the generator's winning rows: count and per-currency sums.
+async fn assert_loaded_exactly<W: Warehouse>(w: &W, exp: &support::Expected) {
+    let (count, sums) = totals(w).await;
+    assert_eq!(count, exp.winners.len());
+    assert_eq!(sums, expected_sums(exp));
+}
+
+fn kill_9(child: &mut Child) {
+    Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .expect("kill -9");
+    let _ = child.wait();
+}
+
 /// A `sluice worker` process.
 fn spawn_worker(db: &TestDb, redis: &Prefix, data: &Path) -> Child {
     worker_command(Some((db, redis)), data)
@@ -327,37 +390,20 @@ impl Drop for Reaper {
 
 #[tokio::test]
 async fn a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled() {
-    let db = TestDb::create().await;
-    let redis = Prefix::new();
-    let dir = tempfile::tempdir().expect("tmp");
-    let w = pg_warehouse(&db).await;
-    let (csv, exp) = messy_invoices(40_000, 11);
-    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
-    register(&w, &spec).await;
-    let queues = Queues::connect(settings(
-        Some((&redis.url, &redis.prefix)),
-        &dir.path().join("data"),
-    ))
-    .await
-    .expect("queues");
+    let Fixture {
+        db,
+        redis,
+        dir,
+        w,
+        exp,
+        queues,
+    } = Fixture::new(40_000, 11).await;
 
     let mut workers = Reaper(vec![spawn_worker(&db, &redis, &dir.path().join("data"))]);
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
     // Kill the worker once some batches, not all, have committed.
-    eventually(Duration::from_secs(60), "the first batches", || async {
-        w.run(&slug("acme"), &run.run_id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|l| l.counts.rows_read > 0)
-    })
-    .await;
-    let killed = &mut workers.0[0];
-    Command::new("kill")
-        .args(["-9", &killed.id().to_string()])
-        .status()
-        .expect("kill -9");
-    let _ = killed.wait();
+    first_batches_committed(&w, &run.run_id).await;
+    kill_9(&mut workers.0[0]);
     let at_kill = w
         .run(&slug("acme"), &run.run_id)
         .await
@@ -405,9 +451,7 @@ async fn a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled()
         first.counts.rows_read + retried.counts.rows_read,
         exp.rows_read
     );
-    let (count, sums) = totals(&w).await;
-    assert_eq!(count, exp.winners.len());
-    assert_eq!(sums, expected_sums(&exp));
+    assert_loaded_exactly(&w, &exp).await;
 }
 
 #[tokio::test]
@@ -453,14 +497,7 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     });
 
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
-    eventually(Duration::from_secs(60), "the first batches", || async {
-        w.run(&slug("acme"), &run.run_id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|l| l.counts.rows_read > 0)
-    })
-    .await;
+    first_batches_committed(&*w, &run.run_id).await;
     redis.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.restart();
@@ -477,9 +514,7 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     .await
     .expect("the job ends");
     assert_eq!(result.status, "succeeded", "{result:?}");
-    let (count, sums) = totals(&*w).await;
-    assert_eq!(count, exp.winners.len());
-    assert_eq!(sums, expected_sums(&exp));
+    assert_loaded_exactly(&*w, &exp).await;
     let runs = w
         .runs(&slug("acme"), Some("invoices"), 10)
         .await
@@ -501,38 +536,24 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     .expect("the second job ends")
     .expect("result");
     assert_eq!(result.status, "succeeded", "{result:?}");
-    let (count, sums) = totals(&*w).await;
-    assert_eq!(count, exp.winners.len());
-    assert_eq!(sums, expected_sums(&exp));
+    assert_loaded_exactly(&*w, &exp).await;
     let _ = stop.send(());
     worker.await.expect("join").expect("workers");
 }
 
 #[tokio::test]
 async fn sigterm_lets_the_running_job_finish_before_the_worker_exits() {
-    let db = TestDb::create().await;
-    let redis = Prefix::new();
-    let dir = tempfile::tempdir().expect("tmp");
-    let w = pg_warehouse(&db).await;
-    let (csv, exp) = messy_invoices(20_000, 13);
-    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
-    register(&w, &spec).await;
-    let queues = Queues::connect(settings(
-        Some((&redis.url, &redis.prefix)),
-        &dir.path().join("data"),
-    ))
-    .await
-    .expect("queues");
+    let Fixture {
+        db,
+        redis,
+        dir,
+        w,
+        exp,
+        queues,
+    } = Fixture::new(20_000, 13).await;
     let mut workers = Reaper(vec![spawn_worker(&db, &redis, &dir.path().join("data"))]);
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
-    eventually(Duration::from_secs(60), "the first batches", || async {
-        w.run(&slug("acme"), &run.run_id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|l| l.counts.rows_read > 0)
-    })
-    .await;
+    first_batches_committed(&w, &run.run_id).await;
     let worker = &mut workers.0[0];
     Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
@@ -562,9 +583,7 @@ async fn sigterm_lets_the_running_job_finish_before_the_worker_exits() {
         .expect("run");
     assert_eq!(ledger.status, RunStatus::Succeeded);
     assert_eq!(ledger.counts.rows_read, exp.rows_read);
-    let (count, sums) = totals(&w).await;
-    assert_eq!(count, exp.winners.len());
-    assert_eq!(sums, expected_sums(&exp));
+    assert_loaded_exactly(&w, &exp).await;
 }
 
 #[tokio::test]
@@ -724,20 +743,8 @@ async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
         .expect("queues");
     let mut workers = Reaper(vec![worker_command(None, &data)]);
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
-    eventually(Duration::from_secs(60), "the first batches", || async {
-        w.run(&slug("acme"), &run.run_id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|l| l.counts.rows_read > 0)
-    })
-    .await;
-    let killed = &mut workers.0[0];
-    Command::new("kill")
-        .args(["-9", &killed.id().to_string()])
-        .status()
-        .expect("kill -9");
-    let _ = killed.wait();
+    first_batches_committed(&w, &run.run_id).await;
+    kill_9(&mut workers.0[0]);
     workers.0.push(worker_command(None, &data));
     let result = tokio::time::timeout(
         Duration::from_secs(120),
@@ -754,7 +761,5 @@ async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
     assert_eq!(runs.len(), 2, "{runs:?}");
     let read: u64 = runs.iter().map(|r| r.counts.rows_read).sum();
     assert_eq!(read, exp.rows_read);
-    let (count, sums) = totals(&w).await;
-    assert_eq!(count, exp.winners.len());
-    assert_eq!(sums, expected_sums(&exp));
+    assert_loaded_exactly(&w, &exp).await;
 }

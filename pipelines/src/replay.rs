@@ -9,18 +9,17 @@ use std::time::Instant;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use chrono::Utc;
 use serde_json::Value;
 use sluice_connectors::SourceBatch;
 use sluice_engine::quarantine::{QuarantineStatus, QuarantinedRow};
 use sluice_engine::validate::RuleSet;
 use sluice_engine::warehouse::{RunScope, Warehouse};
-use sluice_engine::{ErrorKind, RowCounts, RunLedger, RunStatus, TenantSlug};
+use sluice_engine::{ErrorKind, RowCounts, TenantSlug};
 
 use crate::error::{PipelineError, PipelineErrorKind};
 use crate::map::Mapper;
 use crate::prepare::prepare_batch;
-use crate::runner::{RunOptions, RunReport};
+use crate::runner::{RunOptions, RunReport, begin_run, end_run};
 use crate::spec::PipelineSpec;
 
 /// The stream whose fence replay batches commit under (a replay has no source cursor).
@@ -56,67 +55,16 @@ pub async fn replay_quarantined<W: Warehouse>(
     let started = Instant::now();
     let tenant = TenantSlug::parse(&spec.tenant)?;
     let rules = RuleSet::new(spec.entity, &spec.rules)?;
-    warehouse.prepare_tenant(&tenant).await?;
-    let run_id = options
-        .run_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    warehouse
-        .begin_run(&RunLedger {
-            run_id: run_id.clone(),
-            tenant: tenant.to_string(),
-            pipeline: spec.name.clone(),
-            entity: spec.entity.name().to_string(),
-            trigger: options.trigger.clone(),
-            started_at: Utc::now(),
-            finished_at: None,
-            status: RunStatus::Running,
-            counts: RowCounts::default(),
-            rules_hash: rules.hash(),
-            error: None,
-        })
-        .await?;
+    let run_id = begin_run(spec, warehouse, &tenant, &rules, options).await?;
     let span = tracing::info_span!("replay", tenant = %tenant, pipeline = %spec.name, run_id = %run_id, rows = rows.len());
-    let outcome = tracing::Instrument::instrument(
-        replay_batches(spec, warehouse, &tenant, &run_id, rules, rows),
+    tracing::Instrument::instrument(
+        async {
+            let outcome = replay_batches(spec, warehouse, &tenant, &run_id, rules, rows).await;
+            end_run(warehouse, &tenant, &run_id, outcome, started).await
+        },
         span,
     )
     .await
-    .and_then(|totals| totals.check().map(|()| totals).map_err(PipelineError::from));
-    match outcome {
-        Ok(totals) => {
-            let stored = warehouse
-                .finish_run(&tenant, &run_id, RunStatus::Succeeded, None)
-                .await?;
-            if stored.counts != totals {
-                let msg = format!(
-                    "ledger disagrees with the replay: stored {:?}, counted {:?}",
-                    stored.counts, totals
-                );
-                warehouse
-                    .finish_run(&tenant, &run_id, RunStatus::Failed, Some(&msg))
-                    .await?;
-                return Err(PipelineError::new(
-                    PipelineErrorKind::Engine(ErrorKind::AccountingMismatch),
-                    msg,
-                )
-                .in_run(&run_id));
-            }
-            Ok(RunReport {
-                ledger: stored,
-                duration: started.elapsed(),
-            })
-        }
-        Err(e) => {
-            if let Err(record) = warehouse
-                .finish_run(&tenant, &run_id, RunStatus::Failed, Some(e.message()))
-                .await
-            {
-                tracing::error!(error = %record, "could not record the failed replay");
-            }
-            Err(e.in_run(&run_id))
-        }
-    }
 }
 
 /// The source columns a replay batch has: every raw key (in first-seen order), then the

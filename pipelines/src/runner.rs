@@ -77,36 +77,63 @@ pub async fn run_pipeline<S: Source, W: Warehouse>(
     let started = Instant::now();
     let tenant = TenantSlug::parse(&spec.tenant)?;
     let rules = RuleSet::new(spec.entity, &spec.rules)?;
-    warehouse.prepare_tenant(&tenant).await?;
+    let run_id = begin_run(spec, warehouse, &tenant, &rules, options).await?;
+    let span =
+        tracing::info_span!("run", tenant = %tenant, pipeline = %spec.name, run_id = %run_id);
+    async {
+        let outcome = execute(spec, source, warehouse, &tenant, &run_id, rules, observer).await;
+        end_run(warehouse, &tenant, &run_id, outcome, started).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Records a run of `spec` as started (after preparing the tenant) and returns its id.
+pub(crate) async fn begin_run<W: Warehouse>(
+    spec: &PipelineSpec,
+    warehouse: &W,
+    tenant: &TenantSlug,
+    rules: &RuleSet,
+    options: &RunOptions,
+) -> Result<String, PipelineError> {
+    warehouse.prepare_tenant(tenant).await?;
     let run_id = options
         .run_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let ledger = RunLedger {
-        run_id: run_id.clone(),
-        tenant: tenant.to_string(),
-        pipeline: spec.name.clone(),
-        entity: spec.entity.name().to_string(),
-        trigger: options.trigger.clone(),
-        started_at: Utc::now(),
-        finished_at: None,
-        status: RunStatus::Running,
-        counts: RowCounts::default(),
-        rules_hash: rules.hash(),
-        error: None,
-    };
-    warehouse.begin_run(&ledger).await?;
-    let span =
-        tracing::info_span!("run", tenant = %tenant, pipeline = %spec.name, run_id = %run_id);
-    let outcome = execute(spec, source, warehouse, &tenant, &run_id, rules, observer)
-        .instrument(span.clone())
-        .await
-        .and_then(|totals| totals.check().map(|()| totals).map_err(PipelineError::from));
-    let _enter = span.enter();
+    warehouse
+        .begin_run(&RunLedger {
+            run_id: run_id.clone(),
+            tenant: tenant.to_string(),
+            pipeline: spec.name.clone(),
+            entity: spec.entity.name().to_string(),
+            trigger: options.trigger.clone(),
+            started_at: Utc::now(),
+            finished_at: None,
+            status: RunStatus::Running,
+            counts: RowCounts::default(),
+            rules_hash: rules.hash(),
+            error: None,
+        })
+        .await?;
+    Ok(run_id)
+}
+
+/// Ends a run: it succeeds only when the counted totals balance and equal the ledger the
+/// warehouse stored; otherwise it is recorded as failed with the reason.
+pub(crate) async fn end_run<W: Warehouse>(
+    warehouse: &W,
+    tenant: &TenantSlug,
+    run_id: &str,
+    outcome: Result<RowCounts, PipelineError>,
+    started: Instant,
+) -> Result<RunReport, PipelineError> {
+    let outcome =
+        outcome.and_then(|totals| totals.check().map(|()| totals).map_err(PipelineError::from));
     match outcome {
         Ok(totals) => {
             let stored = warehouse
-                .finish_run(&tenant, &run_id, RunStatus::Succeeded, None)
+                .finish_run(tenant, run_id, RunStatus::Succeeded, None)
                 .await?;
             if stored.counts != totals {
                 let msg = format!(
@@ -115,13 +142,13 @@ pub async fn run_pipeline<S: Source, W: Warehouse>(
                 );
                 tracing::error!(%msg, "accounting mismatch");
                 warehouse
-                    .finish_run(&tenant, &run_id, RunStatus::Failed, Some(&msg))
+                    .finish_run(tenant, run_id, RunStatus::Failed, Some(&msg))
                     .await?;
                 return Err(PipelineError::new(
                     PipelineErrorKind::Engine(ErrorKind::AccountingMismatch),
                     msg,
                 )
-                .in_run(&run_id));
+                .in_run(run_id));
             }
             tracing::info!(
                 rows_read = totals.rows_read,
@@ -138,12 +165,12 @@ pub async fn run_pipeline<S: Source, W: Warehouse>(
         Err(e) => {
             tracing::warn!(error = %e, "run failed");
             if let Err(record) = warehouse
-                .finish_run(&tenant, &run_id, RunStatus::Failed, Some(e.message()))
+                .finish_run(tenant, run_id, RunStatus::Failed, Some(e.message()))
                 .await
             {
                 tracing::error!(error = %record, "could not record the failed run");
             }
-            Err(e.in_run(&run_id))
+            Err(e.in_run(run_id))
         }
     }
 }

@@ -135,62 +135,54 @@ where
             tracing::warn!(worker = ctx.name(), %error, "worker stopped; restarting it");
             true
         });
+    // `count` workers of one queue; the backends differ in type, so a macro, not a fn.
+    macro_rules! register {
+        ($storage:ident, $job:ty, $queue:expr, $count:expr, $handler:expr) => {{
+            let (env, q) = (env.clone(), queues.clone());
+            monitor = monitor.register_n($count, move |index, _| {
+                let storage = q
+                    .$storage::<$job>($queue)
+                    .unwrap_or_else(|| unreachable!("the queue's backend was checked"))
+                    .poll_with_interval(q.settings().poll_interval);
+                WorkerBuilder::new(worker_name($queue, index))
+                    .backend(storage)
+                    .concurrency(1)
+                    .parallelize(tokio::spawn)
+                    .data(env.clone())
+                    .build($handler)
+            });
+        }};
+    }
     if queues.is_redis() {
-        let (env, env_r) = (env.clone(), env.clone());
-        let (q, q_r) = (queues.clone(), queues.clone());
-        monitor = monitor.register_n(concurrency, move |index, _| {
-            let storage = q
-                .redis_storage::<SyncJob>(QueueName::Sync)
-                .unwrap_or_else(|| unreachable!("redis mode"))
-                .poll_with_interval(q.settings().poll_interval);
-            WorkerBuilder::new(worker_name(QueueName::Sync, index))
-                .backend(storage)
-                .concurrency(1)
-                .parallelize(tokio::spawn)
-                .data(env.clone())
-                .build(sync_handler::<W>)
-        });
-        let (env, q) = (env_r, q_r);
-        monitor = monitor.register_n(replays, move |index, _| {
-            let storage = q
-                .redis_storage::<ReplayJob>(QueueName::Replay)
-                .unwrap_or_else(|| unreachable!("redis mode"))
-                .poll_with_interval(q.settings().poll_interval);
-            WorkerBuilder::new(worker_name(QueueName::Replay, index))
-                .backend(storage)
-                .concurrency(1)
-                .parallelize(tokio::spawn)
-                .data(env.clone())
-                .build(replay_handler::<W>)
-        });
+        register!(
+            redis_storage,
+            SyncJob,
+            QueueName::Sync,
+            concurrency,
+            sync_handler::<W>
+        );
+        register!(
+            redis_storage,
+            ReplayJob,
+            QueueName::Replay,
+            replays,
+            replay_handler::<W>
+        );
     } else {
-        let (env, env_r) = (env.clone(), env.clone());
-        let (q, q_r) = (queues.clone(), queues.clone());
-        monitor = monitor.register_n(concurrency, move |index, _| {
-            let storage = q
-                .sqlite_storage::<SyncJob>(QueueName::Sync)
-                .unwrap_or_else(|| unreachable!("embedded mode"))
-                .poll_with_interval(q.settings().poll_interval);
-            WorkerBuilder::new(worker_name(QueueName::Sync, index))
-                .backend(storage)
-                .concurrency(1)
-                .parallelize(tokio::spawn)
-                .data(env.clone())
-                .build(sync_handler::<W>)
-        });
-        let (env, q) = (env_r, q_r);
-        monitor = monitor.register_n(replays, move |index, _| {
-            let storage = q
-                .sqlite_storage::<ReplayJob>(QueueName::Replay)
-                .unwrap_or_else(|| unreachable!("embedded mode"))
-                .poll_with_interval(q.settings().poll_interval);
-            WorkerBuilder::new(worker_name(QueueName::Replay, index))
-                .backend(storage)
-                .concurrency(1)
-                .parallelize(tokio::spawn)
-                .data(env.clone())
-                .build(replay_handler::<W>)
-        });
+        register!(
+            sqlite_storage,
+            SyncJob,
+            QueueName::Sync,
+            concurrency,
+            sync_handler::<W>
+        );
+        register!(
+            sqlite_storage,
+            ReplayJob,
+            QueueName::Replay,
+            replays,
+            replay_handler::<W>
+        );
     }
     tracing::info!(
         concurrency,
@@ -280,28 +272,40 @@ where
     }
 
     async fn handle_fresh(&self, job: &SyncJob, holder: &str) {
-        let queue = QueueName::Sync.as_str();
-        let m = metrics();
-        m.jobs_started.with_label_values(&[queue]).inc();
-        m.in_flight.with_label_values(&[queue]).inc();
+        let span = tracing::info_span!("job", queue = QueueName::Sync.as_str(), tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
+        self.observed(
+            QueueName::Sync,
+            &job.run_id,
+            span,
+            self.run_locked(job, holder),
+        )
+        .await;
+    }
+
+    /// Runs a job's work inside its span, counting it in the metrics, and records how it
+    /// ended for whoever waits on `run_id`.
+    async fn observed(
+        &self,
+        queue: QueueName,
+        run_id: &str,
+        span: tracing::Span,
+        work: impl Future<Output = JobResult>,
+    ) {
+        let (m, q) = (metrics(), queue.as_str());
+        m.jobs_started.with_label_values(&[q]).inc();
+        m.in_flight.with_label_values(&[q]).inc();
         let started = Instant::now();
-        let span = tracing::info_span!("job", queue, tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
-        let result = tracing::Instrument::instrument(self.run_locked(job, holder), span).await;
+        let result = tracing::Instrument::instrument(work, span).await;
         match &result.status[..] {
-            "succeeded" => m.jobs_succeeded.with_label_values(&[queue]).inc(),
-            _ => m.jobs_dead.with_label_values(&[queue]).inc(),
+            "succeeded" => m.jobs_succeeded.with_label_values(&[q]).inc(),
+            _ => m.jobs_dead.with_label_values(&[q]).inc(),
         }
         m.job_duration
-            .with_label_values(&[queue])
+            .with_label_values(&[q])
             .observe(started.elapsed().as_secs_f64());
-        m.in_flight.with_label_values(&[queue]).dec();
+        m.in_flight.with_label_values(&[q]).dec();
         let text = serde_json::to_string(&result).unwrap_or_default();
-        if let Err(e) = self
-            .queues
-            .coordinator()
-            .save_result(&job.run_id, &text)
-            .await
-        {
+        if let Err(e) = self.queues.coordinator().save_result(run_id, &text).await {
             tracing::error!(error = %e, "could not record the job's result");
         }
     }
@@ -490,30 +494,9 @@ where
     /// touches rows an earlier one settled), replays them under the retry policy, records
     /// the result.
     pub async fn handle_replay(&self, job: ReplayJob) {
-        let queue = QueueName::Replay.as_str();
-        let m = metrics();
-        m.jobs_started.with_label_values(&[queue]).inc();
-        m.in_flight.with_label_values(&[queue]).inc();
-        let started = Instant::now();
-        let span = tracing::info_span!("job", queue, tenant = %job.tenant, pipeline = %job.selection.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
-        let result = tracing::Instrument::instrument(self.run_replay(&job), span).await;
-        match &result.status[..] {
-            "succeeded" => m.jobs_succeeded.with_label_values(&[queue]).inc(),
-            _ => m.jobs_dead.with_label_values(&[queue]).inc(),
-        }
-        m.job_duration
-            .with_label_values(&[queue])
-            .observe(started.elapsed().as_secs_f64());
-        m.in_flight.with_label_values(&[queue]).dec();
-        let text = serde_json::to_string(&result).unwrap_or_default();
-        if let Err(e) = self
-            .queues
-            .coordinator()
-            .save_result(&job.run_id, &text)
-            .await
-        {
-            tracing::error!(error = %e, "could not record the job's result");
-        }
+        let span = tracing::info_span!("job", queue = QueueName::Replay.as_str(), tenant = %job.tenant, pipeline = %job.selection.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
+        self.observed(QueueName::Replay, &job.run_id, span, self.run_replay(&job))
+            .await;
     }
 
     async fn run_replay(&self, job: &ReplayJob) -> JobResult {
