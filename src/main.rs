@@ -156,6 +156,9 @@ enum Command {
     /// Workers, the scheduler and the HTTP API in one process.
     #[command(after_help = "Example:\n  sluice serve --listen 127.0.0.1:8080")]
     Serve(ServeArgs),
+    /// API keys: make one (printed once, alone on stdout), list, revoke.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Check a pipeline's source, or list what it offers.
     #[command(subcommand)]
     Source(SourceCommand),
@@ -237,6 +240,45 @@ enum DeadLettersCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a key of a tenant with a role, or a platform key; prints the key alone.
+    #[command(
+        after_help = "Example:\n  sluice key create --tenant acme --role operator\n  sluice key create --platform"
+    )]
+    Create {
+        /// The tenant.
+        #[arg(long, required_unless_present = "platform")]
+        tenant: Option<String>,
+        /// viewer, analyst, operator or admin.
+        #[arg(long, required_unless_present = "platform")]
+        role: Option<String>,
+        /// A platform key (no tenant): provisions tenants and their keys.
+        #[arg(long, conflicts_with_all = ["tenant", "role"])]
+        platform: bool,
+        /// A label.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List a tenant's keys (or the platform keys): id, prefix, role, revoked.
+    List {
+        /// The tenant; without it, platform keys.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key.
+    Revoke {
+        /// The key's id.
+        id: String,
+        /// Its tenant; without it, a platform key.
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -530,7 +572,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn run_command<W: Warehouse + PipelineStore + 'static>(
+async fn run_command<W: sluice_api::Store>(
     warehouse: Arc<W>,
     command: Command,
     queue: QueueSettings,
@@ -558,6 +600,7 @@ async fn run_command<W: Warehouse + PipelineStore + 'static>(
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve(env(Queues::connect(queue).await?), &args).await,
+        Command::Key(cmd) => key_command(warehouse, cmd).await,
         Command::Quarantine(QuarantineCommand::Replay {
             tenant,
             pipeline,
@@ -969,6 +1012,79 @@ impl RunObserver for Progress {
     }
 }
 
+async fn key_command<W: sluice_api::Store>(warehouse: &W, cmd: KeyCommand) -> Result<ExitCode> {
+    use sluice_engine::control::{NewApiKey, Role};
+    match cmd {
+        KeyCommand::Create {
+            tenant,
+            role,
+            platform,
+            name,
+        } => {
+            let (tenant, role) = if platform {
+                (None, Role::Platform)
+            } else {
+                let role = role.as_deref().unwrap_or_default();
+                let role = Role::parse(role)
+                    .filter(|r| *r != Role::Platform)
+                    .with_context(|| {
+                        format!("unknown role {role:?}: viewer, analyst, operator or admin")
+                    })?;
+                (
+                    Some(TenantSlug::parse(tenant.as_deref().unwrap_or_default())?),
+                    role,
+                )
+            };
+            let made = NewApiKey::generate(tenant.as_ref(), role, name.as_deref())?;
+            warehouse.create_key(&made.record).await?;
+            warehouse
+                .record_audit(
+                    "cli",
+                    "key.create",
+                    tenant.as_ref(),
+                    &made.record.id,
+                    &json!({ "role": role, "prefix": made.record.prefix }),
+                )
+                .await?;
+            println!("{}", made.secret);
+        }
+        KeyCommand::List { tenant, json } => {
+            let tenant = tenant.as_deref().map(TenantSlug::parse).transpose()?;
+            let keys = warehouse.keys(tenant.as_ref()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&keys)?);
+            } else {
+                for k in &keys {
+                    println!(
+                        "{:<36}  slk_{}_…  {:<9} {}{}",
+                        k.id,
+                        k.prefix,
+                        k.role.as_str(),
+                        k.created_at,
+                        if k.revoked_at.is_some() {
+                            "  revoked"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                println!("{} key(s)", keys.len());
+            }
+        }
+        KeyCommand::Revoke { id, tenant } => {
+            let tenant = tenant.as_deref().map(TenantSlug::parse).transpose()?;
+            if !warehouse.revoke_key(tenant.as_ref(), &id).await? {
+                bail!("no live key {id}");
+            }
+            warehouse
+                .record_audit("cli", "key.revoke", tenant.as_ref(), &id, &json!({}))
+                .await?;
+            println!("revoked {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 impl WorkerArgs {
     fn options(&self) -> WorkerOptions {
         WorkerOptions {
@@ -992,10 +1108,7 @@ impl SchedulerArgs {
 }
 
 /// Workers, scheduler and API until SIGTERM/SIGINT.
-async fn serve<W: Warehouse + PipelineStore + 'static>(
-    env: Arc<WorkerEnv<W>>,
-    args: &ServeArgs,
-) -> Result<ExitCode> {
+async fn serve<W: sluice_api::Store>(env: Arc<WorkerEnv<W>>, args: &ServeArgs) -> Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -1003,7 +1116,11 @@ async fn serve<W: Warehouse + PipelineStore + 'static>(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let api = tokio::spawn(sluice_api::serve(args.listen, stopped()));
+    let state = Arc::new(sluice_api::AppState::new(
+        env.warehouse.clone(),
+        env.queues.clone(),
+    ));
+    let api = tokio::spawn(sluice_api::serve(state, args.listen, stopped()));
     let scheduler = tokio::spawn(
         Scheduler::new(
             env.warehouse.clone(),

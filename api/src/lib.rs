@@ -1,26 +1,74 @@
-//! The HTTP API. So far: liveness (`GET /health`) and the program's Prometheus metrics
-//! (`GET /metrics`), served by `sluice serve` next to the workers and the scheduler.
+//! The HTTP API (axum, JSON, under `/v1`): bearer API keys scoped to a tenant with a role,
+//! errors as `application/problem+json` with a correlation id, `X-Request-Id` on every
+//! response, per-key rate limits, body limits. Served by `sluice serve` next to the
+//! workers and the scheduler.
+
+pub mod auth;
+pub mod error;
+pub mod request_id;
+pub mod routes;
+pub mod state;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
+use serde_json::json;
 
-/// The routes.
-pub fn router() -> Router {
+pub use state::{AppState, Store};
+
+use crate::error::ApiError;
+use crate::routes as r;
+
+/// Every route, on `state`.
+pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
+    let body_limit = state.body_limit;
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready::<W>))
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/pipelines",
+            get(r::list_pipelines::<W>).post(r::create_pipeline::<W>),
+        )
+        .route(
+            "/v1/pipelines/{name}",
+            get(r::get_pipeline::<W>)
+                .put(r::put_pipeline::<W>)
+                .delete(r::delete_pipeline::<W>),
+        )
+        .route("/v1/pipelines/{name}/health", get(r::pipeline_health::<W>))
+        .route("/v1/pipelines/{name}/sync", post(r::sync_pipeline::<W>))
+        .route("/v1/runs", get(r::list_runs::<W>))
+        .route("/v1/runs/{id}", get(r::get_run::<W>))
+        .route("/v1/dead-letters", get(r::list_dead_letters::<W>))
+        .route("/v1/dead-letters/{id}", get(r::get_dead_letter::<W>))
+        .route(
+            "/v1/dead-letters/{id}/replay",
+            post(r::replay_dead_letter::<W>),
+        )
+        .route("/v1/keys", get(r::list_keys::<W>).post(r::create_key::<W>))
+        .route("/v1/keys/{id}", axum::routing::delete(r::revoke_key::<W>))
+        .route("/v1/audit", get(r::audit_log::<W>))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(request_id::request_id))
+        .with_state(state)
 }
 
 async fn health() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        "{\"status\":\"ok\"}",
-    )
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the warehouse and the queue answer.
+async fn ready<W: Store>(State(s): State<Arc<AppState<W>>>) -> Result<impl IntoResponse, ApiError> {
+    s.warehouse.tenants().await?;
+    s.queues.depth(sluice_workers::QueueName::Sync).await?;
+    Ok(axum::Json(json!({ "status": "ready" })))
 }
 
 async fn metrics() -> impl IntoResponse {
@@ -31,13 +79,14 @@ async fn metrics() -> impl IntoResponse {
 }
 
 /// Serves the API on `addr` until `shutdown` completes.
-pub async fn serve(
+pub async fn serve<W: Store>(
+    state: Arc<AppState<W>>,
     addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "API listening");
-    axum::serve(listener, router())
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -27,8 +27,8 @@ use super::{
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
-    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, no_master_key,
-    secrets_context,
+    AccessStore, ApiKeyRecord, AuditEntry, PipelineStore, Role, ScheduledPipeline, StoredPipeline,
+    decode_secrets, no_master_key, secrets_context,
 };
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
@@ -41,10 +41,16 @@ use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
 use crate::validate::{CellError, strings};
 
-const CONTROL_MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    include_str!("../../../migrations/control/0001_control.sql"),
-)];
+const CONTROL_MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/control/0001_control.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/control/0002_api_keys.sql"),
+    ),
+];
 const TENANT_MIGRATIONS: &[(i32, &str)] = &[
     (
         1,
@@ -1479,6 +1485,33 @@ impl PipelineStore for PostgresWarehouse {
         }))
     }
 
+    async fn pipelines(&self, tenant: &TenantSlug) -> Result<Vec<StoredPipeline>> {
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sluice.pipelines WHERE tenant = $1 ORDER BY name")
+                .bind(tenant.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| control_error("listing pipelines", e))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(p) = self.pipeline(tenant, &name).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM sluice.pipelines WHERE tenant = $1 AND name = $2")
+            .bind(tenant.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| control_error("deleting the pipeline", e))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
     async fn scheduled_pipelines(&self) -> Result<Vec<ScheduledPipeline>> {
         let rows: Vec<(String, String, String)> = sqlx::query_as(
             "SELECT tenant, name, spec->'schedule'->>'cron' FROM sluice.pipelines \
@@ -1491,5 +1524,125 @@ impl PipelineStore for PostgresWarehouse {
             .into_iter()
             .map(|(tenant, name, cron)| ScheduledPipeline { tenant, name, cron })
             .collect())
+    }
+}
+
+fn key_from_row(r: &PgRow) -> Result<ApiKeyRecord> {
+    let role: String = get(r, "role")?;
+    Ok(ApiKeyRecord {
+        id: get(r, "id")?,
+        prefix: get(r, "prefix")?,
+        hash: get(r, "hash")?,
+        tenant: get(r, "tenant")?,
+        role: Role::parse(&role).ok_or_else(|| {
+            EngineError::new(ErrorKind::Warehouse, format!("unknown role {role:?}"))
+        })?,
+        name: get(r, "name")?,
+        created_at: get(r, "created_at")?,
+        revoked_at: get(r, "revoked_at")?,
+    })
+}
+
+impl AccessStore for PostgresWarehouse {
+    async fn create_key(&self, key: &ApiKeyRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sluice.api_keys (id, prefix, hash, tenant, role, name, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&key.id)
+        .bind(&key.prefix)
+        .bind(&key.hash)
+        .bind(&key.tenant)
+        .bind(key.role.as_str())
+        .bind(&key.name)
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| control_error("storing the API key", e))?;
+        Ok(())
+    }
+
+    async fn key_by_prefix(&self, prefix: &str) -> Result<Option<ApiKeyRecord>> {
+        let row = sqlx::query("SELECT * FROM sluice.api_keys WHERE prefix = $1")
+            .bind(prefix)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| control_error("reading the API key", e))?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    async fn keys(&self, tenant: Option<&TenantSlug>) -> Result<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sluice.api_keys WHERE tenant IS NOT DISTINCT FROM $1 ORDER BY created_at DESC, id DESC",
+        )
+        .bind(tenant.map(TenantSlug::as_str))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| control_error("listing API keys", e))?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, tenant: Option<&TenantSlug>, id: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE sluice.api_keys SET revoked_at = now() WHERE id = $1 AND tenant IS NOT DISTINCT FROM $2 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(tenant.map(TenantSlug::as_str))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| control_error("revoking the API key", e))?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn record_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        tenant: Option<&TenantSlug>,
+        target: &str,
+        detail: &Value,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO sluice.audit_log (actor, action, tenant, target, detail) VALUES ($1, $2, $3, $4, $5)")
+            .bind(actor)
+            .bind(action)
+            .bind(tenant.map(TenantSlug::as_str))
+            .bind(target)
+            .bind(sqlx::types::Json(detail))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| control_error("writing the audit log", e))?;
+        Ok(())
+    }
+
+    async fn audit_log(
+        &self,
+        tenant: &TenantSlug,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, tenant, target, detail FROM sluice.audit_log \
+             WHERE tenant = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+        )
+        .bind(tenant.as_str())
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| control_error("reading the audit log", e))?;
+        rows.iter()
+            .map(|r| {
+                let detail: Option<sqlx::types::Json<Value>> = get(r, "detail")?;
+                Ok(AuditEntry {
+                    id: get(r, "id")?,
+                    at: get(r, "at")?,
+                    actor: get(r, "actor")?,
+                    action: get(r, "action")?,
+                    tenant: get(r, "tenant")?,
+                    target: get::<Option<String>>(r, "target")?.unwrap_or_default(),
+                    detail: detail.map_or(Value::Null, |d| d.0),
+                })
+            })
+            .collect()
     }
 }

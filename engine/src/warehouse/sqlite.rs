@@ -25,8 +25,8 @@ use super::{
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
-    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, no_master_key,
-    secrets_context,
+    AccessStore, ApiKeyRecord, AuditEntry, PipelineStore, Role, ScheduledPipeline, StoredPipeline,
+    decode_secrets, no_master_key, secrets_context,
 };
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
@@ -211,10 +211,16 @@ impl SqliteWarehouse {
 }
 
 /// Migrations of the control database.
-const CONTROL_MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!("../../../migrations/control/sqlite/0001_control.sql"),
-)];
+const CONTROL_MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/control/sqlite/0001_control.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/control/sqlite/0002_api_keys.sql"),
+    ),
+];
 
 async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
     migrate_with(pool, &format!("tenant '{tenant}'"), MIGRATIONS).await
@@ -1190,6 +1196,33 @@ impl PipelineStore for SqliteWarehouse {
         }))
     }
 
+    async fn pipelines(&self, tenant: &TenantSlug) -> Result<Vec<StoredPipeline>> {
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pipelines WHERE tenant = ? ORDER BY name")
+                .bind(tenant.as_str())
+                .fetch_all(self.control().await?)
+                .await
+                .map_err(|e| EngineError::from_sqlx("listing pipelines", e))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(p) = self.pipeline(tenant, &name).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM pipelines WHERE tenant = ? AND name = ?")
+            .bind(tenant.as_str())
+            .bind(name)
+            .execute(self.control().await?)
+            .await
+            .map_err(|e| EngineError::from_sqlx("deleting the pipeline", e))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
     async fn scheduled_pipelines(&self) -> Result<Vec<ScheduledPipeline>> {
         let rows: Vec<(String, String, String)> = sqlx::query_as(
             "SELECT tenant, name, json_extract(spec, '$.schedule.cron') AS cron FROM pipelines \
@@ -1202,5 +1235,133 @@ impl PipelineStore for SqliteWarehouse {
             .into_iter()
             .map(|(tenant, name, cron)| ScheduledPipeline { tenant, name, cron })
             .collect())
+    }
+}
+
+fn key_from_row(r: &SqliteRow) -> Result<ApiKeyRecord> {
+    let role: String = get(r, "role")?;
+    let created: String = get(r, "created_at")?;
+    Ok(ApiKeyRecord {
+        id: get(r, "id")?,
+        prefix: get(r, "prefix")?,
+        hash: get(r, "hash")?,
+        tenant: get(r, "tenant")?,
+        role: Role::parse(&role).ok_or_else(|| {
+            EngineError::new(ErrorKind::Warehouse, format!("unknown role {role:?}"))
+        })?,
+        name: get(r, "name")?,
+        created_at: parse_instant(&created)?,
+        revoked_at: instant_col(r, "revoked_at")?,
+    })
+}
+
+impl AccessStore for SqliteWarehouse {
+    async fn create_key(&self, key: &ApiKeyRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, prefix, hash, tenant, role, name, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.prefix)
+        .bind(&key.hash)
+        .bind(&key.tenant)
+        .bind(key.role.as_str())
+        .bind(&key.name)
+        .bind(key.created_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .execute(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("storing the API key", e))?;
+        Ok(())
+    }
+
+    async fn key_by_prefix(&self, prefix: &str) -> Result<Option<ApiKeyRecord>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE prefix = ?")
+            .bind(prefix)
+            .fetch_optional(self.control().await?)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading the API key", e))?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    async fn keys(&self, tenant: Option<&TenantSlug>) -> Result<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM api_keys WHERE tenant IS ? ORDER BY created_at DESC, id DESC",
+        )
+        .bind(tenant.map(TenantSlug::as_str))
+        .fetch_all(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("listing API keys", e))?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, tenant: Option<&TenantSlug>, id: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND tenant IS ? AND revoked_at IS NULL",
+        )
+        .bind(now_text())
+        .bind(id)
+        .bind(tenant.map(TenantSlug::as_str))
+        .execute(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("revoking the API key", e))?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn record_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        tenant: Option<&TenantSlug>,
+        target: &str,
+        detail: &Value,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, tenant, target, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(now_text())
+        .bind(actor)
+        .bind(action)
+        .bind(tenant.map(TenantSlug::as_str))
+        .bind(target)
+        .bind(detail.to_string())
+        .execute(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("writing the audit log", e))?;
+        Ok(())
+    }
+
+    async fn audit_log(
+        &self,
+        tenant: &TenantSlug,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_log WHERE tenant = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(tenant.as_str())
+        .bind(before)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading the audit log", e))?;
+        rows.iter()
+            .map(|r| {
+                let at: String = get(r, "at")?;
+                let detail: Option<String> = get(r, "detail")?;
+                Ok(AuditEntry {
+                    id: get(r, "id")?,
+                    at: parse_instant(&at)?,
+                    actor: get(r, "actor")?,
+                    action: get(r, "action")?,
+                    tenant: get(r, "tenant")?,
+                    target: get::<Option<String>>(r, "target")?.unwrap_or_default(),
+                    detail: detail
+                        .and_then(|d| serde_json::from_str(&d).ok())
+                        .unwrap_or(Value::Null),
+                })
+            })
+            .collect()
     }
 }

@@ -1,0 +1,575 @@
+//! The `/v1` routes so far: pipelines, syncs, runs, dead letters, keys and the audit log.
+//! Every resource is looked up inside the caller's tenant, so another tenant's id is 404.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sluice_connectors::Source;
+use sluice_engine::TenantSlug;
+use sluice_engine::control::{NewApiKey, Role, StoredPipeline};
+use sluice_engine::quarantine::QuarantineFilter;
+use sluice_engine::{RunLedger, RunStatus};
+use sluice_pipelines::{PipelineSource, PipelineSpec};
+use sluice_workers::jobs::Trigger;
+use sluice_workers::{TriggerOutcome, TriggerRequest};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::request_id::RequestId;
+use crate::state::{AppState, Store};
+
+type Api<W> = State<Arc<AppState<W>>>;
+type Reply = Result<Response, ApiError>;
+
+fn ok(v: Value) -> Reply {
+    Ok(Json(v).into_response())
+}
+
+async fn audit<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    detail: Value,
+) -> Result<(), ApiError> {
+    s.warehouse
+        .record_audit(
+            &caller.key_id,
+            action,
+            caller.tenant.as_ref(),
+            target,
+            &detail,
+        )
+        .await?;
+    Ok(())
+}
+
+/// A stored pipeline as the API shows it: its fields without secrets, and which secrets it
+/// has.
+fn pipeline_json(p: &StoredPipeline) -> Value {
+    json!({
+        "name": p.name,
+        "pipeline": p.spec,
+        "secrets": p.secrets.keys().collect::<Vec<_>>(),
+        "updated_at": p.updated_at,
+    })
+}
+
+/// Parses a pipeline body: the pipeline file's fields as JSON; `tenant` defaults to the
+/// caller's and may not name another.
+fn parse_pipeline(mut body: Value, tenant: &TenantSlug) -> Result<PipelineSpec, ApiError> {
+    let obj = body
+        .as_object_mut()
+        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    match obj.get("tenant") {
+        None => {
+            obj.insert("tenant".into(), Value::String(tenant.to_string()));
+        }
+        Some(Value::String(t)) if t == tenant.as_str() => {}
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`tenant` must be the API key's tenant (or left out)",
+            ));
+        }
+    }
+    let spec: PipelineSpec = serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request(format!("not a valid pipeline: {e}")))?;
+    spec.check()?;
+    Ok(spec)
+}
+
+/// `GET /v1/pipelines`
+pub async fn list_pipelines<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+    let tenant = caller.tenant_with(Role::Viewer)?;
+    let all = s.warehouse.pipelines(tenant).await?;
+    ok(json!({ "items": all.iter().map(pipeline_json).collect::<Vec<_>>() }))
+}
+
+/// `POST /v1/pipelines`
+pub async fn create_pipeline<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Json(body): Json<Value>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let spec = parse_pipeline(body, tenant)?;
+    if s.warehouse.pipeline(tenant, &spec.name).await?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "pipeline '{}' exists; PUT /v1/pipelines/{} replaces it",
+                spec.name, spec.name
+            ),
+        ));
+    }
+    let (fields, secrets) = spec.to_stored();
+    s.warehouse
+        .save_pipeline(tenant, &spec.name, &fields, &secrets)
+        .await?;
+    audit(
+        &s,
+        &caller,
+        "pipeline.create",
+        &spec.name,
+        json!({ "after": fields, "secrets": secrets.keys().collect::<Vec<_>>() }),
+    )
+    .await?;
+    let stored = s
+        .warehouse
+        .pipeline(tenant, &spec.name)
+        .await?
+        .ok_or_else(|| ApiError::internal("pipeline vanished after saving"))?;
+    Ok((StatusCode::CREATED, Json(pipeline_json(&stored))).into_response())
+}
+
+async fn stored<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+    name: &str,
+) -> Result<StoredPipeline, ApiError> {
+    s.warehouse
+        .pipeline(tenant, name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}'")))
+}
+
+/// `GET /v1/pipelines/{name}`
+pub async fn get_pipeline<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Viewer)?;
+    ok(pipeline_json(&stored(&s, tenant, &name).await?))
+}
+
+/// `PUT /v1/pipelines/{name}`: replaces the definition. Secrets left out of the body keep
+/// their stored values (they are write-only).
+pub async fn put_pipeline<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(body): Json<Value>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let before = stored(&s, tenant, &name).await?;
+    let spec = parse_pipeline(body, tenant)?;
+    if spec.name != name {
+        return Err(ApiError::bad_request(format!(
+            "the body names pipeline '{}', the path '{name}'",
+            spec.name
+        )));
+    }
+    let (fields, mut secrets) = spec.to_stored();
+    // A secret the body leaves out keeps its stored value; a field the body sets (a URL
+    // now without a password) replaces it.
+    for (k, v) in &before.secrets {
+        let field = k.strip_prefix("source.").unwrap_or(k);
+        if fields["source"].get(field).is_none() {
+            secrets.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    PipelineSpec::from_stored(&fields, &secrets)?;
+    s.warehouse
+        .save_pipeline(tenant, &name, &fields, &secrets)
+        .await?;
+    audit(
+        &s,
+        &caller,
+        "pipeline.update",
+        &name,
+        json!({ "before": before.spec, "after": fields }),
+    )
+    .await?;
+    ok(pipeline_json(&stored(&s, tenant, &name).await?))
+}
+
+/// `DELETE /v1/pipelines/{name}`
+pub async fn delete_pipeline<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let before = stored(&s, tenant, &name).await?;
+    s.warehouse.delete_pipeline(tenant, &name).await?;
+    audit(
+        &s,
+        &caller,
+        "pipeline.delete",
+        &name,
+        json!({ "before": before.spec }),
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /v1/pipelines/{name}/health`: runs the source's check.
+pub async fn pipeline_health<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Viewer)?;
+    let p = stored(&s, tenant, &name).await?;
+    let spec = PipelineSpec::from_stored(&p.spec, &p.secrets)?;
+    let checked = match PipelineSource::from_spec(&spec.source) {
+        Ok(source) => source.check().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    ok(match checked {
+        Ok(h) => json!({ "pipeline": name, "ok": true, "detail": h.detail,
+                         "latency_ms": h.latency.as_millis() as u64 }),
+        Err(e) => json!({ "pipeline": name, "ok": false, "error": e }),
+    })
+}
+
+/// `POST /v1/pipelines/{name}/sync`: 202 with the run; honours `Idempotency-Key`; joins a
+/// running sync of the pipeline.
+pub async fn sync_pipeline<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(name): Path<String>,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    headers: HeaderMap,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Operator)?;
+    stored(&s, tenant, &name).await?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| (1..=200).contains(&k.len()))
+                .ok_or_else(|| {
+                    ApiError::bad_request("Idempotency-Key must be 1-200 visible characters")
+                })?;
+            Some(k.to_string())
+        }
+    };
+    let triggered = s
+        .queues
+        .trigger(&TriggerRequest {
+            tenant: tenant.to_string(),
+            pipeline: name.clone(),
+            trigger: Trigger::Api,
+            idempotency_key: key.clone(),
+            correlation_id: Some(request_id),
+        })
+        .await?;
+    if triggered.outcome == TriggerOutcome::Enqueued {
+        audit(
+            &s,
+            &caller,
+            "pipeline.sync",
+            &name,
+            json!({ "run_id": triggered.run_id, "idempotency_key": key }),
+        )
+        .await?;
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "run_id": triggered.run_id,
+            "outcome": triggered.outcome,
+            "url": format!("/v1/runs/{}", triggered.run_id),
+        })),
+    )
+        .into_response())
+}
+
+/// A run's accounting, with the field names of `sluice sync --json`.
+pub fn ledger_json(l: &RunLedger) -> Value {
+    let c = &l.counts;
+    json!({
+        "run_id": l.run_id, "tenant": l.tenant, "pipeline": l.pipeline, "entity": l.entity,
+        "trigger": l.trigger, "status": l.status, "started_at": l.started_at,
+        "finished_at": l.finished_at, "rows_read": c.rows_read, "loaded": c.loaded(),
+        "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
+        "quarantined": c.quarantined, "deduplicated": c.deduplicated,
+        "rules_hash": l.rules_hash, "error": l.error,
+    })
+}
+
+/// `GET /v1/runs/{id}`: the accounting and quarantine counts per rule.
+pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<String>) -> Reply {
+    let tenant = caller.tenant_with(Role::Viewer)?;
+    let run = s
+        .warehouse
+        .run(tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("run {id}")))?;
+    let rows = s
+        .warehouse
+        .quarantined(
+            tenant,
+            &QuarantineFilter {
+                run_id: Some(id.clone()),
+                limit: Some(u32::MAX),
+                ..QuarantineFilter::default()
+            },
+        )
+        .await?;
+    let mut by_rule: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &rows {
+        for e in &r.errors {
+            *by_rule.entry(e.rule.to_string()).or_default() += 1;
+        }
+    }
+    let mut v = ledger_json(&run);
+    v["quarantined_by_rule"] = json!(by_rule);
+    ok(v)
+}
+
+/// Query of `GET /v1/runs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsQuery {
+    pipeline: Option<String>,
+    status: Option<String>,
+    /// Runs started at or after (RFC 3339).
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Runs started before (RFC 3339).
+    to: Option<chrono::DateTime<chrono::Utc>>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// How far back `GET /v1/runs` looks (newest runs first).
+const RUNS_WINDOW: u32 = 10_000;
+
+/// `GET /v1/runs`: newest first, paged by cursor.
+pub async fn list_runs<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<RunsQuery>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Viewer)?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|st| {
+            RunStatus::parse(st).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown status {st:?}: running, succeeded or failed"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500) as usize;
+    let all = s
+        .warehouse
+        .runs(tenant, q.pipeline.as_deref(), RUNS_WINDOW)
+        .await?;
+    let mut items = all
+        .iter()
+        .filter(|r| status.is_none_or(|st| r.status == st))
+        .filter(|r| q.from.is_none_or(|f| r.started_at >= f))
+        .filter(|r| q.to.is_none_or(|t| r.started_at < t))
+        .skip_while(|r| q.cursor.as_deref().is_some_and(|c| r.run_id != c))
+        .skip(usize::from(q.cursor.is_some()));
+    let page: Vec<&RunLedger> = items.by_ref().take(limit).collect();
+    let next = (items.next().is_some())
+        .then(|| page.last().map(|r| r.run_id.clone()))
+        .flatten();
+    ok(json!({
+        "items": page.iter().map(|r| ledger_json(r)).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+/// `GET /v1/dead-letters`
+pub async fn list_dead_letters<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+    let tenant = caller.tenant_with(Role::Operator)?;
+    let all = s.warehouse.dead_letters(tenant, 500).await?;
+    ok(json!({ "items": all }))
+}
+
+/// `GET /v1/dead-letters/{id}`
+pub async fn get_dead_letter<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Operator)?;
+    let letter = s
+        .warehouse
+        .dead_letter(tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {id}")))?;
+    ok(json!(letter))
+}
+
+/// `POST /v1/dead-letters/{id}/replay`: queues the dead sync again (trigger `replay`), once.
+pub async fn replay_dead_letter<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(id): Path<String>,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let letter = s
+        .warehouse
+        .dead_letter(tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {id}")))?;
+    if let Some(run) = &letter.replay_run {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("dead letter {id} was already replayed as run {run}"),
+        ));
+    }
+    if letter.job_kind != "sync" {
+        return Err(ApiError::bad_request(format!(
+            "dead letter {id} is a {} job: replay its rows with POST /v1/quarantine/retry",
+            letter.job_kind
+        )));
+    }
+    let triggered = s
+        .queues
+        .trigger(&TriggerRequest {
+            tenant: tenant.to_string(),
+            pipeline: letter.pipeline.clone(),
+            trigger: Trigger::Replay,
+            idempotency_key: Some(format!("dead-letter:{id}")),
+            correlation_id: Some(request_id),
+        })
+        .await?;
+    s.warehouse
+        .mark_dead_letter_replayed(tenant, &id, &triggered.run_id)
+        .await?;
+    audit(
+        &s,
+        &caller,
+        "dead_letter.replay",
+        &id,
+        json!({ "run_id": triggered.run_id }),
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(
+            json!({ "run_id": triggered.run_id, "url": format!("/v1/runs/{}", triggered.run_id) }),
+        ),
+    )
+        .into_response())
+}
+
+/// Body of `POST /v1/keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKeyBody {
+    role: Role,
+    /// A platform key names the tenant; a tenant admin's key may only name its own.
+    tenant: Option<String>,
+    name: Option<String>,
+}
+
+/// `POST /v1/keys`: the key is in the answer, once.
+pub async fn create_key<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Json(body): Json<NewKeyBody>,
+) -> Reply {
+    let tenant = match (&caller.tenant, caller.role) {
+        (None, Role::Platform) => body
+            .tenant
+            .as_deref()
+            .map(TenantSlug::parse)
+            .transpose()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        (Some(own), _) => {
+            caller.tenant_with(Role::Admin)?;
+            if body.role == Role::Platform {
+                return Err(ApiError::forbidden(
+                    "only a platform key makes platform keys",
+                ));
+            }
+            if body.tenant.as_deref().is_some_and(|t| t != own.as_str()) {
+                return Err(ApiError::not_found("tenant"));
+            }
+            Some(own.clone())
+        }
+        (None, _) => return Err(ApiError::forbidden("not allowed")),
+    };
+    let made = NewApiKey::generate(tenant.as_ref(), body.role, body.name.as_deref())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    s.warehouse.create_key(&made.record).await?;
+    s.warehouse
+        .record_audit(
+            &caller.key_id,
+            "key.create",
+            tenant.as_ref(),
+            &made.record.id,
+            &json!({ "role": made.record.role, "prefix": made.record.prefix }),
+        )
+        .await?;
+    let mut v = json!(made.record);
+    v["key"] = Value::String(made.secret);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// `GET /v1/keys`: the tenant's keys (a platform key: platform keys), never their secrets.
+pub async fn list_keys<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+    let tenant = match caller.role {
+        Role::Platform => None,
+        _ => Some(caller.tenant_with(Role::Admin)?.clone()),
+    };
+    let keys = s.warehouse.keys(tenant.as_ref()).await?;
+    ok(json!({ "items": keys }))
+}
+
+/// `DELETE /v1/keys/{id}`: revokes.
+pub async fn revoke_key<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Reply {
+    let tenant = match caller.role {
+        Role::Platform => None,
+        _ => Some(caller.tenant_with(Role::Admin)?.clone()),
+    };
+    if !s.warehouse.revoke_key(tenant.as_ref(), &id).await? {
+        return Err(ApiError::not_found(format!("key {id}")));
+    }
+    s.warehouse
+        .record_audit(
+            &caller.key_id,
+            "key.revoke",
+            tenant.as_ref(),
+            &id,
+            &json!({}),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    cursor: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/audit`: newest first.
+pub async fn audit_log<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<AuditQuery>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let items = s.warehouse.audit_log(tenant, q.cursor, limit).await?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|e| e.id))
+        .flatten();
+    ok(json!({ "items": items, "next_cursor": next }))
+}

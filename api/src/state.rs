@@ -1,0 +1,41 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use sluice_engine::Warehouse;
+use sluice_engine::control::{AccessStore, PipelineStore};
+use sluice_workers::Queues;
+
+use crate::auth::{Buckets, RateLimit};
+
+/// A warehouse that also stores pipelines, keys and the audit log.
+pub trait Store: Warehouse + PipelineStore + AccessStore + 'static {}
+
+impl<T: Warehouse + PipelineStore + AccessStore + 'static> Store for T {}
+
+/// The API's state.
+pub struct AppState<W> {
+    /// Rows, runs, quarantine, pipelines, keys, audit.
+    pub warehouse: Arc<W>,
+    /// Where syncs and replays are queued.
+    pub queues: Arc<Queues>,
+    /// Per-key request rate.
+    pub rate: RateLimit,
+    /// Per-key token buckets.
+    pub buckets: Buckets,
+    /// Largest JSON body accepted.
+    pub body_limit: usize,
+}
+
+impl<W> AppState<W> {
+    /// State with default limits (rate 100/s, burst 200; JSON bodies up to 1 MiB).
+    pub fn new(warehouse: Arc<W>, queues: Arc<Queues>) -> Self {
+        AppState {
+            warehouse,
+            queues,
+            rate: RateLimit::default(),
+            buckets: Buckets::default(),
+            body_limit: 1 << 20,
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The API in process (tower `oneshot`), on the embedded warehouse and queue: the role
+//! matrix, tenant isolation, problem documents with correlation ids, syncs that join and
+//! honour idempotency keys, pipelines whose secrets never come back, keys and the audit log.
+
+use std::sync::Arc;
+
+use axum::body::{Body, to_bytes};
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+use sluice_api::{AppState, router};
+use sluice_engine::SqliteWarehouse;
+use sluice_engine::TenantSlug;
+use sluice_engine::control::{AccessStore, NewApiKey, Role};
+use sluice_engine::secrets::MasterKey;
+use sluice_workers::{QueueSettings, Queues};
+use tower::ServiceExt;
+
+const MASTER: &str = "4f6e6520737472696e6720746f2072756c65207468656d20616c6c2c206f6e65";
+
+struct Api {
+    app: axum::Router,
+    warehouse: Arc<SqliteWarehouse>,
+    _dir: tempfile::TempDir,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+impl Api {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let warehouse = Arc::new(
+            SqliteWarehouse::new(dir.path())
+                .with_master_key(MasterKey::from_hex(MASTER).expect("key")),
+        );
+        let queues = Arc::new(
+            Queues::connect(QueueSettings::new(None, dir.path().to_path_buf()))
+                .await
+                .expect("queue"),
+        );
+        let state = Arc::new(AppState::new(warehouse.clone(), queues));
+        Api {
+            app: router(state),
+            warehouse,
+            _dir: dir,
+        }
+    }
+
+    async fn key(&self, tenant: Option<&str>, role: Role) -> String {
+        let t = tenant.map(|t| TenantSlug::parse(t).expect("slug"));
+        let k = NewApiKey::generate(t.as_ref(), role, None).expect("key");
+        self.warehouse.create_key(&k.record).await.expect("store");
+        k.secret
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        self.call_with(method, path, key, body, &[]).await
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        for (h, v) in headers {
+            req = req.header(*h, *v);
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .expect("request");
+        let resp = self.app.clone().oneshot(req).await.expect("response");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+fn pipeline(name: &str, csv: &str) -> Value {
+    json!({ "name": name, "entity": "invoices", "source": { "kind": "csv", "path": csv } })
+}
+
+fn example_csv() -> String {
+    format!("{}/../examples/invoices.csv", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn assert_problem(a: &Answer, status: StatusCode) {
+    assert_eq!(a.status, status, "{}", a.body);
+    assert_eq!(
+        a.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    assert_eq!(a.body["status"], status.as_u16());
+    let id = a.body["correlation_id"].as_str().expect("correlation id");
+    assert_eq!(
+        a.headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+        Some(id)
+    );
+}
+
+#[tokio::test]
+async fn every_route_allows_exactly_the_roles_it_should() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let created = api
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&admin),
+            Some(pipeline("inv", &example_csv())),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+
+    use Role::*;
+    let routes: Vec<(Method, &str, Option<Value>, Role)> = vec![
+        (Method::GET, "/v1/pipelines", None, Viewer),
+        (Method::GET, "/v1/pipelines/inv", None, Viewer),
+        (Method::GET, "/v1/pipelines/inv/health", None, Viewer),
+        (Method::GET, "/v1/runs", None, Viewer),
+        (Method::GET, "/v1/runs/nope", None, Viewer),
+        (Method::POST, "/v1/pipelines/inv/sync", None, Operator),
+        (Method::GET, "/v1/dead-letters", None, Operator),
+        (Method::GET, "/v1/dead-letters/nope", None, Operator),
+        (
+            Method::POST,
+            "/v1/pipelines",
+            Some(pipeline("other", "x.csv")),
+            Admin,
+        ),
+        (
+            Method::PUT,
+            "/v1/pipelines/inv",
+            Some(pipeline("inv", &example_csv())),
+            Admin,
+        ),
+        (Method::POST, "/v1/dead-letters/nope/replay", None, Admin),
+        (Method::GET, "/v1/keys", None, Admin),
+        (Method::GET, "/v1/audit", None, Admin),
+        (Method::DELETE, "/v1/pipelines/nope", None, Admin),
+    ];
+    for role in [Viewer, Analyst, Operator, Admin] {
+        let key = api.key(Some("acme"), role).await;
+        for (method, path, body, needs) in &routes {
+            let a = api
+                .call(method.clone(), path, Some(&key), body.clone())
+                .await;
+            if role >= *needs {
+                assert!(
+                    a.status != StatusCode::FORBIDDEN && a.status != StatusCode::UNAUTHORIZED,
+                    "{role:?} {method} {path}: {} {}",
+                    a.status,
+                    a.body
+                );
+            } else {
+                assert_problem(&a, StatusCode::FORBIDDEN);
+            }
+            if *method == Method::POST
+                && *path == "/v1/pipelines"
+                && a.status == StatusCode::CREATED
+            {
+                // Let the next role create it again.
+                api.call(Method::DELETE, "/v1/pipelines/other", Some(&admin), None)
+                    .await;
+            }
+        }
+    }
+    // A platform key reaches no tenant's data.
+    let platform = api.key(None, Platform).await;
+    for (method, path, body, _) in &routes {
+        if *path == "/v1/keys" {
+            continue;
+        }
+        let a = api
+            .call(method.clone(), path, Some(&platform), body.clone())
+            .await;
+        assert_problem(&a, StatusCode::FORBIDDEN);
+    }
+    // No key, a malformed key, a revoked key: 401.
+    assert_problem(
+        &api.call(Method::GET, "/v1/pipelines", None, None).await,
+        StatusCode::UNAUTHORIZED,
+    );
+    assert_problem(
+        &api.call(Method::GET, "/v1/pipelines", Some("slk_nope"), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    );
+    let keys = api.call(Method::GET, "/v1/keys", Some(&admin), None).await;
+    let viewer = keys.body["items"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["role"] == "viewer")
+        .expect("a viewer key")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let revoked = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/keys/{viewer}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    assert!(
+        keys.body.to_string().find("\"hash\"").is_none(),
+        "hashes never leave"
+    );
+}
+
+#[tokio::test]
+async fn another_tenants_resources_are_404_never_data() {
+    let api = Api::new().await;
+    let a = api.key(Some("acme"), Role::Admin).await;
+    let b = api.key(Some("globex"), Role::Admin).await;
+    let created = api
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&b),
+            Some(pipeline("ledger", &example_csv())),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let run = api
+        .call(Method::POST, "/v1/pipelines/ledger/sync", Some(&b), None)
+        .await;
+    assert_eq!(run.status, StatusCode::ACCEPTED);
+    let run_id = run.body["run_id"].as_str().expect("run").to_string();
+    for (method, path) in [
+        (Method::GET, "/v1/pipelines/ledger".to_string()),
+        (Method::GET, "/v1/pipelines/ledger/health".to_string()),
+        (Method::POST, "/v1/pipelines/ledger/sync".to_string()),
+        (Method::DELETE, "/v1/pipelines/ledger".to_string()),
+        (Method::GET, format!("/v1/runs/{run_id}")),
+    ] {
+        let ans = api.call(method.clone(), &path, Some(&a), None).await;
+        assert_problem(&ans, StatusCode::NOT_FOUND);
+        assert!(
+            !ans.body.to_string().contains("globex"),
+            "{path}: {}",
+            ans.body
+        );
+    }
+    let listed = api.call(Method::GET, "/v1/pipelines", Some(&a), None).await;
+    assert_eq!(listed.body["items"], json!([]));
+    // A tenant admin cannot make a key for another tenant.
+    let key = api
+        .call(
+            Method::POST,
+            "/v1/keys",
+            Some(&a),
+            Some(json!({ "role": "viewer", "tenant": "globex" })),
+        )
+        .await;
+    assert_problem(&key, StatusCode::NOT_FOUND);
+    // Nor name another tenant in a pipeline.
+    let mut body = pipeline("x", "x.csv");
+    body["tenant"] = json!("globex");
+    let p = api
+        .call(Method::POST, "/v1/pipelines", Some(&a), Some(body))
+        .await;
+    assert_problem(&p, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn errors_are_problem_documents_with_the_request_id() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    // The caller's request id is kept and returned.
+    let a = api
+        .call_with(
+            Method::GET,
+            "/v1/pipelines/nope",
+            Some(&admin),
+            None,
+            &[("x-request-id", "req-123")],
+        )
+        .await;
+    assert_problem(&a, StatusCode::NOT_FOUND);
+    assert_eq!(a.body["correlation_id"], "req-123");
+    // Unknown route, wrong method, malformed JSON, unknown field, bad query.
+    assert_problem(
+        &api.call(Method::GET, "/v1/nothing", Some(&admin), None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+    assert_problem(
+        &api.call(Method::PATCH, "/v1/pipelines", Some(&admin), None)
+            .await,
+        StatusCode::METHOD_NOT_ALLOWED,
+    );
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/pipelines")
+        .header("authorization", format!("Bearer {admin}"))
+        .header("content-type", "application/json")
+        .body(Body::from("{not json"))
+        .expect("request");
+    let resp = api.app.clone().oneshot(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value =
+        serde_json::from_slice(&to_bytes(resp.into_body(), 1 << 20).await.expect("body"))
+            .expect("json");
+    assert!(body["correlation_id"].is_string(), "{body}");
+    let mut unknown = pipeline("p", "x.csv");
+    unknown["colour"] = json!("blue");
+    let u = api
+        .call(Method::POST, "/v1/pipelines", Some(&admin), Some(unknown))
+        .await;
+    assert_problem(&u, StatusCode::BAD_REQUEST);
+    assert!(
+        u.body["detail"].as_str().unwrap_or("").contains("colour"),
+        "{}",
+        u.body
+    );
+    assert_problem(
+        &api.call(Method::GET, "/v1/runs?status=bogus", Some(&admin), None)
+            .await,
+        StatusCode::BAD_REQUEST,
+    );
+    assert_problem(
+        &api.call(Method::GET, "/v1/runs?color=1", Some(&admin), None)
+            .await,
+        StatusCode::BAD_REQUEST,
+    );
+    // Successful answers carry a request id too.
+    let ok = api.call(Method::GET, "/health", None, None).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert!(ok.headers.get("x-request-id").is_some());
+}
+
+#[tokio::test]
+async fn syncs_join_and_honour_idempotency_keys_and_secrets_stay_write_only() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let op = api.key(Some("acme"), Role::Operator).await;
+    api.call(
+        Method::POST,
+        "/v1/pipelines",
+        Some(&admin),
+        Some(pipeline("inv", &example_csv())),
+    )
+    .await;
+    let first = api
+        .call(Method::POST, "/v1/pipelines/inv/sync", Some(&op), None)
+        .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    assert_eq!(first.body["outcome"], "enqueued");
+    let run = first.body["run_id"].as_str().expect("run").to_string();
+    assert_eq!(first.body["url"], format!("/v1/runs/{run}"));
+    let second = api
+        .call(Method::POST, "/v1/pipelines/inv/sync", Some(&op), None)
+        .await;
+    assert_eq!(second.body["run_id"], run.as_str());
+    assert_eq!(second.body["outcome"], "joined");
+    let keyed = api
+        .call_with(
+            Method::POST,
+            "/v1/pipelines/inv/sync",
+            Some(&op),
+            None,
+            &[("idempotency-key", "close-june")],
+        )
+        .await;
+    assert_eq!(keyed.body["run_id"], run.as_str());
+
+    // A database pipeline: its password is stored sealed and never returned.
+    let db = json!({ "name": "erp", "entity": "invoices", "source": {
+        "kind": "postgres", "url": "postgres://erp:hunter2@db/erp", "password": "s3cret", "table": "invoices" } });
+    let made = api
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&admin),
+            Some(db.clone()),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    for a in [
+        made,
+        api.call(Method::GET, "/v1/pipelines/erp", Some(&admin), None)
+            .await,
+        api.call(Method::GET, "/v1/pipelines", Some(&admin), None)
+            .await,
+        api.call(Method::GET, "/v1/audit", Some(&admin), None).await,
+    ] {
+        let text = a.body.to_string();
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cret"),
+            "{text}"
+        );
+    }
+    let shown = api
+        .call(Method::GET, "/v1/pipelines/erp", Some(&admin), None)
+        .await;
+    assert_eq!(
+        shown.body["secrets"],
+        json!(["source.password", "source.url"])
+    );
+    // An update without the secrets keeps them.
+    let mut update = db.clone();
+    update["source"]["url"] = json!("postgres://erp@db2/erp");
+    update["source"]
+        .as_object_mut()
+        .expect("obj")
+        .remove("password");
+    let put = api
+        .call(Method::PUT, "/v1/pipelines/erp", Some(&admin), Some(update))
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    assert_eq!(put.body["secrets"], json!(["source.password"]));
+    assert_eq!(
+        put.body["pipeline"]["source"]["url"],
+        "postgres://erp@db2/erp"
+    );
+
+    // Every change is in the audit log, newest first, with the key that made it.
+    let audit = api.call(Method::GET, "/v1/audit", Some(&admin), None).await;
+    let actions: Vec<&str> = audit.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "pipeline.update",
+            "pipeline.create",
+            "pipeline.sync",
+            "pipeline.create"
+        ]
+    );
+    assert!(audit.body["items"][0]["detail"]["before"].is_object());
+}
+
+#[tokio::test]
+async fn keys_are_shown_once_and_a_platform_key_provisions_tenant_keys() {
+    let api = Api::new().await;
+    let platform = api.key(None, Role::Platform).await;
+    let made = api
+        .call(
+            Method::POST,
+            "/v1/keys",
+            Some(&platform),
+            Some(json!({ "role": "admin", "tenant": "initech" })),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let key = made.body["key"].as_str().expect("key").to_string();
+    // The new key works for its tenant...
+    let listed = api.call(Method::GET, "/v1/keys", Some(&key), None).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    let items = listed.body["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1);
+    assert!(
+        items[0].get("key").is_none(),
+        "the key is never shown again"
+    );
+    // ... and is revoked for good.
+    let id = made.body["id"].as_str().expect("id");
+    let r = api
+        .call(Method::DELETE, &format!("/v1/keys/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_problem(
+        &api.call(Method::GET, "/v1/keys", Some(&key), None).await,
+        StatusCode::UNAUTHORIZED,
+    );
+    // A tenant key cannot make a platform key.
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let p = api
+        .call(
+            Method::POST,
+            "/v1/keys",
+            Some(&admin),
+            Some(json!({ "role": "platform" })),
+        )
+        .await;
+    assert_problem(&p, StatusCode::FORBIDDEN);
+}
