@@ -662,6 +662,15 @@ fn serve_runs_queued_syncs_exposes_health_and_metrics_and_stops_on_sigterm() {
     assert!(metrics.contains("sluice_rows_total{outcome=\"quarantined\"} 8"));
     assert!(metrics.contains("sluice_job_duration_seconds_count{queue=\"sync\"} 1"));
     assert!(metrics.contains("sluice_queue_depth"));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_http_requests_total{")
+                && l.contains("route=\"/health\"")
+                && l.contains("status=\"200\"")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_http_request_duration_seconds_bucket"));
     Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
         .status()

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod metrics;
 pub mod request_id;
 pub mod routes;
 pub mod state;
@@ -31,7 +32,7 @@ pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready::<W>))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_text))
         .route(
             "/v1/pipelines",
             get(r::list_pipelines::<W>).post(r::create_pipeline::<W>),
@@ -56,6 +57,7 @@ pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
         .route("/v1/keys/{id}", axum::routing::delete(r::revoke_key::<W>))
         .route("/v1/audit", get(r::audit_log::<W>))
         .layer(DefaultBodyLimit::max(body_limit))
+        .route_layer(axum::middleware::from_fn(metrics::track))
         .layer(axum::middleware::from_fn(request_id::request_id))
         .with_state(state)
 }
@@ -71,7 +73,7 @@ async fn ready<W: Store>(State(s): State<Arc<AppState<W>>>) -> Result<impl IntoR
     Ok(axum::Json(json!({ "status": "ready" })))
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn metrics_text() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         sluice_workers::metrics::render(),
