@@ -1373,6 +1373,7 @@ async fn quarantine<W: Warehouse>(warehouse: &W, cmd: QuarantineCommand) -> Resu
                 status,
                 rule,
                 limit: Some(limit),
+                ..QuarantineFilter::default()
             };
             let mut rows: Vec<QuarantinedRow> = Vec::new();
             for t in tenants_to_search(warehouse, tenant.as_deref()).await? {

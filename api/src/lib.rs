@@ -53,6 +53,18 @@ pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
             "/v1/dead-letters/{id}/replay",
             post(r::replay_dead_letter::<W>),
         )
+        .route("/v1/quarantine", get(r::list_quarantine::<W>))
+        .route("/v1/quarantine/stats", get(r::quarantine_stats::<W>))
+        .route("/v1/quarantine/retry", post(r::retry_batch::<W>))
+        .route(
+            "/v1/quarantine/{id}",
+            get(r::get_quarantined::<W>).patch(r::fix_quarantined::<W>),
+        )
+        .route("/v1/quarantine/{id}/retry", post(r::retry_quarantined::<W>))
+        .route(
+            "/v1/quarantine/{id}/ignore",
+            post(r::ignore_quarantined::<W>),
+        )
         .route("/v1/keys", get(r::list_keys::<W>).post(r::create_key::<W>))
         .route("/v1/keys/{id}", axum::routing::delete(r::revoke_key::<W>))
         .route("/v1/audit", get(r::audit_log::<W>))

@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 use sluice_connectors::Source;
 use sluice_engine::TenantSlug;
 use sluice_engine::control::{NewApiKey, Role, StoredPipeline};
-use sluice_engine::quarantine::QuarantineFilter;
+use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunLedger, RunStatus};
 use sluice_pipelines::{PipelineSource, PipelineSpec};
-use sluice_workers::jobs::Trigger;
+use sluice_workers::jobs::{ReplaySelection, Trigger};
 use sluice_workers::{TriggerOutcome, TriggerRequest};
 
 use crate::auth::Caller;
@@ -572,4 +572,292 @@ pub async fn audit_log<W: Store>(
         .then(|| items.last().map(|e| e.id))
         .flatten();
     ok(json!({ "items": items, "next_cursor": next }))
+}
+
+/// Query of `GET /v1/quarantine`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineQuery {
+    run_id: Option<String>,
+    pipeline: Option<String>,
+    entity: Option<String>,
+    rule: Option<String>,
+    field: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn row_json(r: &QuarantinedRow) -> Value {
+    json!({
+        "id": r.id, "run_id": r.run_id, "status": r.status, "pipeline": r.pipeline,
+        "entity": r.entity, "position": r.position, "raw": r.raw, "errors": r.errors,
+        "created_at": r.created_at,
+    })
+}
+
+/// `GET /v1/quarantine`: oldest first, paged by cursor.
+pub async fn list_quarantine<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<QuarantineQuery>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|st| {
+            QuarantineStatus::parse(st).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown status {st:?}: pending, fixed, replayed or ignored"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = s
+        .warehouse
+        .quarantined(
+            tenant,
+            &QuarantineFilter {
+                run_id: q.run_id,
+                status,
+                rule: q.rule,
+                limit: Some(limit),
+                pipeline: q.pipeline,
+                entity: q.entity,
+                field: q.field,
+                after: q.cursor,
+            },
+        )
+        .await?;
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
+    ok(json!({ "items": rows.iter().map(row_json).collect::<Vec<_>>(), "next_cursor": next }))
+}
+
+/// `GET /v1/quarantine/stats`
+pub async fn quarantine_stats<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    ok(json!(s.warehouse.quarantine_stats(tenant).await?))
+}
+
+async fn quarantined<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+    id: &str,
+) -> Result<QuarantinedRow, ApiError> {
+    s.warehouse
+        .quarantined_row(tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("quarantined row {id}")))
+}
+
+/// `GET /v1/quarantine/{id}`
+pub async fn get_quarantined<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    ok(row_json(&quarantined(&s, tenant, &id).await?))
+}
+
+/// Body of `PATCH /v1/quarantine/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixBody {
+    raw: serde_json::Map<String, Value>,
+}
+
+/// `PATCH /v1/quarantine/{id}`: replaces raw values (the columns given; others stay) and
+/// marks the row fixed, ready to retry.
+pub async fn fix_quarantined<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<FixBody>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let current = quarantined(&s, tenant, &id).await?;
+    if let Some((k, _)) = body.raw.iter().find(|(_, v)| v.is_object() || v.is_array()) {
+        return Err(ApiError::bad_request(format!(
+            "raw value of {k:?} must be a string, number, boolean or null"
+        )));
+    }
+    let mut raw = current.raw.clone();
+    for (k, v) in body.raw {
+        raw.insert(k, v);
+    }
+    let before = s
+        .warehouse
+        .fix_quarantined(tenant, &id, &raw)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "quarantined row {id} is {}: only pending or fixed rows can be fixed",
+                    current.status.as_str()
+                ),
+            )
+        })?;
+    audit(
+        &s,
+        &caller,
+        "quarantine.fix",
+        &id,
+        json!({ "before": before.raw, "after": raw }),
+    )
+    .await?;
+    ok(row_json(&quarantined(&s, tenant, &id).await?))
+}
+
+/// Body of `POST /v1/quarantine/{id}/ignore`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IgnoreBody {
+    reason: String,
+}
+
+/// `POST /v1/quarantine/{id}/ignore`
+pub async fn ignore_quarantined<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<IgnoreBody>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    if body.reason.trim().is_empty() {
+        return Err(ApiError::bad_request("give a reason"));
+    }
+    let current = quarantined(&s, tenant, &id).await?;
+    s.warehouse
+        .ignore_quarantined(tenant, &id, &body.reason)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "quarantined row {id} is {}: only pending or fixed rows can be ignored",
+                    current.status.as_str()
+                ),
+            )
+        })?;
+    audit(
+        &s,
+        &caller,
+        "quarantine.ignore",
+        &id,
+        json!({ "before": current.status, "after": "ignored", "reason": body.reason }),
+    )
+    .await?;
+    ok(row_json(&quarantined(&s, tenant, &id).await?))
+}
+
+async fn queue_replay<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    tenant: &TenantSlug,
+    selection: ReplaySelection,
+    request_id: String,
+) -> Reply {
+    s.warehouse
+        .pipeline(tenant, &selection.pipeline)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "pipeline '{}' is not registered any more: its rows cannot be replayed",
+                selection.pipeline
+            ))
+        })?;
+    let queued = s
+        .queues
+        .replay(tenant.as_str(), selection.clone(), Some(request_id))
+        .await?;
+    audit(
+        s,
+        caller,
+        "quarantine.retry",
+        &queued.run_id,
+        json!({ "selection": selection }),
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "run_id": queued.run_id, "url": format!("/v1/runs/{}", queued.run_id) })),
+    )
+        .into_response())
+}
+
+/// `POST /v1/quarantine/{id}/retry`: replays one row (a run of its own).
+pub async fn retry_quarantined<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Path(id): Path<String>,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let row = quarantined(&s, tenant, &id).await?;
+    let selection = ReplaySelection {
+        pipeline: row.pipeline,
+        ids: vec![id],
+        run_id: None,
+        rule: None,
+    };
+    queue_replay(&s, &caller, tenant, selection, request_id).await
+}
+
+/// Body of `POST /v1/quarantine/retry`: rows by id, or every pending/fixed row of a
+/// pipeline matching a filter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBody {
+    #[serde(default)]
+    ids: Vec<String>,
+    pipeline: Option<String>,
+    run_id: Option<String>,
+    rule: Option<String>,
+}
+
+/// `POST /v1/quarantine/retry`: one replay run for a batch.
+pub async fn retry_batch<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    Json(body): Json<RetryBody>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Admin)?;
+    let selection = if body.ids.is_empty() {
+        let pipeline = body.pipeline.ok_or_else(|| {
+            ApiError::bad_request("give `ids`, or a `pipeline` (with `run_id` / `rule` to narrow)")
+        })?;
+        ReplaySelection {
+            pipeline,
+            ids: Vec::new(),
+            run_id: body.run_id,
+            rule: body.rule,
+        }
+    } else {
+        let mut pipeline: Option<String> = None;
+        for id in &body.ids {
+            let row = quarantined(&s, tenant, id).await?;
+            match &pipeline {
+                Some(p) if *p != row.pipeline => {
+                    return Err(ApiError::bad_request(
+                        "the rows belong to several pipelines: retry each pipeline's rows apart",
+                    ));
+                }
+                _ => pipeline = Some(row.pipeline),
+            }
+        }
+        ReplaySelection {
+            pipeline: pipeline.unwrap_or_default(),
+            ids: body.ids,
+            run_id: None,
+            rule: None,
+        }
+    };
+    queue_replay(&s, &caller, tenant, selection, request_id).await
 }

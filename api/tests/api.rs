@@ -105,6 +105,17 @@ fn pipeline(name: &str, csv: &str) -> Value {
     json!({ "name": name, "entity": "invoices", "source": { "kind": "csv", "path": csv } })
 }
 
+/// The example invoices pipeline (its CSV and mapping) under another name, as JSON.
+fn example_pipeline(name: &str) -> Value {
+    let path = format!("{}/../examples/invoices.toml", env!("CARGO_MANIFEST_DIR"));
+    let spec =
+        sluice_pipelines::PipelineSpec::from_file(std::path::Path::new(&path)).expect("example");
+    let mut v = serde_json::to_value(&spec).expect("json");
+    v["name"] = json!(name);
+    v.as_object_mut().expect("object").remove("tenant");
+    v
+}
+
 fn example_csv() -> String {
     format!("{}/../examples/invoices.csv", env!("CARGO_MANIFEST_DIR"))
 }
@@ -145,6 +156,28 @@ async fn every_route_allows_exactly_the_roles_it_should() {
         (Method::GET, "/v1/runs", None, Viewer),
         (Method::GET, "/v1/runs/nope", None, Viewer),
         (Method::POST, "/v1/pipelines/inv/sync", None, Operator),
+        (Method::GET, "/v1/quarantine", None, Analyst),
+        (Method::GET, "/v1/quarantine/stats", None, Analyst),
+        (Method::GET, "/v1/quarantine/nope", None, Analyst),
+        (
+            Method::PATCH,
+            "/v1/quarantine/nope",
+            Some(json!({ "raw": {} })),
+            Admin,
+        ),
+        (Method::POST, "/v1/quarantine/nope/retry", None, Admin),
+        (
+            Method::POST,
+            "/v1/quarantine/nope/ignore",
+            Some(json!({ "reason": "x" })),
+            Admin,
+        ),
+        (
+            Method::POST,
+            "/v1/quarantine/retry",
+            Some(json!({ "pipeline": "inv" })),
+            Admin,
+        ),
         (Method::GET, "/v1/dead-letters", None, Operator),
         (Method::GET, "/v1/dead-letters/nope", None, Operator),
         (
@@ -507,4 +540,211 @@ async fn keys_are_shown_once_and_a_platform_key_provisions_tenant_keys() {
         )
         .await;
     assert_problem(&p, StatusCode::FORBIDDEN);
+}
+
+/// Polls a run until it has ended.
+async fn finished_run(api: &Api, key: &str, run: &str) -> Value {
+    for _ in 0..300 {
+        let a = api
+            .call(Method::GET, &format!("/v1/runs/{run}"), Some(key), None)
+            .await;
+        if a.status == StatusCode::OK && a.body["status"] != "running" {
+            return a.body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("run {run} did not end");
+}
+
+#[tokio::test]
+async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_for_every_row() {
+    let api = Api::new().await;
+    // A worker in this process runs the syncs and replays the API queues.
+    let queues = Arc::new(
+        Queues::connect(QueueSettings::new(None, api._dir.path().to_path_buf()))
+            .await
+            .expect("queue"),
+    );
+    let env = Arc::new(sluice_workers::worker::WorkerEnv::new(
+        api.warehouse.clone(),
+        queues,
+        sluice_workers::retry::RetryPolicy::with_base(std::time::Duration::from_millis(10)),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(async move {
+        sluice_workers::worker::run_workers(env, &Default::default(), async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let analyst = api.key(Some("acme"), Role::Analyst).await;
+    let viewer = api.key(Some("acme"), Role::Viewer).await;
+    let made = api
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&admin),
+            Some(example_pipeline("inv")),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let sync = api
+        .call(Method::POST, "/v1/pipelines/inv/sync", Some(&admin), None)
+        .await;
+    let run = finished_run(&api, &admin, sync.body["run_id"].as_str().expect("run")).await;
+    assert_eq!(run["quarantined"], 8, "{run}");
+    assert_eq!(run["quarantined_by_rule"]["currency_code"], 1, "{run}");
+
+    // Paging covers every row once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/quarantine?limit=3&cursor={c}"),
+            None => "/v1/quarantine?limit=3".to_string(),
+        };
+        let page = api.call(Method::GET, &path, Some(&analyst), None).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        for r in page.body["items"].as_array().expect("items") {
+            seen.push(r["id"].as_str().expect("id").to_string());
+        }
+        match page.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (8, 8));
+    assert_problem(
+        &api.call(Method::GET, "/v1/quarantine", Some(&viewer), None)
+            .await,
+        StatusCode::FORBIDDEN,
+    );
+
+    // Fix the bad currency, retry the row: it loads and is marked replayed.
+    let bad = api
+        .call(
+            Method::GET,
+            "/v1/quarantine?rule=currency_code&field=currency",
+            Some(&analyst),
+            None,
+        )
+        .await;
+    let row = &bad.body["items"][0];
+    let id = row["id"].as_str().expect("id").to_string();
+    assert_eq!(row["errors"][0]["field"], "currency");
+    assert_eq!(row["raw"]["Currency"], "USX", "{row}");
+    let denied = api
+        .call(
+            Method::PATCH,
+            &format!("/v1/quarantine/{id}"),
+            Some(&analyst),
+            Some(json!({ "raw": { "Currency": "USD" } })),
+        )
+        .await;
+    assert_problem(&denied, StatusCode::FORBIDDEN);
+    let fixed = api
+        .call(
+            Method::PATCH,
+            &format!("/v1/quarantine/{id}"),
+            Some(&admin),
+            Some(json!({ "raw": { "Currency": "USD" } })),
+        )
+        .await;
+    assert_eq!(fixed.status, StatusCode::OK, "{}", fixed.body);
+    assert_eq!(fixed.body["status"], "fixed");
+    assert_eq!(fixed.body["raw"]["Currency"], "USD");
+    assert_eq!(
+        fixed.body["raw"]["InvoiceId"], row["raw"]["InvoiceId"],
+        "other columns stay"
+    );
+    let retried = api
+        .call(
+            Method::POST,
+            &format!("/v1/quarantine/{id}/retry"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(retried.status, StatusCode::ACCEPTED);
+    let replay = finished_run(&api, &admin, retried.body["run_id"].as_str().expect("run")).await;
+    assert_eq!(replay["trigger"], "replay");
+    assert_eq!(
+        (replay["rows_read"].clone(), replay["inserted"].clone()),
+        (json!(1), json!(1))
+    );
+    let shown = api
+        .call(
+            Method::GET,
+            &format!("/v1/quarantine/{id}"),
+            Some(&analyst),
+            None,
+        )
+        .await;
+    assert_eq!(shown.body["status"], "replayed");
+
+    // A batch retry by filter: the other seven fail again, stay pending, counted once each.
+    let batch = api
+        .call(
+            Method::POST,
+            "/v1/quarantine/retry",
+            Some(&admin),
+            Some(json!({ "pipeline": "inv" })),
+        )
+        .await;
+    assert_eq!(batch.status, StatusCode::ACCEPTED, "{}", batch.body);
+    let replay = finished_run(&api, &admin, batch.body["run_id"].as_str().expect("run")).await;
+    assert_eq!(replay["rows_read"], 7);
+    assert_eq!(replay["quarantined"], 7);
+    assert_eq!(replay["loaded"], 0);
+
+    // Ignore one with a reason; an ignored row can no longer be fixed.
+    let other = &seen
+        .iter()
+        .find(|s| **s != id)
+        .expect("another row")
+        .clone();
+    let ignored = api
+        .call(
+            Method::POST,
+            &format!("/v1/quarantine/{other}/ignore"),
+            Some(&admin),
+            Some(json!({ "reason": "test data" })),
+        )
+        .await;
+    assert_eq!(ignored.body["status"], "ignored", "{}", ignored.body);
+    let late = api
+        .call(
+            Method::PATCH,
+            &format!("/v1/quarantine/{other}"),
+            Some(&admin),
+            Some(json!({ "raw": { "Total": "1" } })),
+        )
+        .await;
+    assert_problem(&late, StatusCode::CONFLICT);
+    let stats = api
+        .call(Method::GET, "/v1/quarantine/stats", Some(&analyst), None)
+        .await;
+    assert_eq!(
+        stats.body["by_status"],
+        json!({ "pending": 6, "ignored": 1, "replayed": 1 })
+    );
+    assert_eq!(stats.body["by_rule"]["currency_code"], 1);
+
+    // Fix and ignore are in the audit log with before and after.
+    let audit = api.call(Method::GET, "/v1/audit", Some(&admin), None).await;
+    let fix = audit.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|e| e["action"] == "quarantine.fix")
+        .expect("fix audited");
+    assert_eq!(fix["detail"]["before"]["Currency"], "USX");
+    assert_eq!(fix["detail"]["after"]["Currency"], "USD");
+    let _ = stop.send(());
+    worker.await.expect("join").expect("workers");
 }

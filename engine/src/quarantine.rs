@@ -104,4 +104,31 @@ pub struct QuarantineFilter {
     pub rule: Option<String>,
     /// At most this many (default 100).
     pub limit: Option<u32>,
+    /// Only rows of this pipeline.
+    pub pipeline: Option<String>,
+    /// Only rows meant to become this entity.
+    pub entity: Option<String>,
+    /// Only rows with an error on this field.
+    pub field: Option<String>,
+    /// Only rows after this one (the id of the last row of the previous page).
+    pub after: Option<String>,
+}
+
+/// Counts of quarantined rows by rule, field and status (a row with two errors counts once
+/// per rule and field it failed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineStats {
+    /// Rows per rule.
+    pub by_rule: std::collections::BTreeMap<String, u64>,
+    /// Rows per field.
+    pub by_field: std::collections::BTreeMap<String, u64>,
+    /// Rows per status.
+    pub by_status: std::collections::BTreeMap<String, u64>,
+}
+
+/// The stored form of raw values: their JSON text (source column order) and its hash.
+pub fn raw_text_and_hash(raw: &Map<String, Value>) -> (String, String) {
+    let text = Value::Object(raw.clone()).to_string();
+    let hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()));
+    (text, hash)
 }

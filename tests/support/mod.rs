@@ -363,6 +363,28 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     async fn payments(&self, t: &TenantSlug) -> sluice_engine::Result<Vec<Payment>> {
         self.inner.payments(t).await
     }
+    async fn fix_quarantined(
+        &self,
+        t: &TenantSlug,
+        id: &str,
+        raw: &serde_json::Map<String, serde_json::Value>,
+    ) -> sluice_engine::Result<Option<QuarantinedRow>> {
+        self.inner.fix_quarantined(t, id, raw).await
+    }
+    async fn ignore_quarantined(
+        &self,
+        t: &TenantSlug,
+        id: &str,
+        reason: &str,
+    ) -> sluice_engine::Result<Option<QuarantinedRow>> {
+        self.inner.ignore_quarantined(t, id, reason).await
+    }
+    async fn quarantine_stats(
+        &self,
+        t: &TenantSlug,
+    ) -> sluice_engine::Result<sluice_engine::quarantine::QuarantineStats> {
+        self.inner.quarantine_stats(t).await
+    }
     async fn settle_replay(
         &self,
         t: &TenantSlug,

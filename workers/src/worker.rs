@@ -562,6 +562,8 @@ where
                     status: Some(status),
                     rule: sel.rule.clone(),
                     limit: Some(u32::MAX),
+                    pipeline: Some(sel.pipeline.clone()),
+                    ..QuarantineFilter::default()
                 };
                 rows.extend(
                     self.warehouse

@@ -31,7 +31,7 @@ use crate::entity::{Bill, Entity, Invoice, Payment};
 use crate::error::Result;
 use crate::finance::{AgingReport, AgingSide};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
-use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantinedRow};
+use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantineStats, QuarantinedRow};
 use crate::tenant::TenantSlug;
 use crate::validate::CellError;
 
@@ -164,6 +164,30 @@ pub trait Warehouse: Send + Sync {
         tenant: &TenantSlug,
         filter: &QuarantineFilter,
     ) -> impl Future<Output = Result<Vec<QuarantinedRow>>> + Send;
+
+    /// Replaces a pending or fixed row's raw values (an admin's fix) and marks it fixed;
+    /// returns the row as it was, or `None` when there is no such open row.
+    fn fix_quarantined(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        raw: &serde_json::Map<String, Value>,
+    ) -> impl Future<Output = Result<Option<QuarantinedRow>>> + Send;
+
+    /// Sets a pending or fixed row aside with a reason; returns the row as it was, or
+    /// `None` when there is no such open row.
+    fn ignore_quarantined(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<Option<QuarantinedRow>>> + Send;
+
+    /// Counts by rule, field and status.
+    fn quarantine_stats(
+        &self,
+        tenant: &TenantSlug,
+    ) -> impl Future<Output = Result<QuarantineStats>> + Send;
 
     /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
     /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their

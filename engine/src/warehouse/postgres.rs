@@ -36,7 +36,10 @@ use crate::error::{EngineError, ErrorKind, Result};
 use crate::finance::{AgingBuckets, AgingReport, AgingSide};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::{MONEY_SCALE, display_decimal};
-use crate::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow, SourcePosition};
+use crate::quarantine::{
+    QuarantineFilter, QuarantineStats, QuarantineStatus, QuarantinedRow, SourcePosition,
+    raw_text_and_hash,
+};
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
 use crate::validate::{CellError, strings};
@@ -63,6 +66,10 @@ const TENANT_MIGRATIONS: &[(i32, &str)] = &[
     (
         3,
         include_str!("../../../migrations/tenant/postgres/0003_quarantine_replay.sql"),
+    ),
+    (
+        4,
+        include_str!("../../../migrations/tenant/postgres/0004_quarantine_ignore.sql"),
     ),
 ];
 /// Serialises migrators across processes (an arbitrary constant, "sluice" in ASCII).
@@ -349,6 +356,24 @@ impl PostgresWarehouse {
                 .map_err(|e| control_error("reading the tenant key", e))?;
         let wrapped = wrapped.ok_or_else(|| missing_tenant(tenant))?;
         master.unwrap_key(&wrapped, tenant.as_str())
+    }
+
+    /// A pending or fixed quarantined row, locked for the transaction.
+    async fn open_quarantined(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        tenant: &TenantSlug,
+        id: &str,
+    ) -> Result<Option<QuarantinedRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE id = $1 AND status IN ('pending', 'fixed') FOR UPDATE",
+            table(tenant, "quarantine")
+        )))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db("reading quarantine"))?;
+        row.map(|r| quarantined_from_row(tenant, &r)).transpose()
     }
 
     /// Every row of an entity table that the source has not deleted, in key order.
@@ -1013,8 +1038,11 @@ impl Warehouse for PostgresWarehouse {
     ) -> Result<Vec<QuarantinedRow>> {
         self.prepare_tenant(tenant).await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT * FROM {} WHERE ($1::text IS NULL OR run_id = $1) AND ($2::text IS NULL OR status = $2) \
+            "SELECT * FROM {0} WHERE ($1::text IS NULL OR run_id = $1) AND ($2::text IS NULL OR status = $2) \
              AND ($3::text IS NULL OR errors @> jsonb_build_array(jsonb_build_object('rule', $3::text))) \
+             AND ($5::text IS NULL OR pipeline = $5) AND ($6::text IS NULL OR entity = $6) \
+             AND ($7::text IS NULL OR errors @> jsonb_build_array(jsonb_build_object('field', $7::text))) \
+             AND ($8::text IS NULL OR seq > (SELECT seq FROM {0} WHERE id = $8)) \
              ORDER BY seq LIMIT $4",
             table(tenant, "quarantine")
         )))
@@ -1022,6 +1050,10 @@ impl Warehouse for PostgresWarehouse {
         .bind(filter.status.map(QuarantineStatus::as_str))
         .bind(&filter.rule)
         .bind(i64::from(filter.limit.unwrap_or(100)))
+        .bind(&filter.pipeline)
+        .bind(&filter.entity)
+        .bind(&filter.field)
+        .bind(&filter.after)
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing quarantine"))?;
@@ -1131,6 +1163,100 @@ impl Warehouse for PostgresWarehouse {
                 })
             })
             .collect()
+    }
+
+    async fn fix_quarantined(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        raw: &serde_json::Map<String, Value>,
+    ) -> Result<Option<QuarantinedRow>> {
+        self.prepare_tenant(tenant).await?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting a quarantine fix"))?;
+        let Some(before) = self.open_quarantined(&mut tx, tenant, id).await? else {
+            return Ok(None);
+        };
+        let (text, hash) = raw_text_and_hash(raw);
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET raw = $1::jsonb, raw_text = $1, raw_hash = $2, status = 'fixed' WHERE id = $3",
+            table(tenant, "quarantine")
+        )))
+        .bind(&text)
+        .bind(&hash)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                EngineError::new(
+                    ErrorKind::Input,
+                    "another open quarantined row of this pipeline already has exactly these values",
+                )
+            } else {
+                EngineError::from_sqlx("fixing a quarantined row", e)
+            }
+        })?;
+        tx.commit().await.map_err(db("committing the fix"))?;
+        Ok(Some(before))
+    }
+
+    async fn ignore_quarantined(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        reason: &str,
+    ) -> Result<Option<QuarantinedRow>> {
+        self.prepare_tenant(tenant).await?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting to ignore a row"))?;
+        let Some(before) = self.open_quarantined(&mut tx, tenant, id).await? else {
+            return Ok(None);
+        };
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET status = 'ignored', ignore_reason = $1 WHERE id = $2",
+            table(tenant, "quarantine")
+        )))
+        .bind(reason)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("ignoring a quarantined row"))?;
+        tx.commit().await.map_err(db("committing the ignore"))?;
+        Ok(Some(before))
+    }
+
+    async fn quarantine_stats(&self, tenant: &TenantSlug) -> Result<QuarantineStats> {
+        self.prepare_tenant(tenant).await?;
+        let q = table(tenant, "quarantine");
+        let counts = |sql: String| async move {
+            let rows: Vec<(Option<String>, i64)> = sqlx::query_as(AssertSqlSafe(sql))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("counting quarantine"))?;
+            Ok::<_, EngineError>(
+                rows.into_iter()
+                    .map(|(k, n)| (k.unwrap_or_default(), n as u64))
+                    .collect(),
+            )
+        };
+        Ok(QuarantineStats {
+            by_rule: counts(format!(
+                "SELECT e->>'rule', COUNT(DISTINCT q.id) FROM {q} q, jsonb_array_elements(q.errors) e GROUP BY 1"
+            ))
+            .await?,
+            by_field: counts(format!(
+                "SELECT e->>'field', COUNT(DISTINCT q.id) FROM {q} q, jsonb_array_elements(q.errors) e GROUP BY 1"
+            ))
+            .await?,
+            by_status: counts(format!("SELECT status, COUNT(*) FROM {q} GROUP BY status")).await?,
+        })
     }
 
     async fn settle_replay(
