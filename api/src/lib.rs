@@ -18,63 +18,137 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+
 use serde_json::json;
 
 pub use state::{AppState, Store};
 
 use crate::error::ApiError;
-use crate::routes as r;
+use crate::routes::*;
+
+/// A route as the OpenAPI document describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteDoc {
+    /// `get`, `post`, `put`, `patch` or `delete`.
+    pub method: &'static str,
+    /// The path pattern, e.g. `/v1/pipelines/{name}`.
+    pub path: &'static str,
+    /// The least role allowed (`public` for no key).
+    pub role: &'static str,
+    /// What it does.
+    pub summary: &'static str,
+}
+
+/// One list of routes builds both the router and [`ROUTES`], so the OpenAPI document can
+/// never miss a route.
+macro_rules! api_routes {
+    ($( $method:ident $path:literal => $handler:ident [$role:literal] $summary:literal; )*) => {
+        /// Every route the API serves.
+        pub const ROUTES: &[RouteDoc] = &[
+            $( RouteDoc { method: stringify!($method), path: $path, role: $role, summary: $summary }, )*
+        ];
+
+        fn add_routes<W: Store>(router: Router<Arc<AppState<W>>>) -> Router<Arc<AppState<W>>> {
+            router $( .route($path, axum::routing::$method($handler::<W>)) )*
+        }
+    };
+}
+
+api_routes! {
+    get "/health" => health [ "public" ] "Liveness";
+    get "/ready" => ready [ "public" ] "Readiness: the warehouse and the queue answer";
+    get "/metrics" => metrics_text [ "public" ] "Prometheus metrics";
+    get "/openapi.json" => openapi [ "public" ] "This document";
+    post "/v1/tenants" => create_tenant [ "platform" ] "Create a tenant";
+    get "/v1/pipelines" => list_pipelines [ "viewer" ] "List pipelines";
+    post "/v1/pipelines" => create_pipeline [ "admin" ] "Create a pipeline (the pipeline file's fields as JSON; secrets write-only)";
+    get "/v1/pipelines/{name}" => get_pipeline [ "viewer" ] "Read a pipeline (secrets named, never shown)";
+    put "/v1/pipelines/{name}" => put_pipeline [ "admin" ] "Replace a pipeline; secrets left out keep their values";
+    delete "/v1/pipelines/{name}" => delete_pipeline [ "admin" ] "Delete a pipeline";
+    get "/v1/pipelines/{name}/health" => pipeline_health [ "viewer" ] "Check the pipeline's source";
+    post "/v1/pipelines/{name}/sync" => sync_pipeline [ "operator" ] "Queue a sync: 202 with the run; Idempotency-Key honoured; joins a running sync";
+    get "/v1/connectors/status" => connectors_status [ "viewer" ] "Every pipeline's health, last run, last success and next scheduled run";
+    get "/v1/runs" => list_runs [ "viewer" ] "List runs (pipeline, status, from, to; paged by cursor)";
+    get "/v1/runs/{id}" => get_run [ "viewer" ] "A run's accounting and quarantine counts per rule";
+    get "/v1/quarantine" => list_quarantine [ "analyst" ] "List quarantined rows (run_id, pipeline, entity, rule, field, status; paged by cursor)";
+    get "/v1/quarantine/stats" => quarantine_stats [ "analyst" ] "Quarantined rows by rule, field and status";
+    post "/v1/quarantine/retry" => retry_batch [ "admin" ] "Replay rows by ids or by filter as one run: 202";
+    get "/v1/quarantine/{id}" => get_quarantined [ "analyst" ] "A quarantined row: raw values, errors, position";
+    patch "/v1/quarantine/{id}" => fix_quarantined [ "admin" ] "Fix raw values ({\"raw\": {...}}); audited before/after";
+    post "/v1/quarantine/{id}/retry" => retry_quarantined [ "admin" ] "Replay one row: 202";
+    post "/v1/quarantine/{id}/ignore" => ignore_quarantined [ "admin" ] "Set a row aside with a reason";
+    get "/v1/dead-letters" => list_dead_letters [ "operator" ] "List dead jobs";
+    get "/v1/dead-letters/{id}" => get_dead_letter [ "operator" ] "A dead job with every attempt";
+    post "/v1/dead-letters/{id}/replay" => replay_dead_letter [ "admin" ] "Queue a dead sync again, once: 202";
+    get "/v1/keys" => list_keys [ "admin" ] "List API keys (a platform key: platform keys)";
+    post "/v1/keys" => create_key [ "admin" ] "Make an API key; shown once";
+    delete "/v1/keys/{id}" => revoke_key [ "admin" ] "Revoke an API key";
+    get "/v1/audit" => audit_log [ "admin" ] "The audit log, newest first";
+}
 
 /// Every route, on `state`.
 pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
     let body_limit = state.body_limit;
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready::<W>))
-        .route("/metrics", get(metrics_text))
-        .route(
-            "/v1/pipelines",
-            get(r::list_pipelines::<W>).post(r::create_pipeline::<W>),
-        )
-        .route(
-            "/v1/pipelines/{name}",
-            get(r::get_pipeline::<W>)
-                .put(r::put_pipeline::<W>)
-                .delete(r::delete_pipeline::<W>),
-        )
-        .route("/v1/pipelines/{name}/health", get(r::pipeline_health::<W>))
-        .route("/v1/pipelines/{name}/sync", post(r::sync_pipeline::<W>))
-        .route("/v1/runs", get(r::list_runs::<W>))
-        .route("/v1/runs/{id}", get(r::get_run::<W>))
-        .route("/v1/dead-letters", get(r::list_dead_letters::<W>))
-        .route("/v1/dead-letters/{id}", get(r::get_dead_letter::<W>))
-        .route(
-            "/v1/dead-letters/{id}/replay",
-            post(r::replay_dead_letter::<W>),
-        )
-        .route("/v1/quarantine", get(r::list_quarantine::<W>))
-        .route("/v1/quarantine/stats", get(r::quarantine_stats::<W>))
-        .route("/v1/quarantine/retry", post(r::retry_batch::<W>))
-        .route(
-            "/v1/quarantine/{id}",
-            get(r::get_quarantined::<W>).patch(r::fix_quarantined::<W>),
-        )
-        .route("/v1/quarantine/{id}/retry", post(r::retry_quarantined::<W>))
-        .route(
-            "/v1/quarantine/{id}/ignore",
-            post(r::ignore_quarantined::<W>),
-        )
-        .route("/v1/keys", get(r::list_keys::<W>).post(r::create_key::<W>))
-        .route("/v1/keys/{id}", axum::routing::delete(r::revoke_key::<W>))
-        .route("/v1/audit", get(r::audit_log::<W>))
+    add_routes(Router::new())
         .layer(DefaultBodyLimit::max(body_limit))
         .route_layer(axum::middleware::from_fn(metrics::track))
         .layer(axum::middleware::from_fn(request_id::request_id))
         .with_state(state)
 }
 
-async fn health() -> impl IntoResponse {
+/// The OpenAPI 3.1 document of [`ROUTES`].
+pub fn openapi_document() -> serde_json::Value {
+    let mut paths = serde_json::Map::new();
+    for r in ROUTES {
+        let params: Vec<serde_json::Value> = r
+            .path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
+            .collect();
+        let mut op = json!({
+            "summary": r.summary,
+            "description": format!("Least role: {}.", r.role),
+            "responses": {
+                "2XX": { "description": "Success", "content": { "application/json": {} } },
+                "default": { "description": "An error", "content": {
+                    "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } } } },
+            },
+        });
+        if !params.is_empty() {
+            op["parameters"] = json!(params);
+        }
+        if r.role == "public" {
+            op["security"] = json!([]);
+        }
+        let entry = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
+        entry[r.method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "sluice", "version": env!("CARGO_PKG_VERSION") },
+        "security": [{ "bearer": [] }],
+        "paths": paths,
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": { "Problem": {
+                "type": "object",
+                "required": ["type", "title", "status", "correlation_id"],
+                "properties": {
+                    "type": { "type": "string" }, "title": { "type": "string" },
+                    "status": { "type": "integer" }, "detail": { "type": "string" },
+                    "correlation_id": { "type": "string" },
+                },
+            } },
+        },
+    })
+}
+
+async fn openapi<W: Store>() -> impl IntoResponse {
+    axum::Json(openapi_document())
+}
+
+async fn health<W: Store>() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
@@ -85,7 +159,7 @@ async fn ready<W: Store>(State(s): State<Arc<AppState<W>>>) -> Result<impl IntoR
     Ok(axum::Json(json!({ "status": "ready" })))
 }
 
-async fn metrics_text() -> impl IntoResponse {
+async fn metrics_text<W: Store>() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         sluice_workers::metrics::render(),

@@ -861,3 +861,94 @@ pub async fn retry_batch<W: Store>(
     };
     queue_replay(&s, &caller, tenant, selection, request_id).await
 }
+
+/// Body of `POST /v1/tenants`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTenantBody {
+    slug: String,
+    name: Option<String>,
+}
+
+/// `POST /v1/tenants` (platform key): creates a tenant; its first key comes from
+/// `POST /v1/keys` with the same platform key.
+pub async fn create_tenant<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Json(body): Json<NewTenantBody>,
+) -> Reply {
+    if caller.role != Role::Platform {
+        return Err(ApiError::forbidden(
+            "only a platform key provisions tenants",
+        ));
+    }
+    let slug = TenantSlug::parse(&body.slug).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let name = body.name.unwrap_or_else(|| slug.to_string());
+    if !s.warehouse.provision_tenant(&slug, &name).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("tenant '{slug}' exists"),
+        ));
+    }
+    s.warehouse
+        .record_audit(
+            &caller.key_id,
+            "tenant.create",
+            Some(&slug),
+            slug.as_str(),
+            &json!({ "name": name }),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "slug": slug.as_str(), "name": name })),
+    )
+        .into_response())
+}
+
+/// How long one source check may take in `GET /v1/connectors/status`.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `GET /v1/connectors/status`: every pipeline's source health, last run, last success and
+/// next scheduled run. Sources are checked concurrently, each within 5 s.
+pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+    let tenant = caller.tenant_with(Role::Viewer)?;
+    let pipelines = s.warehouse.pipelines(tenant).await?;
+    let now = chrono::Utc::now();
+    let checks = pipelines.iter().map(|p| async move {
+        let spec = PipelineSpec::from_stored(&p.spec, &p.secrets).map_err(|e| e.to_string())?;
+        let source = PipelineSource::from_spec(&spec.source).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(CHECK_TIMEOUT, source.check()).await {
+            Ok(Ok(h)) => Ok((h.detail, h.latency.as_millis() as u64)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
+        }
+    });
+    let health = futures_util::future::join_all(checks).await;
+    let mut items = Vec::with_capacity(pipelines.len());
+    for (p, h) in pipelines.iter().zip(health) {
+        let runs = s.warehouse.runs(tenant, Some(&p.name), 50).await?;
+        let last_success = runs.iter().find(|r| r.status == RunStatus::Succeeded);
+        let next = p.spec["schedule"]["cron"]
+            .as_str()
+            .and_then(|c| {
+                sluice_pipelines::spec::ScheduleSpec {
+                    cron: c.to_string(),
+                }
+                .parse()
+                .ok()
+            })
+            .and_then(|c| c.find_next_occurrence(&now, false).ok());
+        items.push(json!({
+            "pipeline": p.name,
+            "health": match h {
+                Ok((detail, ms)) => json!({ "ok": true, "detail": detail, "latency_ms": ms }),
+                Err(e) => json!({ "ok": false, "error": e }),
+            },
+            "last_run": runs.first().map(ledger_json),
+            "last_success": last_success.map(|r| json!({ "run_id": r.run_id, "finished_at": r.finished_at })),
+            "next_run": next,
+        }));
+    }
+    ok(json!({ "items": items }))
+}

@@ -154,6 +154,7 @@ async fn every_route_allows_exactly_the_roles_it_should() {
         (Method::GET, "/v1/pipelines/inv", None, Viewer),
         (Method::GET, "/v1/pipelines/inv/health", None, Viewer),
         (Method::GET, "/v1/runs", None, Viewer),
+        (Method::GET, "/v1/connectors/status", None, Viewer),
         (Method::GET, "/v1/runs/nope", None, Viewer),
         (Method::POST, "/v1/pipelines/inv/sync", None, Operator),
         (Method::GET, "/v1/quarantine", None, Analyst),
@@ -747,4 +748,107 @@ async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_fo
     assert_eq!(fix["detail"]["after"]["Currency"], "USD");
     let _ = stop.send(());
     worker.await.expect("join").expect("workers");
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_the_router_serves() {
+    let api = Api::new().await;
+    let doc = api.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert_eq!(doc.body["openapi"], "3.1.0");
+    let paths = doc.body["paths"].as_object().expect("paths");
+    let documented: usize = paths
+        .values()
+        .map(|p| p.as_object().map_or(0, |o| o.len()))
+        .sum();
+    assert_eq!(documented, sluice_api::ROUTES.len());
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().expect("ops") {
+            assert!(
+                op["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                "{method} {path}"
+            );
+            // The router serves it: an unknown route is 404 "Not Found" with no route
+            // matched, an unknown method 405. Ids in the path make a real route answer 404
+            // with its own detail.
+            let concrete = path.replace("{name}", "p").replace("{id}", "x");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let body = matches!(m, Method::POST | Method::PUT | Method::PATCH).then(|| json!({}));
+            let a = api.call(m, &concrete, Some(&admin), body).await;
+            assert_ne!(a.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert!(
+                a.status != StatusCode::NOT_FOUND || a.body["detail"] != "Not Found",
+                "{method} {path} is documented but not served"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_platform_key_provisions_a_tenant_and_connector_status_reports_every_pipeline() {
+    let api = Api::new().await;
+    let platform = api.key(None, Role::Platform).await;
+    let t = api
+        .call(
+            Method::POST,
+            "/v1/tenants",
+            Some(&platform),
+            Some(json!({ "slug": "initech", "name": "Initech" })),
+        )
+        .await;
+    assert_eq!(t.status, StatusCode::CREATED, "{}", t.body);
+    assert_problem(
+        &api.call(
+            Method::POST,
+            "/v1/tenants",
+            Some(&platform),
+            Some(json!({ "slug": "initech" })),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    );
+    let admin = api.key(Some("initech"), Role::Admin).await;
+    assert_problem(
+        &api.call(
+            Method::POST,
+            "/v1/tenants",
+            Some(&admin),
+            Some(json!({ "slug": "other" })),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    );
+    let mut scheduled = example_pipeline("inv");
+    scheduled["schedule"] = json!({ "cron": "0 0 * * * *" });
+    api.call(Method::POST, "/v1/pipelines", Some(&admin), Some(scheduled))
+        .await;
+    api.call(
+        Method::POST,
+        "/v1/pipelines",
+        Some(&admin),
+        Some(pipeline("missing", "/nonexistent/file.csv")),
+    )
+    .await;
+    let status = api
+        .call(Method::GET, "/v1/connectors/status", Some(&admin), None)
+        .await;
+    assert_eq!(status.status, StatusCode::OK, "{}", status.body);
+    let items = status.body["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2);
+    let inv = items.iter().find(|i| i["pipeline"] == "inv").expect("inv");
+    assert_eq!(inv["health"]["ok"], true, "{inv}");
+    assert!(
+        inv["next_run"]
+            .as_str()
+            .is_some_and(|n| n.contains(":00:00")),
+        "{inv}"
+    );
+    assert!(inv["last_run"].is_null());
+    let missing = items
+        .iter()
+        .find(|i| i["pipeline"] == "missing")
+        .expect("missing");
+    assert_eq!(missing["health"]["ok"], false);
+    assert!(missing["next_run"].is_null());
 }

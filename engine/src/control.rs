@@ -251,8 +251,15 @@ pub struct AuditEntry {
     pub detail: Value,
 }
 
-/// API keys and the audit log.
+/// API keys, tenants and the audit log.
 pub trait AccessStore: Send + Sync {
+    /// Creates a tenant's store; false when the tenant exists already.
+    fn provision_tenant(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
     /// Stores a new key.
     fn create_key(&self, key: &ApiKeyRecord) -> impl Future<Output = Result<()>> + Send;
 
@@ -303,7 +310,7 @@ pub(crate) fn secrets_context(tenant: &TenantSlug, name: &str) -> String {
 pub(crate) fn no_master_key() -> EngineError {
     EngineError::new(
         ErrorKind::Config,
-        "this pipeline has secrets: set SLUICE_MASTER_KEY (64 hex characters, e.g. `openssl rand -hex 32`) so they can be encrypted at rest",
+        "set SLUICE_MASTER_KEY (64 hex characters, e.g. `openssl rand -hex 32`): it encrypts tenant keys and pipeline secrets at rest",
     )
 }
 

@@ -1670,6 +1670,15 @@ fn key_from_row(r: &PgRow) -> Result<ApiKeyRecord> {
 }
 
 impl AccessStore for PostgresWarehouse {
+    async fn provision_tenant(&self, tenant: &TenantSlug, name: &str) -> Result<bool> {
+        if self.tenant_info(tenant).await?.is_some() {
+            return Ok(false);
+        }
+        let master = self.master.as_deref().ok_or_else(no_master_key)?;
+        self.create_tenant(tenant, name, master).await?;
+        Ok(true)
+    }
+
     async fn create_key(&self, key: &ApiKeyRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO sluice.api_keys (id, prefix, hash, tenant, role, name, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",

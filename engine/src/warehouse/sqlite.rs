@@ -1383,6 +1383,14 @@ fn key_from_row(r: &SqliteRow) -> Result<ApiKeyRecord> {
 }
 
 impl AccessStore for SqliteWarehouse {
+    async fn provision_tenant(&self, tenant: &TenantSlug, _name: &str) -> Result<bool> {
+        if self.tenant_path(tenant).exists() {
+            return Ok(false);
+        }
+        self.prepare_tenant(tenant).await?;
+        Ok(true)
+    }
+
     async fn create_key(&self, key: &ApiKeyRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO api_keys (id, prefix, hash, tenant, role, name, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
