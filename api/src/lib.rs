@@ -144,11 +144,11 @@ pub fn openapi_document() -> serde_json::Value {
     })
 }
 
-async fn openapi<W: Store>() -> impl IntoResponse {
+async fn openapi<W: Store>(_: State<Arc<AppState<W>>>) -> impl IntoResponse {
     axum::Json(openapi_document())
 }
 
-async fn health<W: Store>() -> impl IntoResponse {
+async fn health<W: Store>(_: State<Arc<AppState<W>>>) -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
@@ -159,7 +159,7 @@ async fn ready<W: Store>(State(s): State<Arc<AppState<W>>>) -> Result<impl IntoR
     Ok(axum::Json(json!({ "status": "ready" })))
 }
 
-async fn metrics_text<W: Store>() -> impl IntoResponse {
+async fn metrics_text<W: Store>(_: State<Arc<AppState<W>>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         sluice_workers::metrics::render(),
