@@ -128,6 +128,7 @@ async fn main() {
                 trigger: Trigger::Api,
                 idempotency_key: None,
                 correlation_id: None,
+                file: None,
             })
             .await
             .expect("trigger");

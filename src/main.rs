@@ -379,6 +379,9 @@ struct ServeArgs {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
+    /// Largest file `POST /v1/pipelines/{name}/files` accepts, in bytes.
+    #[arg(long, default_value_t = 100_000_000)]
+    upload_limit: usize,
     #[command(flatten)]
     worker: WorkerArgs,
     #[command(flatten)]
@@ -1116,10 +1119,13 @@ async fn serve<W: sluice_api::Store>(env: Arc<WorkerEnv<W>>, args: &ServeArgs) -
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let state = Arc::new(sluice_api::AppState::new(
+    let mut state = sluice_api::AppState::new(
         env.warehouse.clone(),
         env.queues.clone(),
-    ));
+        env.queues.settings().data_dir.join("uploads"),
+    );
+    state.upload_limit = args.upload_limit;
+    let state = Arc::new(state);
     let api = tokio::spawn(sluice_api::serve(state, args.listen, stopped()));
     let scheduler = tokio::spawn(
         Scheduler::new(
@@ -1183,6 +1189,7 @@ async fn trigger<W: Warehouse + PipelineStore + 'static>(
             trigger: Trigger::Manual,
             idempotency_key: args.idempotency_key.clone(),
             correlation_id: None,
+            file: None,
         })
         .await?;
     if !args.wait {

@@ -81,6 +81,7 @@ fn manual(pipeline: &str) -> TriggerRequest {
         trigger: Trigger::Manual,
         idempotency_key: None,
         correlation_id: None,
+        file: None,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod request_id;
 pub mod routes;
 pub mod state;
+pub mod upload;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub use state::{AppState, Store};
 
 use crate::error::ApiError;
 use crate::routes::*;
+use crate::upload::upload_file;
 
 /// A route as the OpenAPI document describes it.
 #[derive(Debug, Clone, Copy)]
@@ -42,10 +44,12 @@ pub struct RouteDoc {
 /// One list of routes builds both the router and [`ROUTES`], so the OpenAPI document can
 /// never miss a route.
 macro_rules! api_routes {
-    ($( $method:ident $path:literal => $handler:ident [$role:literal] $summary:literal; )*) => {
+    ($( $method:ident $path:literal => $handler:ident [$role:literal] $summary:literal; )*
+     @apart $( $xmethod:ident $xpath:literal [$xrole:literal] $xsummary:literal; )*) => {
         /// Every route the API serves.
         pub const ROUTES: &[RouteDoc] = &[
             $( RouteDoc { method: stringify!($method), path: $path, role: $role, summary: $summary }, )*
+            $( RouteDoc { method: stringify!($xmethod), path: $xpath, role: $xrole, summary: $xsummary }, )*
         ];
 
         fn add_routes<W: Store>(router: Router<Arc<AppState<W>>>) -> Router<Arc<AppState<W>>> {
@@ -84,13 +88,24 @@ api_routes! {
     post "/v1/keys" => create_key [ "admin" ] "Make an API key; shown once";
     delete "/v1/keys/{id}" => revoke_key [ "admin" ] "Revoke an API key";
     get "/v1/audit" => audit_log [ "admin" ] "The audit log, newest first";
+    // Registered apart, with its own body limit:
+    @apart
+    post "/v1/pipelines/{name}/files" [ "operator" ] "Upload a CSV/XLSX file (multipart field `file`, up to the upload limit) and queue its sync: 202; the same file again names the earlier run";
 }
 
 /// Every route, on `state`.
 pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
     let body_limit = state.body_limit;
+    // The upload route has its own, larger limit (plus room for the multipart framing).
+    let upload = Router::new().route(
+        "/v1/pipelines/{name}/files",
+        axum::routing::post(upload_file::<W>).layer(DefaultBodyLimit::max(
+            state.upload_limit.saturating_add(64 * 1024),
+        )),
+    );
     add_routes(Router::new())
         .layer(DefaultBodyLimit::max(body_limit))
+        .merge(upload)
         .route_layer(axum::middleware::from_fn(metrics::track))
         .layer(axum::middleware::from_fn(request_id::request_id))
         .with_state(state)

@@ -262,6 +262,7 @@ pub async fn sync_pipeline<W: Store>(
             trigger: Trigger::Api,
             idempotency_key: key.clone(),
             correlation_id: Some(request_id),
+            file: None,
         })
         .await?;
     if triggered.outcome == TriggerOutcome::Enqueued {
@@ -440,6 +441,7 @@ pub async fn replay_dead_letter<W: Store>(
             trigger: Trigger::Replay,
             idempotency_key: Some(format!("dead-letter:{id}")),
             correlation_id: Some(request_id),
+            file: None,
         })
         .await?;
     s.warehouse

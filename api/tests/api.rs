@@ -31,6 +31,10 @@ struct Answer {
 
 impl Api {
     async fn new() -> Self {
+        Self::with_upload_limit(100_000_000).await
+    }
+
+    async fn with_upload_limit(limit: usize) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let warehouse = Arc::new(
             SqliteWarehouse::new(dir.path())
@@ -41,7 +45,9 @@ impl Api {
                 .await
                 .expect("queue"),
         );
-        let state = Arc::new(AppState::new(warehouse.clone(), queues));
+        let mut state = AppState::new(warehouse.clone(), queues, dir.path().join("uploads"));
+        state.upload_limit = limit;
+        let state = Arc::new(state);
         Api {
             app: router(state),
             warehouse,
@@ -851,4 +857,139 @@ async fn a_platform_key_provisions_a_tenant_and_connector_status_reports_every_p
         .expect("missing");
     assert_eq!(missing["health"]["ok"], false);
     assert!(missing["next_run"].is_null());
+}
+
+async fn upload(api: &Api, key: &str, pipeline: &str, filename: &str, content: &[u8]) -> Answer {
+    let boundary = "sluice-test-boundary";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: text/csv\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("/v1/pipelines/{pipeline}/files"))
+        .header("authorization", format!("Bearer {key}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Body::from(body))
+        .expect("request");
+    let resp = api.app.clone().oneshot(req).await.expect("response");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    }
+}
+
+#[tokio::test]
+async fn uploads_are_checked_by_content_loaded_once_and_limited_in_size() {
+    let api = Api::new().await;
+    let queues = Arc::new(
+        Queues::connect(QueueSettings::new(None, api._dir.path().to_path_buf()))
+            .await
+            .expect("queue"),
+    );
+    let env = Arc::new(sluice_workers::worker::WorkerEnv::new(
+        api.warehouse.clone(),
+        queues,
+        sluice_workers::retry::RetryPolicy::with_base(std::time::Duration::from_millis(10)),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(async move {
+        sluice_workers::worker::run_workers(env, &Default::default(), async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let op = api.key(Some("acme"), Role::Operator).await;
+    let viewer = api.key(Some("acme"), Role::Viewer).await;
+    // A pipeline made for uploads has no path.
+    let mut p = example_pipeline("drop");
+    p["source"].as_object_mut().expect("source").remove("path");
+    let made = api
+        .call(Method::POST, "/v1/pipelines", Some(&admin), Some(p))
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let csv = std::fs::read(example_csv()).expect("csv");
+
+    assert_problem(
+        &upload(&api, &viewer, "drop", "invoices.csv", &csv).await,
+        StatusCode::FORBIDDEN,
+    );
+    let first = upload(&api, &op, "drop", "invoices.csv", &csv).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    assert_eq!(first.body["duplicate"], false);
+    let run = first.body["run_id"].as_str().expect("run").to_string();
+    let done = finished_run(&api, &op, &run).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        (done["inserted"].clone(), done["quarantined"].clone()),
+        (json!(16), json!(8))
+    );
+    // The same content under another name: not loaded again.
+    let again = upload(&api, &op, "drop", "copy.csv", &csv).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(again.body["duplicate"], true);
+    assert_eq!(again.body["run_id"], run.as_str());
+    let runs = api
+        .call(Method::GET, "/v1/runs?pipeline=drop", Some(&op), None)
+        .await;
+    assert_eq!(runs.body["items"].as_array().map(Vec::len), Some(1));
+    // A binary renamed .csv, and a workbook sent to a CSV pipeline: 415.
+    assert_problem(
+        &upload(
+            &api,
+            &op,
+            "drop",
+            "invoices.csv",
+            b"\x7fELF\x02\x01\x01\0\0\0\0",
+        )
+        .await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    );
+    assert_problem(
+        &upload(&api, &op, "drop", "book.csv", b"PK\x03\x04\x14\0\0\0").await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    );
+    assert_problem(
+        &upload(&api, &op, "drop", "empty.csv", b"").await,
+        StatusCode::BAD_REQUEST,
+    );
+    // Another tenant's pipeline: 404.
+    let other = api.key(Some("globex"), Role::Operator).await;
+    assert_problem(
+        &upload(&api, &other, "drop", "invoices.csv", &csv).await,
+        StatusCode::NOT_FOUND,
+    );
+    let _ = stop.send(());
+    worker.await.expect("join").expect("workers");
+
+    // Over the size limit: 413, and nothing is kept.
+    let small = Api::with_upload_limit(1000).await;
+    let admin = small.key(Some("acme"), Role::Admin).await;
+    let mut p = example_pipeline("drop");
+    p["source"].as_object_mut().expect("source").remove("path");
+    small
+        .call(Method::POST, "/v1/pipelines", Some(&admin), Some(p))
+        .await;
+    assert!(csv.len() > 1000);
+    assert_problem(
+        &upload(&small, &admin, "drop", "invoices.csv", &csv).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    );
+    let kept: Vec<_> = std::fs::read_dir(small._dir.path().join("uploads/acme/drop"))
+        .map(|d| d.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "{kept:?}");
 }

@@ -78,6 +78,25 @@ pub trait PipelineStore: Send + Sync {
         tenant: &TenantSlug,
     ) -> impl Future<Output = Result<Vec<StoredPipeline>>> + Send;
 
+    /// The run that loaded the file with this content hash into the pipeline, if any.
+    fn upload_run(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Records that `run_id` loads the file with this hash; returns the run recorded for
+    /// it (an earlier one, if another upload of the same file got there first).
+    fn record_upload(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+        size: u64,
+        run_id: &str,
+    ) -> impl Future<Output = Result<String>> + Send;
+
     /// Deletes a pipeline's definition; false when there was none.
     fn delete_pipeline(
         &self,

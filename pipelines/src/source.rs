@@ -19,6 +19,13 @@ pub enum PipelineSource {
     Sql(SqlSource),
 }
 
+fn upload_only() -> PipelineError {
+    PipelineError::new(
+        crate::error::PipelineErrorKind::Config,
+        "this pipeline has no `path`: it reads uploaded files (POST /v1/pipelines/<name>/files)",
+    )
+}
+
 impl PipelineSource {
     /// The source described by a pipeline's `[source]` table; identifiers are checked here,
     /// before any connection is made.
@@ -35,7 +42,7 @@ impl PipelineSource {
                     })
                 };
                 PipelineSource::Csv(CsvSource::new(
-                    &c.path,
+                    c.path.as_deref().ok_or_else(upload_only)?,
                     CsvOptions {
                         delimiter: byte(&c.delimiter, b','),
                         quote: byte(&c.quote, b'"'),
@@ -50,7 +57,7 @@ impl PipelineSource {
                     None => SheetRef::Index(0),
                 };
                 PipelineSource::Spreadsheet(SpreadsheetSource::new(
-                    &x.path,
+                    x.path.as_deref().ok_or_else(upload_only)?,
                     sheet,
                     x.header_row.unwrap_or(1),
                 ))

@@ -56,6 +56,29 @@ pub enum SourceSpec {
     Mysql(SqlSpec),
 }
 
+impl SourceSpec {
+    /// Points a file pipeline at `path` (an uploaded file); refused for database sources.
+    pub fn read_file(&mut self, path: PathBuf) -> Result<(), PipelineError> {
+        match self {
+            SourceSpec::Csv(c) => c.path = Some(path),
+            SourceSpec::Xlsx(x) => x.path = Some(path),
+            SourceSpec::Postgres(_) | SourceSpec::Mysql(_) => {
+                return Err(config("only csv and xlsx pipelines take files"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kind of file the source reads, if it reads files.
+    pub fn file_kind(&self) -> Option<&'static str> {
+        match self {
+            SourceSpec::Csv(_) => Some("csv"),
+            SourceSpec::Xlsx(_) => Some("xlsx"),
+            SourceSpec::Postgres(_) | SourceSpec::Mysql(_) => None,
+        }
+    }
+}
+
 /// `kind = "postgres"` / `kind = "mysql"`.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,8 +125,10 @@ impl std::fmt::Debug for SqlSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CsvSpec {
-    /// The file, relative to the pipeline file.
-    pub path: PathBuf,
+    /// The file, relative to the pipeline file; absent for a pipeline that only reads
+    /// uploaded files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
     /// One character; default `,`. `"\t"` for tab-separated files.
     #[serde(default)]
     pub delimiter: Option<String>,
@@ -119,8 +144,10 @@ pub struct CsvSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpreadsheetSpec {
-    /// The file, relative to the pipeline file.
-    pub path: PathBuf,
+    /// The file, relative to the pipeline file; absent for a pipeline that only reads
+    /// uploaded files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
     /// Sheet name, or its 0-based index; default the first sheet.
     #[serde(default)]
     pub sheet: Option<SheetSpec>,
@@ -227,8 +254,10 @@ impl PipelineSpec {
             SourceSpec::Xlsx(x) => &mut x.path,
             SourceSpec::Postgres(_) | SourceSpec::Mysql(_) => return,
         };
-        if path.is_relative() {
-            *path = base.join(&*path);
+        if let Some(p) = path
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
         }
     }
 

@@ -59,6 +59,9 @@ pub struct SyncJob {
     /// lock over with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_token: Option<String>,
+    /// An uploaded file to read instead of the pipeline's own `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<std::path::PathBuf>,
 }
 
 impl SyncJob {
@@ -71,6 +74,7 @@ impl SyncJob {
             run_id: uuid::Uuid::now_v7().to_string(),
             correlation_id: uuid::Uuid::now_v7().to_string(),
             lock_token: None,
+            file: None,
         }
     }
 
@@ -228,6 +232,7 @@ pub fn replay_dead_letter_record(job: &ReplayJob, failed: &[Attempt], reason: &s
                 run_id: job.run_id.clone(),
                 correlation_id: job.correlation_id.clone(),
                 lock_token: None,
+                file: None,
             },
             failed,
             reason,

@@ -105,6 +105,9 @@ pub struct TriggerRequest {
     pub idempotency_key: Option<String>,
     /// Follows the work through logs; a fresh one when absent.
     pub correlation_id: Option<String>,
+    /// Read this (uploaded) file instead of the pipeline's `path`. Such a sync never joins
+    /// another run: it is queued, and runs once the pipeline's lock is free.
+    pub file: Option<std::path::PathBuf>,
 }
 
 /// What a trigger did.
@@ -322,6 +325,26 @@ impl Queues {
     /// the run an idempotency key produced before.
     pub async fn trigger(&self, req: &TriggerRequest) -> Result<Triggered, WorkerError> {
         let run_id = uuid::Uuid::now_v7().to_string();
+        let correlation_id = req
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        if let Some(file) = &req.file {
+            self.push_sync(SyncJob {
+                tenant: req.tenant.clone(),
+                pipeline: req.pipeline.clone(),
+                trigger: req.trigger,
+                run_id: run_id.clone(),
+                correlation_id,
+                lock_token: None,
+                file: Some(file.clone()),
+            })
+            .await?;
+            return Ok(Triggered {
+                run_id,
+                outcome: TriggerOutcome::Enqueued,
+            });
+        }
         let coord = &self.coord;
         let acquired = coord
             .acquire(
@@ -348,11 +371,9 @@ impl Queues {
                     pipeline: req.pipeline.clone(),
                     trigger: req.trigger,
                     run_id: run_id.clone(),
-                    correlation_id: req
-                        .correlation_id
-                        .clone()
-                        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                    correlation_id,
                     lock_token: Some(lease.token.clone()),
+                    file: None,
                 };
                 if let Err(e) = self.push_sync(job).await {
                     coord.release(&lease).await.ok();

@@ -239,6 +239,7 @@ async fn fire(queues: &Queues, due: &Due) -> Result<Triggered, WorkerError> {
             trigger: Trigger::Cron,
             idempotency_key: Some(format!("cron:{}:{at}", p.name)),
             correlation_id: None,
+            file: None,
         })
         .await?;
     queues

@@ -355,10 +355,15 @@ where
     }
 
     async fn run_job(&self, job: &SyncJob) -> JobResult {
-        let spec = match self.load_spec(job).await {
+        let mut spec = match self.load_spec(job).await {
             Ok(spec) => spec,
             Err(reason) => return self.dead(job, &[], &reason).await,
         };
+        if let Some(file) = &job.file
+            && let Err(e) = spec.source.read_file(file.clone())
+        {
+            return self.dead(job, &[], &e.to_string()).await;
+        }
         let prior = match self.earlier_attempts(job).await {
             Ok(Ok(prior)) => prior,
             Ok(Err(done)) => return done,

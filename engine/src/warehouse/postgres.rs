@@ -53,6 +53,10 @@ const CONTROL_MIGRATIONS: &[(i32, &str)] = &[
         2,
         include_str!("../../../migrations/control/0002_api_keys.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/control/0003_uploads.sql"),
+    ),
 ];
 const TENANT_MIGRATIONS: &[(i32, &str)] = &[
     (
@@ -1625,6 +1629,49 @@ impl PipelineStore for PostgresWarehouse {
             }
         }
         Ok(out)
+    }
+
+    async fn upload_run(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+    ) -> Result<Option<String>> {
+        sqlx::query_scalar(
+            "SELECT run_id FROM sluice.uploads WHERE tenant = $1 AND pipeline = $2 AND sha256 = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| control_error("reading uploads", e))
+    }
+
+    async fn record_upload(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+        size: u64,
+        run_id: &str,
+    ) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO sluice.uploads (tenant, pipeline, sha256, run_id, size) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tenant, pipeline, sha256) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .bind(run_id)
+        .bind(size as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| control_error("recording the upload", e))?;
+        Ok(self
+            .upload_run(tenant, pipeline, sha256)
+            .await?
+            .unwrap_or_else(|| run_id.to_string()))
     }
 
     async fn delete_pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<bool> {

@@ -227,6 +227,10 @@ const CONTROL_MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../../migrations/control/sqlite/0002_api_keys.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/control/sqlite/0003_uploads.sql"),
+    ),
 ];
 
 async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {
@@ -1308,6 +1312,50 @@ impl PipelineStore for SqliteWarehouse {
             }
         }
         Ok(out)
+    }
+
+    async fn upload_run(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+    ) -> Result<Option<String>> {
+        sqlx::query_scalar(
+            "SELECT run_id FROM uploads WHERE tenant = ? AND pipeline = ? AND sha256 = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .fetch_optional(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading uploads", e))
+    }
+
+    async fn record_upload(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+        size: u64,
+        run_id: &str,
+    ) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO uploads (tenant, pipeline, sha256, run_id, size, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, pipeline, sha256) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .bind(run_id)
+        .bind(size as i64)
+        .bind(now_text())
+        .execute(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("recording the upload", e))?;
+        Ok(self
+            .upload_run(tenant, pipeline, sha256)
+            .await?
+            .unwrap_or_else(|| run_id.to_string()))
     }
 
     async fn delete_pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<bool> {
