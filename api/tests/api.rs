@@ -31,10 +31,14 @@ struct Answer {
 
 impl Api {
     async fn new() -> Self {
-        Self::with_upload_limit(100_000_000).await
+        Self::build(|_| {}).await
     }
 
     async fn with_upload_limit(limit: usize) -> Self {
+        Self::build(|s| s.upload_limit = limit).await
+    }
+
+    async fn build(configure: impl FnOnce(&mut AppState<SqliteWarehouse>)) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let warehouse = Arc::new(
             SqliteWarehouse::new(dir.path())
@@ -46,7 +50,7 @@ impl Api {
                 .expect("queue"),
         );
         let mut state = AppState::new(warehouse.clone(), queues, dir.path().join("uploads"));
-        state.upload_limit = limit;
+        configure(&mut state);
         let state = Arc::new(state);
         Api {
             app: router(state),
@@ -992,4 +996,38 @@ async fn uploads_are_checked_by_content_loaded_once_and_limited_in_size() {
         .map(|d| d.filter_map(Result::ok).collect())
         .unwrap_or_default();
     assert!(kept.is_empty(), "{kept:?}");
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
+    let api = Api::build(|s| {
+        s.rate = sluice_api::auth::RateLimit {
+            burst: 3.0,
+            per_second: 0.5,
+        }
+    })
+    .await;
+    let busy = api.key(Some("acme"), Role::Viewer).await;
+    let calm = api.key(Some("acme"), Role::Viewer).await;
+    for _ in 0..3 {
+        let a = api
+            .call(Method::GET, "/v1/pipelines", Some(&busy), None)
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    let limited = api
+        .call(Method::GET, "/v1/pipelines", Some(&busy), None)
+        .await;
+    assert_problem(&limited, StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = limited
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=2).contains(&wait), "{wait}");
+    let other = api
+        .call(Method::GET, "/v1/pipelines", Some(&calm), None)
+        .await;
+    assert_eq!(other.status, StatusCode::OK, "the limit is per key");
 }
