@@ -84,11 +84,49 @@ fn parse_pipeline(mut body: Value, tenant: &TenantSlug) -> Result<PipelineSpec, 
     Ok(spec)
 }
 
-/// `GET /v1/pipelines`
-pub async fn list_pipelines<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+/// `limit` and `cursor` of a list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// One page of `items` (in list order) after the item whose key is `cursor`.
+fn page_of<'a, T>(
+    items: &'a [T],
+    key: impl Fn(&T) -> &str,
+    page: &Page,
+    default: u32,
+) -> (Vec<&'a T>, Option<String>) {
+    let limit = page.limit.unwrap_or(default).clamp(1, 1000) as usize;
+    let start = page.cursor.as_deref().map_or(0, |c| {
+        items
+            .iter()
+            .position(|i| key(i) == c)
+            .map_or(items.len(), |p| p + 1)
+    });
+    let rest = &items[start.min(items.len())..];
+    let chosen: Vec<&T> = rest.iter().take(limit).collect();
+    let next = (rest.len() > limit)
+        .then(|| chosen.last().map(|i| key(i).to_string()))
+        .flatten();
+    (chosen, next)
+}
+
+/// `GET /v1/pipelines`: by name, paged by cursor.
+pub async fn list_pipelines<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(page): Query<Page>,
+) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
     let all = s.warehouse.pipelines(tenant).await?;
-    ok(json!({ "items": all.iter().map(pipeline_json).collect::<Vec<_>>() }))
+    let (items, next) = page_of(&all, |p| p.name.as_str(), &page, 100);
+    ok(json!({
+        "items": items.into_iter().map(pipeline_json).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
 }
 
 /// `POST /v1/pipelines`
@@ -386,11 +424,19 @@ pub async fn list_runs<W: Store>(
     }))
 }
 
-/// `GET /v1/dead-letters`
-pub async fn list_dead_letters<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+/// How far back `GET /v1/dead-letters` looks (newest first).
+const DEAD_LETTER_WINDOW: u32 = 10_000;
+
+/// `GET /v1/dead-letters`: newest first, paged by cursor.
+pub async fn list_dead_letters<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(page): Query<Page>,
+) -> Reply {
     let tenant = caller.tenant_with(Role::Operator)?;
-    let all = s.warehouse.dead_letters(tenant, 500).await?;
-    ok(json!({ "items": all }))
+    let all = s.warehouse.dead_letters(tenant, DEAD_LETTER_WINDOW).await?;
+    let (items, next) = page_of(&all, |d| d.id.as_str(), &page, 50);
+    ok(json!({ "items": items, "next_cursor": next }))
 }
 
 /// `GET /v1/dead-letters/{id}`
@@ -518,14 +564,20 @@ pub async fn create_key<W: Store>(
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
-/// `GET /v1/keys`: the tenant's keys (a platform key: platform keys), never their secrets.
-pub async fn list_keys<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
+/// `GET /v1/keys`: the tenant's keys (a platform key: platform keys), never their secrets;
+/// newest first, paged by cursor.
+pub async fn list_keys<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(page): Query<Page>,
+) -> Reply {
     let tenant = match caller.role {
         Role::Platform => None,
         _ => Some(caller.tenant_with(Role::Admin)?.clone()),
     };
     let keys = s.warehouse.keys(tenant.as_ref()).await?;
-    ok(json!({ "items": keys }))
+    let (items, next) = page_of(&keys, |k| k.id.as_str(), &page, 100);
+    ok(json!({ "items": items, "next_cursor": next }))
 }
 
 /// `DELETE /v1/keys/{id}`: revokes.

@@ -1031,3 +1031,52 @@ async fn a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
         .await;
     assert_eq!(other.status, StatusCode::OK, "the limit is per key");
 }
+
+#[tokio::test]
+async fn lists_page_by_cursor() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    for i in 0..5 {
+        let a = api
+            .call(
+                Method::POST,
+                "/v1/pipelines",
+                Some(&admin),
+                Some(pipeline(&format!("p{i}"), "x.csv")),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED);
+    }
+    let first = api
+        .call(Method::GET, "/v1/pipelines?limit=2", Some(&admin), None)
+        .await;
+    let names = |a: &Answer| -> Vec<String> {
+        a.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|p| p["name"].as_str().expect("name").to_string())
+            .collect()
+    };
+    assert_eq!(names(&first), ["p0", "p1"]);
+    assert_eq!(first.body["next_cursor"], "p1");
+    let second = api
+        .call(
+            Method::GET,
+            "/v1/pipelines?limit=2&cursor=p1",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(names(&second), ["p2", "p3"]);
+    let last = api
+        .call(
+            Method::GET,
+            "/v1/pipelines?limit=2&cursor=p3",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(names(&last), ["p4"]);
+    assert!(last.body["next_cursor"].is_null());
+}
