@@ -713,6 +713,32 @@ async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_fo
     assert_eq!(replay["quarantined"], 7);
     assert_eq!(replay["loaded"], 0);
 
+    // Three runs now (the sync and two replays): newest first, paged, filtered.
+    let page = api
+        .call(Method::GET, "/v1/runs?limit=2", Some(&viewer), None)
+        .await;
+    assert_eq!(page.body["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page.body["items"][0]["trigger"], "replay");
+    let cursor = page.body["next_cursor"]
+        .as_str()
+        .expect("cursor")
+        .to_string();
+    let rest = api
+        .call(
+            Method::GET,
+            &format!("/v1/runs?limit=2&cursor={cursor}"),
+            Some(&viewer),
+            None,
+        )
+        .await;
+    assert_eq!(rest.body["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(rest.body["items"][0]["trigger"], "api");
+    assert!(rest.body["next_cursor"].is_null());
+    let failed = api
+        .call(Method::GET, "/v1/runs?status=failed", Some(&viewer), None)
+        .await;
+    assert_eq!(failed.body["items"], json!([]));
+
     // Ignore one with a reason; an ignored row can no longer be fixed.
     let other = &seen
         .iter()
