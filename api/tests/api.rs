@@ -23,6 +23,19 @@ struct Api {
     _dir: tempfile::TempDir,
 }
 
+/// Workers running in this process over the API's warehouse and queue.
+struct Worker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), sluice_workers::WorkerError>>,
+}
+
+impl Worker {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("join").expect("workers");
+    }
+}
+
 struct Answer {
     status: StatusCode,
     headers: axum::http::HeaderMap,
@@ -57,6 +70,27 @@ impl Api {
             warehouse,
             _dir: dir,
         }
+    }
+
+    async fn start_worker(&self) -> Worker {
+        let queues = Arc::new(
+            Queues::connect(QueueSettings::new(None, self._dir.path().to_path_buf()))
+                .await
+                .expect("queue"),
+        );
+        let env = Arc::new(sluice_workers::worker::WorkerEnv::new(
+            self.warehouse.clone(),
+            queues,
+            sluice_workers::retry::RetryPolicy::with_base(std::time::Duration::from_millis(10)),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            sluice_workers::worker::run_workers(env, &Default::default(), async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Worker { stop, task }
     }
 
     async fn key(&self, tenant: Option<&str>, role: Role) -> String {
@@ -571,23 +605,7 @@ async fn finished_run(api: &Api, key: &str, run: &str) -> Value {
 async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_for_every_row() {
     let api = Api::new().await;
     // A worker in this process runs the syncs and replays the API queues.
-    let queues = Arc::new(
-        Queues::connect(QueueSettings::new(None, api._dir.path().to_path_buf()))
-            .await
-            .expect("queue"),
-    );
-    let env = Arc::new(sluice_workers::worker::WorkerEnv::new(
-        api.warehouse.clone(),
-        queues,
-        sluice_workers::retry::RetryPolicy::with_base(std::time::Duration::from_millis(10)),
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(async move {
-        sluice_workers::worker::run_workers(env, &Default::default(), async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let worker = api.start_worker().await;
 
     let admin = api.key(Some("acme"), Role::Admin).await;
     let analyst = api.key(Some("acme"), Role::Analyst).await;
@@ -782,8 +800,7 @@ async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_fo
         .expect("fix audited");
     assert_eq!(fix["detail"]["before"]["Currency"], "USX");
     assert_eq!(fix["detail"]["after"]["Currency"], "USD");
-    let _ = stop.send(());
-    worker.await.expect("join").expect("workers");
+    worker.stop().await;
 }
 
 #[tokio::test]
@@ -924,23 +941,7 @@ async fn upload(api: &Api, key: &str, pipeline: &str, filename: &str, content: &
 #[tokio::test]
 async fn uploads_are_checked_by_content_loaded_once_and_limited_in_size() {
     let api = Api::new().await;
-    let queues = Arc::new(
-        Queues::connect(QueueSettings::new(None, api._dir.path().to_path_buf()))
-            .await
-            .expect("queue"),
-    );
-    let env = Arc::new(sluice_workers::worker::WorkerEnv::new(
-        api.warehouse.clone(),
-        queues,
-        sluice_workers::retry::RetryPolicy::with_base(std::time::Duration::from_millis(10)),
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(async move {
-        sluice_workers::worker::run_workers(env, &Default::default(), async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let worker = api.start_worker().await;
     let admin = api.key(Some("acme"), Role::Admin).await;
     let op = api.key(Some("acme"), Role::Operator).await;
     let viewer = api.key(Some("acme"), Role::Viewer).await;
@@ -1002,8 +1003,7 @@ async fn uploads_are_checked_by_content_loaded_once_and_limited_in_size() {
         &upload(&api, &other, "drop", "invoices.csv", &csv).await,
         StatusCode::NOT_FOUND,
     );
-    let _ = stop.send(());
-    worker.await.expect("join").expect("workers");
+    worker.stop().await;
 
     // Over the size limit: 413, and nothing is kept.
     let small = Api::with_upload_limit(1000).await;
