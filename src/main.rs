@@ -482,6 +482,28 @@ enum FinanceCommand {
         after_help = "Example:\n  sluice finance ap-aging --tenant acme --as-of 2024-06-30"
     )]
     ApAging(AgingArgs),
+    /// Cash flow over a period: payments in and out, net, per currency and month.
+    #[command(
+        name = "cash-flow",
+        after_help = "Example:\n  sluice finance cash-flow --tenant acme --from 2024-01-01 --to 2024-06-30 --json"
+    )]
+    CashFlow(PeriodArgs),
+}
+
+#[derive(Args)]
+struct PeriodArgs {
+    /// The tenant.
+    #[arg(long)]
+    tenant: String,
+    /// First day (YYYY-MM-DD).
+    #[arg(long)]
+    from: NaiveDate,
+    /// Last day (YYYY-MM-DD).
+    #[arg(long)]
+    to: NaiveDate,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -649,6 +671,7 @@ async fn run_command<W: sluice_api::Store>(
         Command::Finance(FinanceCommand::ApAging(a)) => {
             aging(warehouse, AgingSide::Payable, &a).await
         }
+        Command::Finance(FinanceCommand::CashFlow(a)) => cash_flow(warehouse, &a).await,
         Command::Tenant(_) | Command::Migrate => {
             bail!("this command needs the PostgreSQL warehouse")
         }
@@ -1467,6 +1490,39 @@ fn position_text(r: &QuarantinedRow) -> String {
         Some(s) => format!("{file} [{s}] row {}", r.position.row),
         None => format!("{file} line {}", r.position.row),
     }
+}
+
+async fn cash_flow<W: Warehouse>(warehouse: &W, args: &PeriodArgs) -> Result<ExitCode> {
+    let tenant = TenantSlug::parse(&args.tenant)?;
+    let report = sluice_finance::cash_flow_report(warehouse, &tenant, args.from, args.to).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "cash flow for tenant {tenant}, {} to {}",
+        args.from, args.to
+    );
+    if report.currencies.is_empty() {
+        println!("no payments in the period");
+    }
+    for (currency, flow) in &report.currencies {
+        println!(
+            "{currency:<8}{:>8} {:>18} {:>18} {:>18}",
+            "month", "inflow", "outflow", "net"
+        );
+        for m in &flow.monthly {
+            println!(
+                "{:<8}{:>8} {:>18} {:>18} {:>18}",
+                "", m.month, m.flow.inflow, m.flow.outflow, m.flow.net
+            );
+        }
+        println!(
+            "{:<8}{:>8} {:>18} {:>18} {:>18}",
+            "", "total", flow.total.inflow, flow.total.outflow, flow.total.net
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn aging<W: Warehouse>(warehouse: &W, side: AgingSide, args: &AgingArgs) -> Result<ExitCode> {

@@ -1006,3 +1006,29 @@ pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Re
     }
     ok(json!({ "items": items }))
 }
+
+/// Query of the finance reports over a period.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodQuery {
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+}
+
+/// `GET /v1/finance/cash-flow?from&to`: per currency, the period's inflow, outflow and net,
+/// and the monthly series.
+pub async fn cash_flow<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<PeriodQuery>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    match sluice_finance::cash_flow_report(&*s.warehouse, tenant, q.from, q.to).await {
+        Ok(r) => ok(json!(r)),
+        Err(sluice_finance::FinanceError::Warehouse(e)) => Err(e.into()),
+        Err(e @ sluice_finance::FinanceError::Period { .. }) => {
+            Err(ApiError::bad_request(e.to_string()))
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}

@@ -199,6 +199,12 @@ async fn every_route_allows_exactly_the_roles_it_should() {
         (Method::GET, "/v1/pipelines/inv/health", None, Viewer),
         (Method::GET, "/v1/runs", None, Viewer),
         (Method::GET, "/v1/connectors/status", None, Viewer),
+        (
+            Method::GET,
+            "/v1/finance/cash-flow?from=2024-01-01&to=2024-12-31",
+            None,
+            Analyst,
+        ),
         (Method::GET, "/v1/runs/nope", None, Viewer),
         (Method::POST, "/v1/pipelines/inv/sync", None, Operator),
         (Method::GET, "/v1/quarantine", None, Analyst),

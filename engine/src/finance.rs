@@ -88,3 +88,19 @@ pub struct AgingReport {
     /// Currency -> buckets.
     pub currencies: BTreeMap<String, AgingBuckets>,
 }
+
+/// Payments of one currency and direction in one month, summed by the warehouse (the
+/// pre-aggregation the cash-flow report starts from).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowTotal {
+    /// ISO 4217 code.
+    pub currency: String,
+    /// `in` or `out`.
+    pub direction: String,
+    /// `YYYY-MM`.
+    pub month: String,
+    /// Sum of the payments' amounts, in units of 1/10000.
+    pub amount_units: i128,
+    /// How many payments.
+    pub payments: u64,
+}

@@ -385,6 +385,14 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     ) -> sluice_engine::Result<sluice_engine::quarantine::QuarantineStats> {
         self.inner.quarantine_stats(t).await
     }
+    async fn cash_flow_totals(
+        &self,
+        t: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> sluice_engine::Result<Vec<sluice_engine::finance::FlowTotal>> {
+        self.inner.cash_flow_totals(t, from, to).await
+    }
     async fn settle_replay(
         &self,
         t: &TenantSlug,

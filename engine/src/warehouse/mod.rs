@@ -29,7 +29,7 @@ pub use sqlite::SqliteWarehouse;
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, Invoice, Payment};
 use crate::error::Result;
-use crate::finance::{AgingReport, AgingSide};
+use crate::finance::{AgingReport, AgingSide, FlowTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantineStats, QuarantinedRow};
 use crate::tenant::TenantSlug;
@@ -188,6 +188,14 @@ pub trait Warehouse: Send + Sync {
         &self,
         tenant: &TenantSlug,
     ) -> impl Future<Output = Result<QuarantineStats>> + Send;
+
+    /// Live payments dated within `[from, to]`, summed per currency, direction and month.
+    fn cash_flow_totals(
+        &self,
+        tenant: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> impl Future<Output = Result<Vec<FlowTotal>>> + Send;
 
     /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
     /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their

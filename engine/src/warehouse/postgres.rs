@@ -33,7 +33,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{
@@ -1122,6 +1122,42 @@ impl Warehouse for PostgresWarehouse {
                 .add(&bucket, normalize(Some(open))?);
         }
         Ok(report)
+    }
+
+    async fn cash_flow_totals(
+        &self,
+        tenant: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<FlowTotal>> {
+        self.prepare_tenant(tenant).await?;
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT currency, direction, to_char(\"date\", 'YYYY-MM'), \
+                    (SUM(amount) * 10000)::numeric(38, 0)::text, COUNT(*) FROM {} \
+             WHERE deleted_at IS NULL AND \"date\" BETWEEN $1 AND $2 GROUP BY 1, 2, 3 ORDER BY 1, 3, 2",
+            table(tenant, "payments")
+        )))
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("summing payments"))?;
+        rows.into_iter()
+            .map(|(currency, direction, month, units, n)| {
+                Ok(FlowTotal {
+                    currency,
+                    direction,
+                    month,
+                    amount_units: units.parse().map_err(|_| {
+                        EngineError::new(
+                            ErrorKind::Warehouse,
+                            format!("a payment sum is {units:?}"),
+                        )
+                    })?,
+                    payments: n as u64,
+                })
+            })
+            .collect()
     }
 
     async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {

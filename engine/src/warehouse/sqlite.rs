@@ -31,7 +31,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::display_decimal;
 use crate::quarantine::{
@@ -745,6 +745,34 @@ impl Warehouse for SqliteWarehouse {
                 .add(&bucket, display_decimal(i128::from(open)));
         }
         Ok(report)
+    }
+
+    async fn cash_flow_totals(
+        &self,
+        tenant: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<FlowTotal>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT currency, direction, substr(\"date\", 1, 7), SUM(amount), COUNT(*) FROM payments \
+             WHERE deleted_at IS NULL AND \"date\" BETWEEN ?1 AND ?2 GROUP BY 1, 2, 3 ORDER BY 1, 3, 2",
+        )
+        .bind(from.format("%Y-%m-%d").to_string())
+        .bind(to.format("%Y-%m-%d").to_string())
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("summing payments", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(currency, direction, month, units, n)| FlowTotal {
+                currency,
+                direction,
+                month,
+                amount_units: i128::from(units),
+                payments: n as u64,
+            })
+            .collect())
     }
 
     async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
