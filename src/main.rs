@@ -488,6 +488,12 @@ enum FinanceCommand {
         after_help = "Example:\n  sluice finance cash-flow --tenant acme --from 2024-01-01 --to 2024-06-30 --json"
     )]
     CashFlow(PeriodArgs),
+    /// Profitability over a period: revenue, cogs, gross profit and margin, expenses, net
+    /// profit, per currency and month.
+    #[command(
+        after_help = "Example:\n  sluice finance profitability --tenant acme --from 2024-01-01 --to 2024-12-31 --json"
+    )]
+    Profitability(PeriodArgs),
 }
 
 #[derive(Args)]
@@ -672,6 +678,7 @@ async fn run_command<W: sluice_api::Store>(
             aging(warehouse, AgingSide::Payable, &a).await
         }
         Command::Finance(FinanceCommand::CashFlow(a)) => cash_flow(warehouse, &a).await,
+        Command::Finance(FinanceCommand::Profitability(a)) => profitability(warehouse, &a).await,
         Command::Tenant(_) | Command::Migrate => {
             bail!("this command needs the PostgreSQL warehouse")
         }
@@ -1521,6 +1528,45 @@ async fn cash_flow<W: Warehouse>(warehouse: &W, args: &PeriodArgs) -> Result<Exi
             "{:<8}{:>8} {:>18} {:>18} {:>18}",
             "", "total", flow.total.inflow, flow.total.outflow, flow.total.net
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn profitability<W: Warehouse>(warehouse: &W, args: &PeriodArgs) -> Result<ExitCode> {
+    let tenant = TenantSlug::parse(&args.tenant)?;
+    let report =
+        sluice_finance::profitability_report(warehouse, &tenant, args.from, args.to).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "profitability for tenant {tenant}, {} to {}",
+        args.from, args.to
+    );
+    if report.currencies.is_empty() {
+        println!("no documents in the period");
+    }
+    let margin =
+        |m: Option<rust_decimal::Decimal>| m.map_or_else(|| "-".to_string(), |m| m.to_string());
+    for (currency, p) in &report.currencies {
+        println!(
+            "{currency:<8}{:>8} {:>16} {:>16} {:>16} {:>8} {:>16} {:>16}",
+            "month", "revenue", "cogs", "gross profit", "margin", "expenses", "net profit"
+        );
+        let rows = p.monthly.iter().map(|m| (m.month.as_str(), &m.profit));
+        for (label, x) in rows.chain(std::iter::once(("total", &p.total))) {
+            println!(
+                "{:<8}{label:>8} {:>16} {:>16} {:>16} {:>8} {:>16} {:>16}",
+                "",
+                x.revenue,
+                x.cogs,
+                x.gross_profit,
+                margin(x.gross_margin),
+                x.expenses,
+                x.net_profit
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

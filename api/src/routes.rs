@@ -1015,6 +1015,28 @@ pub struct PeriodQuery {
     to: chrono::NaiveDate,
 }
 
+fn finance_error(e: sluice_finance::FinanceError) -> ApiError {
+    match e {
+        sluice_finance::FinanceError::Warehouse(e) => e.into(),
+        e @ sluice_finance::FinanceError::Period { .. } => ApiError::bad_request(e.to_string()),
+        e => ApiError::internal(e),
+    }
+}
+
+/// `GET /v1/finance/profitability?from&to`: per currency, the period's figures and the
+/// monthly series.
+pub async fn profitability<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<PeriodQuery>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    let r = sluice_finance::profitability_report(&*s.warehouse, tenant, q.from, q.to)
+        .await
+        .map_err(finance_error)?;
+    ok(json!(r))
+}
+
 /// `GET /v1/finance/cash-flow?from&to`: per currency, the period's inflow, outflow and net,
 /// and the monthly series.
 pub async fn cash_flow<W: Store>(
@@ -1023,12 +1045,8 @@ pub async fn cash_flow<W: Store>(
     Query(q): Query<PeriodQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
-    match sluice_finance::cash_flow_report(&*s.warehouse, tenant, q.from, q.to).await {
-        Ok(r) => ok(json!(r)),
-        Err(sluice_finance::FinanceError::Warehouse(e)) => Err(e.into()),
-        Err(e @ sluice_finance::FinanceError::Period { .. }) => {
-            Err(ApiError::bad_request(e.to_string()))
-        }
-        Err(e) => Err(ApiError::internal(e)),
-    }
+    let r = sluice_finance::cash_flow_report(&*s.warehouse, tenant, q.from, q.to)
+        .await
+        .map_err(finance_error)?;
+    ok(json!(r))
 }

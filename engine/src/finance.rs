@@ -104,3 +104,18 @@ pub struct FlowTotal {
     /// How many payments.
     pub payments: u64,
 }
+
+/// Documents of one currency, month (of issue) and profitability line, summed by the
+/// warehouse: `revenue` (invoices), `cogs` and `expense` (bills by category); credit notes
+/// count negative, void documents not at all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProfitTotal {
+    /// ISO 4217 code.
+    pub currency: String,
+    /// `YYYY-MM` of the issue date.
+    pub month: String,
+    /// `revenue`, `cogs` or `expense`.
+    pub line: String,
+    /// Sum in units of 1/10000, credit notes subtracted.
+    pub amount_units: i128,
+}

@@ -11,7 +11,7 @@ use chrono::NaiveDate;
 use polars::prelude::*;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sluice_engine::finance::FlowTotal;
+use sluice_engine::finance::{FlowTotal, ProfitTotal};
 use sluice_engine::money::display_decimal;
 use sluice_engine::{TenantSlug, Warehouse};
 
@@ -181,6 +181,153 @@ async fn off_the_runtime<T: Send + 'static>(
         .map_err(|e| FinanceError::Compute(PolarsError::ComputeError(e.to_string().into())))?
 }
 
+/// Profitability over a period (documents by issue date, void ones excluded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Profit {
+    /// Invoice totals minus credit-note totals.
+    pub revenue: Decimal,
+    /// Bills of category cogs, their credit notes subtracted.
+    pub cogs: Decimal,
+    /// Revenue minus cogs.
+    pub gross_profit: Decimal,
+    /// Gross profit / revenue, rounded to 4 decimals (half to even); null when revenue is 0.
+    pub gross_margin: Option<Decimal>,
+    /// Bills of category expense, their credit notes subtracted.
+    pub expenses: Decimal,
+    /// Gross profit minus expenses.
+    pub net_profit: Decimal,
+}
+
+impl Profit {
+    /// The derived figures of revenue, cogs and expenses.
+    pub fn from_lines(revenue: Decimal, cogs: Decimal, expenses: Decimal) -> Self {
+        let gross_profit = revenue - cogs;
+        Profit {
+            revenue,
+            cogs,
+            gross_profit,
+            gross_margin: (!revenue.is_zero()).then(|| (gross_profit / revenue).round_dp(4)),
+            expenses,
+            net_profit: gross_profit - expenses,
+        }
+    }
+}
+
+/// One month of a currency's profitability.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MonthProfit {
+    /// `YYYY-MM`.
+    pub month: String,
+    /// Its figures.
+    #[serde(flatten)]
+    pub profit: Profit,
+}
+
+/// A currency's profitability: the period's figures and the months that had documents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CurrencyProfit {
+    /// Over the whole period.
+    #[serde(flatten)]
+    pub total: Profit,
+    /// Per month, in order.
+    pub monthly: Vec<MonthProfit>,
+}
+
+/// Profitability over `[from, to]`, per currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProfitabilityReport {
+    /// First day.
+    pub from: NaiveDate,
+    /// Last day.
+    pub to: NaiveDate,
+    /// Per currency.
+    pub currencies: BTreeMap<String, CurrencyProfit>,
+}
+
+/// Assembles profitability from the warehouse's monthly sums per line.
+pub fn profitability(
+    from: NaiveDate,
+    to: NaiveDate,
+    totals: &[ProfitTotal],
+) -> Result<ProfitabilityReport, FinanceError> {
+    let mut report = ProfitabilityReport {
+        from,
+        to,
+        currencies: BTreeMap::new(),
+    };
+    if totals.is_empty() {
+        return Ok(report);
+    }
+    let df = df!(
+        "currency" => totals.iter().map(|t| t.currency.as_str()).collect::<Vec<_>>(),
+        "month" => totals.iter().map(|t| t.month.as_str()).collect::<Vec<_>>(),
+        "line" => totals.iter().map(|t| t.line.as_str()).collect::<Vec<_>>(),
+        "amount" => totals.iter().map(|t| t.amount_units).collect::<Vec<i128>>(),
+    )?;
+    let line = |name: &str| {
+        col("amount")
+            .filter(col("line").eq(lit(name)))
+            .sum()
+            .fill_null(lit(0i128))
+    };
+    let monthly = df
+        .lazy()
+        .group_by([col("currency"), col("month")])
+        .agg([
+            line("revenue").alias("revenue"),
+            line("cogs").alias("cogs"),
+            line("expense").alias("expense"),
+        ])
+        .sort(["currency", "month"], SortMultipleOptions::default())
+        .collect()?;
+    let currency = monthly.column("currency")?.str()?.clone();
+    let month = monthly.column("month")?.str()?.clone();
+    let (revenue, cogs, expense) = (
+        monthly.column("revenue")?.i128()?.clone(),
+        monthly.column("cogs")?.i128()?.clone(),
+        monthly.column("expense")?.i128()?.clone(),
+    );
+    for i in 0..monthly.height() {
+        let (Some(c), Some(m)) = (currency.get(i), month.get(i)) else {
+            continue;
+        };
+        let entry = report
+            .currencies
+            .entry(c.to_string())
+            .or_insert_with(|| CurrencyProfit {
+                total: Profit::default(),
+                monthly: Vec::new(),
+            });
+        entry.monthly.push(MonthProfit {
+            month: m.to_string(),
+            profit: Profit::from_lines(
+                display_decimal(units(&revenue, i)),
+                display_decimal(units(&cogs, i)),
+                display_decimal(units(&expense, i)),
+            ),
+        });
+    }
+    for p in report.currencies.values_mut() {
+        let sum = |f: fn(&Profit) -> Decimal| p.monthly.iter().map(|m| f(&m.profit)).sum();
+        p.total = Profit::from_lines(sum(|x| x.revenue), sum(|x| x.cogs), sum(|x| x.expenses));
+    }
+    Ok(report)
+}
+
+/// The profitability report of a tenant over `[from, to]`.
+pub async fn profitability_report<W: Warehouse>(
+    warehouse: &W,
+    tenant: &TenantSlug,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<ProfitabilityReport, FinanceError> {
+    if from > to {
+        return Err(FinanceError::Period { from, to });
+    }
+    let totals = warehouse.profit_totals(tenant, from, to).await?;
+    off_the_runtime(move || profitability(from, to, &totals)).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +365,39 @@ mod tests {
         let eur = &r.currencies["EUR"];
         assert_eq!(eur.total.inflow.to_string(), "9999999999999999.9999");
         assert_eq!(eur.total.outflow, Decimal::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod profit_tests {
+    use super::*;
+
+    #[test]
+    fn margin_is_null_without_revenue_and_lines_stay_apart() {
+        let d = NaiveDate::from_ymd_opt(2024, 1, 1).expect("date");
+        let t = |c: &str, m: &str, l: &str, u: i128| ProfitTotal {
+            currency: c.into(),
+            month: m.into(),
+            line: l.into(),
+            amount_units: u,
+        };
+        let r = profitability(
+            d,
+            d,
+            &[
+                t("USD", "2024-01", "revenue", 3_000_000),
+                t("USD", "2024-01", "cogs", 1_000_000),
+                t("USD", "2024-01", "expense", 500_000),
+                t("USD", "2024-02", "expense", 10_000),
+            ],
+        )
+        .expect("report");
+        let usd = &r.currencies["USD"];
+        assert_eq!(
+            usd.monthly[0].profit.gross_margin.map(|m| m.to_string()),
+            Some("0.6667".into())
+        );
+        assert_eq!(usd.monthly[1].profit.gross_margin, None);
+        assert_eq!(usd.total.net_profit.to_string(), "149.00");
     }
 }

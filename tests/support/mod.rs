@@ -393,6 +393,14 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     ) -> sluice_engine::Result<Vec<sluice_engine::finance::FlowTotal>> {
         self.inner.cash_flow_totals(t, from, to).await
     }
+    async fn profit_totals(
+        &self,
+        t: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> sluice_engine::Result<Vec<sluice_engine::finance::ProfitTotal>> {
+        self.inner.profit_totals(t, from, to).await
+    }
     async fn settle_replay(
         &self,
         t: &TenantSlug,

@@ -29,7 +29,7 @@ pub use sqlite::SqliteWarehouse;
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, Invoice, Payment};
 use crate::error::Result;
-use crate::finance::{AgingReport, AgingSide, FlowTotal};
+use crate::finance::{AgingReport, AgingSide, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantineStats, QuarantinedRow};
 use crate::tenant::TenantSlug;
@@ -196,6 +196,15 @@ pub trait Warehouse: Send + Sync {
         from: NaiveDate,
         to: NaiveDate,
     ) -> impl Future<Output = Result<Vec<FlowTotal>>> + Send;
+
+    /// Live, non-void invoices and bills issued within `[from, to]`, summed per currency,
+    /// month and profitability line (see [`ProfitTotal`]).
+    fn profit_totals(
+        &self,
+        tenant: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> impl Future<Output = Result<Vec<ProfitTotal>>> + Send;
 
     /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
     /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their

@@ -33,7 +33,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{
@@ -1155,6 +1155,45 @@ impl Warehouse for PostgresWarehouse {
                         )
                     })?,
                     payments: n as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn profit_totals(
+        &self,
+        tenant: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<ProfitTotal>> {
+        self.prepare_tenant(tenant).await?;
+        let signed = "(SUM(CASE WHEN kind = 'credit_note' THEN -total ELSE total END) * 10000)::numeric(38, 0)::text";
+        let live = "deleted_at IS NULL AND status <> 'void' AND issue_date BETWEEN $1 AND $2";
+        let rows: Vec<(String, String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT currency, to_char(issue_date, 'YYYY-MM'), 'revenue', {signed} FROM {} WHERE {live} GROUP BY 1, 2 \
+             UNION ALL \
+             SELECT currency, to_char(issue_date, 'YYYY-MM'), category, {signed} FROM {} WHERE {live} GROUP BY 1, 2, 3 \
+             ORDER BY 1, 2, 3",
+            table(tenant, "invoices"),
+            table(tenant, "bills"),
+        )))
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("summing documents"))?;
+        rows.into_iter()
+            .map(|(currency, month, line, units)| {
+                Ok(ProfitTotal {
+                    currency,
+                    month,
+                    line,
+                    amount_units: units.parse().map_err(|_| {
+                        EngineError::new(
+                            ErrorKind::Warehouse,
+                            format!("a document sum is {units:?}"),
+                        )
+                    })?,
                 })
             })
             .collect()

@@ -31,7 +31,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::display_decimal;
 use crate::quarantine::{
@@ -771,6 +771,37 @@ impl Warehouse for SqliteWarehouse {
                 month,
                 amount_units: i128::from(units),
                 payments: n as u64,
+            })
+            .collect())
+    }
+
+    async fn profit_totals(
+        &self,
+        tenant: &TenantSlug,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<ProfitTotal>> {
+        let pool = self.pool(tenant, false).await?;
+        let signed = "SUM(CASE WHEN kind = 'credit_note' THEN -total ELSE total END)";
+        let live = "deleted_at IS NULL AND status <> 'void' AND issue_date BETWEEN ?1 AND ?2";
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT currency, substr(issue_date, 1, 7), 'revenue', {signed} FROM invoices WHERE {live} GROUP BY 1, 2 \
+             UNION ALL \
+             SELECT currency, substr(issue_date, 1, 7), category, {signed} FROM bills WHERE {live} GROUP BY 1, 2, 3 \
+             ORDER BY 1, 2, 3"
+        )))
+        .bind(from.format("%Y-%m-%d").to_string())
+        .bind(to.format("%Y-%m-%d").to_string())
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("summing documents", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(currency, month, line, units)| ProfitTotal {
+                currency,
+                month,
+                line,
+                amount_units: i128::from(units),
             })
             .collect())
     }
