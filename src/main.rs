@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sluice_connectors::Source;
 use sluice_engine::control::PipelineStore;
-use sluice_engine::finance::{AGING_BUCKETS, AgingReport, AgingSide};
+use sluice_engine::finance::{AGING_BUCKETS, AgingSide};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
@@ -1573,7 +1573,7 @@ async fn profitability<W: Warehouse>(warehouse: &W, args: &PeriodArgs) -> Result
 
 async fn aging<W: Warehouse>(warehouse: &W, side: AgingSide, args: &AgingArgs) -> Result<ExitCode> {
     let tenant = TenantSlug::parse(&args.tenant)?;
-    let report: AgingReport = warehouse.aging(&tenant, side, args.as_of).await?;
+    let report = sluice_finance::aging_report(warehouse, &tenant, side, args.as_of).await?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -1587,21 +1587,33 @@ async fn aging<W: Warehouse>(warehouse: &W, side: AgingSide, args: &AgingArgs) -
         println!("no open balances");
         return Ok(ExitCode::SUCCESS);
     }
-    print!("{:<8}", "currency");
+    print!("{:<8}{:<24}", "currency", "counterparty");
     for b in AGING_BUCKETS {
         print!("{b:>16}");
     }
     println!("{:>16}", "total");
-    for (currency, buckets) in &report.currencies {
+    let line = |currency: &str,
+                who: &str,
+                buckets: &sluice_engine::finance::AgingBuckets,
+                total|
+     -> Result<()> {
         let values = serde_json::to_value(buckets)?;
-        print!("{currency:<8}");
+        print!("{currency:<8}{who:<24}");
         for b in AGING_BUCKETS {
             print!(
                 "{:>16}",
                 values.get(b).and_then(|v| v.as_str()).unwrap_or("0")
             );
         }
-        println!("{:>16}", buckets.total());
+        println!("{total:>16}");
+        Ok(())
+    };
+    for (currency, a) in &report.currencies {
+        for c in &a.counterparties {
+            let who = c.name.as_deref().or(c.id.as_deref()).unwrap_or("(none)");
+            line(currency, who, &c.buckets, c.total)?;
+        }
+        line(currency, "all", &a.buckets, a.total)?;
     }
     Ok(ExitCode::SUCCESS)
 }

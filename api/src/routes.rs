@@ -1037,6 +1037,58 @@ pub async fn profitability<W: Store>(
     ok(json!(r))
 }
 
+/// Query of the aging reports.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsOfQuery {
+    as_of: chrono::NaiveDate,
+}
+
+async fn aging_of<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    side: sluice_engine::finance::AgingSide,
+    as_of: chrono::NaiveDate,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    let r = sluice_finance::aging_report(&*s.warehouse, tenant, side, as_of)
+        .await
+        .map_err(finance_error)?;
+    ok(json!(r))
+}
+
+/// `GET /v1/finance/ar-aging?as_of`: open invoice balances per currency by bucket, with
+/// per-customer rows.
+pub async fn ar_aging<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<AsOfQuery>,
+) -> Reply {
+    aging_of(
+        &s,
+        &caller,
+        sluice_engine::finance::AgingSide::Receivable,
+        q.as_of,
+    )
+    .await
+}
+
+/// `GET /v1/finance/ap-aging?as_of`: open bill balances per currency by bucket, with
+/// per-vendor rows.
+pub async fn ap_aging<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<AsOfQuery>,
+) -> Reply {
+    aging_of(
+        &s,
+        &caller,
+        sluice_engine::finance::AgingSide::Payable,
+        q.as_of,
+    )
+    .await
+}
+
 /// `GET /v1/finance/cash-flow?from&to`: per currency, the period's inflow, outflow and net,
 /// and the monthly series.
 pub async fn cash_flow<W: Store>(

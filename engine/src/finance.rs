@@ -119,3 +119,19 @@ pub struct ProfitTotal {
     /// Sum in units of 1/10000, credit notes subtracted.
     pub amount_units: i128,
 }
+
+/// Open balances of one currency, counterparty and aging bucket, summed by the warehouse
+/// (credit notes negative; void, deleted and settled documents left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgingTotal {
+    /// ISO 4217 code.
+    pub currency: String,
+    /// The customer (AR) or vendor (AP) id, if the documents have one.
+    pub counterparty_id: Option<String>,
+    /// A name the documents give it.
+    pub counterparty_name: Option<String>,
+    /// One of [`AGING_BUCKETS`].
+    pub bucket: String,
+    /// Sum in units of 1/10000.
+    pub amount_units: i128,
+}

@@ -11,7 +11,9 @@ use chrono::NaiveDate;
 use polars::prelude::*;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sluice_engine::finance::{FlowTotal, ProfitTotal};
+use sluice_engine::finance::{
+    AGING_BUCKETS, AgingBuckets, AgingSide, AgingTotal, FlowTotal, ProfitTotal,
+};
 use sluice_engine::money::display_decimal;
 use sluice_engine::{TenantSlug, Warehouse};
 
@@ -326,6 +328,147 @@ pub async fn profitability_report<W: Warehouse>(
     }
     let totals = warehouse.profit_totals(tenant, from, to).await?;
     off_the_runtime(move || profitability(from, to, &totals)).await
+}
+
+/// One counterparty's open balances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CounterpartyAging {
+    /// The customer or vendor id (none when the documents have none).
+    pub id: Option<String>,
+    /// A name the documents give it.
+    pub name: Option<String>,
+    /// By bucket.
+    #[serde(flatten)]
+    pub buckets: AgingBuckets,
+    /// All buckets.
+    pub total: Decimal,
+}
+
+/// A currency's aging: its buckets, their total, and per counterparty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CurrencyAging {
+    /// By bucket.
+    #[serde(flatten)]
+    pub buckets: AgingBuckets,
+    /// All buckets.
+    pub total: Decimal,
+    /// Per customer (AR) or vendor (AP), by id.
+    pub counterparties: Vec<CounterpartyAging>,
+}
+
+/// AR or AP aging as of a date (see the README's definitions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgingDetail {
+    /// The as-of date.
+    pub as_of: NaiveDate,
+    /// Per currency.
+    pub currencies: BTreeMap<String, CurrencyAging>,
+}
+
+fn buckets_of(row: &[i128]) -> AgingBuckets {
+    let mut b = AgingBuckets::zero();
+    for (name, units) in AGING_BUCKETS.iter().zip(row) {
+        b.add(name, display_decimal(*units));
+    }
+    b
+}
+
+/// Assembles aging from the warehouse's sums per currency, counterparty and bucket.
+pub fn aging(as_of: NaiveDate, totals: &[AgingTotal]) -> Result<AgingDetail, FinanceError> {
+    let mut report = AgingDetail {
+        as_of,
+        currencies: BTreeMap::new(),
+    };
+    if totals.is_empty() {
+        return Ok(report);
+    }
+    let df = df!(
+        "currency" => totals.iter().map(|t| t.currency.as_str()).collect::<Vec<_>>(),
+        "id" => totals.iter().map(|t| t.counterparty_id.as_deref()).collect::<Vec<_>>(),
+        "name" => totals.iter().map(|t| t.counterparty_name.as_deref()).collect::<Vec<_>>(),
+        "bucket" => totals.iter().map(|t| t.bucket.as_str()).collect::<Vec<_>>(),
+        "amount" => totals.iter().map(|t| t.amount_units).collect::<Vec<i128>>(),
+    )?;
+    let per_bucket: Vec<Expr> = AGING_BUCKETS
+        .iter()
+        .map(|b| {
+            col("amount")
+                .filter(col("bucket").eq(lit(*b)))
+                .sum()
+                .fill_null(lit(0i128))
+                .alias(*b)
+        })
+        .collect();
+    let mut by_party = per_bucket.clone();
+    by_party.push(col("name").max().alias("name"));
+    let parties = df
+        .clone()
+        .lazy()
+        .group_by([col("currency"), col("id")])
+        .agg(by_party)
+        .sort(
+            ["currency", "id"],
+            SortMultipleOptions::default().with_nulls_last(true),
+        )
+        .collect()?;
+    let currencies = df
+        .lazy()
+        .group_by([col("currency")])
+        .agg(per_bucket)
+        .sort(["currency"], SortMultipleOptions::default())
+        .collect()?;
+    let bucket_cols = |frame: &DataFrame| -> Result<Vec<Int128Chunked>, FinanceError> {
+        AGING_BUCKETS
+            .iter()
+            .map(|b| Ok(frame.column(b)?.i128()?.clone()))
+            .collect()
+    };
+    let cols = bucket_cols(&currencies)?;
+    let names = currencies.column("currency")?.str()?.clone();
+    for i in 0..currencies.height() {
+        let Some(c) = names.get(i) else { continue };
+        let row: Vec<i128> = cols.iter().map(|ca| units(ca, i)).collect();
+        let buckets = buckets_of(&row);
+        report.currencies.insert(
+            c.to_string(),
+            CurrencyAging {
+                total: buckets.total(),
+                buckets,
+                counterparties: Vec::new(),
+            },
+        );
+    }
+    let cols = bucket_cols(&parties)?;
+    let (cur, id, name) = (
+        parties.column("currency")?.str()?.clone(),
+        parties.column("id")?.str()?.clone(),
+        parties.column("name")?.str()?.clone(),
+    );
+    for i in 0..parties.height() {
+        let Some(c) = cur.get(i) else { continue };
+        let row: Vec<i128> = cols.iter().map(|ca| units(ca, i)).collect();
+        let buckets = buckets_of(&row);
+        if let Some(entry) = report.currencies.get_mut(c) {
+            entry.counterparties.push(CounterpartyAging {
+                id: id.get(i).map(str::to_string),
+                name: name.get(i).map(str::to_string),
+                total: buckets.total(),
+                buckets,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// AR (`Receivable`) or AP (`Payable`) aging of a tenant as of a date.
+pub async fn aging_report<W: Warehouse>(
+    warehouse: &W,
+    tenant: &TenantSlug,
+    side: AgingSide,
+    as_of: NaiveDate,
+) -> Result<AgingDetail, FinanceError> {
+    let totals = warehouse.aging_totals(tenant, side, as_of).await?;
+    off_the_runtime(move || aging(as_of, &totals)).await
 }
 
 #[cfg(test)]

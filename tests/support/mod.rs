@@ -401,6 +401,14 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     ) -> sluice_engine::Result<Vec<sluice_engine::finance::ProfitTotal>> {
         self.inner.profit_totals(t, from, to).await
     }
+    async fn aging_totals(
+        &self,
+        t: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> sluice_engine::Result<Vec<sluice_engine::finance::AgingTotal>> {
+        self.inner.aging_totals(t, side, as_of).await
+    }
     async fn settle_replay(
         &self,
         t: &TenantSlug,

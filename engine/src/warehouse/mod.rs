@@ -29,7 +29,7 @@ pub use sqlite::SqliteWarehouse;
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, Invoice, Payment};
 use crate::error::Result;
-use crate::finance::{AgingReport, AgingSide, FlowTotal, ProfitTotal};
+use crate::finance::{AgingReport, AgingSide, AgingTotal, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantineStats, QuarantinedRow};
 use crate::tenant::TenantSlug;
@@ -205,6 +205,14 @@ pub trait Warehouse: Send + Sync {
         from: NaiveDate,
         to: NaiveDate,
     ) -> impl Future<Output = Result<Vec<ProfitTotal>>> + Send;
+
+    /// Open balances as of `as_of` summed per currency, counterparty and aging bucket.
+    fn aging_totals(
+        &self,
+        tenant: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> impl Future<Output = Result<Vec<AgingTotal>>> + Send;
 
     /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
     /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their

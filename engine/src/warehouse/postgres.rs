@@ -33,7 +33,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal, ProfitTotal};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide, AgingTotal, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{
@@ -1192,6 +1192,49 @@ impl Warehouse for PostgresWarehouse {
                         EngineError::new(
                             ErrorKind::Warehouse,
                             format!("a document sum is {units:?}"),
+                        )
+                    })?,
+                })
+            })
+            .collect()
+    }
+
+    async fn aging_totals(
+        &self,
+        tenant: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> Result<Vec<AgingTotal>> {
+        self.prepare_tenant(tenant).await?;
+        let (source, who) = match side {
+            AgingSide::Receivable => (table(tenant, "invoices"), "customer"),
+            AgingSide::Payable => (table(tenant, "bills"), "vendor"),
+        };
+        let rows: Vec<(String, Option<String>, Option<String>, String, String)> =
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT currency, id, MAX(name), \
+                   CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
+                        WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
+                   (SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) * 10000)::numeric(38, 0)::text \
+                 FROM (SELECT currency, kind, balance, {who}_id AS id, {who}_name AS name, ($1::date - due_date) AS d \
+                       FROM {source} WHERE balance > 0 AND status <> 'void' AND deleted_at IS NULL AND due_date IS NOT NULL) q \
+                 GROUP BY currency, id, bucket ORDER BY currency, id, bucket"
+            )))
+            .bind(as_of)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("computing aging"))?;
+        rows.into_iter()
+            .map(|(currency, id, name, bucket, units)| {
+                Ok(AgingTotal {
+                    currency,
+                    counterparty_id: id,
+                    counterparty_name: name,
+                    bucket,
+                    amount_units: units.parse().map_err(|_| {
+                        EngineError::new(
+                            ErrorKind::Warehouse,
+                            format!("an open balance is {units:?}"),
                         )
                     })?,
                 })

@@ -31,7 +31,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide, FlowTotal, ProfitTotal};
+use crate::finance::{AgingBuckets, AgingReport, AgingSide, AgingTotal, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::display_decimal;
 use crate::quarantine::{
@@ -801,6 +801,44 @@ impl Warehouse for SqliteWarehouse {
                 currency,
                 month,
                 line,
+                amount_units: i128::from(units),
+            })
+            .collect())
+    }
+
+    async fn aging_totals(
+        &self,
+        tenant: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> Result<Vec<AgingTotal>> {
+        let pool = self.pool(tenant, false).await?;
+        let (table, who) = match side {
+            AgingSide::Receivable => ("invoices", "customer"),
+            AgingSide::Payable => ("bills", "vendor"),
+        };
+        let rows: Vec<(String, Option<String>, Option<String>, String, i64)> =
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT currency, id, MAX(name), \
+                   CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
+                        WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
+                   SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) \
+                 FROM (SELECT currency, kind, balance, {who}_id AS id, {who}_name AS name, \
+                         CAST(julianday(?1) - julianday(due_date) AS INTEGER) AS d \
+                       FROM {table} WHERE balance > 0 AND status <> 'void' AND deleted_at IS NULL AND due_date IS NOT NULL) \
+                 GROUP BY currency, id, bucket ORDER BY currency, id, bucket"
+            )))
+            .bind(as_of.format("%Y-%m-%d").to_string())
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("computing aging", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(currency, id, name, bucket, units)| AgingTotal {
+                currency,
+                counterparty_id: id,
+                counterparty_name: name,
+                bucket,
                 amount_units: i128::from(units),
             })
             .collect())
