@@ -35,6 +35,10 @@ use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantineStats, Qua
 use crate::tenant::TenantSlug;
 use crate::validate::CellError;
 
+/// An aging sum as the warehouses read it: currency, counterparty id and name, bucket, and
+/// the sum (text or integer units, per warehouse).
+type AgingRow<Sum> = (String, Option<String>, Option<String>, String, Sum);
+
 /// Which run is committing, to which tenant, pipeline and stream.
 #[derive(Debug, Clone)]
 pub struct RunScope {

@@ -23,7 +23,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
 use super::{
-    BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
+    AgingRow, BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns,
+    quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -1210,7 +1211,7 @@ impl Warehouse for PostgresWarehouse {
             AgingSide::Receivable => (table(tenant, "invoices"), "customer"),
             AgingSide::Payable => (table(tenant, "bills"), "vendor"),
         };
-        let rows: Vec<(String, Option<String>, Option<String>, String, String)> =
+        let rows: Vec<AgingRow<String>> =
             sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT currency, id, MAX(name), \
                    CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \

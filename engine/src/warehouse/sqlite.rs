@@ -21,7 +21,8 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
-    BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns, quote_ident,
+    AgingRow, BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns,
+    quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -817,7 +818,7 @@ impl Warehouse for SqliteWarehouse {
             AgingSide::Receivable => ("invoices", "customer"),
             AgingSide::Payable => ("bills", "vendor"),
         };
-        let rows: Vec<(String, Option<String>, Option<String>, String, i64)> =
+        let rows: Vec<AgingRow<i64>> =
             sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT currency, id, MAX(name), \
                    CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
