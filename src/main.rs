@@ -494,6 +494,49 @@ enum FinanceCommand {
         after_help = "Example:\n  sluice finance profitability --tenant acme --from 2024-01-01 --to 2024-12-31 --json"
     )]
     Profitability(PeriodArgs),
+    /// Anomalies: amount outliers per counterparty, doc numbers used twice, overpayments.
+    #[command(after_help = "Example:\n  sluice finance anomalies --tenant acme --json")]
+    Anomalies(AnomalyArgs),
+    /// Cash flow, AR/AP aging, profitability and the anomaly count, per currency.
+    #[command(
+        after_help = "Example:\n  sluice finance dashboard --tenant acme --as-of 2024-06-30 --from 2024-01-01 --to 2024-06-30 --json"
+    )]
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Args)]
+struct AnomalyArgs {
+    /// The tenant.
+    #[arg(long)]
+    tenant: String,
+    /// |robust z-score| above which an amount is an outlier.
+    #[arg(long, default_value_t = 3.5)]
+    threshold: f64,
+    /// Documents a counterparty needs in a currency before its amounts are judged.
+    #[arg(long, default_value_t = 5)]
+    min_history: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DashboardArgs {
+    /// The tenant.
+    #[arg(long)]
+    tenant: String,
+    /// The aging date (YYYY-MM-DD).
+    #[arg(long)]
+    as_of: NaiveDate,
+    /// First day of the period (YYYY-MM-DD).
+    #[arg(long)]
+    from: NaiveDate,
+    /// Last day of the period (YYYY-MM-DD).
+    #[arg(long)]
+    to: NaiveDate,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -679,6 +722,8 @@ async fn run_command<W: sluice_api::Store>(
         }
         Command::Finance(FinanceCommand::CashFlow(a)) => cash_flow(warehouse, &a).await,
         Command::Finance(FinanceCommand::Profitability(a)) => profitability(warehouse, &a).await,
+        Command::Finance(FinanceCommand::Anomalies(a)) => anomalies(warehouse, &a).await,
+        Command::Finance(FinanceCommand::Dashboard(a)) => dashboard(warehouse, &a).await,
         Command::Tenant(_) | Command::Migrate => {
             bail!("this command needs the PostgreSQL warehouse")
         }
@@ -1567,6 +1612,67 @@ async fn profitability<W: Warehouse>(warehouse: &W, args: &PeriodArgs) -> Result
                 x.net_profit
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn anomalies<W: Warehouse>(warehouse: &W, args: &AnomalyArgs) -> Result<ExitCode> {
+    let tenant = TenantSlug::parse(&args.tenant)?;
+    let options = sluice_finance::AnomalyOptions {
+        threshold: args.threshold,
+        min_history: args.min_history,
+    };
+    let found = sluice_finance::anomalies_report(warehouse, &tenant, options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&found)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for a in &found {
+        println!(
+            "{:<21} {:<8} {:<24} {:>16} {}  {}",
+            a.kind, a.side, a.document, a.amount, a.currency, a.why
+        );
+    }
+    println!(
+        "{} anomal{}",
+        found.len(),
+        if found.len() == 1 { "y" } else { "ies" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dashboard<W: Warehouse>(warehouse: &W, args: &DashboardArgs) -> Result<ExitCode> {
+    let tenant = TenantSlug::parse(&args.tenant)?;
+    let d = sluice_finance::dashboard(
+        warehouse,
+        &tenant,
+        args.as_of,
+        args.from,
+        args.to,
+        sluice_finance::AnomalyOptions::default(),
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "dashboard for tenant {tenant}: aging as of {}, period {} to {}",
+        d.as_of, d.from, d.to
+    );
+    for (c, x) in &d.currencies {
+        println!("{c}");
+        println!(
+            "  cash flow      in {}  out {}  net {}",
+            x.cash_flow.inflow, x.cash_flow.outflow, x.cash_flow.net
+        );
+        println!("  AR open        {}", x.ar_aging.total());
+        println!("  AP open        {}", x.ap_aging.total());
+        println!(
+            "  profitability  revenue {}  gross profit {}  net profit {}",
+            x.profitability.revenue, x.profitability.gross_profit, x.profitability.net_profit
+        );
+        println!("  anomalies      {}", x.anomalies_count);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -424,3 +424,124 @@ async fn aging_per_counterparty_adds_up_to_the_currency_buckets_on_both_warehous
         }
     }
 }
+
+#[tokio::test]
+async fn planted_anomalies_are_found_on_both_warehouses_and_the_dashboard_agrees() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut inv = String::from(
+        "external_id,doc_number,customer_id,customer_name,issue_date,due_date,currency,total,balance,status,kind,updated_at\n",
+    );
+    for i in 0..12 {
+        inv.push_str(&format!(
+            "I{i},N{i},C1,Contoso,2024-03-{:02},2024-04-{:02},USD,{}.00,{}.00,open,invoice,2024-03-01T00:00:00Z\n",
+            i + 1,
+            i + 1,
+            100 + i,
+            100 + i
+        ));
+    }
+    inv.push_str("BIG,N50,C1,Contoso,2024-03-20,2024-04-20,USD,25000.00,25000.00,open,invoice,2024-03-01T00:00:00Z\n");
+    inv.push_str("DUP,N3,C1,Contoso,2024-03-21,2024-04-21,USD,103.00,103.00,open,invoice,2024-03-01T00:00:00Z\n");
+    inv.push_str(
+        "E1,N1,C9,Other,2024-03-21,2024-04-21,EUR,80.00,80.00,open,invoice,2024-03-01T00:00:00Z\n",
+    );
+    let pays = "external_id,direction,counterparty_id,date,amount,currency,applied_to\n\
+                P1,in,C1,2024-04-01,60.00,USD,I0\n\
+                P2,in,C1,2024-04-02,60.00,USD,I0\n\
+                P3,in,C1,2024-04-03,101.00,USD,I1\n\
+                P4,in,C9,2024-04-03,90.00,EUR,E1\n";
+    let specs = [
+        pipeline(dir.path(), "invoices", "invoices", &inv),
+        pipeline(dir.path(), "payments", "payments", pays),
+    ];
+    let tenant = TenantSlug::parse("acme").expect("slug");
+    let sqlite = SqliteWarehouse::new(dir.path().join("data"));
+    let db = TestDb::create().await;
+    let master = sluice_engine::secrets::MasterKey::from_hex(MASTER_KEY_HEX).expect("key");
+    let pg = PostgresWarehouse::connect(&db.url).await.expect("connect");
+    pg.create_tenant(&tenant, "Acme", &master)
+        .await
+        .expect("tenant");
+    for spec in &specs {
+        load(&sqlite, spec).await;
+        load(&pg, spec).await;
+    }
+    let options = sluice_finance::AnomalyOptions::default();
+    let a = sluice_finance::anomalies_report(&sqlite, &tenant, options)
+        .await
+        .expect("sqlite");
+    let b = sluice_finance::anomalies_report(&pg, &tenant, options)
+        .await
+        .expect("postgres");
+    assert_eq!(a, b, "SQLite and PostgreSQL disagree");
+    let found: Vec<(&str, &str)> = a
+        .iter()
+        .map(|x| (x.kind.as_str(), x.document.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("amount_outlier", "BIG"),
+            ("duplicate_doc_number", "DUP"),
+            ("duplicate_doc_number", "I3"),
+            ("overpayment", "P2"),
+            ("overpayment", "P4"),
+        ]
+    );
+    // A stricter history requirement silences the outlier (13 invoices < 20).
+    let strict = sluice_finance::AnomalyOptions {
+        min_history: 20,
+        ..options
+    };
+    let fewer = sluice_finance::anomalies_report(&sqlite, &tenant, strict)
+        .await
+        .expect("report");
+    assert!(fewer.iter().all(|x| x.kind != "amount_outlier"));
+
+    let day = |m: u32, d: u32| NaiveDate::from_ymd_opt(2024, m, d).expect("date");
+    let (as_of, from, to) = (day(5, 15), day(1, 1), day(12, 31));
+    let dash = sluice_finance::dashboard(&sqlite, &tenant, as_of, from, to, options)
+        .await
+        .expect("dashboard");
+    let dash_pg = sluice_finance::dashboard(&pg, &tenant, as_of, from, to, options)
+        .await
+        .expect("dashboard");
+    assert_eq!(dash, dash_pg);
+    let usd = &dash.currencies["USD"];
+    assert_eq!(usd.anomalies_count, 4);
+    assert_eq!(dash.currencies["EUR"].anomalies_count, 1);
+    let flow = sluice_finance::cash_flow_report(&sqlite, &tenant, from, to)
+        .await
+        .expect("flow");
+    assert_eq!(usd.cash_flow, flow.currencies["USD"].total);
+    assert_eq!(usd.cash_flow.inflow, Decimal::new(22_100, 2));
+    let ar = sluice_finance::aging_report(
+        &sqlite,
+        &tenant,
+        sluice_engine::finance::AgingSide::Receivable,
+        as_of,
+    )
+    .await
+    .expect("ar");
+    assert_eq!(usd.ar_aging, ar.currencies["USD"].buckets);
+    let profit = sluice_finance::profitability_report(&sqlite, &tenant, from, to)
+        .await
+        .expect("profit");
+    assert_eq!(usd.profitability, profit.currencies["USD"].total);
+    let json = serde_json::to_value(&dash).expect("json");
+    for key in [
+        "cash_flow",
+        "ar_aging",
+        "ap_aging",
+        "profitability",
+        "anomalies_count",
+    ] {
+        assert!(json["currencies"]["USD"].get(key).is_some(), "{key}");
+    }
+    assert_eq!(
+        json["currencies"]["USD"]["ar_aging"]["1_30"]
+            .as_str()
+            .map(|s| !s.is_empty()),
+        Some(true)
+    );
+}

@@ -88,6 +88,8 @@ api_routes! {
     post "/v1/keys" => create_key [ "admin" ] "Make an API key; shown once";
     delete "/v1/keys/{id}" => revoke_key [ "admin" ] "Revoke an API key";
     get "/v1/audit" => audit_log [ "admin" ] "The audit log, newest first";
+    get "/v1/finance/dashboard" => dashboard [ "analyst" ] "Per currency: cash flow, AR/AP aging, profitability and the anomaly count";
+    get "/v1/finance/anomalies" => anomalies [ "analyst" ] "Anomalies (outliers, duplicate doc numbers, overpayments), paged by cursor";
     get "/v1/finance/ar-aging" => ar_aging [ "analyst" ] "AR aging as of a date per currency, with per-customer rows";
     get "/v1/finance/ap-aging" => ap_aging [ "analyst" ] "AP aging as of a date per currency, with per-vendor rows";
     get "/v1/finance/profitability" => profitability [ "analyst" ] "Profitability over from..to per currency: revenue, cogs, gross profit and margin, expenses, net profit, and monthly";

@@ -1102,3 +1102,72 @@ pub async fn cash_flow<W: Store>(
         .map_err(finance_error)?;
     ok(json!(r))
 }
+
+/// Query of `GET /v1/finance/dashboard`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardQuery {
+    as_of: chrono::NaiveDate,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+}
+
+/// `GET /v1/finance/dashboard?as_of&from&to`
+pub async fn dashboard<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<DashboardQuery>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    let d = sluice_finance::dashboard(
+        &*s.warehouse,
+        tenant,
+        q.as_of,
+        q.from,
+        q.to,
+        sluice_finance::AnomalyOptions::default(),
+    )
+    .await
+    .map_err(finance_error)?;
+    ok(json!(d))
+}
+
+/// Query of `GET /v1/finance/anomalies`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyQuery {
+    threshold: Option<f64>,
+    min_history: Option<usize>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/finance/anomalies`: paged by cursor (`kind:side:document` of the last item).
+pub async fn anomalies<W: Store>(
+    State(s): Api<W>,
+    caller: Caller,
+    Query(q): Query<AnomalyQuery>,
+) -> Reply {
+    let tenant = caller.tenant_with(Role::Analyst)?;
+    let defaults = sluice_finance::AnomalyOptions::default();
+    let options = sluice_finance::AnomalyOptions {
+        threshold: q.threshold.unwrap_or(defaults.threshold),
+        min_history: q.min_history.unwrap_or(defaults.min_history),
+    };
+    let found = sluice_finance::anomalies_report(&*s.warehouse, tenant, options)
+        .await
+        .map_err(finance_error)?;
+    let keyed: Vec<(String, &sluice_finance::Anomaly)> = found
+        .iter()
+        .map(|a| (format!("{}:{}:{}", a.kind, a.side, a.document), a))
+        .collect();
+    let page = Page {
+        limit: q.limit,
+        cursor: q.cursor,
+    };
+    let (items, next) = page_of(&keyed, |(k, _)| k.as_str(), &page, 100);
+    ok(json!({
+        "items": items.iter().map(|(_, a)| a).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}

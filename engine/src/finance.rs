@@ -135,3 +135,23 @@ pub struct AgingTotal {
     /// Sum in units of 1/10000.
     pub amount_units: i128,
 }
+
+/// A document as the anomaly checks need it (live, not void, invoices and bills proper:
+/// credit notes are left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AnomalyDocument {
+    /// `invoice` or `bill`.
+    pub side: String,
+    /// The source's id.
+    pub external_id: String,
+    /// The printed number.
+    pub doc_number: Option<String>,
+    /// Customer or vendor id.
+    pub counterparty_id: Option<String>,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Total in units of 1/10000.
+    pub total_units: i128,
+    /// Issue date.
+    pub issue_date: NaiveDate,
+}

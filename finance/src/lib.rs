@@ -11,8 +11,9 @@ use chrono::NaiveDate;
 use polars::prelude::*;
 use rust_decimal::Decimal;
 use serde::Serialize;
+use sluice_engine::entity::Payment;
 use sluice_engine::finance::{
-    AGING_BUCKETS, AgingBuckets, AgingSide, AgingTotal, FlowTotal, ProfitTotal,
+    AGING_BUCKETS, AgingBuckets, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal,
 };
 use sluice_engine::money::display_decimal;
 use sluice_engine::{TenantSlug, Warehouse};
@@ -471,6 +472,347 @@ pub async fn aging_report<W: Warehouse>(
     off_the_runtime(move || aging(as_of, &totals)).await
 }
 
+/// Settings of the anomaly checks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AnomalyOptions {
+    /// |robust z| above this is an outlier (default 3.5).
+    pub threshold: f64,
+    /// Documents a counterparty needs in a currency before its amounts are judged
+    /// (default 5).
+    pub min_history: usize,
+}
+
+impl Default for AnomalyOptions {
+    fn default() -> Self {
+        AnomalyOptions {
+            threshold: 3.5,
+            min_history: 5,
+        }
+    }
+}
+
+/// Something that looks wrong, with the document and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Anomaly {
+    /// `amount_outlier`, `duplicate_doc_number` or `overpayment`.
+    pub kind: String,
+    /// `invoice`, `bill` or `payment`.
+    pub side: String,
+    /// The document's (or payment's) external id.
+    pub document: String,
+    /// Its currency.
+    pub currency: String,
+    /// Its customer or vendor.
+    pub counterparty_id: Option<String>,
+    /// Its amount.
+    pub amount: Decimal,
+    /// Why it is flagged.
+    pub why: String,
+}
+
+fn group() -> [Expr; 3] {
+    [col("side"), col("cp"), col("currency")]
+}
+
+/// Amount outliers and duplicate document numbers (polars), and overpayments.
+///
+/// - amount_outlier: per side, counterparty and currency with at least `min_history`
+///   documents: robust z = 0.6745 (x - median) / MAD, MAD the median absolute deviation;
+///   flagged when |z| > threshold. A group whose MAD is 0 is not judged.
+/// - duplicate_doc_number: one counterparty's doc_number on documents with different
+///   external ids (each of them is listed).
+/// - overpayment: a payment larger than the open balance of the documents it is applied
+///   to, that open balance being their totals minus the payments applied to them before it
+///   (by date, then id); payments in go to invoices, payments out to bills, same currency.
+pub fn anomalies(
+    docs: &[AnomalyDocument],
+    payments: &[Payment],
+    options: AnomalyOptions,
+) -> Result<Vec<Anomaly>, FinanceError> {
+    let mut out = Vec::new();
+    if !docs.is_empty() {
+        let df = df!(
+            "side" => docs.iter().map(|d| d.side.as_str()).collect::<Vec<_>>(),
+            "id" => docs.iter().map(|d| d.external_id.as_str()).collect::<Vec<_>>(),
+            "doc" => docs.iter().map(|d| d.doc_number.as_deref()).collect::<Vec<_>>(),
+            "cp" => docs.iter().map(|d| d.counterparty_id.as_deref()).collect::<Vec<_>>(),
+            "currency" => docs.iter().map(|d| d.currency.as_str()).collect::<Vec<_>>(),
+            "amount" => docs.iter().map(|d| d.total_units as f64 / 10_000.0).collect::<Vec<f64>>(),
+            "units" => docs.iter().map(|d| d.total_units).collect::<Vec<i128>>(),
+        )?;
+        let deviation = col("amount") - col("median");
+        let outliers = df
+            .clone()
+            .lazy()
+            .filter(col("cp").is_not_null())
+            .with_columns([
+                col("amount").median().over(group())?.alias("median"),
+                col("amount").count().over(group())?.alias("n"),
+            ])
+            .with_column(
+                when(deviation.clone().lt(lit(0.0)))
+                    .then(lit(0.0) - deviation.clone())
+                    .otherwise(deviation.clone())
+                    .alias("dev"),
+            )
+            .with_column(col("dev").median().over(group())?.alias("mad"))
+            .filter(
+                col("n")
+                    .gt_eq(lit(options.min_history as u32))
+                    .and(col("mad").gt(lit(0.0))),
+            )
+            .with_column((lit(0.6745) * deviation / col("mad")).alias("z"))
+            .filter(
+                col("z")
+                    .gt(lit(options.threshold))
+                    .or(col("z").lt(lit(-options.threshold))),
+            )
+            .sort(
+                ["side", "cp", "currency", "id"],
+                SortMultipleOptions::default(),
+            )
+            .collect()?;
+        let (side, id, cp, cur) = (
+            outliers.column("side")?.str()?.clone(),
+            outliers.column("id")?.str()?.clone(),
+            outliers.column("cp")?.str()?.clone(),
+            outliers.column("currency")?.str()?.clone(),
+        );
+        let (units_col, median, z, n) = (
+            outliers.column("units")?.i128()?.clone(),
+            outliers.column("median")?.f64()?.clone(),
+            outliers.column("z")?.f64()?.clone(),
+            outliers
+                .column("n")?
+                .cast(&DataType::UInt64)?
+                .u64()?
+                .clone(),
+        );
+        for i in 0..outliers.height() {
+            let side = side.get(i).unwrap_or_default();
+            out.push(Anomaly {
+                kind: "amount_outlier".into(),
+                side: side.to_string(),
+                document: id.get(i).unwrap_or_default().to_string(),
+                currency: cur.get(i).unwrap_or_default().to_string(),
+                counterparty_id: cp.get(i).map(str::to_string),
+                amount: display_decimal(units(&units_col, i)),
+                why: format!(
+                    "robust z-score {:.1} against the median {:.2} of {} {side}s of this counterparty (threshold {})",
+                    z.get(i).unwrap_or_default(),
+                    median.get(i).unwrap_or_default(),
+                    n.get(i).unwrap_or_default(),
+                    options.threshold
+                ),
+            });
+        }
+        let dups = df
+            .lazy()
+            .filter(col("doc").is_not_null().and(col("cp").is_not_null()))
+            .with_column(
+                col("id")
+                    .n_unique()
+                    .over([col("side"), col("cp"), col("doc")])?
+                    .alias("k"),
+            )
+            .filter(col("k").gt(lit(1u32)))
+            .sort(["side", "cp", "doc", "id"], SortMultipleOptions::default())
+            .collect()?;
+        let (side, id, cp, cur, doc) = (
+            dups.column("side")?.str()?.clone(),
+            dups.column("id")?.str()?.clone(),
+            dups.column("cp")?.str()?.clone(),
+            dups.column("currency")?.str()?.clone(),
+            dups.column("doc")?.str()?.clone(),
+        );
+        let units_col = dups.column("units")?.i128()?.clone();
+        for i in 0..dups.height() {
+            let number = doc.get(i).unwrap_or_default();
+            let others: Vec<&str> = (0..dups.height())
+                .filter(|&j| {
+                    j != i
+                        && side.get(j) == side.get(i)
+                        && cp.get(j) == cp.get(i)
+                        && doc.get(j) == doc.get(i)
+                })
+                .filter_map(|j| id.get(j))
+                .collect();
+            out.push(Anomaly {
+                kind: "duplicate_doc_number".into(),
+                side: side.get(i).unwrap_or_default().to_string(),
+                document: id.get(i).unwrap_or_default().to_string(),
+                currency: cur.get(i).unwrap_or_default().to_string(),
+                counterparty_id: cp.get(i).map(str::to_string),
+                amount: display_decimal(units(&units_col, i)),
+                why: format!(
+                    "doc_number {number} is also on {} of the same counterparty",
+                    others.join(", ")
+                ),
+            });
+        }
+    }
+    out.extend(overpayments(docs, payments));
+    Ok(out)
+}
+
+fn overpayments(docs: &[AnomalyDocument], payments: &[Payment]) -> Vec<Anomaly> {
+    let by_id: BTreeMap<(&str, &str), &AnomalyDocument> = docs
+        .iter()
+        .map(|d| ((d.side.as_str(), d.external_id.as_str()), d))
+        .collect();
+    let mut ordered: Vec<&Payment> = payments
+        .iter()
+        .filter(|p| !p.applied_to.is_empty())
+        .collect();
+    ordered.sort_by(|a, b| (a.date, &a.external_id).cmp(&(b.date, &b.external_id)));
+    let mut paid: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (n, p) in ordered.iter().enumerate() {
+        let side = if p.direction == "in" {
+            "invoice"
+        } else {
+            "bill"
+        };
+        let targets: Vec<&AnomalyDocument> = p
+            .applied_to
+            .iter()
+            .filter_map(|id| by_id.get(&(side, id.as_str())).copied())
+            .filter(|d| d.currency == p.currency)
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        let total: Decimal = targets.iter().map(|d| display_decimal(d.total_units)).sum();
+        let mut earlier: Vec<usize> = targets
+            .iter()
+            .flat_map(|d| {
+                paid.get(&(side, d.external_id.as_str()))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        earlier.sort_unstable();
+        earlier.dedup();
+        let before: Decimal = earlier.iter().map(|&i| ordered[i].amount).sum();
+        let open = total - before;
+        if p.amount > open {
+            out.push(Anomaly {
+                kind: "overpayment".into(),
+                side: "payment".into(),
+                document: p.external_id.clone(),
+                currency: p.currency.clone(),
+                counterparty_id: p.counterparty_id.clone(),
+                amount: p.amount,
+                why: format!(
+                    "pays {} against an open balance of {open} on {}",
+                    p.amount,
+                    targets
+                        .iter()
+                        .map(|d| d.external_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        for d in &targets {
+            paid.entry((side, d.external_id.as_str()))
+                .or_default()
+                .push(n);
+        }
+    }
+    out
+}
+
+/// The anomalies of a tenant.
+pub async fn anomalies_report<W: Warehouse>(
+    warehouse: &W,
+    tenant: &TenantSlug,
+    options: AnomalyOptions,
+) -> Result<Vec<Anomaly>, FinanceError> {
+    let docs = warehouse.anomaly_documents(tenant).await?;
+    let payments = warehouse.payments(tenant).await?;
+    off_the_runtime(move || anomalies(&docs, &payments, options)).await
+}
+
+/// One currency's line of the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DashboardCurrency {
+    /// Over [from, to].
+    pub cash_flow: Flow,
+    /// As of `as_of`.
+    pub ar_aging: AgingBuckets,
+    /// As of `as_of`.
+    pub ap_aging: AgingBuckets,
+    /// Over [from, to].
+    pub profitability: Profit,
+    /// Anomalies in this currency.
+    pub anomalies_count: u64,
+}
+
+/// Cash flow, AR/AP aging, profitability and the anomaly count, per currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dashboard {
+    /// The aging date.
+    pub as_of: NaiveDate,
+    /// First day of the period.
+    pub from: NaiveDate,
+    /// Last day of the period.
+    pub to: NaiveDate,
+    /// Per currency.
+    pub currencies: BTreeMap<String, DashboardCurrency>,
+}
+
+/// The dashboard of a tenant.
+pub async fn dashboard<W: Warehouse>(
+    warehouse: &W,
+    tenant: &TenantSlug,
+    as_of: NaiveDate,
+    from: NaiveDate,
+    to: NaiveDate,
+    options: AnomalyOptions,
+) -> Result<Dashboard, FinanceError> {
+    let flow = cash_flow_report(warehouse, tenant, from, to).await?;
+    let ar = aging_report(warehouse, tenant, AgingSide::Receivable, as_of).await?;
+    let ap = aging_report(warehouse, tenant, AgingSide::Payable, as_of).await?;
+    let profit = profitability_report(warehouse, tenant, from, to).await?;
+    let anomalies = anomalies_report(warehouse, tenant, options).await?;
+    let mut out: BTreeMap<String, DashboardCurrency> = BTreeMap::new();
+    fn slot<'a>(
+        out: &'a mut BTreeMap<String, DashboardCurrency>,
+        currency: &str,
+    ) -> &'a mut DashboardCurrency {
+        out.entry(currency.to_string())
+            .or_insert_with(|| DashboardCurrency {
+                cash_flow: Flow::default(),
+                ar_aging: AgingBuckets::zero(),
+                ap_aging: AgingBuckets::zero(),
+                profitability: Profit::default(),
+                anomalies_count: 0,
+            })
+    }
+    for (c, f) in &flow.currencies {
+        slot(&mut out, c).cash_flow = f.total;
+    }
+    for (c, a) in &ar.currencies {
+        slot(&mut out, c).ar_aging = a.buckets.clone();
+    }
+    for (c, a) in &ap.currencies {
+        slot(&mut out, c).ap_aging = a.buckets.clone();
+    }
+    for (c, p) in &profit.currencies {
+        slot(&mut out, c).profitability = p.total;
+    }
+    for a in &anomalies {
+        slot(&mut out, &a.currency).anomalies_count += 1;
+    }
+    Ok(Dashboard {
+        as_of,
+        from,
+        to,
+        currencies: out,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,5 +884,82 @@ mod profit_tests {
         );
         assert_eq!(usd.monthly[1].profit.gross_margin, None);
         assert_eq!(usd.total.net_profit.to_string(), "149.00");
+    }
+}
+
+#[cfg(test)]
+mod anomaly_tests {
+    use super::*;
+
+    fn doc(id: &str, number: &str, cp: &str, units: i128) -> AnomalyDocument {
+        AnomalyDocument {
+            side: "invoice".into(),
+            external_id: id.into(),
+            doc_number: Some(number.into()),
+            counterparty_id: Some(cp.into()),
+            currency: "USD".into(),
+            total_units: units,
+            issue_date: NaiveDate::from_ymd_opt(2024, 1, 1).expect("date"),
+        }
+    }
+
+    fn pay(id: &str, day: u32, cents: i64, to: &[&str]) -> Payment {
+        Payment {
+            external_id: id.into(),
+            direction: "in".into(),
+            counterparty_id: Some("C1".into()),
+            date: NaiveDate::from_ymd_opt(2024, 2, day).expect("date"),
+            amount: Decimal::new(cents, 2),
+            currency: "USD".into(),
+            applied_to: to.iter().map(|s| s.to_string()).collect(),
+            updated_at: None,
+        }
+    }
+
+    #[test]
+    fn outliers_duplicates_and_overpayments_are_found_and_nothing_else() {
+        let mut docs: Vec<AnomalyDocument> = (0..10)
+            .map(|i| {
+                doc(
+                    &format!("I{i}"),
+                    &format!("N{i}"),
+                    "C1",
+                    1_000_000 + i * 10_000,
+                )
+            })
+            .collect();
+        docs.push(doc("BIG", "N99", "C1", 100_000_000));
+        // Too little history to judge: C2's one large invoice is fine.
+        docs.push(doc("C2A", "M1", "C2", 10_000));
+        docs.push(doc("C2B", "M2", "C2", 90_000_000));
+        // The same number under two ids of one counterparty; another counterparty's N1 is fine.
+        docs.push(doc("DUP", "N1", "C1", 1_000_000));
+        docs.push(doc("X1", "N1", "C3", 1_000_000));
+        let payments = [
+            pay("P1", 1, 6_000, &["I0"]),  // 60.00 of 100.00
+            pay("P2", 2, 6_000, &["I0"]),  // another 60.00: 20.00 too much
+            pay("P3", 3, 10_100, &["I1"]), // 101.00 of 101.00: fine
+            pay("P4", 4, 5_000, &["I9", "BIG"]),
+        ];
+        let found = anomalies(&docs, &payments, AnomalyOptions::default()).expect("anomalies");
+        let kinds: Vec<(String, String)> = found
+            .iter()
+            .map(|a| (a.kind.clone(), a.document.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("amount_outlier".to_string(), "BIG".to_string()),
+                ("duplicate_doc_number".to_string(), "DUP".to_string()),
+                ("duplicate_doc_number".to_string(), "I1".to_string()),
+                ("overpayment".to_string(), "P2".to_string()),
+            ]
+        );
+        assert!(
+            found[3].why.contains("open balance of 40.00"),
+            "{}",
+            found[3].why
+        );
+        assert!(found[1].why.contains("I1"), "{}", found[1].why);
     }
 }

@@ -409,6 +409,12 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     ) -> sluice_engine::Result<Vec<sluice_engine::finance::AgingTotal>> {
         self.inner.aging_totals(t, side, as_of).await
     }
+    async fn anomaly_documents(
+        &self,
+        t: &TenantSlug,
+    ) -> sluice_engine::Result<Vec<sluice_engine::finance::AnomalyDocument>> {
+        self.inner.anomaly_documents(t).await
+    }
     async fn settle_replay(
         &self,
         t: &TenantSlug,

@@ -29,7 +29,7 @@ pub use sqlite::SqliteWarehouse;
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, Invoice, Payment};
 use crate::error::Result;
-use crate::finance::{AgingReport, AgingSide, AgingTotal, FlowTotal, ProfitTotal};
+use crate::finance::{AgingReport, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::quarantine::{QuarantineFilter, QuarantineRecord, QuarantineStats, QuarantinedRow};
 use crate::tenant::TenantSlug;
@@ -38,6 +38,29 @@ use crate::validate::CellError;
 /// An aging sum as the warehouses read it: currency, counterparty id and name, bucket, and
 /// the sum (text or integer units, per warehouse).
 type AgingRow<Sum> = (String, Option<String>, Option<String>, String, Sum);
+
+/// An anomaly document as the warehouses read it: side, external id, doc number,
+/// counterparty, currency, total (text or integer units), issue date.
+type DocumentRow<Sum, Day> = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    Sum,
+    Day,
+);
+
+/// The query body of [`Warehouse::anomaly_documents`] over `invoices` and `bills` tables
+/// and a total expression.
+fn anomaly_documents_sql(invoices: &str, bills: &str, total: &str) -> String {
+    let live = "deleted_at IS NULL AND status <> 'void' AND kind <> 'credit_note'";
+    format!(
+        "SELECT 'invoice', external_id, doc_number, customer_id, currency, {total}, issue_date FROM {invoices} WHERE {live} \
+         UNION ALL \
+         SELECT 'bill', external_id, doc_number, vendor_id, currency, {total}, issue_date FROM {bills} WHERE {live}"
+    )
+}
 
 /// Which run is committing, to which tenant, pipeline and stream.
 #[derive(Debug, Clone)]
@@ -217,6 +240,13 @@ pub trait Warehouse: Send + Sync {
         side: AgingSide,
         as_of: NaiveDate,
     ) -> impl Future<Output = Result<Vec<AgingTotal>>> + Send;
+
+    /// Live, non-void invoices and bills (not credit notes), with only the columns the
+    /// anomaly checks read.
+    fn anomaly_documents(
+        &self,
+        tenant: &TenantSlug,
+    ) -> impl Future<Output = Result<Vec<AnomalyDocument>>> + Send;
 
     /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
     /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their

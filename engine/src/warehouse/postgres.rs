@@ -23,8 +23,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
 use super::{
-    AgingRow, BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns,
-    quote_ident,
+    AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState, Warehouse,
+    anomaly_documents_sql, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -34,7 +34,9 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide, AgingTotal, FlowTotal, ProfitTotal};
+use crate::finance::{
+    AgingBuckets, AgingReport, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal,
+};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{
@@ -1240,6 +1242,36 @@ impl Warehouse for PostgresWarehouse {
                     })?,
                 })
             })
+            .collect()
+    }
+
+    async fn anomaly_documents(&self, tenant: &TenantSlug) -> Result<Vec<AnomalyDocument>> {
+        self.prepare_tenant(tenant).await?;
+        let rows: Vec<DocumentRow<String, NaiveDate>> =
+            sqlx::query_as(AssertSqlSafe(anomaly_documents_sql(
+                &table(tenant, "invoices"),
+                &table(tenant, "bills"),
+                "(total * 10000)::numeric(38, 0)::text",
+            )))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading documents"))?;
+        rows.into_iter()
+            .map(
+                |(side, external_id, doc_number, counterparty_id, currency, units, issue_date)| {
+                    Ok(AnomalyDocument {
+                        side,
+                        external_id,
+                        doc_number,
+                        counterparty_id,
+                        currency,
+                        total_units: units.parse().map_err(|_| {
+                            EngineError::new(ErrorKind::Warehouse, format!("a total is {units:?}"))
+                        })?,
+                        issue_date,
+                    })
+                },
+            )
             .collect()
     }
 

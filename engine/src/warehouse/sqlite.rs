@@ -21,8 +21,8 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
-    AgingRow, BatchCommitted, LoadBatch, RunScope, StreamState, Warehouse, load_columns,
-    quote_ident,
+    AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState, Warehouse,
+    anomaly_documents_sql, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -32,7 +32,9 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingBuckets, AgingReport, AgingSide, AgingTotal, FlowTotal, ProfitTotal};
+use crate::finance::{
+    AgingBuckets, AgingReport, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal,
+};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::display_decimal;
 use crate::quarantine::{
@@ -843,6 +845,37 @@ impl Warehouse for SqliteWarehouse {
                 amount_units: i128::from(units),
             })
             .collect())
+    }
+
+    async fn anomaly_documents(&self, tenant: &TenantSlug) -> Result<Vec<AnomalyDocument>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows: Vec<DocumentRow<i64, String>> = sqlx::query_as(AssertSqlSafe(
+            anomaly_documents_sql("invoices", "bills", "total"),
+        ))
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading documents", e))?;
+        rows.into_iter()
+            .map(
+                |(side, external_id, doc_number, counterparty_id, currency, units, day)| {
+                    Ok(AnomalyDocument {
+                        side,
+                        external_id,
+                        doc_number,
+                        counterparty_id,
+                        currency,
+                        total_units: i128::from(units),
+                        issue_date: NaiveDate::from_str(&day).map_err(|e| {
+                            EngineError::new(
+                                ErrorKind::Warehouse,
+                                format!("issue_date holds {day:?}"),
+                            )
+                            .with_source(e)
+                        })?,
+                    })
+                },
+            )
+            .collect()
     }
 
     async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
