@@ -346,14 +346,6 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     ) -> sluice_engine::Result<Option<QuarantinedRow>> {
         self.inner.quarantined_row(t, id).await
     }
-    async fn aging(
-        &self,
-        t: &TenantSlug,
-        side: AgingSide,
-        as_of: NaiveDate,
-    ) -> sluice_engine::Result<AgingReport> {
-        self.inner.aging(t, side, as_of).await
-    }
     async fn invoices(&self, t: &TenantSlug) -> sluice_engine::Result<Vec<Invoice>> {
         self.inner.invoices(t).await
     }

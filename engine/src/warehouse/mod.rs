@@ -267,13 +267,29 @@ pub trait Warehouse: Send + Sync {
         id: &str,
     ) -> impl Future<Output = Result<Option<QuarantinedRow>>> + Send;
 
-    /// Open balances by currency and aging bucket (see [`crate::finance`]).
+    /// Open balances by currency and aging bucket (see [`crate::finance`]): the sums of
+    /// [`Warehouse::aging_totals`] over counterparties.
     fn aging(
         &self,
         tenant: &TenantSlug,
         side: AgingSide,
         as_of: NaiveDate,
-    ) -> impl Future<Output = Result<AgingReport>> + Send;
+    ) -> impl Future<Output = Result<AgingReport>> + Send {
+        async move {
+            let mut report = AgingReport {
+                as_of,
+                currencies: Default::default(),
+            };
+            for t in self.aging_totals(tenant, side, as_of).await? {
+                report
+                    .currencies
+                    .entry(t.currency)
+                    .or_insert_with(crate::finance::AgingBuckets::zero)
+                    .add(&t.bucket, crate::money::display_decimal(t.amount_units));
+            }
+            Ok(report)
+        }
+    }
 
     /// Every loaded invoice of the tenant, ordered by source and external id.
     fn invoices(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Invoice>>> + Send;

@@ -34,9 +34,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{
-    AgingBuckets, AgingReport, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal,
-};
+use crate::finance::{AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{
@@ -1084,47 +1082,6 @@ impl Warehouse for PostgresWarehouse {
         .await
         .map_err(db("reading quarantine"))?;
         row.map(|r| quarantined_from_row(tenant, &r)).transpose()
-    }
-
-    async fn aging(
-        &self,
-        tenant: &TenantSlug,
-        side: AgingSide,
-        as_of: NaiveDate,
-    ) -> Result<AgingReport> {
-        self.prepare_tenant(tenant).await?;
-        let source = match side {
-            AgingSide::Receivable => table(tenant, "invoices"),
-            AgingSide::Payable => table(tenant, "bills"),
-        };
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT currency, \
-               CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
-                    WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
-               SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) AS open \
-             FROM (SELECT currency, kind, balance, ($1::date - due_date) AS d FROM {source} \
-                   WHERE balance > 0 AND status <> 'void' AND deleted_at IS NULL AND due_date IS NOT NULL) open_docs \
-             GROUP BY currency, bucket"
-        )))
-        .bind(as_of)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("computing aging"))?;
-        let mut report = AgingReport {
-            as_of,
-            currencies: Default::default(),
-        };
-        for r in rows {
-            let currency: String = r.try_get("currency").map_err(db("currency"))?;
-            let bucket: String = r.try_get("bucket").map_err(db("bucket"))?;
-            let open: Decimal = r.try_get("open").map_err(db("open balance"))?;
-            report
-                .currencies
-                .entry(currency)
-                .or_insert_with(AgingBuckets::zero)
-                .add(&bucket, normalize(Some(open))?);
-        }
-        Ok(report)
     }
 
     async fn cash_flow_totals(

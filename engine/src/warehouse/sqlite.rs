@@ -32,9 +32,7 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{
-    AgingBuckets, AgingReport, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal,
-};
+use crate::finance::{AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::display_decimal;
 use crate::quarantine::{
@@ -699,55 +697,6 @@ impl Warehouse for SqliteWarehouse {
             .await
             .map_err(|e| EngineError::from_sqlx("reading quarantine", e))?;
         row.map(|r| quarantined_from_row(tenant, &r)).transpose()
-    }
-
-    async fn aging(
-        &self,
-        tenant: &TenantSlug,
-        side: AgingSide,
-        as_of: NaiveDate,
-    ) -> Result<AgingReport> {
-        let pool = self.pool(tenant, false).await?;
-        let table = match side {
-            AgingSide::Receivable => "invoices",
-            AgingSide::Payable => "bills",
-        };
-        // Days past due as of D: D - due_date. Credit notes reduce what is owed.
-        let sql = format!(
-            "SELECT currency, \
-               CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
-                    WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
-               SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) AS open \
-             FROM (SELECT currency, kind, balance, CAST(julianday(?1) - julianday(due_date) AS INTEGER) AS d \
-                   FROM {table} WHERE balance > 0 AND status <> 'void' AND deleted_at IS NULL AND due_date IS NOT NULL) \
-             GROUP BY currency, bucket"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(as_of.format("%Y-%m-%d").to_string())
-            .fetch_all(&pool)
-            .await
-            .map_err(|e| EngineError::from_sqlx("computing aging", e))?;
-        let mut report = AgingReport {
-            as_of,
-            currencies: Default::default(),
-        };
-        for r in rows {
-            let currency: String = r
-                .try_get("currency")
-                .map_err(|e| EngineError::from_sqlx("currency", e))?;
-            let bucket: String = r
-                .try_get("bucket")
-                .map_err(|e| EngineError::from_sqlx("bucket", e))?;
-            let open: i64 = r
-                .try_get("open")
-                .map_err(|e| EngineError::from_sqlx("open balance", e))?;
-            report
-                .currencies
-                .entry(currency)
-                .or_insert_with(AgingBuckets::zero)
-                .add(&bucket, display_decimal(i128::from(open)));
-        }
-        Ok(report)
     }
 
     async fn cash_flow_totals(
