@@ -83,6 +83,14 @@ fn units(ca: &Int128Chunked, i: usize) -> i128 {
     ca.get(i).unwrap_or(0)
 }
 
+/// The sum of `amount` over the group's rows whose `key` is `value` (0 when none).
+fn amount_where(key: &str, value: &str) -> Expr {
+    col("amount")
+        .filter(col(key).eq(lit(value)))
+        .sum()
+        .fill_null(lit(0i128))
+}
+
 /// Assembles the cash-flow report from the warehouse's monthly sums.
 pub fn cash_flow(
     from: NaiveDate,
@@ -103,16 +111,13 @@ pub fn cash_flow(
         "month" => totals.iter().map(|t| t.month.as_str()).collect::<Vec<_>>(),
         "amount" => totals.iter().map(|t| t.amount_units).collect::<Vec<i128>>(),
     )?;
-    let sum_of = |direction: &str| {
-        col("amount")
-            .filter(col("direction").eq(lit(direction)))
-            .sum()
-            .fill_null(lit(0i128))
-    };
     let monthly = df
         .lazy()
         .group_by([col("currency"), col("month")])
-        .agg([sum_of("in").alias("inflow"), sum_of("out").alias("outflow")])
+        .agg([
+            amount_where("direction", "in").alias("inflow"),
+            amount_where("direction", "out").alias("outflow"),
+        ])
         .with_column((col("inflow") - col("outflow")).alias("net"))
         .sort(["currency", "month"], SortMultipleOptions::default())
         .collect()?;
@@ -267,19 +272,13 @@ pub fn profitability(
         "line" => totals.iter().map(|t| t.line.as_str()).collect::<Vec<_>>(),
         "amount" => totals.iter().map(|t| t.amount_units).collect::<Vec<i128>>(),
     )?;
-    let line = |name: &str| {
-        col("amount")
-            .filter(col("line").eq(lit(name)))
-            .sum()
-            .fill_null(lit(0i128))
-    };
     let monthly = df
         .lazy()
         .group_by([col("currency"), col("month")])
         .agg([
-            line("revenue").alias("revenue"),
-            line("cogs").alias("cogs"),
-            line("expense").alias("expense"),
+            amount_where("line", "revenue").alias("revenue"),
+            amount_where("line", "cogs").alias("cogs"),
+            amount_where("line", "expense").alias("expense"),
         ])
         .sort(["currency", "month"], SortMultipleOptions::default())
         .collect()?;
@@ -392,13 +391,7 @@ pub fn aging(as_of: NaiveDate, totals: &[AgingTotal]) -> Result<AgingDetail, Fin
     )?;
     let per_bucket: Vec<Expr> = AGING_BUCKETS
         .iter()
-        .map(|b| {
-            col("amount")
-                .filter(col("bucket").eq(lit(*b)))
-                .sum()
-                .fill_null(lit(0i128))
-                .alias(*b)
-        })
+        .map(|b| amount_where("bucket", b).alias(*b))
         .collect();
     let mut by_party = per_bucket.clone();
     by_party.push(col("name").max().alias("name"));
