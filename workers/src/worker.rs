@@ -83,15 +83,23 @@ impl Default for WorkerOptions {
     }
 }
 
-/// `host-pid-queue-index`: unique among the workers of every machine.
-pub fn worker_name(queue: QueueName, index: usize) -> String {
+/// `host-pid-queue-index`, and `.N` after the worker's Nth restart: unique among the
+/// workers of every machine and among the incarnations of one worker. A restarted worker
+/// must not reuse its name: a job the dead incarnation had fetched sits in that name's
+/// in-flight set, and only a name that stops heartbeating has its jobs handed back.
+pub fn worker_name(queue: QueueName, index: usize, restarts: usize) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into());
-    format!("{host}-{}-{}-{index}", std::process::id(), queue.as_str())
+    let name = format!("{host}-{}-{}-{index}", std::process::id(), queue.as_str());
+    if restarts == 0 {
+        name
+    } else {
+        format!("{name}.{restarts}")
+    }
 }
 
 async fn sync_handler<W>(
@@ -139,12 +147,12 @@ where
     macro_rules! register {
         ($storage:ident, $job:ty, $queue:expr, $count:expr, $handler:expr) => {{
             let (env, q) = (env.clone(), queues.clone());
-            monitor = monitor.register_n($count, move |index, _| {
+            monitor = monitor.register_n($count, move |index, restarts| {
                 let storage = q
                     .$storage::<$job>($queue)
                     .unwrap_or_else(|| unreachable!("the queue's backend was checked"))
                     .poll_with_interval(q.settings().poll_interval);
-                WorkerBuilder::new(worker_name($queue, index))
+                WorkerBuilder::new(worker_name($queue, index, restarts))
                     .backend(storage)
                     .concurrency(1)
                     .parallelize(tokio::spawn)
@@ -681,5 +689,19 @@ async fn keep_renewed(
             },
             Err(e) => tracing::warn!(error = %e, "renewing the pipeline lock"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_worker_takes_a_new_name() {
+        let first = worker_name(QueueName::Sync, 0, 0);
+        let again = worker_name(QueueName::Sync, 0, 1);
+        assert!(first.ends_with("-sync-0"), "{first}");
+        assert_eq!(again, format!("{first}.1"));
+        assert_ne!(worker_name(QueueName::Replay, 0, 0), first);
     }
 }
