@@ -214,7 +214,7 @@ async fn main() {
     let t = Instant::now();
     let report_run = run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source).expect("source"),
+        &PipelineSource::from_spec(&spec.source, None).expect("source"),
         &*w,
         &RunOptions::default(),
         &Quiet,

@@ -73,6 +73,7 @@ fn source_batches() -> Vec<SourceBatch> {
         let schema = Arc::new(arrow_schema_of());
         let records = RecordBatch::try_new(schema, arrays).expect("batch");
         batches.push(SourceBatch {
+            deletions: Vec::new(),
             records,
             positions: (start as u64 + 2..(start + n) as u64 + 2).collect(),
             rejects: Vec::new(),

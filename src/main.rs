@@ -654,6 +654,7 @@ async fn run_command<W: sluice_api::Store>(
 ) -> Result<ExitCode> {
     let env =
         |queues: Queues| Arc::new(WorkerEnv::new(warehouse.clone(), Arc::new(queues), policy));
+    let shared = warehouse.clone();
     let warehouse = &*warehouse;
     match command {
         Command::Trigger(args) => trigger(env(Queues::connect(queue).await?), &args).await,
@@ -709,10 +710,10 @@ async fn run_command<W: sluice_api::Store>(
                 Ok(ExitCode::SUCCESS)
             }
         }
-        Command::Source(cmd) => source_command(cmd).await,
+        Command::Source(cmd) => source_command(shared, cmd).await,
         Command::Runs(cmd) => runs_command(warehouse, cmd).await,
-        Command::DeadLetters(cmd) => dead_letters_command(warehouse, cmd).await,
-        Command::Sync(args) => sync(warehouse, &args).await,
+        Command::DeadLetters(cmd) => dead_letters_command(shared, cmd).await,
+        Command::Sync(args) => sync(shared, &args).await,
         Command::Quarantine(cmd) => quarantine(warehouse, cmd).await,
         Command::Finance(FinanceCommand::ArAging(a)) => {
             aging(warehouse, AgingSide::Receivable, &a).await
@@ -836,10 +837,11 @@ async fn runs_command<W: Warehouse>(warehouse: &W, cmd: RunsCommand) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dead_letters_command<W: Warehouse + PipelineStore>(
-    warehouse: &W,
+async fn dead_letters_command<W: Warehouse + PipelineStore + 'static>(
+    shared: Arc<W>,
     cmd: DeadLettersCommand,
 ) -> Result<ExitCode> {
+    let warehouse = &*shared;
     match cmd {
         DeadLettersCommand::List {
             tenant,
@@ -880,15 +882,7 @@ async fn dead_letters_command<W: Warehouse + PipelineStore>(
         } => {
             if let Some(file) = &pipeline {
                 let spec = PipelineSpec::from_file(file)?;
-                let (fields, secrets) = spec.to_stored();
-                warehouse
-                    .save_pipeline(
-                        &TenantSlug::parse(&spec.tenant)?,
-                        &spec.name,
-                        &fields,
-                        &secrets,
-                    )
-                    .await?;
+                sluice_pipelines::register_pipeline(warehouse, &spec).await?;
             }
             let mut found = None;
             for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
@@ -908,7 +902,7 @@ async fn dead_letters_command<W: Warehouse + PipelineStore>(
                     )
                 })?;
             let spec = PipelineSpec::from_stored(&stored.spec, &stored.secrets)?;
-            let source = PipelineSource::from_spec(&spec.source)?;
+            let source = PipelineSource::for_pipeline(&spec, shared.clone())?;
             let outcome = sluice_workers::jobs::replay_dead_letter(
                 &tenant,
                 &id,
@@ -956,16 +950,19 @@ async fn dead_letters_command<W: Warehouse + PipelineStore>(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn source_command(cmd: SourceCommand) -> Result<ExitCode> {
+async fn source_command<W: PipelineStore + 'static>(
+    store: Arc<W>,
+    cmd: SourceCommand,
+) -> Result<ExitCode> {
     match cmd {
         SourceCommand::Check { pipeline } => {
             let spec = PipelineSpec::from_file(&pipeline)?;
-            let report = PipelineSource::from_spec(&spec.source)?.check().await?;
+            let report = PipelineSource::for_pipeline(&spec, store)?.check().await?;
             println!("ok: {} ({} ms)", report.detail, report.latency.as_millis());
         }
         SourceCommand::Discover { pipeline, json } => {
             let spec = PipelineSpec::from_file(&pipeline)?;
-            let source = PipelineSource::from_spec(&spec.source)?;
+            let source = PipelineSource::for_pipeline(&spec, store)?;
             let listing: Vec<serde_json::Value> = match &source {
                 PipelineSource::Sql(sql) => sql
                     .catalog()
@@ -1232,10 +1229,7 @@ async fn trigger<W: Warehouse + PipelineStore + 'static>(
     let (tenant, name) = if path.extension().is_some_and(|e| e == "toml") || path.is_file() {
         let spec = PipelineSpec::from_file(path)?;
         let tenant = TenantSlug::parse(&spec.tenant)?;
-        let (fields, secrets) = spec.to_stored();
-        env.warehouse
-            .save_pipeline(&tenant, &spec.name, &fields, &secrets)
-            .await?;
+        sluice_pipelines::register_pipeline(&*env.warehouse, &spec).await?;
         (tenant, spec.name)
     } else {
         let tenant = args
@@ -1344,9 +1338,13 @@ async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
     }
 }
 
-async fn sync<W: Warehouse>(warehouse: &W, args: &SyncArgs) -> Result<ExitCode> {
+async fn sync<W: Warehouse + PipelineStore + 'static>(
+    warehouse: Arc<W>,
+    args: &SyncArgs,
+) -> Result<ExitCode> {
     let spec = PipelineSpec::from_file(&args.pipeline)?;
-    let source = PipelineSource::from_spec(&spec.source)?;
+    let source = PipelineSource::for_pipeline(&spec, warehouse.clone())?;
+    let warehouse = &*warehouse;
     let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
     let result = run_pipeline(&spec, &source, warehouse, &RunOptions::default(), &progress).await;
     progress.finish();

@@ -96,7 +96,7 @@ fn spec(dir: &Path, csv: &str) -> PipelineSpec {
 }
 
 async fn load<W: Warehouse>(w: &W, spec: &PipelineSpec) {
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     run_pipeline(spec, &source, w, &RunOptions::default(), &Quiet)
         .await
         .expect("sync");

@@ -327,7 +327,7 @@ async fn ten_thousand_sharing_one_updated_at(kind: &str, url: &str, cursor: &str
     let dir = tempfile::tempdir().expect("tmp");
     let w = SqliteWarehouse::new(dir.path().join("data"));
     let spec = spec(dir.path(), kind, url, cursor, 1000);
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     let report = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("run");
@@ -374,7 +374,7 @@ async fn rows_inserted_and_updated_between_runs_are_picked_up_once() {
         let dir = tempfile::tempdir().expect("tmp");
         let w = SqliteWarehouse::new(dir.path().join("data"));
         let spec = spec(dir.path(), kind, &url, "[\"updated_at\", \"id\"]", 700);
-        let source = PipelineSource::from_spec(&spec.source).expect("source");
+        let source = PipelineSource::from_spec(&spec.source, None).expect("source");
         run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
             .await
             .expect("first run");
@@ -453,7 +453,7 @@ async fn a_source_connection_killed_mid_stream_is_retryable_and_the_rerun_resume
         "[\"updated_at\", \"id\"]",
         500,
     );
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     let url = pg.url.clone();
     let observer = KillAfterFirstBatch {
         done: Mutex::new(false),
@@ -567,7 +567,7 @@ async fn soft_deleted_rows_are_marked_and_leave_the_figures() {
         );
         let spec = PipelineSpec::from_toml(&text).expect("spec");
         let w = SqliteWarehouse::new(dir.path().join("data"));
-        let source = PipelineSource::from_spec(&spec.source).expect("source");
+        let source = PipelineSource::from_spec(&spec.source, None).expect("source");
         run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
             .await
             .expect("first");
@@ -688,7 +688,7 @@ async fn a_full_refresh_reads_everything_each_run_and_finds_it_unchanged() {
         pg.url
     );
     let spec = PipelineSpec::from_toml(&text).expect("spec");
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     let first = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("first");

@@ -50,7 +50,7 @@ async fn messy_file_accounting_matches_the_generator_exactly() {
     let (csv, exp) = messy_invoices(20_000, 7);
     let spec = write_pipeline(dir.path(), &csv, 1000);
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
 
     let report = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
@@ -139,7 +139,7 @@ async fn rerunning_the_same_file_changes_nothing() {
     let (csv, exp) = messy_invoices(5_000, 11);
     let spec = write_pipeline(dir.path(), &csv, 700);
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("first run");
@@ -180,7 +180,7 @@ async fn a_newer_version_in_a_later_file_updates_and_an_older_one_does_not() {
         10,
     );
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("first");
@@ -215,7 +215,7 @@ async fn failure_after_batch_k_resumes_without_duplicates_or_loss() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (csv, exp) = messy_invoices(12_000, 23);
     let spec = write_pipeline(dir.path(), &csv, 1000);
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
 
     let failing = FailingWarehouse::new(SqliteWarehouse::new(dir.path().join("data")), 4);
     let err = run_pipeline(&spec, &source, &failing, &RunOptions::default(), &Quiet)
@@ -291,7 +291,7 @@ async fn ar_aging_matches_an_independent_computation() {
     let (csv, exp) = messy_invoices(8_000, 99);
     let spec = write_pipeline(dir.path(), &csv, 2048);
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source).expect("source");
+    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("run");
@@ -338,7 +338,7 @@ async fn aging_buckets_respect_the_boundary_days_void_and_credit_notes() {
     let w = SqliteWarehouse::new(dir.path().join("data"));
     run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source).expect("source"),
+        &PipelineSource::from_spec(&spec.source, None).expect("source"),
         &w,
         &RunOptions::default(),
         &Quiet,
@@ -384,7 +384,7 @@ async fn sync_csv(
     let w = SqliteWarehouse::new(dir.join("data"));
     let report = run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source).expect("source"),
+        &PipelineSource::from_spec(&spec.source, None).expect("source"),
         &w,
         &RunOptions::default(),
         &Quiet,

@@ -257,7 +257,7 @@ pub async fn pipeline_health<W: Store>(
     let tenant = caller.tenant_with(Role::Viewer)?;
     let p = stored(&s, tenant, &name).await?;
     let spec = PipelineSpec::from_stored(&p.spec, &p.secrets)?;
-    let checked = match PipelineSource::from_spec(&spec.source) {
+    let checked = match PipelineSource::for_pipeline(&spec, s.warehouse.clone()) {
         Ok(source) => source.check().await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -969,13 +969,16 @@ pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Re
     let tenant = caller.tenant_with(Role::Viewer)?;
     let pipelines = s.warehouse.pipelines(tenant).await?;
     let now = chrono::Utc::now();
-    let checks = pipelines.iter().map(|p| async move {
-        let spec = PipelineSpec::from_stored(&p.spec, &p.secrets).map_err(|e| e.to_string())?;
-        let source = PipelineSource::from_spec(&spec.source).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(CHECK_TIMEOUT, source.check()).await {
-            Ok(Ok(h)) => Ok((h.detail, h.latency.as_millis() as u64)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
+    let checks = pipelines.iter().map(|p| {
+        let store = s.warehouse.clone();
+        async move {
+            let spec = PipelineSpec::from_stored(&p.spec, &p.secrets).map_err(|e| e.to_string())?;
+            let source = PipelineSource::for_pipeline(&spec, store).map_err(|e| e.to_string())?;
+            match tokio::time::timeout(CHECK_TIMEOUT, source.check()).await {
+                Ok(Ok(h)) => Ok((h.detail, h.latency.as_millis() as u64)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
+            }
         }
     });
     let health = futures_util::future::join_all(checks).await;

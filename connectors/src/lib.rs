@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod api;
 pub mod error;
 pub mod file;
 mod source;
@@ -7,6 +8,6 @@ pub mod sql;
 
 pub use error::{SourceError, SourceErrorKind};
 pub use source::{
-    BatchStream, HealthReport, ReadRequest, RejectedRecord, Source, SourceBatch, StreamInfo,
-    SyncMode,
+    BatchStream, Deletion, HealthReport, ReadRequest, RejectedRecord, Source, SourceBatch,
+    StreamInfo, SyncMode,
 };

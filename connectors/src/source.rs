@@ -67,6 +67,17 @@ pub struct RejectedRecord {
     pub message: String,
 }
 
+/// A record the source reports as deleted (an API's tombstone): only its id and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    /// Its source position (see [`SourceBatch::positions`]).
+    pub position: u64,
+    /// The deleted record's `external_id`.
+    pub external_id: String,
+    /// When it was deleted, UTC microseconds.
+    pub deleted_at: i64,
+}
+
 /// One batch of a stream.
 #[derive(Debug, Clone)]
 pub struct SourceBatch {
@@ -77,6 +88,8 @@ pub struct SourceBatch {
     pub positions: Vec<u64>,
     /// Records read in this batch that could not become rows.
     pub rejects: Vec<RejectedRecord>,
+    /// Records the source reports deleted; the warehouse marks its copies deleted.
+    pub deletions: Vec<Deletion>,
     /// The cursor reached at the end of this batch: committing it means every record up to
     /// here is loaded or quarantined.
     pub cursor: Value,
@@ -87,9 +100,9 @@ pub struct SourceBatch {
 }
 
 impl SourceBatch {
-    /// Records read in this batch, rows and rejects together.
+    /// Records read in this batch: rows, rejects and deletions together.
     pub fn records_read(&self) -> u64 {
-        (self.records.num_rows() + self.rejects.len()) as u64
+        (self.records.num_rows() + self.rejects.len() + self.deletions.len()) as u64
     }
 }
 

@@ -9,8 +9,11 @@ pub mod runner;
 pub mod source;
 pub mod spec;
 pub mod stored;
+pub mod tokens;
 
 pub use error::{PipelineError, PipelineErrorKind};
 pub use runner::{Quiet, RunObserver, RunOptions, RunReport, run_pipeline};
 pub use source::PipelineSource;
 pub use spec::PipelineSpec;
+pub use stored::register_pipeline;
+pub use tokens::StoredTokens;

@@ -57,6 +57,11 @@ pub fn prepare_batch(
         });
     }
     quarantine.sort_by_key(|q| q.position.row);
+    let tombstones = batch
+        .deletions
+        .into_iter()
+        .map(|d| (d.external_id, d.deleted_at))
+        .collect();
 
     LoadBatch {
         entity,
@@ -68,6 +73,7 @@ pub fn prepare_batch(
         deduplicated: kept.deduplicated,
         cursor: Some(batch.cursor),
         deleted_at: mapped.deleted_at,
+        tombstones,
     }
 }
 

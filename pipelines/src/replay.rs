@@ -170,6 +170,7 @@ async fn replay_batches<W: Warehouse>(
             )
         })?;
         let batch = SourceBatch {
+            deletions: Vec::new(),
             records,
             positions: (0..chunk.len() as u64).collect(),
             rejects: Vec::new(),

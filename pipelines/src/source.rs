@@ -1,12 +1,19 @@
 //! Builds the source a pipeline names. One enum, so the runner stays generic over the
 //! warehouse while sources are chosen by configuration at run time.
 
+use std::sync::Arc;
+
+use sluice_connectors::api::odoo::{OdooConfig, OdooSource, OdooStream, Transport};
+use sluice_connectors::api::quickbooks::{
+    QboStream, QuickBooksConfig, QuickBooksSource, SANDBOX_URL,
+};
+use sluice_connectors::api::{MemoryTokens, TokenStore};
 use sluice_connectors::file::{CsvOptions, CsvSource, SheetRef, SpreadsheetSource};
 use sluice_connectors::sql::{SqlKind, SqlSource, SqlSourceConfig, SqlTarget, TlsMode};
 use sluice_connectors::{BatchStream, HealthReport, ReadRequest, Source, SourceError, StreamInfo};
 
 use crate::error::{PipelineError, PipelineErrorKind};
-use crate::spec::{SheetSpec, SourceSpec, SqlSpec};
+use crate::spec::{OdooSpec, QuickbooksSpec, SheetSpec, SourceSpec, SqlSpec};
 
 /// Any source a pipeline file can name.
 #[derive(Debug, Clone)]
@@ -17,6 +24,10 @@ pub enum PipelineSource {
     Spreadsheet(SpreadsheetSource),
     /// `kind = "postgres"` or `"mysql"`.
     Sql(SqlSource),
+    /// `kind = "quickbooks"`.
+    QuickBooks(QuickBooksSource),
+    /// `kind = "odoo"`.
+    Odoo(OdooSource),
 }
 
 fn upload_only() -> PipelineError {
@@ -28,8 +39,13 @@ fn upload_only() -> PipelineError {
 
 impl PipelineSource {
     /// The source described by a pipeline's `[source]` table; identifiers are checked here,
-    /// before any connection is made.
-    pub fn from_spec(spec: &SourceSpec) -> Result<Self, PipelineError> {
+    /// before any connection is made. `tokens` keeps credentials a service rotates
+    /// (QuickBooks refresh tokens); without it they are kept in memory only, which is
+    /// right only for a source that will not be used again.
+    pub fn from_spec(
+        spec: &SourceSpec,
+        tokens: Option<Arc<dyn TokenStore>>,
+    ) -> Result<Self, PipelineError> {
         Ok(match spec {
             SourceSpec::Csv(c) => {
                 let byte = |s: &Option<String>, default: u8| {
@@ -64,8 +80,104 @@ impl PipelineSource {
             }
             SourceSpec::Postgres(q) => PipelineSource::Sql(sql_source(SqlKind::Postgres, q)?),
             SourceSpec::Mysql(q) => PipelineSource::Sql(sql_source(SqlKind::Mysql, q)?),
+            SourceSpec::Quickbooks(q) => PipelineSource::QuickBooks(quickbooks_source(
+                q,
+                tokens.unwrap_or_else(|| Arc::new(MemoryTokens::default())),
+            )?),
+            SourceSpec::Odoo(o) => PipelineSource::Odoo(odoo_source(o)?),
         })
     }
+
+    /// The source of a pipeline whose rotated credentials are kept with the pipeline in
+    /// `store` (see [`crate::tokens`]).
+    pub fn for_pipeline<S: sluice_engine::control::PipelineStore + 'static>(
+        spec: &crate::spec::PipelineSpec,
+        store: Arc<S>,
+    ) -> Result<Self, PipelineError> {
+        let tokens: Option<Arc<dyn TokenStore>> = match &spec.source {
+            SourceSpec::Quickbooks(q) => Some(Arc::new(crate::tokens::StoredTokens::new(
+                store,
+                spec,
+                &q.refresh_token,
+            ))),
+            _ => None,
+        };
+        PipelineSource::from_spec(&spec.source, tokens)
+    }
+
+    /// The canonical entity an API source's stream yields.
+    pub fn api_entity(&self) -> Option<&'static str> {
+        match self {
+            PipelineSource::QuickBooks(s) => Some(s.stream().entity()),
+            PipelineSource::Odoo(s) => s.stream().entity().ok(),
+            _ => None,
+        }
+    }
+}
+
+fn source_config(e: SourceError) -> PipelineError {
+    PipelineError::new(
+        PipelineErrorKind::Config,
+        format!("[source] {}", e.message()),
+    )
+}
+
+fn quickbooks_source(
+    spec: &QuickbooksSpec,
+    tokens: Arc<dyn TokenStore>,
+) -> Result<QuickBooksSource, PipelineError> {
+    let stream = QboStream::parse(&spec.stream).map_err(source_config)?;
+    let mut config = QuickBooksConfig::new(
+        &spec.realm_id,
+        &spec.client_id,
+        &spec.client_secret,
+        &spec.refresh_token,
+        stream,
+    );
+    match spec.base_url.as_deref() {
+        None | Some("production") => {}
+        Some("sandbox") => config.base_url = SANDBOX_URL.to_string(),
+        Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+            config.base_url = url.to_string();
+        }
+        Some(other) => {
+            return Err(PipelineError::new(
+                PipelineErrorKind::Config,
+                format!("[source] base_url {other:?}: use \"production\", \"sandbox\" or a URL"),
+            ));
+        }
+    }
+    if let Some(url) = &spec.token_url {
+        config.token_url = url.clone();
+    }
+    if let Some(n) = spec.page_size {
+        config.page_size = n;
+    }
+    QuickBooksSource::new(config, tokens).map_err(source_config)
+}
+
+fn odoo_source(spec: &OdooSpec) -> Result<OdooSource, PipelineError> {
+    let transport = match spec.transport.as_deref() {
+        None | Some("jsonrpc") => Transport::JsonRpc,
+        Some("json2") => Transport::Json2,
+        Some(other) => {
+            return Err(PipelineError::new(
+                PipelineErrorKind::Config,
+                format!("[source] transport {other:?}: use \"jsonrpc\" or \"json2\""),
+            ));
+        }
+    };
+    OdooSource::new(OdooConfig {
+        url: spec.url.clone(),
+        db: spec.db.clone(),
+        login: spec.login.clone(),
+        api_key: spec.api_key.clone(),
+        stream: OdooStream::parse(&spec.stream).map_err(source_config)?,
+        transport,
+        page_size: spec.page_size.unwrap_or(500),
+        retry: Default::default(),
+    })
+    .map_err(source_config)
 }
 
 fn sql_source(kind: SqlKind, spec: &SqlSpec) -> Result<SqlSource, PipelineError> {
@@ -108,6 +220,8 @@ impl Source for PipelineSource {
             PipelineSource::Csv(s) => s.streams().await,
             PipelineSource::Spreadsheet(s) => s.streams().await,
             PipelineSource::Sql(s) => s.streams().await,
+            PipelineSource::QuickBooks(s) => s.streams().await,
+            PipelineSource::Odoo(s) => s.streams().await,
         }
     }
 
@@ -116,6 +230,8 @@ impl Source for PipelineSource {
             PipelineSource::Csv(s) => s.check().await,
             PipelineSource::Spreadsheet(s) => s.check().await,
             PipelineSource::Sql(s) => s.check().await,
+            PipelineSource::QuickBooks(s) => s.check().await,
+            PipelineSource::Odoo(s) => s.check().await,
         }
     }
 
@@ -124,6 +240,8 @@ impl Source for PipelineSource {
             PipelineSource::Csv(s) => s.read(request).await,
             PipelineSource::Spreadsheet(s) => s.read(request).await,
             PipelineSource::Sql(s) => s.read(request).await,
+            PipelineSource::QuickBooks(s) => s.read(request).await,
+            PipelineSource::Odoo(s) => s.read(request).await,
         }
     }
 }

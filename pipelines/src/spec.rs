@@ -54,6 +54,88 @@ pub enum SourceSpec {
     Postgres(SqlSpec),
     /// A MySQL or MariaDB table or query.
     Mysql(SqlSpec),
+    /// A QuickBooks Online company.
+    Quickbooks(QuickbooksSpec),
+    /// An Odoo database.
+    Odoo(OdooSpec),
+}
+
+/// `kind = "quickbooks"`. `client_secret` and `refresh_token` are secrets.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuickbooksSpec {
+    /// The company id.
+    pub realm_id: String,
+    /// The app's OAuth client id.
+    pub client_id: String,
+    /// The app's OAuth client secret.
+    pub client_secret: String,
+    /// The refresh token the company was connected with. QuickBooks rotates it; sluice
+    /// keeps the newest (encrypted) in the control store and uses that until this value
+    /// changes (a reconnection).
+    pub refresh_token: String,
+    /// The entity read: Invoice, CreditMemo, Bill, VendorCredit, Payment, BillPayment,
+    /// Customer, Vendor or Account.
+    pub stream: String,
+    /// `"production"` (default), `"sandbox"`, or a URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// The OAuth token endpoint; Intuit's by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+    /// Records per query page, at most 1000 (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<usize>,
+}
+
+impl std::fmt::Debug for QuickbooksSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuickbooksSpec")
+            .field("realm_id", &self.realm_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("refresh_token", &"<redacted>")
+            .field("stream", &self.stream)
+            .field("base_url", &self.base_url)
+            .field("token_url", &self.token_url)
+            .finish()
+    }
+}
+
+/// `kind = "odoo"`. `api_key` is a secret.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OdooSpec {
+    /// The server, e.g. `https://acme.odoo.com`.
+    pub url: String,
+    /// The database.
+    pub db: String,
+    /// The user's login.
+    pub login: String,
+    /// The user's API key.
+    pub api_key: String,
+    /// `invoices`, `bills`, `payments`, `customers`, `vendors`, `accounts`, or
+    /// `account.move:<move_type>`.
+    pub stream: String,
+    /// `"jsonrpc"` (default) or `"json2"` (Odoo 19's JSON-2 API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// Records per page (default 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<usize>,
+}
+
+impl std::fmt::Debug for OdooSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OdooSpec")
+            .field("url", &self.url)
+            .field("db", &self.db)
+            .field("login", &self.login)
+            .field("api_key", &"<redacted>")
+            .field("stream", &self.stream)
+            .field("transport", &self.transport)
+            .finish()
+    }
 }
 
 impl SourceSpec {
@@ -62,7 +144,10 @@ impl SourceSpec {
         match self {
             SourceSpec::Csv(c) => c.path = Some(path),
             SourceSpec::Xlsx(x) => x.path = Some(path),
-            SourceSpec::Postgres(_) | SourceSpec::Mysql(_) => {
+            SourceSpec::Postgres(_)
+            | SourceSpec::Mysql(_)
+            | SourceSpec::Quickbooks(_)
+            | SourceSpec::Odoo(_) => {
                 return Err(config("only csv and xlsx pipelines take files"));
             }
         }
@@ -74,7 +159,10 @@ impl SourceSpec {
         match self {
             SourceSpec::Csv(_) => Some("csv"),
             SourceSpec::Xlsx(_) => Some("xlsx"),
-            SourceSpec::Postgres(_) | SourceSpec::Mysql(_) => None,
+            SourceSpec::Postgres(_)
+            | SourceSpec::Mysql(_)
+            | SourceSpec::Quickbooks(_)
+            | SourceSpec::Odoo(_) => None,
         }
     }
 }
@@ -210,7 +298,6 @@ impl ScheduleSpec {
 
 /// Default records per batch.
 pub const DEFAULT_BATCH_ROWS: usize = 8192;
-const SOURCE_KINDS_LATER: &[&str] = &["quickbooks", "odoo"];
 
 fn config(message: impl Into<String>) -> PipelineError {
     PipelineError::new(PipelineErrorKind::Config, message)
@@ -231,18 +318,8 @@ impl PipelineSpec {
 
     /// Parses and checks pipeline TOML.
     pub fn from_toml(text: &str) -> Result<Self, PipelineError> {
-        let value: toml::Table =
+        let _: toml::Table =
             toml::from_str(text).map_err(|e| config(format!("not valid TOML: {e}")))?;
-        if let Some(kind) = value
-            .get("source")
-            .and_then(|s| s.get("kind"))
-            .and_then(|k| k.as_str())
-            && SOURCE_KINDS_LATER.contains(&kind)
-        {
-            return Err(config(format!(
-                "source kind '{kind}' is not available in this build yet; available: csv, xlsx, postgres, mysql"
-            )));
-        }
         let spec: PipelineSpec = toml::from_str(text).map_err(|e| config(e.to_string()))?;
         spec.check()?;
         Ok(spec)
@@ -252,7 +329,10 @@ impl PipelineSpec {
         let path = match &mut self.source {
             SourceSpec::Csv(c) => &mut c.path,
             SourceSpec::Xlsx(x) => &mut x.path,
-            SourceSpec::Postgres(_) | SourceSpec::Mysql(_) => return,
+            SourceSpec::Postgres(_)
+            | SourceSpec::Mysql(_)
+            | SourceSpec::Quickbooks(_)
+            | SourceSpec::Odoo(_) => return,
         };
         if let Some(p) = path
             && p.is_relative()
@@ -287,13 +367,23 @@ impl PipelineSpec {
                 one_byte("quote", c.quote.as_deref())?;
             }
             SourceSpec::Postgres(q) | SourceSpec::Mysql(q) => {
-                crate::source::PipelineSource::from_spec(&self.source)?;
+                crate::source::PipelineSource::from_spec(&self.source, None)?;
                 if q.table.is_some() == q.query.is_some() {
                     return Err(config("[source] give exactly one of `table` or `query`"));
                 }
                 if let Some(c) = &q.soft_delete {
                     sluice_connectors::sql::check_identifier("soft_delete column", c)
                         .map_err(|e| config(format!("[source] {}", e.message())))?;
+                }
+            }
+            SourceSpec::Quickbooks(_) | SourceSpec::Odoo(_) => {
+                let source = crate::source::PipelineSource::from_spec(&self.source, None)?;
+                let entity = source.api_entity().unwrap_or(self.entity.name());
+                if entity != self.entity.name() {
+                    return Err(config(format!(
+                        "[source] stream of {entity}, but the pipeline's entity is {}",
+                        self.entity
+                    )));
                 }
             }
             SourceSpec::Xlsx(_) => {}
@@ -311,7 +401,10 @@ impl PipelineSpec {
     pub fn soft_delete_column(&self) -> Option<&str> {
         match &self.source {
             SourceSpec::Postgres(q) | SourceSpec::Mysql(q) => q.soft_delete.as_deref(),
-            SourceSpec::Csv(_) | SourceSpec::Xlsx(_) => None,
+            SourceSpec::Csv(_)
+            | SourceSpec::Xlsx(_)
+            | SourceSpec::Quickbooks(_)
+            | SourceSpec::Odoo(_) => None,
         }
     }
 
@@ -436,13 +529,17 @@ mod tests {
     }
 
     #[test]
-    fn source_kinds_not_built_yet_say_so() {
-        let text = MINIMAL.replace("kind = \"xlsx\"", "kind = \"quickbooks\"");
-        let err = PipelineSpec::from_toml(&text).expect_err("not yet");
-        assert!(
-            err.message().contains("not available in this build yet"),
-            "{err}"
-        );
+    fn api_sources_parse_and_their_stream_must_match_the_entity() {
+        let qbo = "name = \"q\"\ntenant = \"acme\"\nentity = \"invoices\"\n[source]\nkind = \"quickbooks\"\nrealm_id = \"4620816365\"\nclient_id = \"c\"\nclient_secret = \"s\"\nrefresh_token = \"r\"\nstream = \"CreditMemo\"\n";
+        let spec = PipelineSpec::from_toml(qbo).expect("valid");
+        assert!(!format!("{spec:?}").contains("client_secret: \"s\""));
+        let err = PipelineSpec::from_toml(&qbo.replace("CreditMemo", "BillPayment"))
+            .expect_err("payments are not invoices");
+        assert!(err.message().contains("stream of payments"), "{err}");
+        assert!(PipelineSpec::from_toml(&qbo.replace("CreditMemo", "Estimate")).is_err());
+        let odoo = "name = \"o\"\ntenant = \"acme\"\nentity = \"bills\"\n[source]\nkind = \"odoo\"\nurl = \"http://odoo\"\ndb = \"acme\"\nlogin = \"admin\"\napi_key = \"k\"\nstream = \"account.move:in_refund\"\n";
+        PipelineSpec::from_toml(odoo).expect("valid");
+        assert!(PipelineSpec::from_toml(&odoo.replace("in_refund", "out_refund")).is_err());
         let text = MINIMAL.replace("kind = \"xlsx\"", "kind = \"ftp\"");
         assert!(PipelineSpec::from_toml(&text).is_err());
     }

@@ -1,7 +1,9 @@
 //! A pipeline as the control store keeps it: its fields as JSON with every secret taken
-//! out, and the secrets apart, for the store to encrypt. Secrets are a source's `password`
-//! and a connection URL that carries a password (the stored fields keep the URL with the
-//! password removed, so it can be shown).
+//! out, and the secrets apart, for the store to encrypt. Secrets are a source's
+//! `password`, `client_secret`, `refresh_token` and `api_key`, and a connection URL that
+//! carries a password (the stored fields keep the URL with the password removed, so it can
+//! be shown). Secrets under `oauth.` are state a source keeps between runs (a rotated
+//! refresh token); registering the pipeline again keeps them.
 
 use serde_json::{Map, Value};
 
@@ -9,7 +11,7 @@ use crate::error::{PipelineError, PipelineErrorKind};
 use crate::spec::PipelineSpec;
 
 /// Fields of `[source]` that are secret whenever they are set.
-const SECRET_FIELDS: &[&str] = &["password"];
+const SECRET_FIELDS: &[&str] = &["password", "client_secret", "refresh_token", "api_key"];
 
 impl PipelineSpec {
     /// Splits the pipeline into its shareable fields and its secrets (`source.<field>` ->
@@ -56,6 +58,26 @@ impl PipelineSpec {
         spec.check()?;
         Ok(spec)
     }
+}
+
+/// Stores `spec` under its tenant, keeping the `oauth.` state of the stored pipeline.
+pub async fn register_pipeline<S: sluice_engine::control::PipelineStore>(
+    store: &S,
+    spec: &PipelineSpec,
+) -> Result<(), PipelineError> {
+    let tenant = sluice_engine::TenantSlug::parse(&spec.tenant)?;
+    let (fields, mut secrets) = spec.to_stored();
+    if let Some(before) = store.pipeline(&tenant, &spec.name).await? {
+        for (k, v) in before.secrets {
+            if k.starts_with("oauth.") {
+                secrets.insert(k, v);
+            }
+        }
+    }
+    store
+        .save_pipeline(&tenant, &spec.name, &fields, &secrets)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -377,7 +377,7 @@ where
             Ok(Err(done)) => return done,
             Err(e) => return self.dead(job, &[], &e).await,
         };
-        let source = match PipelineSource::from_spec(&spec.source) {
+        let source = match PipelineSource::for_pipeline(&spec, self.warehouse.clone()) {
             Ok(s) => s,
             Err(e) => return self.dead(job, &prior, &e.to_string()).await,
         };

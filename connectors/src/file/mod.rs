@@ -150,6 +150,7 @@ impl BatchBuilder {
             })?
         };
         Ok(SourceBatch {
+            deletions: Vec::new(),
             records,
             positions: std::mem::take(&mut self.positions),
             rejects: std::mem::take(&mut self.rejects),

@@ -683,6 +683,7 @@ impl ReadPlan {
             positions: (first_ordinal..first_ordinal + n).collect(),
             records,
             rejects: Vec::new(),
+            deletions: Vec::new(),
             cursor,
             location: self.location.clone(),
             sheet: None,

@@ -108,6 +108,10 @@ pub struct LoadBatch {
     /// Per row of `rows`, when the source marks it deleted (UTC microseconds); empty when
     /// the pipeline has no soft-delete column.
     pub deleted_at: Vec<Option<i64>>,
+    /// Records the source reports deleted, by `external_id`, with when (UTC microseconds):
+    /// the warehouse's live copy is marked deleted (counted updated), or nothing happens
+    /// when there is none (counted unchanged).
+    pub tombstones: Vec<(String, i64)>,
 }
 
 impl LoadBatch {

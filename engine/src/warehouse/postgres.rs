@@ -897,6 +897,30 @@ impl Warehouse for PostgresWarehouse {
             }
         }
 
+        if !batch.tombstones.is_empty() {
+            let (ids, at): (Vec<&str>, Vec<i64>) = batch
+                .tombstones
+                .iter()
+                .map(|(id, at)| (id.as_str(), *at))
+                .unzip();
+            let marked = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {target} t SET deleted_at = to_timestamp(d.at / 1000000.0), run_id = $2, loaded_at = now() \
+                 FROM UNNEST($3::text[], $4::int8[]) AS d(id, at) \
+                 WHERE t.source = $1 AND t.external_id = d.id AND t.deleted_at IS NULL",
+                target = table(tenant, entity.name())
+            )))
+            .bind(&scope.pipeline)
+            .bind(&scope.run_id)
+            .bind(&ids)
+            .bind(&at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(format!("marking deleted {entity}")))?
+            .rows_affected();
+            counts.updated += marked;
+            counts.unchanged += ids.len() as u64 - marked;
+        }
+
         let quarantine = distinct_quarantine(batch);
         if !quarantine.is_empty() {
             let ids: Vec<String> = quarantine

@@ -553,6 +553,28 @@ impl Warehouse for SqliteWarehouse {
                 .map_err(|e| EngineError::from_sqlx(format!("marking unchanged {entity}"), e))?;
         }
 
+        for (id, at) in &batch.tombstones {
+            let sql = format!(
+                "UPDATE {} SET deleted_at = ?, run_id = ?, loaded_at = ? WHERE source = ? AND external_id = ? AND deleted_at IS NULL",
+                quote_ident(entity.name())
+            );
+            let marked = sqlx::query(AssertSqlSafe(sql))
+                .bind(format_timestamp(*at))
+                .bind(&scope.run_id)
+                .bind(&loaded_at)
+                .bind(&scope.pipeline)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| EngineError::from_sqlx(format!("marking deleted {entity}"), e))?
+                .rows_affected();
+            if marked > 0 {
+                counts.updated += 1;
+            } else {
+                counts.unchanged += 1;
+            }
+        }
+
         for record in &batch.quarantine {
             let raw = Value::Object(record.raw.clone()).to_string();
             let raw_hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(raw.as_bytes()));

@@ -1,0 +1,242 @@
+//! Sources that read a web service's API: QuickBooks Online and Odoo. What they share:
+//! records become batches of text columns named as the canonical fields (the map stage
+//! parses them like any other text), requests go through a client-side rate limiter, and
+//! failures are classified from the HTTP status and the service's error body so that the
+//! retry policy knows what to do with them.
+
+pub mod odoo;
+pub mod quickbooks;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::builder::StringBuilder;
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::error::{SourceError, SourceErrorKind};
+
+/// Where a source keeps a credential that the service replaces as it is used (an OAuth
+/// refresh token that rotates). `save` must have stored the new value durably (and
+/// encrypted) when it returns: the source uses a new token only after that.
+pub trait TokenStore: Send + Sync {
+    /// The latest saved token, if one was saved for the credential the source was
+    /// configured with.
+    fn load(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<String>, SourceError>> + Send + '_>>;
+    /// Saves a new token.
+    fn save<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send + 'a>>;
+}
+
+/// A token store that keeps tokens in memory only (tests, one-off checks).
+#[derive(Debug, Default)]
+pub struct MemoryTokens(std::sync::Mutex<Option<String>>);
+
+impl TokenStore for MemoryTokens {
+    fn load(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<String>, SourceError>> + Send + '_>> {
+        let value = self.0.lock().map(|t| t.clone()).unwrap_or(None);
+        Box::pin(async move { Ok(value) })
+    }
+
+    fn save<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send + 'a>> {
+        if let Ok(mut t) = self.0.lock() {
+            *t = Some(token.to_string());
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A service's documented limits: at most `requests` per `window`, at most `concurrent`
+/// requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests per window.
+    pub requests: usize,
+    /// The window.
+    pub window: Duration,
+    /// Requests in flight at once.
+    pub concurrent: usize,
+}
+
+/// A client-side limiter that keeps under [`Limits`]: a sliding window of request start
+/// times and a semaphore.
+#[derive(Debug)]
+pub struct Limiter {
+    limits: Limits,
+    started: Mutex<VecDeque<Instant>>,
+    in_flight: Semaphore,
+}
+
+/// Held while a request is in flight.
+pub struct Permit<'a>(#[allow(dead_code)] tokio::sync::SemaphorePermit<'a>);
+
+impl Limiter {
+    /// A limiter for `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Limiter {
+            limits,
+            started: Mutex::new(VecDeque::new()),
+            in_flight: Semaphore::new(limits.concurrent.max(1)),
+        }
+    }
+
+    /// Waits until a request may start under both limits.
+    pub async fn acquire(&self) -> Permit<'_> {
+        let permit = self
+            .in_flight
+            .acquire()
+            .await
+            .unwrap_or_else(|_| unreachable!("the semaphore is never closed"));
+        loop {
+            let wait = {
+                let mut started = self.started.lock().await;
+                let now = Instant::now();
+                while started
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= self.limits.window)
+                {
+                    started.pop_front();
+                }
+                if started.len() < self.limits.requests.max(1) {
+                    started.push_back(now);
+                    None
+                } else {
+                    started
+                        .front()
+                        .map(|t| self.limits.window.saturating_sub(now.duration_since(*t)))
+                }
+            };
+            match wait {
+                None => return Permit(permit),
+                Some(d) => tokio::time::sleep(d + Duration::from_millis(1)).await,
+            }
+        }
+    }
+}
+
+/// How a source retries a request that failed transiently (5xx, 429, network): up to
+/// `attempts` tries, waiting `base`, 2x, 4x ... (or what a 429's `Retry-After` asks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRetry {
+    /// Tries in all.
+    pub attempts: u32,
+    /// The first wait.
+    pub base: Duration,
+}
+
+impl Default for RequestRetry {
+    fn default() -> Self {
+        RequestRetry {
+            attempts: 5,
+            base: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RequestRetry {
+    /// The wait before try `attempt + 1` (1-based `attempt`), or what the server asked.
+    pub fn wait(&self, attempt: u32, asked: Option<Duration>) -> Duration {
+        asked.unwrap_or_else(|| self.base * 2u32.saturating_pow(attempt.saturating_sub(1)))
+    }
+}
+
+/// The seconds of a `Retry-After` header, if it has one in seconds.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// A network failure (no answer): transient.
+pub(crate) fn network(what: &str, e: reqwest::Error) -> SourceError {
+    let detail = e.without_url().to_string();
+    SourceError::new(SourceErrorKind::Transient, format!("{what}: {detail}"))
+}
+
+/// An answer that is not what the service documents.
+pub(crate) fn unexpected(what: &str, detail: impl std::fmt::Display) -> SourceError {
+    SourceError::new(
+        SourceErrorKind::Format,
+        format!("{what}: unexpected answer: {detail}"),
+    )
+}
+
+/// The first `max` characters of a body, for error messages.
+pub(crate) fn excerpt(body: &str, max: usize) -> String {
+    let body = body.trim();
+    match body.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &body[..i]),
+        None => body.to_string(),
+    }
+}
+
+/// Builds a batch of nullable text columns, one row at a time.
+pub(crate) struct TextBatch {
+    schema: SchemaRef,
+    columns: Vec<StringBuilder>,
+    rows: usize,
+}
+
+/// A schema of nullable text columns.
+pub(crate) fn text_schema(columns: &[&str]) -> SchemaRef {
+    Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|c| Field::new(*c, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+impl TextBatch {
+    pub(crate) fn new(schema: SchemaRef) -> Self {
+        let columns = (0..schema.fields().len())
+            .map(|_| StringBuilder::new())
+            .collect();
+        TextBatch {
+            schema,
+            columns,
+            rows: 0,
+        }
+    }
+
+    /// Appends a row; `values` has one entry per column.
+    pub(crate) fn push(&mut self, values: Vec<Option<String>>) {
+        for (b, v) in self.columns.iter_mut().zip(values) {
+            b.append_option(v);
+        }
+        self.rows += 1;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn finish(&mut self) -> Result<RecordBatch, SourceError> {
+        let columns: Vec<ArrayRef> = self
+            .columns
+            .iter_mut()
+            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        self.rows = 0;
+        RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| SourceError::new(SourceErrorKind::Format, e.to_string()))
+    }
+}

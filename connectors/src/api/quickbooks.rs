@@ -1,0 +1,1077 @@
+//! QuickBooks Online (`kind = "quickbooks"`): the Accounting API's query endpoint, read
+//! incrementally by `MetaData.LastUpdatedTime`, with deletions from the change data
+//! capture endpoint, OAuth 2.0 with rotating refresh tokens, and the per-realm limits
+//! (500 requests a minute, 10 at once) kept on the client side.
+//!
+//! Reading: `SELECT * FROM <Entity> WHERE MetaData.LastUpdatedTime >= '<cursor>'
+//! ORDERBY MetaData.LastUpdatedTime STARTPOSITION n MAXRESULTS m`, paged until a short page.
+//! Each page starts a few records before where the last one ended and skips the records it
+//! already saw, so a record updated while the read pages (which moves it to the end and
+//! shifts the rest forward) does not push an unread record out of sight. The cursor keeps
+//! the last `LastUpdatedTime` and the ids read at that instant, so records that share it
+//! are neither skipped nor read twice. After the pages, `/cdc` lists what was deleted
+//! since the previous run started (QuickBooks keeps 30 days of it); those become
+//! deletions the warehouse applies.
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, FixedOffset, Utc};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::{
+    Limiter, Limits, RequestRetry, TextBatch, TokenStore, excerpt, network, retry_after,
+    text_schema, unexpected,
+};
+use crate::error::{SourceError, SourceErrorKind};
+use crate::source::{
+    BatchStream, Deletion, HealthReport, ReadRequest, Source, SourceBatch, StreamInfo, SyncMode,
+    channel_stream,
+};
+
+/// The production API.
+pub const PRODUCTION_URL: &str = "https://quickbooks.api.intuit.com";
+/// The sandbox API.
+pub const SANDBOX_URL: &str = "https://sandbox-quickbooks.api.intuit.com";
+/// Intuit's OAuth 2.0 token endpoint.
+pub const TOKEN_URL: &str = "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer";
+/// The API minor version requested.
+pub const MINOR_VERSION: u32 = 75;
+/// The most records a query page may ask for.
+pub const MAX_PAGE: usize = 1000;
+/// Records each page re-reads from the end of the previous one.
+const OVERLAP: usize = 10;
+/// How far back `/cdc` answers.
+const CDC_DAYS: i64 = 30;
+/// The most objects one `/cdc` answer holds.
+const CDC_MAX: usize = 1000;
+
+/// The documented per-realm limits.
+pub const LIMITS: Limits = Limits {
+    requests: 500,
+    window: Duration::from_secs(60),
+    concurrent: 10,
+};
+
+/// A QuickBooks entity a pipeline reads, and the canonical entity it becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QboStream {
+    /// -> invoices.
+    Invoice,
+    /// -> invoices, `kind = credit_note`.
+    CreditMemo,
+    /// -> bills.
+    Bill,
+    /// -> bills, `kind = credit_note`.
+    VendorCredit,
+    /// -> payments in.
+    Payment,
+    /// -> payments out.
+    BillPayment,
+    /// -> customers.
+    Customer,
+    /// -> vendors.
+    Vendor,
+    /// -> accounts.
+    Account,
+}
+
+const DOCUMENT_COLUMNS: [&str; 12] = [
+    "external_id",
+    "doc_number",
+    "counterparty_id",
+    "counterparty_name",
+    "issue_date",
+    "due_date",
+    "currency",
+    "total",
+    "balance",
+    "status",
+    "kind",
+    "updated_at",
+];
+
+impl QboStream {
+    /// Every stream.
+    pub const ALL: [QboStream; 9] = [
+        QboStream::Invoice,
+        QboStream::CreditMemo,
+        QboStream::Bill,
+        QboStream::VendorCredit,
+        QboStream::Payment,
+        QboStream::BillPayment,
+        QboStream::Customer,
+        QboStream::Vendor,
+        QboStream::Account,
+    ];
+
+    /// The entity's name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            QboStream::Invoice => "Invoice",
+            QboStream::CreditMemo => "CreditMemo",
+            QboStream::Bill => "Bill",
+            QboStream::VendorCredit => "VendorCredit",
+            QboStream::Payment => "Payment",
+            QboStream::BillPayment => "BillPayment",
+            QboStream::Customer => "Customer",
+            QboStream::Vendor => "Vendor",
+            QboStream::Account => "Account",
+        }
+    }
+
+    /// The stream named `name` (as the API spells it).
+    pub fn parse(name: &str) -> Result<Self, SourceError> {
+        QboStream::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = QboStream::ALL.iter().map(|s| s.name()).collect();
+                SourceError::new(
+                    SourceErrorKind::Config,
+                    format!(
+                        "quickbooks stream {name:?} is not one sluice reads; streams: {}",
+                        known.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// The canonical entity its rows are.
+    pub fn entity(self) -> &'static str {
+        match self {
+            QboStream::Invoice | QboStream::CreditMemo => "invoices",
+            QboStream::Bill | QboStream::VendorCredit => "bills",
+            QboStream::Payment | QboStream::BillPayment => "payments",
+            QboStream::Customer => "customers",
+            QboStream::Vendor => "vendors",
+            QboStream::Account => "accounts",
+        }
+    }
+
+    /// List entities hide inactive records unless asked for them.
+    fn is_list(self) -> bool {
+        matches!(
+            self,
+            QboStream::Customer | QboStream::Vendor | QboStream::Account
+        )
+    }
+
+    /// The columns of its batches, named as the canonical fields.
+    pub fn columns(self) -> Vec<&'static str> {
+        let rename = |party: &'static str| {
+            DOCUMENT_COLUMNS
+                .iter()
+                .map(move |c| match *c {
+                    "counterparty_id" if party == "customer" => "customer_id",
+                    "counterparty_name" if party == "customer" => "customer_name",
+                    "counterparty_id" => "vendor_id",
+                    "counterparty_name" => "vendor_name",
+                    other => other,
+                })
+                .collect::<Vec<_>>()
+        };
+        match self {
+            QboStream::Invoice | QboStream::CreditMemo => rename("customer"),
+            QboStream::Bill | QboStream::VendorCredit => rename("vendor"),
+            QboStream::Payment | QboStream::BillPayment => vec![
+                "external_id",
+                "direction",
+                "counterparty_id",
+                "date",
+                "amount",
+                "currency",
+                "applied_to",
+                "updated_at",
+            ],
+            QboStream::Customer | QboStream::Vendor => vec![
+                "external_id",
+                "name",
+                "email",
+                "currency",
+                "active",
+                "updated_at",
+            ],
+            QboStream::Account => vec!["external_id", "code", "name", "type", "updated_at"],
+        }
+    }
+
+    /// One record as text cells in the order of [`QboStream::columns`]. Absent fields are
+    /// absent in the API's answers; they become nulls.
+    pub fn row(self, r: &Value) -> Vec<Option<String>> {
+        let text = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+        let at = |path: &[&str]| {
+            let mut v = r;
+            for p in path {
+                v = v.get(p)?;
+            }
+            text(v)
+        };
+        let updated = at(&["MetaData", "LastUpdatedTime"]);
+        match self {
+            QboStream::Invoice
+            | QboStream::CreditMemo
+            | QboStream::Bill
+            | QboStream::VendorCredit => {
+                let party = if matches!(self, QboStream::Invoice | QboStream::CreditMemo) {
+                    "CustomerRef"
+                } else {
+                    "VendorRef"
+                };
+                let credit = matches!(self, QboStream::CreditMemo | QboStream::VendorCredit);
+                let kind = match self {
+                    QboStream::Invoice => "invoice",
+                    QboStream::Bill => "bill",
+                    _ => "credit_note",
+                };
+                let issued = at(&["TxnDate"]);
+                // Credit memos have no due date: their open credit counts from the day
+                // they were issued. A missing DueDate elsewhere means due on issue.
+                let due = if credit { None } else { at(&["DueDate"]) }.or_else(|| issued.clone());
+                // A credit memo's open amount is its remaining credit.
+                let balance = at(&["Balance"]).or_else(|| at(&["RemainingCredit"]));
+                vec![
+                    at(&["Id"]),
+                    at(&["DocNumber"]),
+                    at(&[party, "value"]),
+                    at(&[party, "name"]),
+                    issued,
+                    due,
+                    at(&["CurrencyRef", "value"]),
+                    at(&["TotalAmt"]),
+                    balance,
+                    None,
+                    Some(kind.to_string()),
+                    updated,
+                ]
+            }
+            QboStream::Payment | QboStream::BillPayment => {
+                let (party, direction, linked) = if self == QboStream::Payment {
+                    ("CustomerRef", "in", "Invoice")
+                } else {
+                    ("VendorRef", "out", "Bill")
+                };
+                let applied: Vec<String> = r
+                    .get("Line")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|line| line.get("LinkedTxn").and_then(Value::as_array))
+                    .flatten()
+                    .filter(|t| t.get("TxnType").and_then(Value::as_str) == Some(linked))
+                    .filter_map(|t| t.get("TxnId").and_then(text))
+                    .collect();
+                vec![
+                    at(&["Id"]),
+                    Some(direction.to_string()),
+                    at(&[party, "value"]),
+                    at(&["TxnDate"]),
+                    at(&["TotalAmt"]),
+                    at(&["CurrencyRef", "value"]),
+                    (!applied.is_empty()).then(|| json!(applied).to_string()),
+                    updated,
+                ]
+            }
+            QboStream::Customer | QboStream::Vendor => vec![
+                at(&["Id"]),
+                at(&["DisplayName"]).or_else(|| at(&["CompanyName"])),
+                at(&["PrimaryEmailAddr", "Address"]),
+                at(&["CurrencyRef", "value"]),
+                at(&["Active"]),
+                updated,
+            ],
+            QboStream::Account => vec![
+                at(&["Id"]),
+                at(&["AcctNum"]),
+                at(&["Name"]),
+                at(&["AccountType"]).map(|t| account_type(&t).to_string()),
+                updated,
+            ],
+        }
+    }
+}
+
+/// QuickBooks account types as the canonical account types.
+pub fn account_type(t: &str) -> &'static str {
+    match t {
+        "Bank" | "Accounts Receivable" | "Other Current Asset" | "Fixed Asset" | "Other Asset" => {
+            "asset"
+        }
+        "Accounts Payable" | "Credit Card" | "Long Term Liability" | "Other Current Liability" => {
+            "liability"
+        }
+        "Equity" => "equity",
+        "Income" | "Other Income" => "income",
+        "Cost of Goods Sold" => "cogs",
+        "Expense" | "Other Expense" => "expense",
+        _ => "other",
+    }
+}
+
+/// A QuickBooks source's settings. `Debug` never shows a secret.
+#[derive(Clone)]
+pub struct QuickBooksConfig {
+    /// The company (realm) id.
+    pub realm_id: String,
+    /// The app's OAuth client id.
+    pub client_id: String,
+    /// The app's OAuth client secret.
+    pub client_secret: String,
+    /// The refresh token the company was connected with (a newer one saved in the
+    /// [`TokenStore`] takes its place).
+    pub refresh_token: String,
+    /// What to read.
+    pub stream: QboStream,
+    /// The API's base URL.
+    pub base_url: String,
+    /// The token endpoint.
+    pub token_url: String,
+    /// Records per query page (at most 1000).
+    pub page_size: usize,
+    /// Client-side limits (the realm's documented ones by default).
+    pub limits: Limits,
+    /// Retries of a request that failed transiently.
+    pub retry: RequestRetry,
+}
+
+impl std::fmt::Debug for QuickBooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuickBooksConfig")
+            .field("realm_id", &self.realm_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("refresh_token", &"<redacted>")
+            .field("stream", &self.stream)
+            .field("base_url", &self.base_url)
+            .field("token_url", &self.token_url)
+            .field("page_size", &self.page_size)
+            .finish()
+    }
+}
+
+impl QuickBooksConfig {
+    /// Settings with the production endpoints and documented limits.
+    pub fn new(
+        realm_id: &str,
+        client_id: &str,
+        client_secret: &str,
+        refresh_token: &str,
+        stream: QboStream,
+    ) -> Self {
+        QuickBooksConfig {
+            realm_id: realm_id.to_string(),
+            client_id: client_id.to_string(),
+            client_secret: client_secret.to_string(),
+            refresh_token: refresh_token.to_string(),
+            stream,
+            base_url: PRODUCTION_URL.to_string(),
+            token_url: TOKEN_URL.to_string(),
+            page_size: MAX_PAGE,
+            limits: LIMITS,
+            retry: RequestRetry::default(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tokens {
+    access: Option<(String, Instant)>,
+    refresh: Option<String>,
+}
+
+/// A QuickBooks Online stream.
+#[derive(Clone)]
+pub struct QuickBooksSource {
+    config: Arc<QuickBooksConfig>,
+    http: reqwest::Client,
+    store: Arc<dyn TokenStore>,
+    tokens: Arc<Mutex<Tokens>>,
+    limiter: Arc<Limiter>,
+}
+
+impl std::fmt::Debug for QuickBooksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuickBooksSource")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// One limiter per (API, realm) in the process, shared by every source of that realm.
+fn realm_limiter(config: &QuickBooksConfig) -> Arc<Limiter> {
+    static LIMITERS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Limiter>>>> =
+        OnceLock::new();
+    let key = format!("{} {}", config.base_url, config.realm_id);
+    let map = LIMITERS.get_or_init(Default::default);
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(key)
+        .or_insert_with(|| Arc::new(Limiter::new(config.limits)))
+        .clone()
+}
+
+/// A Fault (or OAuth error) body as one readable line, with the code it carries.
+fn fault_text(body: &str) -> (String, Option<String>) {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    if let Some(v) = parsed {
+        let fault = v.get("Fault").or_else(|| v.get("fault"));
+        if let Some(fault) = fault {
+            let errors = fault
+                .get("Error")
+                .or_else(|| fault.get("error"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let field = |e: &Value, k: &str| {
+                e.get(k)
+                    .or_else(|| e.get(k.to_lowercase()))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
+            let kind = fault.get("type").and_then(Value::as_str).unwrap_or("Fault");
+            let parts: Vec<String> = errors
+                .iter()
+                .map(|e| {
+                    let msg = field(e, "Message").unwrap_or_default();
+                    let detail = field(e, "Detail").unwrap_or_default();
+                    let code = field(e, "code").unwrap_or_default();
+                    format!("{msg}: {detail} (code {code})")
+                })
+                .collect();
+            let code = errors.first().and_then(|e| field(e, "code"));
+            return (format!("{kind}: {}", parts.join("; ")), code);
+        }
+        if let Some(err) = v.get("error").and_then(Value::as_str) {
+            let desc = v
+                .get("error_description")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            return (
+                format!("{err} {desc}").trim().to_string(),
+                Some(err.to_string()),
+            );
+        }
+    }
+    // The throttling answer may be XML whatever was asked for.
+    let tag = |name: &str| {
+        let open = body.find(&format!("<{name}"))?;
+        let start = open + body[open..].find('>')? + 1;
+        let end = start + body[start..].find(&format!("</{name}>"))?;
+        Some(body[start..end].trim().to_string())
+    };
+    if let Some(message) = tag("Message") {
+        let detail = tag("Detail").unwrap_or_default();
+        let code = body
+            .find("code=\"")
+            .map(|i| &body[i + 6..])
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_string);
+        return (format!("{message}: {detail}"), code);
+    }
+    (excerpt(body, 300), None)
+}
+
+fn qbo_error(kind: SourceErrorKind, what: &str, status: u16, body: &str) -> SourceError {
+    let (text, _) = fault_text(body);
+    SourceError::new(kind, format!("quickbooks {what}: HTTP {status}: {text}"))
+}
+
+/// A 200 that carries a Fault is an error all the same.
+fn fault_in(v: &Value) -> Option<SourceError> {
+    let fault = v
+        .get("Fault")
+        .or_else(|| v.get("QueryResponse").and_then(|q| q.get("Fault")))?;
+    let text = fault_text(&json!({ "Fault": fault }).to_string()).0;
+    let kind = match fault.get("type").and_then(Value::as_str) {
+        Some("AUTHENTICATION" | "AuthenticationFault" | "AuthorizationFault") => {
+            SourceErrorKind::Auth
+        }
+        Some("SystemFault" | "SERVICE") => SourceErrorKind::Transient,
+        _ => SourceErrorKind::Config,
+    };
+    Some(SourceError::new(
+        kind,
+        format!("quickbooks answered with a fault: {text}"),
+    ))
+}
+
+fn parse_time(s: &str) -> Option<DateTime<FixedOffset>> {
+    DateTime::parse_from_rfc3339(s).ok()
+}
+
+/// Where an incremental read stands: the last `LastUpdatedTime` read, the ids read at that
+/// instant, and when the previous run started (deletions are asked for from then on).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Cursor {
+    updated: Option<String>,
+    ids: Vec<String>,
+    cdc_since: Option<String>,
+}
+
+impl Cursor {
+    fn from_json(v: Option<&Value>) -> Self {
+        let Some(v) = v else {
+            return Cursor::default();
+        };
+        Cursor {
+            updated: v.get("updated").and_then(Value::as_str).map(str::to_string),
+            ids: v
+                .get("ids")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.as_str().map(str::to_string))
+                .collect(),
+            cdc_since: v
+                .get("cdc_since")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({ "updated": self.updated, "ids": self.ids, "cdc_since": self.cdc_since })
+    }
+
+    /// Records `id` read at `updated`.
+    fn advance(&mut self, id: &str, updated: &str) {
+        let same = self
+            .updated
+            .as_deref()
+            .and_then(parse_time)
+            .zip(parse_time(updated))
+            .is_some_and(|(a, b)| a == b);
+        if same {
+            if !self.ids.iter().any(|i| i == id) {
+                self.ids.push(id.to_string());
+            }
+        } else {
+            self.updated = Some(updated.to_string());
+            self.ids = vec![id.to_string()];
+        }
+    }
+
+    /// Whether the record was read by the run that made this cursor.
+    fn covers(&self, id: &str, updated: &str) -> bool {
+        let Some(at) = self.updated.as_deref().and_then(parse_time) else {
+            return false;
+        };
+        parse_time(updated).is_some_and(|u| u < at || (u == at && self.ids.iter().any(|i| i == id)))
+    }
+}
+
+impl QuickBooksSource {
+    /// A source that keeps rotated refresh tokens in `store`.
+    pub fn new(config: QuickBooksConfig, store: Arc<dyn TokenStore>) -> Result<Self, SourceError> {
+        if config.realm_id.is_empty() || !config.realm_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(SourceError::new(
+                SourceErrorKind::Config,
+                format!(
+                    "quickbooks realm_id {:?} must be the company's numeric id",
+                    config.realm_id
+                ),
+            ));
+        }
+        if !(1..=MAX_PAGE).contains(&config.page_size) {
+            return Err(SourceError::new(
+                SourceErrorKind::Config,
+                format!(
+                    "quickbooks pages hold 1 to {MAX_PAGE} records, not {}",
+                    config.page_size
+                ),
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| SourceError::new(SourceErrorKind::Config, format!("http client: {e}")))?;
+        Ok(QuickBooksSource {
+            limiter: realm_limiter(&config),
+            config: Arc::new(config),
+            http,
+            store,
+            tokens: Arc::new(Mutex::new(Tokens::default())),
+        })
+    }
+
+    /// The stream read.
+    pub fn stream(&self) -> QboStream {
+        self.config.stream
+    }
+
+    fn location(&self) -> String {
+        format!(
+            "quickbooks:{}/{}",
+            self.config.realm_id,
+            self.config.stream.name()
+        )
+    }
+
+    /// A valid access token: the cached one, or a new one from the refresh token.
+    async fn access_token(&self, renew: bool) -> Result<String, SourceError> {
+        let mut tokens = self.tokens.lock().await;
+        if !renew
+            && let Some((token, expires)) = &tokens.access
+            && Instant::now() + Duration::from_secs(60) < *expires
+        {
+            return Ok(token.clone());
+        }
+        let refresh = match tokens.refresh.clone() {
+            Some(t) => t,
+            None => self
+                .store
+                .load()
+                .await?
+                .unwrap_or_else(|| self.config.refresh_token.clone()),
+        };
+        let mut attempt = 0;
+        let answer = loop {
+            attempt += 1;
+            let sent = self
+                .http
+                .post(&self.config.token_url)
+                .basic_auth(&self.config.client_id, Some(&self.config.client_secret))
+                .header(reqwest::header::ACCEPT, "application/json")
+                .form(&[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh.as_str()),
+                ])
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) if attempt < self.config.retry.attempts => {
+                    tracing::warn!(error = %e.without_url(), attempt, "quickbooks token endpoint unreachable; retrying");
+                    tokio::time::sleep(self.config.retry.wait(attempt, None)).await;
+                    continue;
+                }
+                Err(e) => return Err(network("quickbooks token refresh", e)),
+            };
+            let status = response.status().as_u16();
+            let asked = retry_after(response.headers());
+            let body = response.text().await.unwrap_or_default();
+            match status {
+                200 => break body,
+                429 | 500..=599 if attempt < self.config.retry.attempts => {
+                    tokio::time::sleep(self.config.retry.wait(attempt, asked)).await;
+                }
+                400 | 401 => {
+                    let (text, code) = fault_text(&body);
+                    let message = if code.as_deref() == Some("invalid_grant") {
+                        format!(
+                            "quickbooks refused the refresh token (invalid_grant: {text}); the connection to company {} was revoked or has expired: an admin must reconnect it and store the new refresh_token",
+                            self.config.realm_id
+                        )
+                    } else {
+                        format!("quickbooks token refresh refused: HTTP {status}: {text}")
+                    };
+                    return Err(SourceError::new(SourceErrorKind::Auth, message));
+                }
+                429 => {
+                    return Err(qbo_error(
+                        SourceErrorKind::RateLimited,
+                        "token refresh",
+                        status,
+                        &body,
+                    ));
+                }
+                s if s >= 500 => {
+                    return Err(qbo_error(
+                        SourceErrorKind::Transient,
+                        "token refresh",
+                        status,
+                        &body,
+                    ));
+                }
+                _ => {
+                    return Err(qbo_error(
+                        SourceErrorKind::Auth,
+                        "token refresh",
+                        status,
+                        &body,
+                    ));
+                }
+            }
+        };
+        let v: Value =
+            serde_json::from_str(&answer).map_err(|e| unexpected("quickbooks token refresh", e))?;
+        let access = v
+            .get("access_token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| unexpected("quickbooks token refresh", "no access_token"))?
+            .to_string();
+        let lifetime = v.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
+        if let Some(next) = v.get("refresh_token").and_then(Value::as_str)
+            && next != refresh
+        {
+            // The old refresh token stops working once the new one is used: keep the new
+            // one safe first.
+            self.store.save(next).await.map_err(|e| {
+                SourceError::new(
+                    SourceErrorKind::Transient,
+                    format!("saving the rotated quickbooks refresh token: {e}"),
+                )
+            })?;
+            tracing::info!(realm = %self.config.realm_id, "quickbooks refresh token rotated and saved");
+        }
+        tokens.refresh = Some(
+            v.get("refresh_token")
+                .and_then(Value::as_str)
+                .unwrap_or(&refresh)
+                .to_string(),
+        );
+        tokens.access = Some((
+            access.clone(),
+            Instant::now() + Duration::from_secs(lifetime),
+        ));
+        Ok(access)
+    }
+
+    /// GETs `path` under the company with `params`: limited, authorised (one refresh and
+    /// retry on a 401), retried on 429 and 5xx; a Fault in a 200 is an error.
+    async fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value, SourceError> {
+        let url = format!(
+            "{}/v3/company/{}/{path}",
+            self.config.base_url.trim_end_matches('/'),
+            self.config.realm_id
+        );
+        let mut attempt = 0;
+        let mut renewed = false;
+        loop {
+            attempt += 1;
+            let token = self.access_token(false).await?;
+            let sent = {
+                let _permit = self.limiter.acquire().await;
+                self.http
+                    .get(&url)
+                    .query(params)
+                    .query(&[("minorversion", MINOR_VERSION.to_string())])
+                    .bearer_auth(&token)
+                    .header(reqwest::header::ACCEPT, "application/json")
+                    .send()
+                    .await
+            };
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) if attempt < self.config.retry.attempts => {
+                    tracing::warn!(error = %e.without_url(), attempt, "quickbooks unreachable; retrying");
+                    tokio::time::sleep(self.config.retry.wait(attempt, None)).await;
+                    continue;
+                }
+                Err(e) => return Err(network(&format!("quickbooks {path}"), e)),
+            };
+            let status = response.status().as_u16();
+            let asked = retry_after(response.headers());
+            let body = response.text().await.unwrap_or_default();
+            match status {
+                200 => {
+                    let v: Value = serde_json::from_str(&body).map_err(|_| {
+                        unexpected(&format!("quickbooks {path}"), excerpt(&body, 200))
+                    })?;
+                    return match fault_in(&v) {
+                        Some(e) => Err(e),
+                        None => Ok(v),
+                    };
+                }
+                401 if !renewed => {
+                    // The access token expired or was revoked early: one refresh, one retry.
+                    renewed = true;
+                    attempt -= 1;
+                    let mut tokens = self.tokens.lock().await;
+                    tokens.access = None;
+                    drop(tokens);
+                    self.access_token(true).await?;
+                }
+                401 => return Err(qbo_error(SourceErrorKind::Auth, path, status, &body)),
+                429 | 500..=599 if attempt < self.config.retry.attempts => {
+                    let wait = self.config.retry.wait(attempt, asked);
+                    tracing::warn!(status, attempt, wait_ms = wait.as_millis() as u64, detail = %fault_text(&body).0, "quickbooks asked to retry");
+                    tokio::time::sleep(wait).await;
+                }
+                429 => return Err(qbo_error(SourceErrorKind::RateLimited, path, status, &body)),
+                s if s >= 500 => {
+                    return Err(qbo_error(SourceErrorKind::Transient, path, status, &body));
+                }
+                403 => return Err(qbo_error(SourceErrorKind::Auth, path, status, &body)),
+                404 => return Err(qbo_error(SourceErrorKind::NotFound, path, status, &body)),
+                _ => return Err(qbo_error(SourceErrorKind::Config, path, status, &body)),
+            }
+        }
+    }
+
+    fn query_text(&self, since: Option<&str>, start: usize) -> String {
+        let stream = self.config.stream;
+        let mut clauses = Vec::new();
+        if let Some(t) = since {
+            clauses.push(format!("MetaData.LastUpdatedTime >= '{t}'"));
+        }
+        if stream.is_list() {
+            clauses.push("Active IN (true, false)".to_string());
+        }
+        let filter = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", clauses.join(" AND "))
+        };
+        format!(
+            "SELECT * FROM {}{filter} ORDERBY MetaData.LastUpdatedTime STARTPOSITION {start} MAXRESULTS {}",
+            stream.name(),
+            self.config.page_size
+        )
+    }
+
+    async fn read_all(
+        self,
+        from: Option<Value>,
+        tx: tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>,
+    ) -> Result<(), SourceError> {
+        let stream = self.config.stream;
+        let entity = stream.name();
+        let schema = text_schema(&stream.columns());
+        let previous = Cursor::from_json(from.as_ref());
+        // Malformed cursor times are not honoured: read from the start.
+        let since = previous.updated.clone().filter(|t| parse_time(t).is_some());
+        if previous.updated.is_some() && since.is_none() {
+            tracing::warn!(cursor = ?from, "quickbooks cursor not understood; reading from the start");
+        }
+        let mut cursor = Cursor {
+            updated: since.clone(),
+            ids: if since.is_some() {
+                previous.ids.clone()
+            } else {
+                Vec::new()
+            },
+            cdc_since: previous.cdc_since.clone(),
+        };
+        let mut run_started: Option<String> = None;
+        let mut position = 0u64;
+        let mut start = 1usize;
+        let mut last_page: HashSet<(String, String)> = HashSet::new();
+        let location = self.location();
+        loop {
+            let from_position = if start > 1 {
+                start.saturating_sub(OVERLAP).max(1)
+            } else {
+                1
+            };
+            let query = self.query_text(since.as_deref(), from_position);
+            let v = self.get("query", &[("query", query)]).await?;
+            if run_started.is_none() {
+                run_started = v.get("time").and_then(Value::as_str).map(str::to_string);
+            }
+            let page = v
+                .get("QueryResponse")
+                .ok_or_else(|| unexpected("quickbooks query", "no QueryResponse"))?;
+            let items = match page.get(entity) {
+                Some(Value::Array(a)) => a.clone(),
+                None => Vec::new(),
+                Some(other) => {
+                    return Err(unexpected(
+                        "quickbooks query",
+                        format!("{entity} is {other}"),
+                    ));
+                }
+            };
+            let fetched = items.len();
+            let mut batch = TextBatch::new(schema.clone());
+            let mut positions = Vec::new();
+            let mut this_page = HashSet::new();
+            for item in &items {
+                let id = item
+                    .get("Id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let updated = item
+                    .pointer("/MetaData/LastUpdatedTime")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let key = (id.clone(), updated.clone());
+                this_page.insert(key.clone());
+                if last_page.contains(&key) || previous.covers(&id, &updated) && since.is_some() {
+                    continue;
+                }
+                position += 1;
+                positions.push(position);
+                batch.push(stream.row(item));
+                if !updated.is_empty() {
+                    cursor.advance(&id, &updated);
+                }
+            }
+            last_page = this_page;
+            if batch.len() > 0 {
+                let records = batch.finish()?;
+                let out = SourceBatch {
+                    records,
+                    positions,
+                    rejects: Vec::new(),
+                    deletions: Vec::new(),
+                    cursor: cursor.to_json(),
+                    location: location.clone(),
+                    sheet: None,
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if fetched < self.config.page_size {
+                break;
+            }
+            start = from_position + fetched;
+        }
+
+        // Deletions since the previous run started, then the cursor for the next run.
+        let mut deletions = Vec::new();
+        if let Some(since) = previous.cdc_since.as_deref().and_then(parse_time) {
+            deletions = self.deletions_since(since, &mut position).await?;
+        }
+        cursor.cdc_since =
+            run_started.or_else(|| Some((Utc::now() - chrono::Duration::minutes(5)).to_rfc3339()));
+        let out = SourceBatch {
+            records: TextBatch::new(schema).finish()?,
+            positions: Vec::new(),
+            rejects: Vec::new(),
+            deletions,
+            cursor: cursor.to_json(),
+            location,
+            sheet: None,
+        };
+        let _ = tx.send(Ok(out)).await;
+        Ok(())
+    }
+
+    async fn deletions_since(
+        &self,
+        since: DateTime<FixedOffset>,
+        position: &mut u64,
+    ) -> Result<Vec<Deletion>, SourceError> {
+        let entity = self.config.stream.name();
+        let oldest = Utc::now() - chrono::Duration::days(CDC_DAYS) + chrono::Duration::minutes(5);
+        let mut since = since.with_timezone(&Utc);
+        if since < oldest {
+            tracing::warn!(
+                %since, "the last quickbooks sync is older than the 30 days of changes the service keeps; deletions before {oldest} cannot be seen"
+            );
+            since = oldest;
+        }
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        loop {
+            let v = self
+                .get(
+                    "cdc",
+                    &[
+                        ("entities", entity.to_string()),
+                        (
+                            "changedSince",
+                            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                        ),
+                    ],
+                )
+                .await?;
+            let objects: Vec<Value> = v
+                .get("CDCResponse")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.get("QueryResponse").and_then(Value::as_array))
+                .flatten()
+                .filter_map(|q| q.get(entity).and_then(Value::as_array))
+                .flatten()
+                .cloned()
+                .collect();
+            let mut latest = since;
+            for o in &objects {
+                let at = o
+                    .pointer("/MetaData/LastUpdatedTime")
+                    .and_then(Value::as_str)
+                    .and_then(parse_time)
+                    .map(|t| t.with_timezone(&Utc));
+                if let Some(at) = at
+                    && at > latest
+                {
+                    latest = at;
+                }
+                if o.get("status").and_then(Value::as_str) == Some("Deleted")
+                    && let Some(id) = o.get("Id").and_then(Value::as_str)
+                    && seen.insert(id.to_string())
+                {
+                    *position += 1;
+                    out.push(Deletion {
+                        position: *position,
+                        external_id: id.to_string(),
+                        deleted_at: at.unwrap_or_else(Utc::now).timestamp_micros(),
+                    });
+                }
+            }
+            // A full answer may have left changes out: ask again from the latest one seen.
+            if objects.len() < CDC_MAX || latest <= since {
+                if objects.len() >= CDC_MAX {
+                    tracing::warn!(
+                        "quickbooks /cdc answered {CDC_MAX} objects changed at one instant; some deletions may be missed"
+                    );
+                }
+                return Ok(out);
+            }
+            since = latest;
+        }
+    }
+}
+
+impl Source for QuickBooksSource {
+    async fn streams(&self) -> Result<Vec<StreamInfo>, SourceError> {
+        Ok(vec![StreamInfo {
+            name: self.config.stream.name().to_string(),
+            schema: text_schema(&self.config.stream.columns()),
+            sync_mode: SyncMode::Incremental,
+        }])
+    }
+
+    async fn check(&self) -> Result<HealthReport, SourceError> {
+        let started = Instant::now();
+        let v = self
+            .get(
+                "query",
+                &[(
+                    "query",
+                    format!("SELECT COUNT(*) FROM {}", self.config.stream.name()),
+                )],
+            )
+            .await?;
+        let count = v
+            .pointer("/QueryResponse/totalCount")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        Ok(HealthReport {
+            detail: format!(
+                "quickbooks company {}: {count} {} records",
+                self.config.realm_id,
+                self.config.stream.name()
+            ),
+            latency: started.elapsed(),
+        })
+    }
+
+    async fn read(&self, request: ReadRequest) -> Result<BatchStream, SourceError> {
+        // Fail before the first batch when the credentials are refused.
+        self.access_token(false).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let source = self.clone();
+        let location = self.location();
+        tokio::spawn(async move {
+            let errors = tx.clone();
+            if let Err(e) = source.read_all(request.from, tx).await {
+                let _ = errors.send(Err(e.with_context(&location))).await;
+            }
+        });
+        Ok(channel_stream(rx))
+    }
+}
