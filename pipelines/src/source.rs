@@ -98,6 +98,7 @@ impl PipelineSource {
             SourceSpec::Quickbooks(q) => Some(Arc::new(crate::tokens::StoredTokens::new(
                 store,
                 spec,
+                &format!("{}/{}", q.realm_id, q.client_id),
                 &q.refresh_token,
             ))),
             _ => None,

@@ -4,7 +4,9 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod mysql;
+pub mod odoo;
 pub mod pg;
+pub mod qbo;
 pub mod redis;
 
 use std::collections::HashMap;

@@ -150,18 +150,19 @@ where
             Ok(value) => return (Outcome::Succeeded { value, failed }, slept),
             Err(e) => {
                 let transient = is_transient(&e);
-                tracing::warn!(attempt = number, transient, error = %e, "attempt failed");
+                let error = e.to_string();
+                tracing::warn!(attempt = number, transient, %error, "attempt failed");
                 failed.push(Attempt {
                     number,
                     at: Utc::now(),
-                    error: e.to_string(),
+                    error: error.clone(),
                     transient,
                 });
                 if !transient {
                     return (
                         Outcome::Dead {
                             failed,
-                            reason: "permanent failure: not retried".into(),
+                            reason: format!("permanent failure, not retried: {error}"),
                         },
                         slept,
                     );
@@ -173,7 +174,8 @@ where
                         slept.push(started.elapsed());
                     }
                     None => {
-                        let reason = format!("all {} attempts failed", failed.len());
+                        let reason =
+                            format!("all {} attempts failed; the last: {error}", failed.len());
                         return (Outcome::Dead { failed, reason }, slept);
                     }
                 }

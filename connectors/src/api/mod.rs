@@ -22,10 +22,12 @@ use crate::error::{SourceError, SourceErrorKind};
 
 /// Where a source keeps a credential that the service replaces as it is used (an OAuth
 /// refresh token that rotates). `save` must have stored the new value durably (and
-/// encrypted) when it returns: the source uses a new token only after that.
+/// encrypted) when it returns: the source uses a new token only after that. Every source
+/// of one connection (one company, many streams) must see the others' saves: a rotated
+/// token replaces the old one for all of them.
 pub trait TokenStore: Send + Sync {
-    /// The latest saved token, if one was saved for the credential the source was
-    /// configured with.
+    /// The latest saved token of the connection, if one was saved since it was configured
+    /// with the token the source was given.
     fn load(
         &self,
     ) -> Pin<Box<dyn Future<Output = Result<Option<String>, SourceError>> + Send + '_>>;
@@ -93,8 +95,11 @@ impl Limiter {
         }
     }
 
-    /// Waits until a request may start under both limits.
+    /// Waits until a request may start under both limits. The window is counted a little
+    /// longer than the service's (2%, at least 50 ms): the service counts a request when
+    /// it arrives, a moment after the client sent it.
     pub async fn acquire(&self) -> Permit<'_> {
+        let window = self.limits.window + (self.limits.window / 50).max(Duration::from_millis(50));
         let permit = self
             .in_flight
             .acquire()
@@ -106,7 +111,7 @@ impl Limiter {
                 let now = Instant::now();
                 while started
                     .front()
-                    .is_some_and(|t| now.duration_since(*t) >= self.limits.window)
+                    .is_some_and(|t| now.duration_since(*t) >= window)
                 {
                     started.pop_front();
                 }
@@ -116,7 +121,7 @@ impl Limiter {
                 } else {
                     started
                         .front()
-                        .map(|t| self.limits.window.saturating_sub(now.duration_since(*t)))
+                        .map(|t| window.saturating_sub(now.duration_since(*t)))
                 }
             };
             match wait {
@@ -219,6 +224,7 @@ impl TextBatch {
 
     /// Appends a row; `values` has one entry per column.
     pub(crate) fn push(&mut self, values: Vec<Option<String>>) {
+        debug_assert_eq!(values.len(), self.columns.len(), "one value per column");
         for (b, v) in self.columns.iter_mut().zip(values) {
             b.append_option(v);
         }

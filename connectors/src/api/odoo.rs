@@ -209,7 +209,14 @@ impl OdooStream {
                 "updated_at",
             ],
             "accounts" => vec!["external_id", "code", "name", "type", "updated_at"],
-            _ => vec!["external_id", "name", "email", "active", "updated_at"],
+            _ => vec![
+                "external_id",
+                "name",
+                "email",
+                "currency",
+                "active",
+                "updated_at",
+            ],
         })
     }
 

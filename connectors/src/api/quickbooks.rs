@@ -383,7 +383,12 @@ impl QuickBooksConfig {
 #[derive(Default)]
 struct Tokens {
     access: Option<(String, Instant)>,
-    refresh: Option<String>,
+}
+
+/// What the token endpoint said.
+enum Exchange {
+    Granted(Value),
+    InvalidGrant(String),
 }
 
 /// A QuickBooks Online stream.
@@ -414,6 +419,19 @@ fn realm_limiter(config: &QuickBooksConfig) -> Arc<Limiter> {
     map.entry(key)
         .or_insert_with(|| Arc::new(Limiter::new(config.limits)))
         .clone()
+}
+
+/// One refresh at a time per connection (token endpoint, client, realm) in the process.
+fn connection_lock(config: &QuickBooksConfig) -> Arc<Mutex<()>> {
+    static LOCKS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>> =
+        OnceLock::new();
+    let key = format!(
+        "{} {} {}",
+        config.token_url, config.client_id, config.realm_id
+    );
+    let map = LOCKS.get_or_init(Default::default);
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(key).or_default().clone()
 }
 
 /// A Fault (or OAuth error) body as one readable line, with the code it carries.
@@ -614,7 +632,10 @@ impl QuickBooksSource {
         )
     }
 
-    /// A valid access token: the cached one, or a new one from the refresh token.
+    /// A valid access token: the cached one, or a new one from the connection's latest
+    /// refresh token. One refresh at a time per connection in this process; a refresh
+    /// token refused as `invalid_grant` is read again from the store once, in case another
+    /// process rotated it a moment ago.
     async fn access_token(&self, renew: bool) -> Result<String, SourceError> {
         let mut tokens = self.tokens.lock().await;
         if !renew
@@ -623,26 +644,80 @@ impl QuickBooksSource {
         {
             return Ok(token.clone());
         }
-        let refresh = match tokens.refresh.clone() {
-            Some(t) => t,
-            None => self
-                .store
-                .load()
-                .await?
-                .unwrap_or_else(|| self.config.refresh_token.clone()),
+        let lock = connection_lock(&self.config);
+        let _one = lock.lock().await;
+        let latest = || async {
+            Ok::<_, SourceError>(
+                self.store
+                    .load()
+                    .await?
+                    .unwrap_or_else(|| self.config.refresh_token.clone()),
+            )
         };
-        let mut attempt = 0;
+        let mut refresh = latest().await?;
+        let mut reread = false;
         let answer = loop {
+            match self.exchange(&refresh).await? {
+                Exchange::Granted(v) => break v,
+                Exchange::InvalidGrant(text) => {
+                    if !reread {
+                        reread = true;
+                        let again = latest().await?;
+                        if again != refresh {
+                            refresh = again;
+                            continue;
+                        }
+                    }
+                    return Err(SourceError::new(
+                        SourceErrorKind::Auth,
+                        format!(
+                            "quickbooks refused the refresh token (invalid_grant: {text}); the connection to company {} was revoked or has expired: an admin must reconnect it and store the new refresh_token",
+                            self.config.realm_id
+                        ),
+                    ));
+                }
+            }
+        };
+        let access = answer
+            .get("access_token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| unexpected("quickbooks token refresh", "no access_token"))?
+            .to_string();
+        let lifetime = answer
+            .get("expires_in")
+            .and_then(Value::as_u64)
+            .unwrap_or(3600);
+        if let Some(next) = answer.get("refresh_token").and_then(Value::as_str)
+            && next != refresh
+        {
+            // The old refresh token stops working once the new one is used: keep the new
+            // one safe first.
+            self.store.save(next).await.map_err(|e| {
+                SourceError::new(
+                    e.kind(),
+                    format!("saving the rotated quickbooks refresh token: {e}"),
+                )
+            })?;
+            tracing::info!(realm = %self.config.realm_id, "quickbooks refresh token rotated and saved");
+        }
+        tokens.access = Some((
+            access.clone(),
+            Instant::now() + Duration::from_secs(lifetime),
+        ));
+        Ok(access)
+    }
+
+    /// One `grant_type=refresh_token` exchange, retried on network failures, 429 and 5xx.
+    async fn exchange(&self, refresh: &str) -> Result<Exchange, SourceError> {
+        let mut attempt = 0;
+        loop {
             attempt += 1;
             let sent = self
                 .http
                 .post(&self.config.token_url)
                 .basic_auth(&self.config.client_id, Some(&self.config.client_secret))
                 .header(reqwest::header::ACCEPT, "application/json")
-                .form(&[
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", refresh.as_str()),
-                ])
+                .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh)])
                 .send()
                 .await;
             let response = match sent {
@@ -658,21 +733,23 @@ impl QuickBooksSource {
             let asked = retry_after(response.headers());
             let body = response.text().await.unwrap_or_default();
             match status {
-                200 => break body,
+                200 => {
+                    return serde_json::from_str(&body)
+                        .map(Exchange::Granted)
+                        .map_err(|e| unexpected("quickbooks token refresh", e));
+                }
                 429 | 500..=599 if attempt < self.config.retry.attempts => {
                     tokio::time::sleep(self.config.retry.wait(attempt, asked)).await;
                 }
                 400 | 401 => {
                     let (text, code) = fault_text(&body);
-                    let message = if code.as_deref() == Some("invalid_grant") {
-                        format!(
-                            "quickbooks refused the refresh token (invalid_grant: {text}); the connection to company {} was revoked or has expired: an admin must reconnect it and store the new refresh_token",
-                            self.config.realm_id
-                        )
-                    } else {
-                        format!("quickbooks token refresh refused: HTTP {status}: {text}")
-                    };
-                    return Err(SourceError::new(SourceErrorKind::Auth, message));
+                    if code.as_deref() == Some("invalid_grant") {
+                        return Ok(Exchange::InvalidGrant(text));
+                    }
+                    return Err(SourceError::new(
+                        SourceErrorKind::Auth,
+                        format!("quickbooks token refresh refused: HTTP {status}: {text}"),
+                    ));
                 }
                 429 => {
                     return Err(qbo_error(
@@ -699,39 +776,7 @@ impl QuickBooksSource {
                     ));
                 }
             }
-        };
-        let v: Value =
-            serde_json::from_str(&answer).map_err(|e| unexpected("quickbooks token refresh", e))?;
-        let access = v
-            .get("access_token")
-            .and_then(Value::as_str)
-            .ok_or_else(|| unexpected("quickbooks token refresh", "no access_token"))?
-            .to_string();
-        let lifetime = v.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
-        if let Some(next) = v.get("refresh_token").and_then(Value::as_str)
-            && next != refresh
-        {
-            // The old refresh token stops working once the new one is used: keep the new
-            // one safe first.
-            self.store.save(next).await.map_err(|e| {
-                SourceError::new(
-                    SourceErrorKind::Transient,
-                    format!("saving the rotated quickbooks refresh token: {e}"),
-                )
-            })?;
-            tracing::info!(realm = %self.config.realm_id, "quickbooks refresh token rotated and saved");
         }
-        tokens.refresh = Some(
-            v.get("refresh_token")
-                .and_then(Value::as_str)
-                .unwrap_or(&refresh)
-                .to_string(),
-        );
-        tokens.access = Some((
-            access.clone(),
-            Instant::now() + Duration::from_secs(lifetime),
-        ));
-        Ok(access)
     }
 
     /// GETs `path` under the company with `params`: limited, authorised (one refresh and
@@ -962,6 +1007,11 @@ impl QuickBooksSource {
             );
             since = oldest;
         }
+        // A deletion in the same second as the previous run's start may or may not count
+        // as changed since it: ask from a minute earlier and keep deletions from that
+        // second on. A deletion reported twice marks nothing the second time.
+        let floor = since;
+        let mut since = since - chrono::Duration::seconds(60);
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         loop {
@@ -1001,6 +1051,7 @@ impl QuickBooksSource {
                     latest = at;
                 }
                 if o.get("status").and_then(Value::as_str) == Some("Deleted")
+                    && at.is_none_or(|at| at >= floor)
                     && let Some(id) = o.get("Id").and_then(Value::as_str)
                     && seen.insert(id.to_string())
                 {
@@ -1073,5 +1124,63 @@ impl Source for QuickBooksSource {
             }
         });
         Ok(channel_stream(rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_bodies_become_one_readable_line() {
+        let json = r#"{"Fault":{"Error":[{"Message":"Invalid Reference Id","Detail":"Something you're trying to use has been made inactive.","code":"2500","element":"CustomerRef"}],"type":"ValidationFault"},"time":"2024-06-01T10:00:00.000-07:00"}"#;
+        let (text, code) = fault_text(json);
+        assert!(
+            text.starts_with("ValidationFault: Invalid Reference Id: Something"),
+            "{text}"
+        );
+        assert_eq!(code.as_deref(), Some("2500"));
+        let lower = r#"{"fault":{"error":[{"message":"message=AuthenticationFailed; errorCode=003200; statusCode=401","detail":"Token expired","code":"3200"}],"type":"AUTHENTICATION"}}"#;
+        let (text, code) = fault_text(lower);
+        assert!(
+            text.contains("AuthenticationFailed") && text.contains("Token expired"),
+            "{text}"
+        );
+        assert_eq!(code.as_deref(), Some("3200"));
+        let xml = r#"<?xml version="1.0"?><IntuitResponse><Fault type="SERVICE"><Error code="003001"><Message>message=ThrottleExceeded; errorCode=003001; statusCode=429</Message><Detail>The request limit was reached.</Detail></Error></Fault></IntuitResponse>"#;
+        let (text, code) = fault_text(xml);
+        assert!(
+            text.contains("ThrottleExceeded") && text.contains("limit was reached"),
+            "{text}"
+        );
+        assert_eq!(code.as_deref(), Some("003001"));
+        let (_, code) = fault_text(r#"{"error":"invalid_grant"}"#);
+        assert_eq!(code.as_deref(), Some("invalid_grant"));
+        let ok_with_fault: Value = serde_json::from_str(json).expect("json");
+        assert_eq!(
+            fault_in(&ok_with_fault).map(|e| e.kind()),
+            Some(SourceErrorKind::Config)
+        );
+    }
+
+    #[test]
+    fn the_cursor_tells_records_read_at_its_instant_from_later_ones() {
+        let mut c = Cursor::default();
+        c.advance("1", "2026-11-01T10:00:00-08:00");
+        c.advance("2", "2026-11-01T18:00:00Z");
+        assert_eq!(c.ids, vec!["1", "2"], "the same instant in another zone");
+        assert!(c.covers("2", "2026-11-01T10:00:00-08:00"));
+        assert!(!c.covers("3", "2026-11-01T10:00:00-08:00"));
+        assert!(!c.covers("1", "2026-11-01T10:00:01-08:00"));
+        let back = Cursor::from_json(Some(&c.to_json()));
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn account_types_map_to_canonical_ones() {
+        assert_eq!(account_type("Accounts Receivable"), "asset");
+        assert_eq!(account_type("Cost of Goods Sold"), "cogs");
+        assert_eq!(account_type("Credit Card"), "liability");
+        assert_eq!(account_type("Non-Posting"), "other");
     }
 }
