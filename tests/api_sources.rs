@@ -427,10 +427,26 @@ async fn quickbooks_lists_include_inactive_records_and_payments_keep_what_they_p
                                   { "Amount": money(0), "LinkedTxn": [{ "TxnId": "99", "TxnType": "CreditMemo" }] }],
                          "MetaData": { "LastUpdatedTime": t } }))
         .collect();
+    // Credit memos have no due date and carry their open credit as Balance/RemainingCredit.
+    let credit_memos: Vec<Value> = (1..=3)
+        .map(|i| json!({ "Id": format!("cm{i}"), "DocNumber": format!("CM-{i}"), "TxnDate": "2026-10-05",
+                         "CustomerRef": { "value": "3", "name": "Customer 3" }, "CurrencyRef": { "value": "EUR" },
+                         "TotalAmt": money(2_500 * i), "Balance": money(1_000 * i), "RemainingCredit": money(1_000 * i),
+                         "MetaData": { "LastUpdatedTime": t } }))
+        .collect();
+    // A voided invoice: zeroed, with "Voided" in its private note.
+    let voided = vec![
+        json!({ "Id": "77", "DocNumber": "INV-77", "TxnDate": "2026-10-01", "DueDate": "2026-10-31",
+                              "CustomerRef": { "value": "3" }, "CurrencyRef": { "value": "USD" },
+                              "TotalAmt": 0, "Balance": 0, "PrivateNote": "Voided",
+                              "MetaData": { "LastUpdatedTime": t } }),
+    ];
     let fake = FakeQbo::start(Books {
         records: HashMap::from([
             ("Customer".to_string(), customers),
             ("Payment".to_string(), payments),
+            ("CreditMemo".to_string(), credit_memos),
+            ("Invoice".to_string(), voided),
         ]),
         ..Books::default()
     })
@@ -468,6 +484,48 @@ async fn quickbooks_lists_include_inactive_records_and_payments_keep_what_they_p
     .await
     .expect("payments");
     succeeded(&report);
+    let report = sync(
+        &qbo_pipeline(
+            dir.path(),
+            "qbo-credits",
+            &fake,
+            "CreditMemo",
+            "invoices",
+            1000,
+        ),
+        &w,
+    )
+    .await
+    .expect("credit memos");
+    succeeded(&report);
+    let report = sync(
+        &qbo_pipeline(dir.path(), "qbo-voided", &fake, "Invoice", "invoices", 1000),
+        &w,
+    )
+    .await
+    .expect("voided invoice");
+    succeeded(&report);
+    let invoices = w.invoices(&acme()).await.expect("invoices");
+    let credits: Vec<_> = invoices
+        .iter()
+        .filter(|i| i.kind == "credit_note")
+        .collect();
+    assert_eq!(credits.len(), 3);
+    assert!(
+        credits
+            .iter()
+            .all(|c| c.due_date == c.issue_date && c.currency == "EUR")
+    );
+    assert_eq!(
+        credits.iter().map(|c| c.balance).sum::<Decimal>(),
+        Decimal::new(6_000, 2)
+    );
+    let void = invoices
+        .iter()
+        .find(|i| i.external_id == "77")
+        .expect("voided");
+    assert_eq!(void.status, "void");
+
     let payments = w.payments(&acme()).await.expect("payments");
     assert_eq!(payments.len(), 5);
     let p1 = payments.iter().find(|p| p.external_id == "p1").expect("p1");

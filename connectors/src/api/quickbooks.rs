@@ -237,6 +237,12 @@ impl QboStream {
                 let due = if credit { None } else { at(&["DueDate"]) }.or_else(|| issued.clone());
                 // A credit memo's open amount is its remaining credit.
                 let balance = at(&["Balance"]).or_else(|| at(&["RemainingCredit"]));
+                // QuickBooks voids a transaction by zeroing it and noting "Voided" in its
+                // private note; it has no status field.
+                let zero = at(&["TotalAmt"]).is_some_and(|t| t.parse::<f64>() == Ok(0.0));
+                let voided = zero
+                    && at(&["PrivateNote"])
+                        .is_some_and(|n| n.to_ascii_lowercase().contains("voided"));
                 vec![
                     at(&["Id"]),
                     at(&["DocNumber"]),
@@ -247,7 +253,7 @@ impl QboStream {
                     at(&["CurrencyRef", "value"]),
                     at(&["TotalAmt"]),
                     balance,
-                    None,
+                    voided.then(|| "void".to_string()),
                     Some(kind.to_string()),
                     updated,
                 ]
