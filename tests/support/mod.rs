@@ -11,6 +11,18 @@ pub mod redis;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+
+/// Serves `app` on a free local port: its base URL and the server task (abort to stop).
+pub async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, server)
+}
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::NaiveDate;

@@ -56,13 +56,7 @@ impl FakeOdoo {
             .route("/jsonrpc", post(jsonrpc))
             .route("/json/2/{model}/{method}", post(json2))
             .with_state(db.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (url, server) = super::serve(app).await;
         FakeOdoo { url, db, server }
     }
 

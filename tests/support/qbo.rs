@@ -101,13 +101,7 @@ impl FakeQbo {
             .route("/v3/company/{realm}/query", get(query))
             .route("/v3/company/{realm}/cdc", get(cdc))
             .with_state(books.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (url, server) = super::serve(app).await;
         FakeQbo { url, books, server }
     }
 

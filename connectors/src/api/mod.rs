@@ -158,6 +158,51 @@ impl RequestRetry {
     }
 }
 
+/// A service's answer: its status and body.
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: String,
+}
+
+/// Sends what `send` sends until the answer is neither a 429 nor a 5xx (waiting as
+/// `retry` says, or as a 429's `Retry-After` asks) and retries transient failures to get
+/// one; after the last try the last answer (or failure) is returned for the caller to
+/// classify. `send` is called for every try, so it can take a limiter permit and a token.
+pub(crate) async fn send_with_retries<F, Fut>(
+    retry: &RequestRetry,
+    what: &str,
+    mut send: F,
+) -> Result<Answer, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<reqwest::Response, SourceError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last = attempt >= retry.attempts;
+        let response = match send().await {
+            Ok(r) => r,
+            Err(e) if e.kind().is_transient() && !last => {
+                tracing::warn!(error = %e, attempt, "{what}: no answer; retrying");
+                tokio::time::sleep(retry.wait(attempt, None)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let status = response.status().as_u16();
+        let asked = retry_after(response.headers());
+        let body = response.text().await.unwrap_or_default();
+        if (status == 429 || status >= 500) && !last {
+            let wait = retry.wait(attempt, asked);
+            tracing::warn!(status, attempt, wait_ms = wait.as_millis() as u64, detail = %excerpt(&body, 200), "{what}: asked to retry");
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        return Ok(Answer { status, body });
+    }
+}
+
 /// The seconds of a `Retry-After` header, if it has one in seconds.
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     headers
@@ -168,6 +213,52 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
         .parse::<u64>()
         .ok()
         .map(Duration::from_secs)
+}
+
+/// The columns of an API source's batches for a canonical entity, named as its fields.
+pub(crate) fn canonical_columns(entity: &str) -> Vec<&'static str> {
+    match entity {
+        "invoices" | "bills" => {
+            let (id, name) = if entity == "invoices" {
+                ("customer_id", "customer_name")
+            } else {
+                ("vendor_id", "vendor_name")
+            };
+            vec![
+                "external_id",
+                "doc_number",
+                id,
+                name,
+                "issue_date",
+                "due_date",
+                "currency",
+                "total",
+                "balance",
+                "status",
+                "kind",
+                "updated_at",
+            ]
+        }
+        "payments" => vec![
+            "external_id",
+            "direction",
+            "counterparty_id",
+            "date",
+            "amount",
+            "currency",
+            "applied_to",
+            "updated_at",
+        ],
+        "accounts" => vec!["external_id", "code", "name", "type", "updated_at"],
+        _ => vec![
+            "external_id",
+            "name",
+            "email",
+            "currency",
+            "active",
+            "updated_at",
+        ],
+    }
 }
 
 /// A network failure (no answer): transient.

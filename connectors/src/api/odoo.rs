@@ -16,7 +16,10 @@ use chrono::NaiveDateTime;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-use super::{RequestRetry, TextBatch, excerpt, network, retry_after, text_schema, unexpected};
+use super::{
+    RequestRetry, TextBatch, canonical_columns, excerpt, network, send_with_retries, text_schema,
+    unexpected,
+};
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
     BatchStream, Deletion, HealthReport, ReadRequest, Source, SourceBatch, StreamInfo, SyncMode,
@@ -169,55 +172,7 @@ impl OdooStream {
 
     /// The columns of its batches, named as the canonical fields.
     pub fn columns(&self) -> Result<Vec<&'static str>, SourceError> {
-        Ok(match self.entity()? {
-            "invoices" => vec![
-                "external_id",
-                "doc_number",
-                "customer_id",
-                "customer_name",
-                "issue_date",
-                "due_date",
-                "currency",
-                "total",
-                "balance",
-                "status",
-                "kind",
-                "updated_at",
-            ],
-            "bills" => vec![
-                "external_id",
-                "doc_number",
-                "vendor_id",
-                "vendor_name",
-                "issue_date",
-                "due_date",
-                "currency",
-                "total",
-                "balance",
-                "status",
-                "kind",
-                "updated_at",
-            ],
-            "payments" => vec![
-                "external_id",
-                "direction",
-                "counterparty_id",
-                "date",
-                "amount",
-                "currency",
-                "applied_to",
-                "updated_at",
-            ],
-            "accounts" => vec!["external_id", "code", "name", "type", "updated_at"],
-            _ => vec![
-                "external_id",
-                "name",
-                "email",
-                "currency",
-                "active",
-                "updated_at",
-            ],
-        })
+        Ok(canonical_columns(self.entity()?))
     }
 
     /// One record as text cells in the order of [`OdooStream::columns`]; `None` for a
@@ -463,49 +418,35 @@ impl OdooSource {
         bearer: bool,
     ) -> Result<(u16, Value), SourceError> {
         let url = format!("{}{path}", self.config.url.trim_end_matches('/'));
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut request = self.http.post(&url).json(body);
+        let what = format!("odoo {path}");
+        // A JSON-RPC error is answered with 200; a 429 or 5xx is the server or a proxy.
+        let (this, url_ref, what_ref) = (self, &url, &what);
+        let answer = send_with_retries(&self.config.retry, &what, || async move {
+            let mut request = this.http.post(url_ref).json(body);
             if bearer {
                 request = request
-                    .bearer_auth(&self.config.api_key)
-                    .header("X-Odoo-Database", &self.config.db);
+                    .bearer_auth(&this.config.api_key)
+                    .header("X-Odoo-Database", &this.config.db);
             }
-            let response = match request.send().await {
-                Ok(r) => r,
-                Err(e) if attempt < self.config.retry.attempts => {
-                    tracing::warn!(error = %e.without_url(), attempt, "odoo unreachable; retrying");
-                    tokio::time::sleep(self.config.retry.wait(attempt, None)).await;
-                    continue;
-                }
-                Err(e) => return Err(network(&format!("odoo {path}"), e)),
-            };
-            let status = response.status().as_u16();
-            let asked = retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
-            if (status == 429 || status >= 500) && attempt < self.config.retry.attempts {
-                // A JSON-RPC error is answered with 200; a 5xx is the server or a proxy.
-                tracing::warn!(status, attempt, "odoo asked to retry");
-                tokio::time::sleep(self.config.retry.wait(attempt, asked)).await;
-                continue;
-            }
-            let parsed: Option<Value> = serde_json::from_str(&text).ok();
-            return match (status, parsed) {
-                (429, _) => Err(SourceError::new(
-                    SourceErrorKind::RateLimited,
-                    format!("odoo {path}: HTTP 429: {}", excerpt(&text, 200)),
-                )),
-                (s, None) if s >= 500 => Err(SourceError::new(
-                    SourceErrorKind::Transient,
-                    format!("odoo {path}: HTTP {s}: {}", excerpt(&text, 200)),
-                )),
-                (_, Some(v)) => Ok((status, v)),
-                (s, None) => Err(unexpected(
-                    &format!("odoo {path} (HTTP {s})"),
-                    excerpt(&text, 200),
-                )),
-            };
+            request.send().await.map_err(|e| network(what_ref, e))
+        })
+        .await?;
+        let (status, text) = (answer.status, answer.body);
+        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        match (status, parsed) {
+            (429, _) => Err(SourceError::new(
+                SourceErrorKind::RateLimited,
+                format!("{what}: HTTP 429: {}", excerpt(&text, 200)),
+            )),
+            (s, None) if s >= 500 => Err(SourceError::new(
+                SourceErrorKind::Transient,
+                format!("{what}: HTTP {s}: {}", excerpt(&text, 200)),
+            )),
+            (_, Some(v)) => Ok((status, v)),
+            (s, None) => Err(unexpected(
+                &format!("{what} (HTTP {s})"),
+                excerpt(&text, 200),
+            )),
         }
     }
 

@@ -22,8 +22,8 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::{
-    Limiter, Limits, RequestRetry, TextBatch, TokenStore, excerpt, network, retry_after,
-    text_schema, unexpected,
+    Limiter, Limits, RequestRetry, TextBatch, TokenStore, canonical_columns, excerpt, network,
+    send_with_retries, text_schema, unexpected,
 };
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
@@ -77,21 +77,6 @@ pub enum QboStream {
     /// -> accounts.
     Account,
 }
-
-const DOCUMENT_COLUMNS: [&str; 12] = [
-    "external_id",
-    "doc_number",
-    "counterparty_id",
-    "counterparty_name",
-    "issue_date",
-    "due_date",
-    "currency",
-    "total",
-    "balance",
-    "status",
-    "kind",
-    "updated_at",
-];
 
 impl QboStream {
     /// Every stream.
@@ -161,41 +146,7 @@ impl QboStream {
 
     /// The columns of its batches, named as the canonical fields.
     pub fn columns(self) -> Vec<&'static str> {
-        let rename = |party: &'static str| {
-            DOCUMENT_COLUMNS
-                .iter()
-                .map(move |c| match *c {
-                    "counterparty_id" if party == "customer" => "customer_id",
-                    "counterparty_name" if party == "customer" => "customer_name",
-                    "counterparty_id" => "vendor_id",
-                    "counterparty_name" => "vendor_name",
-                    other => other,
-                })
-                .collect::<Vec<_>>()
-        };
-        match self {
-            QboStream::Invoice | QboStream::CreditMemo => rename("customer"),
-            QboStream::Bill | QboStream::VendorCredit => rename("vendor"),
-            QboStream::Payment | QboStream::BillPayment => vec![
-                "external_id",
-                "direction",
-                "counterparty_id",
-                "date",
-                "amount",
-                "currency",
-                "applied_to",
-                "updated_at",
-            ],
-            QboStream::Customer | QboStream::Vendor => vec![
-                "external_id",
-                "name",
-                "email",
-                "currency",
-                "active",
-                "updated_at",
-            ],
-            QboStream::Account => vec!["external_id", "code", "name", "type", "updated_at"],
-        }
+        canonical_columns(self.entity())
     }
 
     /// One record as text cells in the order of [`QboStream::columns`]. Absent fields are
@@ -715,73 +666,52 @@ impl QuickBooksSource {
 
     /// One `grant_type=refresh_token` exchange, retried on network failures, 429 and 5xx.
     async fn exchange(&self, refresh: &str) -> Result<Exchange, SourceError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let sent = self
-                .http
-                .post(&self.config.token_url)
-                .basic_auth(&self.config.client_id, Some(&self.config.client_secret))
+        let what = "quickbooks token refresh";
+        let this = self;
+        let answer = send_with_retries(&self.config.retry, what, || async move {
+            this.http
+                .post(&this.config.token_url)
+                .basic_auth(&this.config.client_id, Some(&this.config.client_secret))
                 .header(reqwest::header::ACCEPT, "application/json")
                 .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh)])
                 .send()
-                .await;
-            let response = match sent {
-                Ok(r) => r,
-                Err(e) if attempt < self.config.retry.attempts => {
-                    tracing::warn!(error = %e.without_url(), attempt, "quickbooks token endpoint unreachable; retrying");
-                    tokio::time::sleep(self.config.retry.wait(attempt, None)).await;
-                    continue;
+                .await
+                .map_err(|e| network(what, e))
+        })
+        .await?;
+        let (status, body) = (answer.status, answer.body);
+        match status {
+            200 => serde_json::from_str(&body)
+                .map(Exchange::Granted)
+                .map_err(|e| unexpected(what, e)),
+            400 | 401 => {
+                let (text, code) = fault_text(&body);
+                if code.as_deref() == Some("invalid_grant") {
+                    return Ok(Exchange::InvalidGrant(text));
                 }
-                Err(e) => return Err(network("quickbooks token refresh", e)),
-            };
-            let status = response.status().as_u16();
-            let asked = retry_after(response.headers());
-            let body = response.text().await.unwrap_or_default();
-            match status {
-                200 => {
-                    return serde_json::from_str(&body)
-                        .map(Exchange::Granted)
-                        .map_err(|e| unexpected("quickbooks token refresh", e));
-                }
-                429 | 500..=599 if attempt < self.config.retry.attempts => {
-                    tokio::time::sleep(self.config.retry.wait(attempt, asked)).await;
-                }
-                400 | 401 => {
-                    let (text, code) = fault_text(&body);
-                    if code.as_deref() == Some("invalid_grant") {
-                        return Ok(Exchange::InvalidGrant(text));
-                    }
-                    return Err(SourceError::new(
-                        SourceErrorKind::Auth,
-                        format!("quickbooks token refresh refused: HTTP {status}: {text}"),
-                    ));
-                }
-                429 => {
-                    return Err(qbo_error(
-                        SourceErrorKind::RateLimited,
-                        "token refresh",
-                        status,
-                        &body,
-                    ));
-                }
-                s if s >= 500 => {
-                    return Err(qbo_error(
-                        SourceErrorKind::Transient,
-                        "token refresh",
-                        status,
-                        &body,
-                    ));
-                }
-                _ => {
-                    return Err(qbo_error(
-                        SourceErrorKind::Auth,
-                        "token refresh",
-                        status,
-                        &body,
-                    ));
-                }
+                Err(SourceError::new(
+                    SourceErrorKind::Auth,
+                    format!("{what} refused: HTTP {status}: {text}"),
+                ))
             }
+            429 => Err(qbo_error(
+                SourceErrorKind::RateLimited,
+                "token refresh",
+                status,
+                &body,
+            )),
+            s if s >= 500 => Err(qbo_error(
+                SourceErrorKind::Transient,
+                "token refresh",
+                status,
+                &body,
+            )),
+            _ => Err(qbo_error(
+                SourceErrorKind::Auth,
+                "token refresh",
+                status,
+                &body,
+            )),
         }
     }
 
@@ -793,67 +723,47 @@ impl QuickBooksSource {
             self.config.base_url.trim_end_matches('/'),
             self.config.realm_id
         );
-        let mut attempt = 0;
+        let what = format!("quickbooks {path}");
         let mut renewed = false;
         loop {
-            attempt += 1;
-            let token = self.access_token(false).await?;
-            let sent = {
-                let _permit = self.limiter.acquire().await;
-                self.http
-                    .get(&url)
+            let (this, url, what_ref) = (self, &url, &what);
+            let answer = send_with_retries(&self.config.retry, &what, || async move {
+                let token = this.access_token(false).await?;
+                let _permit = this.limiter.acquire().await;
+                this.http
+                    .get(url)
                     .query(params)
                     .query(&[("minorversion", MINOR_VERSION.to_string())])
                     .bearer_auth(&token)
                     .header(reqwest::header::ACCEPT, "application/json")
                     .send()
                     .await
-            };
-            let response = match sent {
-                Ok(r) => r,
-                Err(e) if attempt < self.config.retry.attempts => {
-                    tracing::warn!(error = %e.without_url(), attempt, "quickbooks unreachable; retrying");
-                    tokio::time::sleep(self.config.retry.wait(attempt, None)).await;
-                    continue;
-                }
-                Err(e) => return Err(network(&format!("quickbooks {path}"), e)),
-            };
-            let status = response.status().as_u16();
-            let asked = retry_after(response.headers());
-            let body = response.text().await.unwrap_or_default();
-            match status {
+                    .map_err(|e| network(what_ref, e))
+            })
+            .await?;
+            let (status, body) = (answer.status, answer.body);
+            return match status {
                 200 => {
-                    let v: Value = serde_json::from_str(&body).map_err(|_| {
-                        unexpected(&format!("quickbooks {path}"), excerpt(&body, 200))
-                    })?;
-                    return match fault_in(&v) {
+                    let v: Value = serde_json::from_str(&body)
+                        .map_err(|_| unexpected(&what, excerpt(&body, 200)))?;
+                    match fault_in(&v) {
                         Some(e) => Err(e),
                         None => Ok(v),
-                    };
+                    }
                 }
                 401 if !renewed => {
                     // The access token expired or was revoked early: one refresh, one retry.
                     renewed = true;
-                    attempt -= 1;
-                    let mut tokens = self.tokens.lock().await;
-                    tokens.access = None;
-                    drop(tokens);
+                    self.tokens.lock().await.access = None;
                     self.access_token(true).await?;
+                    continue;
                 }
-                401 => return Err(qbo_error(SourceErrorKind::Auth, path, status, &body)),
-                429 | 500..=599 if attempt < self.config.retry.attempts => {
-                    let wait = self.config.retry.wait(attempt, asked);
-                    tracing::warn!(status, attempt, wait_ms = wait.as_millis() as u64, detail = %fault_text(&body).0, "quickbooks asked to retry");
-                    tokio::time::sleep(wait).await;
-                }
-                429 => return Err(qbo_error(SourceErrorKind::RateLimited, path, status, &body)),
-                s if s >= 500 => {
-                    return Err(qbo_error(SourceErrorKind::Transient, path, status, &body));
-                }
-                403 => return Err(qbo_error(SourceErrorKind::Auth, path, status, &body)),
-                404 => return Err(qbo_error(SourceErrorKind::NotFound, path, status, &body)),
-                _ => return Err(qbo_error(SourceErrorKind::Config, path, status, &body)),
-            }
+                401 | 403 => Err(qbo_error(SourceErrorKind::Auth, path, status, &body)),
+                429 => Err(qbo_error(SourceErrorKind::RateLimited, path, status, &body)),
+                s if s >= 500 => Err(qbo_error(SourceErrorKind::Transient, path, status, &body)),
+                404 => Err(qbo_error(SourceErrorKind::NotFound, path, status, &body)),
+                _ => Err(qbo_error(SourceErrorKind::Config, path, status, &body)),
+            };
         }
     }
 
