@@ -19,6 +19,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::error::{SourceError, SourceErrorKind};
+use crate::source::{BatchStream, SourceBatch, channel_stream};
 
 /// Where a source keeps a credential that the service replaces as it is used (an OAuth
 /// refresh token that rotates). `save` must have stored the new value durably (and
@@ -157,6 +158,29 @@ impl RequestRetry {
         asked.unwrap_or_else(|| self.base * 2u32.saturating_pow(attempt.saturating_sub(1)))
     }
 }
+
+/// Runs `read` (which sends the batches of one read) on its own task; its error, prefixed
+/// with `location`, ends the stream.
+pub(crate) fn spawn_reader<Fut>(
+    location: String,
+    read: impl FnOnce(BatchSender) -> Fut,
+) -> BatchStream
+where
+    Fut: Future<Output = Result<(), SourceError>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let errors = tx.clone();
+    let reading = read(tx);
+    tokio::spawn(async move {
+        if let Err(e) = reading.await {
+            let _ = errors.send(Err(e.with_context(&location))).await;
+        }
+    });
+    channel_stream(rx)
+}
+
+/// The sending end of a read's batches.
+pub(crate) type BatchSender = tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>;
 
 /// A service's answer: its status and body.
 pub(crate) struct Answer {

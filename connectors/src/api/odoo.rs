@@ -17,13 +17,12 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
 use super::{
-    RequestRetry, TextBatch, canonical_columns, excerpt, network, send_with_retries, text_schema,
-    unexpected,
+    RequestRetry, TextBatch, canonical_columns, excerpt, network, send_with_retries, spawn_reader,
+    text_schema, unexpected,
 };
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
     BatchStream, Deletion, HealthReport, ReadRequest, Source, SourceBatch, StreamInfo, SyncMode,
-    channel_stream,
 };
 
 /// How requests reach the server.
@@ -541,7 +540,7 @@ impl OdooSource {
     async fn read_all(
         self,
         from: Option<Value>,
-        tx: tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>,
+        tx: super::BatchSender,
     ) -> Result<(), SourceError> {
         let stream = &self.config.stream;
         let schema = text_schema(&stream.columns()?);
@@ -663,15 +662,9 @@ impl Source for OdooSource {
         if self.config.transport == Transport::JsonRpc {
             self.uid().await?;
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let source = self.clone();
-        let location = self.location();
-        tokio::spawn(async move {
-            let errors = tx.clone();
-            if let Err(e) = source.read_all(request.from, tx).await {
-                let _ = errors.send(Err(e.with_context(&location))).await;
-            }
-        });
-        Ok(channel_stream(rx))
+        Ok(spawn_reader(self.location(), move |tx| {
+            source.read_all(request.from, tx)
+        }))
     }
 }

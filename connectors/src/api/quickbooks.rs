@@ -23,12 +23,11 @@ use tokio::sync::Mutex;
 
 use super::{
     Limiter, Limits, RequestRetry, TextBatch, TokenStore, canonical_columns, excerpt, network,
-    send_with_retries, text_schema, unexpected,
+    send_with_retries, spawn_reader, text_schema, unexpected,
 };
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
     BatchStream, Deletion, HealthReport, ReadRequest, Source, SourceBatch, StreamInfo, SyncMode,
-    channel_stream,
 };
 
 /// The production API.
@@ -791,7 +790,7 @@ impl QuickBooksSource {
     async fn read_all(
         self,
         from: Option<Value>,
-        tx: tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>,
+        tx: super::BatchSender,
     ) -> Result<(), SourceError> {
         let stream = self.config.stream;
         let entity = stream.name();
@@ -1030,16 +1029,10 @@ impl Source for QuickBooksSource {
     async fn read(&self, request: ReadRequest) -> Result<BatchStream, SourceError> {
         // Fail before the first batch when the credentials are refused.
         self.access_token(false).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let source = self.clone();
-        let location = self.location();
-        tokio::spawn(async move {
-            let errors = tx.clone();
-            if let Err(e) = source.read_all(request.from, tx).await {
-                let _ = errors.send(Err(e.with_context(&location))).await;
-            }
-        });
-        Ok(channel_stream(rx))
+        Ok(spawn_reader(self.location(), move |tx| {
+            source.read_all(request.from, tx)
+        }))
     }
 }
 
