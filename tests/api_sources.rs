@@ -470,6 +470,24 @@ async fn quickbooks_lists_include_inactive_records_and_payments_keep_what_they_p
         report.ledger.counts.inserted, 12,
         "inactive customers are read too"
     );
+    let customers_spec = qbo_pipeline(
+        dir.path(),
+        "qbo-customers",
+        &fake,
+        "Customer",
+        "customers",
+        1000,
+    );
+    let health = PipelineSource::for_pipeline(&customers_spec, w.clone())
+        .expect("source")
+        .check()
+        .await
+        .expect("check");
+    assert!(
+        health.detail.contains("12 Customer records"),
+        "{}",
+        health.detail
+    );
     let report = sync(
         &qbo_pipeline(
             dir.path(),
@@ -784,6 +802,26 @@ async fn odoo_payments_cancelled_later_are_deleted_and_archived_partners_are_rea
     assert_eq!(
         customers.ledger.counts.inserted, 9,
         "archived partners are read too"
+    );
+    let health = PipelineSource::for_pipeline(
+        &odoo_pipeline(
+            dir.path(),
+            "odoo-customers",
+            &fake,
+            "customers",
+            "customers",
+            "",
+        ),
+        w.clone(),
+    )
+    .expect("source")
+    .check()
+    .await
+    .expect("check");
+    assert!(
+        health.detail.contains("9 res.partner records"),
+        "{}",
+        health.detail
     );
 
     let spec = odoo_pipeline(

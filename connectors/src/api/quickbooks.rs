@@ -1008,7 +1008,15 @@ impl Source for QuickBooksSource {
                 "query",
                 &[(
                     "query",
-                    format!("SELECT COUNT(*) FROM {}", self.config.stream.name()),
+                    format!(
+                        "SELECT COUNT(*) FROM {}{}",
+                        self.config.stream.name(),
+                        if self.config.stream.is_list() {
+                            " WHERE Active IN (true, false)"
+                        } else {
+                            ""
+                        }
+                    ),
                 )],
             )
             .await?;
