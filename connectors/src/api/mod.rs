@@ -97,10 +97,11 @@ impl Limiter {
     }
 
     /// Waits until a request may start under both limits. The window is counted a little
-    /// longer than the service's (2%, at least 50 ms): the service counts a request when
-    /// it arrives, a moment after the client sent it.
+    /// longer than the service's (2%, at least 250 ms): the service counts a request when
+    /// it arrives, which may be a moment (a connection, a busy machine) after the client
+    /// let it go.
     pub async fn acquire(&self) -> Permit<'_> {
-        let window = self.limits.window + (self.limits.window / 50).max(Duration::from_millis(50));
+        let window = self.limits.window + (self.limits.window / 50).max(Duration::from_millis(250));
         let permit = self
             .in_flight
             .acquire()
