@@ -344,7 +344,7 @@ fn compare(a: &Value, b: &Value) -> Option<CmpOrdering> {
         (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
         (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
         (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
-        // `false` (empty) sorts first, as NULL does in PostgreSQL's ascending order... last.
+        // `false` (empty) sorts after values, as NULL does in PostgreSQL's ascending order.
         (Value::Bool(false), _) => Some(CmpOrdering::Greater),
         (_, Value::Bool(false)) => Some(CmpOrdering::Less),
         _ => None,
