@@ -403,6 +403,13 @@ async fn quickbooks_throttling_and_server_errors_are_retried_within_the_limits()
     };
     let (ra, rb) = tokio::join!(read(a), read(b));
     assert_eq!((ra, rb), (300, 300));
+    // Pages smaller than the overlap still move forward: every record once.
+    let mut tiny = config(QboStream::Invoice);
+    tiny.page_size = 3;
+    let tiny = QuickBooksSource::new(tiny, tokens.clone()).expect("source");
+    fake.with(|b| b.throttle_every = None);
+    assert_eq!(read(tiny).await, 300);
+    assert_eq!(fake.with(|b| b.over_limit), 0);
     let (over, throttled, requests) = fake.with(|b| (b.over_limit, b.throttled, b.requests));
     assert_eq!(over, 0, "the client went over the limits {over} times");
     assert!(

@@ -513,15 +513,18 @@ impl Cursor {
         json!({ "updated": self.updated, "ids": self.ids, "cdc_since": self.cdc_since })
     }
 
-    /// Records `id` read at `updated`.
+    /// Records `id` read at `updated`; the cursor never moves back.
     fn advance(&mut self, id: &str, updated: &str) {
-        let same = self
+        let order = self
             .updated
             .as_deref()
             .and_then(parse_time)
             .zip(parse_time(updated))
-            .is_some_and(|(a, b)| a == b);
-        if same {
+            .map(|(at, new)| new.cmp(&at));
+        if order == Some(std::cmp::Ordering::Less) {
+            return;
+        }
+        if order == Some(std::cmp::Ordering::Equal) {
             if !self.ids.iter().any(|i| i == id) {
                 self.ids.push(id.to_string());
             }
@@ -816,8 +819,10 @@ impl QuickBooksSource {
         let mut last_page: HashSet<(String, String)> = HashSet::new();
         let location = self.location();
         loop {
+            // At most half a page back, so that every page moves the read forward.
+            let overlap = OVERLAP.min(self.config.page_size / 2);
             let from_position = if start > 1 {
-                start.saturating_sub(OVERLAP).max(1)
+                start.saturating_sub(overlap).max(1)
             } else {
                 1
             };
@@ -1086,6 +1091,8 @@ mod tests {
         c.advance("1", "2026-11-01T10:00:00-08:00");
         c.advance("2", "2026-11-01T18:00:00Z");
         assert_eq!(c.ids, vec!["1", "2"], "the same instant in another zone");
+        c.advance("0", "2026-11-01T09:00:00-08:00");
+        assert_eq!(c.ids, vec!["1", "2"], "never back");
         assert!(c.covers("2", "2026-11-01T10:00:00-08:00"));
         assert!(!c.covers("3", "2026-11-01T10:00:00-08:00"));
         assert!(!c.covers("1", "2026-11-01T10:00:01-08:00"));
