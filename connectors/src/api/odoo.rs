@@ -387,6 +387,7 @@ impl OdooSource {
             ));
         }
         let http = reqwest::Client::builder()
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_secs(120))
             .connect_timeout(Duration::from_secs(10))
             .build()
@@ -423,8 +424,20 @@ impl OdooSource {
         let answer = send_with_retries(&self.config.retry, &what, || async move {
             let mut request = this.http.post(url_ref).json(body);
             if bearer {
+                // As Odoo documents it: `bearer <key>`.
+                let mut key = reqwest::header::HeaderValue::from_str(&format!(
+                    "bearer {}",
+                    this.config.api_key
+                ))
+                .map_err(|_| {
+                    SourceError::new(
+                        SourceErrorKind::Config,
+                        "the odoo api_key has characters an HTTP header cannot carry",
+                    )
+                })?;
+                key.set_sensitive(true);
                 request = request
-                    .bearer_auth(&this.config.api_key)
+                    .header(reqwest::header::AUTHORIZATION, key)
                     .header("X-Odoo-Database", &this.config.db);
             }
             request.send().await.map_err(|e| network(what_ref, e))
