@@ -609,6 +609,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .transpose()?;
     let queue = cli.queue.settings(&cli.data_dir);
     let policy = cli.queue.policy();
+    if let Some(url) = &queue.redis_url {
+        // Workers on many machines share each service account's request limits. Without
+        // Redis the commands that need it fail on their own; the others keep going, with
+        // limits kept per process.
+        if let Err(e) = sluice_workers::gate::share_limits_in_redis(url, &queue.prefix).await {
+            tracing::warn!(error = %e, "API request limits are kept per process: Redis is not reachable");
+        }
+    }
     match cli.database_url.as_deref() {
         Some(url) => {
             let mut warehouse = PostgresWarehouse::connect(url).await?;

@@ -876,3 +876,74 @@ async fn odoo_payments_cancelled_later_are_deleted_and_archived_partners_are_rea
             .sum::<Decimal>()
     );
 }
+
+#[tokio::test]
+async fn quickbooks_limits_are_shared_by_workers_through_redis() {
+    let fake = FakeQbo::start(Books {
+        records: HashMap::from([("Invoice".to_string(), qbo_invoices(200, 8))]),
+        latency: Duration::from_millis(30),
+        ..Books::default()
+    })
+    .await;
+    // The company's limits, as the fake enforces them.
+    fake.enforce(15, Duration::from_secs(1), 2);
+    let limits = Limits {
+        requests: 15,
+        window: Duration::from_secs(1),
+        concurrent: 2,
+    };
+    let redis = support::redis::Prefix::new();
+    // Three "worker processes": each its own Redis connection and source; one company, and
+    // one control store keeping its refresh token.
+    let tokens = Arc::new(MemoryTokens::default());
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let locks = sluice_workers::lock::RedisLocks::connect(&redis.url, &redis.prefix)
+            .await
+            .expect("redis");
+        let gate = sluice_workers::gate::RedisGate::new(
+            locks.connection(),
+            &redis.prefix,
+            &format!("quickbooks {} {}", fake.url, qbo::REALM),
+            limits,
+        );
+        let mut c = QuickBooksConfig::new(
+            qbo::REALM,
+            qbo::CLIENT_ID,
+            qbo::CLIENT_SECRET,
+            qbo::FIRST_REFRESH,
+            QboStream::Invoice,
+        );
+        c.base_url = fake.url.clone();
+        c.token_url = fake.token_url();
+        c.page_size = 20;
+        readers.push(
+            QuickBooksSource::new(c, tokens.clone())
+                .expect("source")
+                .with_gate(Arc::new(gate)),
+        );
+    }
+    let counts = futures_util::future::join_all(readers.into_iter().map(|s| async move {
+        let mut stream = s
+            .read(ReadRequest {
+                stream: "Invoice".into(),
+                from: None,
+                batch_rows: 20,
+            })
+            .await
+            .expect("read");
+        let mut rows = 0;
+        while let Some(batch) = stream.next().await {
+            rows += batch.expect("batch").records.num_rows();
+        }
+        rows
+    }))
+    .await;
+    assert_eq!(counts, vec![200, 200, 200]);
+    let (over, requests) = fake.with(|b| (b.over_limit, b.requests));
+    assert_eq!(
+        over, 0,
+        "together the workers went over the limits ({requests} requests)"
+    );
+    assert!(requests >= 33, "{requests}");
+}

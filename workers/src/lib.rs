@@ -4,6 +4,7 @@
 
 pub mod coord;
 pub mod error;
+pub mod gate;
 pub mod jobs;
 pub mod lock;
 pub mod metrics;

@@ -74,17 +74,68 @@ pub struct Limits {
     pub concurrent: usize,
 }
 
-/// A client-side limiter that keeps under [`Limits`]: a sliding window of request start
+/// Admission of requests to one service account (a QuickBooks company), shared by every
+/// source that calls it: [`Gate::enter`] waits until one more request may start under the
+/// account's [`Limits`], and the returned [`Pass`] is held while the request runs.
+pub trait Gate: Send + Sync {
+    /// Waits for room for one request.
+    fn enter(&self) -> Pin<Box<dyn Future<Output = Result<Pass, SourceError>> + Send + '_>>;
+}
+
+/// Held while a request runs; dropping it frees its slot.
+pub struct Pass(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl Pass {
+    /// A pass that frees its slot when `slot` is dropped.
+    pub fn new(slot: impl Send + Sync + 'static) -> Self {
+        Pass(Box::new(slot))
+    }
+}
+
+/// The window as a client counts it: a little longer than the service's (2%, at least
+/// 250 ms), since the service counts a request when it arrives, which may be a moment (a
+/// connection, a busy machine) after the client let it go.
+pub fn counted_window(limits: &Limits) -> Duration {
+    limits.window + (limits.window / 50).max(Duration::from_millis(250))
+}
+
+/// Makes the gate of one service account (`key`) with these limits; installed by a
+/// program whose processes share their limits (through Redis), see [`share_limits`].
+pub type GateMaker = Arc<dyn Fn(&str, Limits) -> Arc<dyn Gate> + Send + Sync>;
+
+static SHARED_GATES: std::sync::OnceLock<GateMaker> = std::sync::OnceLock::new();
+
+/// Makes every API source of this process take its gates from `maker` (e.g. gates kept in
+/// Redis, shared by all the workers of a deployment) instead of in-process limiters. Set
+/// once, at start-up; later calls are ignored.
+pub fn share_limits(maker: GateMaker) {
+    let _ = SHARED_GATES.set(maker);
+}
+
+/// The gate of the service account `key`: the shared one when [`share_limits`] was
+/// called, else one in-process limiter per key.
+pub fn gate_for(key: &str, limits: Limits) -> Arc<dyn Gate> {
+    if let Some(maker) = SHARED_GATES.get() {
+        return maker(key, limits);
+    }
+    static LOCAL: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<Limiter>>>,
+    > = std::sync::OnceLock::new();
+    let map = LOCAL.get_or_init(Default::default);
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(key.to_string())
+        .or_insert_with(|| Arc::new(Limiter::new(limits)))
+        .clone()
+}
+
+/// An in-process limiter that keeps under [`Limits`]: a sliding window of request start
 /// times and a semaphore.
 #[derive(Debug)]
 pub struct Limiter {
     limits: Limits,
     started: Mutex<VecDeque<Instant>>,
-    in_flight: Semaphore,
+    in_flight: Arc<Semaphore>,
 }
-
-/// Held while a request is in flight.
-pub struct Permit<'a>(#[allow(dead_code)] tokio::sync::SemaphorePermit<'a>);
 
 impl Limiter {
     /// A limiter for `limits`.
@@ -92,45 +143,46 @@ impl Limiter {
         Limiter {
             limits,
             started: Mutex::new(VecDeque::new()),
-            in_flight: Semaphore::new(limits.concurrent.max(1)),
+            in_flight: Arc::new(Semaphore::new(limits.concurrent.max(1))),
         }
     }
+}
 
-    /// Waits until a request may start under both limits. The window is counted a little
-    /// longer than the service's (2%, at least 250 ms): the service counts a request when
-    /// it arrives, which may be a moment (a connection, a busy machine) after the client
-    /// let it go.
-    pub async fn acquire(&self) -> Permit<'_> {
-        let window = self.limits.window + (self.limits.window / 50).max(Duration::from_millis(250));
-        let permit = self
-            .in_flight
-            .acquire()
-            .await
-            .unwrap_or_else(|_| unreachable!("the semaphore is never closed"));
-        loop {
-            let wait = {
-                let mut started = self.started.lock().await;
-                let now = Instant::now();
-                while started
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) >= window)
-                {
-                    started.pop_front();
-                }
-                if started.len() < self.limits.requests.max(1) {
-                    started.push_back(now);
-                    None
-                } else {
-                    started
+impl Gate for Limiter {
+    fn enter(&self) -> Pin<Box<dyn Future<Output = Result<Pass, SourceError>> + Send + '_>> {
+        Box::pin(async move {
+            let permit = self
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .unwrap_or_else(|_| unreachable!("the semaphore is never closed"));
+            let window = counted_window(&self.limits);
+            loop {
+                let wait = {
+                    let mut started = self.started.lock().await;
+                    let now = Instant::now();
+                    while started
                         .front()
-                        .map(|t| window.saturating_sub(now.duration_since(*t)))
+                        .is_some_and(|t| now.duration_since(*t) >= window)
+                    {
+                        started.pop_front();
+                    }
+                    if started.len() < self.limits.requests.max(1) {
+                        started.push_back(now);
+                        None
+                    } else {
+                        started
+                            .front()
+                            .map(|t| window.saturating_sub(now.duration_since(*t)))
+                    }
+                };
+                match wait {
+                    None => return Ok(Pass::new(permit)),
+                    Some(d) => tokio::time::sleep(d + Duration::from_millis(1)).await,
                 }
-            };
-            match wait {
-                None => return Permit(permit),
-                Some(d) => tokio::time::sleep(d + Duration::from_millis(1)).await,
             }
-        }
+        })
     }
 }
 

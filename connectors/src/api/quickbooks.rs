@@ -22,8 +22,8 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::{
-    Limiter, Limits, RequestRetry, TextBatch, TokenStore, canonical_columns, excerpt, network,
-    send_with_retries, spawn_reader, text_schema, unexpected,
+    Gate, Limits, RequestRetry, TextBatch, TokenStore, canonical_columns, excerpt, gate_for,
+    network, send_with_retries, spawn_reader, text_schema, unexpected,
 };
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
@@ -354,7 +354,7 @@ pub struct QuickBooksSource {
     http: reqwest::Client,
     store: Arc<dyn TokenStore>,
     tokens: Arc<Mutex<Tokens>>,
-    limiter: Arc<Limiter>,
+    gate: Arc<dyn Gate>,
 }
 
 impl std::fmt::Debug for QuickBooksSource {
@@ -363,18 +363,6 @@ impl std::fmt::Debug for QuickBooksSource {
             .field("config", &self.config)
             .finish()
     }
-}
-
-/// One limiter per (API, realm) in the process, shared by every source of that realm.
-fn realm_limiter(config: &QuickBooksConfig) -> Arc<Limiter> {
-    static LIMITERS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Limiter>>>> =
-        OnceLock::new();
-    let key = format!("{} {}", config.base_url, config.realm_id);
-    let map = LIMITERS.get_or_init(Default::default);
-    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-    map.entry(key)
-        .or_insert_with(|| Arc::new(Limiter::new(config.limits)))
-        .clone()
 }
 
 /// One refresh at a time per connection (token endpoint, client, realm) in the process.
@@ -571,12 +559,21 @@ impl QuickBooksSource {
             .build()
             .map_err(|e| SourceError::new(SourceErrorKind::Config, format!("http client: {e}")))?;
         Ok(QuickBooksSource {
-            limiter: realm_limiter(&config),
+            gate: gate_for(
+                &format!("quickbooks {} {}", config.base_url, config.realm_id),
+                config.limits,
+            ),
             config: Arc::new(config),
             http,
             store,
             tokens: Arc::new(Mutex::new(Tokens::default())),
         })
+    }
+
+    /// Takes requests through `gate` instead of the realm's usual one.
+    pub fn with_gate(mut self, gate: Arc<dyn Gate>) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// The stream read.
@@ -732,7 +729,7 @@ impl QuickBooksSource {
             let (this, url, what_ref) = (self, &url, &what);
             let answer = send_with_retries(&self.config.retry, &what, || async move {
                 let token = this.access_token(false).await?;
-                let _permit = this.limiter.acquire().await;
+                let _pass = this.gate.enter().await?;
                 this.http
                     .get(url)
                     .query(params)
