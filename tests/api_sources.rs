@@ -165,6 +165,23 @@ fn succeeded(report: &RunReport) {
     assert_eq!(c.quarantined, 0, "{c:?}");
 }
 
+/// Reads a QuickBooks Invoice stream from the start; the records read.
+async fn read_invoices(s: &QuickBooksSource) -> usize {
+    let mut stream = s
+        .read(ReadRequest {
+            stream: "Invoice".into(),
+            from: None,
+            batch_rows: 20,
+        })
+        .await
+        .expect("read");
+    let mut rows = 0;
+    while let Some(batch) = stream.next().await {
+        rows += batch.expect("batch").records.num_rows();
+    }
+    rows
+}
+
 fn pacific_now() -> String {
     chrono::Utc::now()
         .with_timezone(&chrono::FixedOffset::west_opt(8 * 3600).expect("tz"))
@@ -386,21 +403,7 @@ async fn quickbooks_throttling_and_server_errors_are_retried_within_the_limits()
     let tokens = Arc::new(MemoryTokens::default());
     let a = QuickBooksSource::new(config(QboStream::Invoice), tokens.clone()).expect("source");
     let b = a.clone();
-    let read = |s: QuickBooksSource| async move {
-        let mut stream = s
-            .read(ReadRequest {
-                stream: "Invoice".into(),
-                from: None,
-                batch_rows: 25,
-            })
-            .await
-            .expect("read");
-        let mut rows = 0;
-        while let Some(batch) = stream.next().await {
-            rows += batch.expect("batch").records.num_rows();
-        }
-        rows
-    };
+    let read = |s: QuickBooksSource| async move { read_invoices(&s).await };
     let (ra, rb) = tokio::join!(read(a), read(b));
     assert_eq!((ra, rb), (300, 300));
     // Pages smaller than the overlap still move forward: every record once.
@@ -923,22 +926,7 @@ async fn quickbooks_limits_are_shared_by_workers_through_redis() {
                 .with_gate(Arc::new(gate)),
         );
     }
-    let counts = futures_util::future::join_all(readers.into_iter().map(|s| async move {
-        let mut stream = s
-            .read(ReadRequest {
-                stream: "Invoice".into(),
-                from: None,
-                batch_rows: 20,
-            })
-            .await
-            .expect("read");
-        let mut rows = 0;
-        while let Some(batch) = stream.next().await {
-            rows += batch.expect("batch").records.num_rows();
-        }
-        rows
-    }))
-    .await;
+    let counts = futures_util::future::join_all(readers.iter().map(read_invoices)).await;
     assert_eq!(counts, vec![200, 200, 200]);
     let (over, requests) = fake.with(|b| (b.over_limit, b.requests));
     assert_eq!(
