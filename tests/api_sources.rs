@@ -935,3 +935,51 @@ async fn quickbooks_limits_are_shared_by_workers_through_redis() {
     );
     assert!(requests >= 33, "{requests}");
 }
+
+#[tokio::test]
+async fn quickbooks_a_resumed_first_run_still_sees_deletions_made_while_it_was_interrupted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = FakeQbo::start(Books {
+        records: HashMap::from([("Invoice".to_string(), qbo_invoices(300, 9))]),
+        // The connection is revoked right after the first page: the run fails after one
+        // committed batch.
+        after_first_page: Some(Box::new(|b: &mut Books| {
+            b.refresh_token = String::new();
+            b.access.clear();
+        })),
+        ..Books::default()
+    })
+    .await;
+    let w = embedded(dir.path());
+    let spec = qbo_pipeline(dir.path(), "qbo-resumed", &fake, "Invoice", "invoices", 100);
+    let err = sync(&spec, &w).await.expect_err("revoked mid-run");
+    assert!(err.to_string().contains("invalid_grant"), "{err}");
+    assert_eq!(w.invoices(&acme()).await.expect("invoices").len(), 100);
+
+    // Reconnected (the saved token works again); meanwhile invoice 1 was deleted.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    fake.with(|b| {
+        b.refresh_token = format!("rt-{}", b.refresh_serial);
+        let invoices = b.records.get_mut("Invoice").expect("invoices");
+        let gone = invoices.remove(0);
+        let id = gone["Id"].as_str().expect("id").to_string();
+        b.deleted
+            .entry("Invoice".into())
+            .or_default()
+            .push((id, pacific_now()));
+    });
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let resumed = sync(&spec, &w).await.expect("resumed run");
+    succeeded(&resumed);
+    assert_eq!(
+        resumed.ledger.counts.rows_read, 200,
+        "{:?}",
+        resumed.ledger.counts
+    );
+
+    // The next run asks for deletions from when the first attempt started.
+    let next = sync(&spec, &w).await.expect("next run");
+    succeeded(&next);
+    assert_eq!(next.ledger.counts.updated, 1, "{:?}", next.ledger.counts);
+    assert_eq!(warehouse_invoices(&w).await, qbo_figures(&fake));
+}

@@ -468,12 +468,15 @@ fn parse_time(s: &str) -> Option<DateTime<FixedOffset>> {
 }
 
 /// Where an incremental read stands: the last `LastUpdatedTime` read, the ids read at that
-/// instant, and when the previous run started (deletions are asked for from then on).
+/// instant, when the previous complete run started (deletions are asked for from then on),
+/// and, while a run is unfinished, when its first attempt started (a resumed attempt keeps
+/// it, so deletions made while the first attempt ran are asked for next time).
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Cursor {
     updated: Option<String>,
     ids: Vec<String>,
     cdc_since: Option<String>,
+    started: Option<String>,
 }
 
 impl Cursor {
@@ -494,11 +497,13 @@ impl Cursor {
                 .get("cdc_since")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            started: v.get("started").and_then(Value::as_str).map(str::to_string),
         }
     }
 
     fn to_json(&self) -> Value {
-        json!({ "updated": self.updated, "ids": self.ids, "cdc_since": self.cdc_since })
+        json!({ "updated": self.updated, "ids": self.ids, "cdc_since": self.cdc_since,
+                "started": self.started })
     }
 
     /// Records `id` read at `updated`; the cursor never moves back.
@@ -810,8 +815,9 @@ impl QuickBooksSource {
                 Vec::new()
             },
             cdc_since: previous.cdc_since.clone(),
+            started: previous.started.clone(),
         };
-        let mut run_started: Option<String> = None;
+        let mut run_started: Option<String> = previous.started.clone();
         let mut position = 0u64;
         let mut start = 1usize;
         let mut last_page: HashSet<(String, String)> = HashSet::new();
@@ -828,6 +834,7 @@ impl QuickBooksSource {
             let v = self.get("query", &[("query", query)]).await?;
             if run_started.is_none() {
                 run_started = v.get("time").and_then(Value::as_str).map(str::to_string);
+                cursor.started = run_started.clone();
             }
             let page = v
                 .get("QueryResponse")
@@ -898,6 +905,7 @@ impl QuickBooksSource {
         }
         cursor.cdc_since =
             run_started.or_else(|| Some((Utc::now() - chrono::Duration::minutes(5)).to_rfc3339()));
+        cursor.started = None;
         let out = SourceBatch {
             records: TextBatch::new(schema).finish()?,
             positions: Vec::new(),
