@@ -689,7 +689,28 @@ async fn odoo_full_and_incremental_syncs_over_jsonrpc_and_json2_load_every_docum
         );
         assert!(cancelled > 0 && invoices.iter().any(|i| i.kind == "credit_note"));
 
-        // 15 changed (one posted from draft), 10 new.
+        // What the first run saw last, less the minute of margin the drafts check takes.
+        let bound = fake.with(|d| {
+            let last = d.records["account.move"]
+                .iter()
+                .filter(|m| {
+                    m["state"] != "draft"
+                        && m["move_type"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("out_"))
+                })
+                .filter_map(|m| m["write_date"].as_str())
+                .max()
+                .expect("documents")
+                .to_string();
+            let t =
+                chrono::NaiveDateTime::parse_from_str(&last, "%Y-%m-%d %H:%M:%S").expect("time");
+            (t - chrono::Duration::seconds(60))
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        });
+
+        // 15 changed (one posted from draft), 10 new, one posted invoice reset to draft.
         fake.with(|d| {
             let moves = d.records.get_mut("account.move").expect("moves");
             let mut changed = 0;
@@ -718,13 +739,40 @@ async fn odoo_full_and_incremental_syncs_over_jsonrpc_and_json2_load_every_docum
                 m["write_date"] = json!("2026-11-21 09:00:00");
             }
             moves.extend(fresh);
+            let reset = moves
+                .iter_mut()
+                .find(|m| {
+                    m["state"] == "posted"
+                        && m["move_type"] == "out_invoice"
+                        && m["write_date"] != "2026-11-21 09:00:00"
+                })
+                .expect("a posted invoice");
+            reset["state"] = json!("draft");
+            reset["write_date"] = json!("2026-11-21 09:30:00");
+        });
+        // Drafts changed since the bound are checked by id (the reset one among them).
+        let drafts = fake.with(|d| {
+            d.records["account.move"]
+                .iter()
+                .filter(|m| {
+                    m["state"] == "draft"
+                        && m["move_type"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("out_"))
+                        && m["write_date"]
+                            .as_str()
+                            .is_some_and(|w| w >= bound.as_str())
+                })
+                .count() as u64
         });
         let second = sync(&spec, &w).await.expect("second sync");
         succeeded(&second);
+        let c = second.ledger.counts;
+        assert_eq!(c.rows_read, 25 + drafts, "{transport}: {c:?}");
         assert_eq!(
-            second.ledger.counts.rows_read, 25,
-            "{transport}: {:?}",
-            second.ledger.counts
+            (c.inserted, c.updated, c.unchanged),
+            (11, 15, drafts - 1),
+            "{transport}: {c:?}"
         );
         assert_eq!(
             warehouse_invoices(&w).await,

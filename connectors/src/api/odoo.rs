@@ -169,6 +169,19 @@ impl OdooStream {
         d
     }
 
+    /// For streams that leave drafts out: the records that are drafts now (a posted entry
+    /// or payment reset to draft, perhaps to be deleted, is no longer a document).
+    fn drafts_domain(&self) -> Option<Vec<Value>> {
+        match self {
+            OdooStream::Moves(types) => Some(vec![
+                json!(["move_type", "in", types]),
+                json!(["state", "=", "draft"]),
+            ]),
+            OdooStream::Payments => Some(vec![json!(["state", "=", "draft"])]),
+            _ => None,
+        }
+    }
+
     /// The columns of its batches, named as the canonical fields.
     pub fn columns(&self) -> Result<Vec<&'static str>, SourceError> {
         Ok(canonical_columns(self.entity()?))
@@ -346,6 +359,15 @@ impl std::fmt::Debug for OdooSource {
             .field("config", &self.config)
             .finish()
     }
+}
+
+/// An Odoo datetime (UTC) as microseconds; now when it is absent or unreadable.
+fn odoo_micros(t: Option<&str>) -> i64 {
+    t.and_then(|t| NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f").ok())
+        .map_or_else(
+            || chrono::Utc::now().timestamp_micros(),
+            |t| t.and_utc().timestamp_micros(),
+        )
 }
 
 /// An Odoo error (`error.data.name` and message) as a classified failure.
@@ -602,14 +624,7 @@ impl OdooSource {
                     None => deletions.push(Deletion {
                         position,
                         external_id: id.map(|i| i.to_string()).unwrap_or_default(),
-                        deleted_at: at
-                            .and_then(|t| {
-                                NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f").ok()
-                            })
-                            .map_or_else(
-                                || chrono::Utc::now().timestamp_micros(),
-                                |t| t.and_utc().timestamp_micros(),
-                            ),
+                        deleted_at: odoo_micros(at),
                     }),
                 }
                 if let (Some(id), Some(at)) = (id, at) {
@@ -635,9 +650,77 @@ impl OdooSource {
                 }
             }
             if fetched < self.config.page_size {
-                return Ok(());
+                break;
             }
         }
+        // Entries reset to draft since the previous read: their loaded copies are marked
+        // deleted (only their ids are read). Whatever changed after the last record that
+        // read saw has a later write_date; a minute of margin covers clocks and concurrent
+        // commits, and a draft reported twice marks nothing the second time.
+        if let (Some(drafts), Some((at, _))) = (stream.drafts_domain(), cursor_of(from.as_ref())) {
+            let since = NaiveDateTime::parse_from_str(&at, "%Y-%m-%d %H:%M:%S%.f")
+                .map(|t| {
+                    (t - chrono::Duration::seconds(60))
+                        .format("%Y-%m-%d %H:%M:%S")
+                        .to_string()
+                })
+                .unwrap_or(at);
+            let mut after_id = 0i64;
+            loop {
+                let mut domain = drafts.clone();
+                domain.push(json!(["write_date", ">=", since]));
+                domain.push(json!(["id", ">", after_id]));
+                let records = self
+                    .call(
+                        "search_read",
+                        Value::Array(domain),
+                        json!({
+                            "fields": ["id", "write_date"],
+                            "offset": 0,
+                            "limit": self.config.page_size,
+                            "order": "id asc",
+                        }),
+                    )
+                    .await?;
+                let records = records
+                    .as_array()
+                    .ok_or_else(|| unexpected("odoo search_read", "not a list"))?;
+                let mut deletions = Vec::new();
+                for r in records {
+                    let Some(id) = r.get("id").and_then(Value::as_i64) else {
+                        continue;
+                    };
+                    after_id = after_id.max(id);
+                    position += 1;
+                    deletions.push(Deletion {
+                        position,
+                        external_id: id.to_string(),
+                        deleted_at: odoo_micros(r.get("write_date").and_then(Value::as_str)),
+                    });
+                }
+                if !deletions.is_empty() {
+                    let out = SourceBatch {
+                        records: TextBatch::new(schema.clone()).finish()?,
+                        positions: Vec::new(),
+                        rejects: Vec::new(),
+                        deletions,
+                        cursor: cursor.as_ref().map_or(
+                            Value::Null,
+                            |(at, id)| json!({ "write_date": at, "id": id }),
+                        ),
+                        location: location.clone(),
+                        sheet: None,
+                    };
+                    if tx.send(Ok(out)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if records.len() < self.config.page_size {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
