@@ -283,6 +283,14 @@ fn admit(books: &Shared, headers: &HeaderMap, realm: &str) -> Result<(), Box<Res
     Ok(())
 }
 
+/// [`admit`], then the answer's latency.
+async fn admitted(books: &Shared, headers: &HeaderMap, realm: &str) -> Result<(), Box<Response>> {
+    admit(books, headers, realm)?;
+    let latency = books.lock().expect("books").latency;
+    tokio::time::sleep(latency).await;
+    Ok(())
+}
+
 fn throttle() -> Response {
     (
         StatusCode::TOO_MANY_REQUESTS,
@@ -448,11 +456,9 @@ async fn query(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = admit(&books, &headers, &realm) {
+    if let Err(r) = admitted(&books, &headers, &realm).await {
         return *r;
     }
-    let latency = books.lock().expect("books").latency;
-    tokio::time::sleep(latency).await;
     let answer = {
         let mut b = books.lock().expect("books");
         let text = params.get("query").cloned().unwrap_or_default();
@@ -525,11 +531,9 @@ async fn cdc(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = admit(&books, &headers, &realm) {
+    if let Err(r) = admitted(&books, &headers, &realm).await {
         return *r;
     }
-    let latency = books.lock().expect("books").latency;
-    tokio::time::sleep(latency).await;
     let answer = {
         let b = books.lock().expect("books");
         let since = params.get("changedSince").map(|s| time(s));

@@ -361,6 +361,28 @@ impl std::fmt::Debug for OdooSource {
     }
 }
 
+/// A batch of a read that has reached `cursor` (the last `(write_date, id)`).
+fn odoo_batch(
+    records: arrow_array::RecordBatch,
+    positions: Vec<u64>,
+    deletions: Vec<Deletion>,
+    cursor: &Option<(String, i64)>,
+    location: &str,
+) -> SourceBatch {
+    SourceBatch {
+        records,
+        positions,
+        rejects: Vec::new(),
+        deletions,
+        cursor: cursor.as_ref().map_or(
+            Value::Null,
+            |(at, id)| json!({ "write_date": at, "id": id }),
+        ),
+        location: location.to_string(),
+        sheet: None,
+    }
+}
+
 /// An Odoo datetime (UTC) as microseconds; now when it is absent or unreadable.
 fn odoo_micros(t: Option<&str>) -> i64 {
     t.and_then(|t| NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f").ok())
@@ -633,18 +655,7 @@ impl OdooSource {
             }
             let fetched = records.len();
             if fetched > 0 {
-                let out = SourceBatch {
-                    records: batch.finish()?,
-                    positions,
-                    rejects: Vec::new(),
-                    deletions,
-                    cursor: cursor.as_ref().map_or(
-                        Value::Null,
-                        |(at, id)| json!({ "write_date": at, "id": id }),
-                    ),
-                    location: location.clone(),
-                    sheet: None,
-                };
+                let out = odoo_batch(batch.finish()?, positions, deletions, &cursor, &location);
                 if tx.send(Ok(out)).await.is_err() {
                     return Ok(());
                 }
@@ -699,18 +710,13 @@ impl OdooSource {
                     });
                 }
                 if !deletions.is_empty() {
-                    let out = SourceBatch {
-                        records: TextBatch::new(schema.clone()).finish()?,
-                        positions: Vec::new(),
-                        rejects: Vec::new(),
+                    let out = odoo_batch(
+                        TextBatch::new(schema.clone()).finish()?,
+                        Vec::new(),
                         deletions,
-                        cursor: cursor.as_ref().map_or(
-                            Value::Null,
-                            |(at, id)| json!({ "write_date": at, "id": id }),
-                        ),
-                        location: location.clone(),
-                        sheet: None,
-                    };
+                        &cursor,
+                        &location,
+                    );
                     if tx.send(Ok(out)).await.is_err() {
                         return Ok(());
                     }
