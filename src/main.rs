@@ -602,6 +602,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+impl Command {
+    /// Whether the command may read a pipeline's source (and so call a service's API).
+    fn reads_sources(&self) -> bool {
+        matches!(
+            self,
+            Command::Sync(_)
+                | Command::Quarantine(_)
+                | Command::DeadLetters(_)
+                | Command::Trigger(_)
+                | Command::Worker(_)
+                | Command::Serve(_)
+                | Command::Source(_)
+        )
+    }
+}
+
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let master = std::env::var("SLUICE_MASTER_KEY")
         .ok()
@@ -609,7 +625,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .transpose()?;
     let queue = cli.queue.settings(&cli.data_dir);
     let policy = cli.queue.policy();
-    if let Some(url) = &queue.redis_url {
+    if let Some(url) = queue
+        .redis_url
+        .as_ref()
+        .filter(|_| cli.command.reads_sources())
+    {
         // Workers on many machines share each service account's request limits. Without
         // Redis the commands that need it fail on their own; the others keep going, with
         // limits kept per process.

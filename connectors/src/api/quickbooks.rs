@@ -382,32 +382,8 @@ fn connection_lock(config: &QuickBooksConfig) -> Arc<Mutex<()>> {
 fn fault_text(body: &str) -> (String, Option<String>) {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     if let Some(v) = parsed {
-        let fault = v.get("Fault").or_else(|| v.get("fault"));
-        if let Some(fault) = fault {
-            let errors = fault
-                .get("Error")
-                .or_else(|| fault.get("error"))
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let field = |e: &Value, k: &str| {
-                e.get(k)
-                    .or_else(|| e.get(k.to_lowercase()))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            };
-            let kind = fault.get("type").and_then(Value::as_str).unwrap_or("Fault");
-            let parts: Vec<String> = errors
-                .iter()
-                .map(|e| {
-                    let msg = field(e, "Message").unwrap_or_default();
-                    let detail = field(e, "Detail").unwrap_or_default();
-                    let code = field(e, "code").unwrap_or_default();
-                    format!("{msg}: {detail} (code {code})")
-                })
-                .collect();
-            let code = errors.first().and_then(|e| field(e, "code"));
-            return (format!("{kind}: {}", parts.join("; ")), code);
+        if let Some(fault) = v.get("Fault").or_else(|| v.get("fault")) {
+            return fault_line(fault);
         }
         if let Some(err) = v.get("error").and_then(Value::as_str) {
             let desc = v
@@ -439,6 +415,34 @@ fn fault_text(body: &str) -> (String, Option<String>) {
     (excerpt(body, 300), None)
 }
 
+/// A `Fault` (or lowercase `fault`) object as one line, with its first error's code.
+fn fault_line(fault: &Value) -> (String, Option<String>) {
+    let errors = fault
+        .get("Error")
+        .or_else(|| fault.get("error"))
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let field = |e: &Value, k: &str| {
+        e.get(k)
+            .or_else(|| e.get(k.to_lowercase()))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let kind = fault.get("type").and_then(Value::as_str).unwrap_or("Fault");
+    let parts: Vec<String> = errors
+        .iter()
+        .map(|e| {
+            let msg = field(e, "Message").unwrap_or_default();
+            let detail = field(e, "Detail").unwrap_or_default();
+            let code = field(e, "code").unwrap_or_default();
+            format!("{msg}: {detail} (code {code})")
+        })
+        .collect();
+    let code = errors.first().and_then(|e| field(e, "code"));
+    (format!("{kind}: {}", parts.join("; ")), code)
+}
+
 fn qbo_error(kind: SourceErrorKind, what: &str, status: u16, body: &str) -> SourceError {
     let (text, _) = fault_text(body);
     SourceError::new(kind, format!("quickbooks {what}: HTTP {status}: {text}"))
@@ -449,7 +453,7 @@ fn fault_in(v: &Value) -> Option<SourceError> {
     let fault = v
         .get("Fault")
         .or_else(|| v.get("QueryResponse").and_then(|q| q.get("Fault")))?;
-    let text = fault_text(&json!({ "Fault": fault }).to_string()).0;
+    let text = fault_line(fault).0;
     let kind = match fault.get("type").and_then(Value::as_str) {
         Some("AUTHENTICATION" | "AuthenticationFault" | "AuthorizationFault") => {
             SourceErrorKind::Auth
@@ -866,7 +870,7 @@ impl QuickBooksSource {
                     .to_string();
                 let key = (id.clone(), updated.clone());
                 this_page.insert(key.clone());
-                if last_page.contains(&key) || previous.covers(&id, &updated) && since.is_some() {
+                if last_page.contains(&key) || previous.covers(&id, &updated) {
                     continue;
                 }
                 position += 1;

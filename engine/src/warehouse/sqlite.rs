@@ -553,12 +553,12 @@ impl Warehouse for SqliteWarehouse {
                 .map_err(|e| EngineError::from_sqlx(format!("marking unchanged {entity}"), e))?;
         }
 
+        let mark_deleted = format!(
+            "UPDATE {} SET deleted_at = ?, run_id = ?, loaded_at = ? WHERE source = ? AND external_id = ? AND deleted_at IS NULL",
+            quote_ident(entity.name())
+        );
         for (id, at) in &batch.tombstones {
-            let sql = format!(
-                "UPDATE {} SET deleted_at = ?, run_id = ?, loaded_at = ? WHERE source = ? AND external_id = ? AND deleted_at IS NULL",
-                quote_ident(entity.name())
-            );
-            let marked = sqlx::query(AssertSqlSafe(sql))
+            let marked = sqlx::query(AssertSqlSafe(mark_deleted.clone()))
                 .bind(format_timestamp(*at))
                 .bind(&scope.run_id)
                 .bind(&loaded_at)
