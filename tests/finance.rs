@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_engine::{SqliteWarehouse, TenantSlug, Warehouse};
 use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet, RunOptions, run_pipeline};
+use sqlx::Connection;
 use support::Rng;
 use support::pg::{MASTER_KEY_HEX, TestDb};
 
@@ -544,4 +545,232 @@ async fn planted_anomalies_are_found_on_both_warehouses_and_the_dashboard_agrees
             .map(|s| !s.is_empty()),
         Some(true)
     );
+
+    // The counts are saved for the data's version: a batch that adds an anomaly counts at
+    // once (here a second pipeline's invoice reusing N5: two more duplicates).
+    let more = pipeline(
+        dir.path(),
+        "more_invoices",
+        "invoices",
+        "external_id,doc_number,customer_id,customer_name,issue_date,due_date,currency,total,balance,status,kind,updated_at\n\
+         DUP2,N5,C1,Contoso,2024-03-22,2024-04-22,USD,104.00,104.00,open,invoice,2024-03-01T00:00:00Z\n",
+    );
+    let key = options.key();
+    assert!(
+        sqlite
+            .anomaly_counts(&tenant, &key)
+            .await
+            .expect("saved")
+            .1
+            .is_some()
+    );
+    assert!(
+        pg.anomaly_counts(&tenant, &key)
+            .await
+            .expect("saved")
+            .1
+            .is_some()
+    );
+    load(&sqlite, &more).await;
+    load(&pg, &more).await;
+    let dash = sluice_finance::dashboard(&sqlite, &tenant, as_of, from, to, options)
+        .await
+        .expect("dashboard");
+    assert_eq!(dash.currencies["USD"].anomalies_count, 6);
+    let dash_pg = sluice_finance::dashboard(&pg, &tenant, as_of, from, to, options)
+        .await
+        .expect("dashboard");
+    assert_eq!(dash, dash_pg);
+}
+
+/// Every dashboard figure (and the per-month series behind it) of both warehouses, over a
+/// few periods and as-of dates; they must agree exactly.
+async fn assert_same_figures(
+    sqlite: &SqliteWarehouse,
+    pg: &PostgresWarehouse,
+    tenant: &TenantSlug,
+) {
+    use sluice_engine::finance::AgingSide;
+    let day = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d).expect("date");
+    let options = sluice_finance::AnomalyOptions::default();
+    for (as_of, from, to) in [
+        (day(2024, 3, 31), day(2024, 1, 1), day(2024, 12, 31)),
+        (day(2024, 8, 15), day(2024, 2, 29), day(2024, 7, 1)),
+        (day(2025, 2, 1), day(2024, 10, 10), day(2024, 10, 10)),
+    ] {
+        let a = sluice_finance::dashboard(sqlite, tenant, as_of, from, to, options)
+            .await
+            .expect("sqlite dashboard");
+        let b = sluice_finance::dashboard(pg, tenant, as_of, from, to, options)
+            .await
+            .expect("postgres dashboard");
+        assert_eq!(a, b, "dashboards disagree for {as_of} {from}..{to}");
+        for side in [AgingSide::Receivable, AgingSide::Payable] {
+            let a = sluice_finance::aging_report(sqlite, tenant, side, as_of)
+                .await
+                .expect("aging");
+            let b = sluice_finance::aging_report(pg, tenant, side, as_of)
+                .await
+                .expect("aging");
+            assert_eq!(a, b, "{side:?} aging disagrees as of {as_of}");
+        }
+        let a = sluice_finance::profitability_report(sqlite, tenant, from, to)
+            .await
+            .expect("profit");
+        let b = sluice_finance::profitability_report(pg, tenant, from, to)
+            .await
+            .expect("profit");
+        assert_eq!(a, b, "profitability disagrees for {from}..{to}");
+        let a = sluice_finance::cash_flow_report(sqlite, tenant, from, to)
+            .await
+            .expect("flow");
+        let b = sluice_finance::cash_flow_report(pg, tenant, from, to)
+            .await
+            .expect("flow");
+        assert_eq!(a, b, "cash flow disagrees for {from}..{to}");
+    }
+}
+
+/// PostgreSQL answers the dashboard from rollups its triggers keep in each batch's
+/// transaction; the embedded warehouse sums its tables. Through inserts, updates (new
+/// amounts, statuses, currencies, dates), unchanged re-reads, deletions and a corrupted
+/// rollup, both must give the same figures and the rollups must equal the tables' sums.
+#[tokio::test]
+async fn postgres_rollups_follow_every_change_and_agree_with_the_tables() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tenant = TenantSlug::parse("acme").expect("slug");
+    let sqlite = SqliteWarehouse::new(dir.path().join("data"));
+    let db = TestDb::create().await;
+    let master = sluice_engine::secrets::MasterKey::from_hex(MASTER_KEY_HEX).expect("key");
+    let pg = PostgresWarehouse::connect(&db.url).await.expect("connect");
+    pg.create_tenant(&tenant, "Acme", &master)
+        .await
+        .expect("tenant");
+    let round = |docs: usize, seed: u64| {
+        let (inv, bills, _) = documents(docs, seed);
+        let (pays, _) = payments(docs, seed + 1);
+        [
+            pipeline(dir.path(), "invoices", "invoices", &inv),
+            pipeline(dir.path(), "bills", "bills", &bills),
+            pipeline(dir.path(), "payments", "payments", &pays),
+        ]
+    };
+    for spec in &round(3_000, 21) {
+        load(&sqlite, spec).await;
+        load(&pg, spec).await;
+    }
+    assert_eq!(
+        pg.check_finance_rollups(&tenant).await.expect("check"),
+        Vec::<String>::new()
+    );
+    assert_same_figures(&sqlite, &pg, &tenant).await;
+    let day = |m: u32, d: u32| NaiveDate::from_ymd_opt(2024, m, d).expect("date");
+    let options = sluice_finance::AnomalyOptions::default();
+    let first =
+        sluice_finance::dashboard(&pg, &tenant, day(6, 30), day(1, 1), day(12, 31), options)
+            .await
+            .expect("dashboard");
+
+    // The same ids with new contents, and 1,000 new ones of each.
+    for spec in &round(4_000, 23) {
+        load(&sqlite, spec).await;
+        load(&pg, spec).await;
+    }
+    assert_eq!(
+        pg.check_finance_rollups(&tenant).await.expect("check"),
+        Vec::<String>::new()
+    );
+    assert_same_figures(&sqlite, &pg, &tenant).await;
+    let second =
+        sluice_finance::dashboard(&pg, &tenant, day(6, 30), day(1, 1), day(12, 31), options)
+            .await
+            .expect("dashboard");
+    assert_ne!(first, second, "the second round changed the figures");
+
+    // Reading the same files again changes no row: the data version stays, and with it the
+    // saved anomaly counts.
+    let key = options.key();
+    let (version, saved) = pg.anomaly_counts(&tenant, &key).await.expect("counts");
+    assert!(saved.is_some(), "the dashboard saved its anomaly counts");
+    for spec in &round(4_000, 23) {
+        load(&pg, spec).await;
+    }
+    assert_eq!(
+        pg.anomaly_counts(&tenant, &key).await.expect("counts"),
+        (version, saved)
+    );
+
+    // Any write path keeps them: rows deleted, marked deleted and voided in plain SQL.
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    for sql in [
+        "DELETE FROM tenant_acme.invoices WHERE external_id LIKE 'I1%'",
+        "UPDATE tenant_acme.bills SET deleted_at = now(), row_hash = '\\x00' WHERE external_id LIKE 'B2%'",
+        "UPDATE tenant_acme.invoices SET status = 'void', row_hash = '\\x00' WHERE external_id LIKE 'I3%'",
+        "UPDATE tenant_acme.payments SET amount = amount + 0.0001, row_hash = '\\x00' WHERE external_id LIKE 'P4%'",
+    ] {
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect("change");
+    }
+    assert_eq!(
+        pg.check_finance_rollups(&tenant).await.expect("check"),
+        Vec::<String>::new()
+    );
+    let (moved, stale) = pg.anomaly_counts(&tenant, &key).await.expect("counts");
+    assert!(
+        moved > version && stale.is_none(),
+        "changes move the data version on"
+    );
+
+    // A rollup changed behind the triggers' back is found, and rebuilt from the tables.
+    sqlx::raw_sql(
+        "UPDATE tenant_acme.fin_flow SET amount = amount + 1 \
+         WHERE (currency, direction, day) = (SELECT currency, direction, day FROM tenant_acme.fin_flow ORDER BY 1, 2, 3 LIMIT 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("corrupt");
+    let drift = pg.check_finance_rollups(&tenant).await.expect("check");
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert!(drift[0].starts_with("fin_flow "), "{drift:?}");
+    pg.rebuild_finance_rollups(&tenant).await.expect("rebuild");
+    assert_eq!(
+        pg.check_finance_rollups(&tenant).await.expect("check"),
+        Vec::<String>::new()
+    );
+}
+
+/// Batches of one tenant's documents committing at the same time (three pipelines) keep the
+/// rollups exact: the triggers serialise on the tenant's finance lock.
+#[tokio::test]
+async fn concurrent_loads_keep_the_postgres_rollups_exact() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tenant = TenantSlug::parse("acme").expect("slug");
+    let (inv, bills, _) = documents(6_000, 41);
+    let (inv2, _, _) = documents(6_000, 42);
+    // The second invoice file under other ids: another pipeline's rows.
+    let inv2 = inv2.replace("\nI", "\nJ");
+    let specs = [
+        pipeline(dir.path(), "invoices", "invoices", &inv),
+        pipeline(dir.path(), "invoices_b", "invoices", &inv2),
+        pipeline(dir.path(), "bills", "bills", &bills),
+    ];
+    let sqlite = SqliteWarehouse::new(dir.path().join("data"));
+    let db = TestDb::create().await;
+    let master = sluice_engine::secrets::MasterKey::from_hex(MASTER_KEY_HEX).expect("key");
+    let pg = PostgresWarehouse::connect(&db.url).await.expect("connect");
+    pg.create_tenant(&tenant, "Acme", &master)
+        .await
+        .expect("tenant");
+    for spec in &specs {
+        load(&sqlite, spec).await;
+    }
+    tokio::join!(
+        load(&pg, &specs[0]),
+        load(&pg, &specs[1]),
+        load(&pg, &specs[2])
+    );
+    assert_eq!(
+        pg.check_finance_rollups(&tenant).await.expect("check"),
+        Vec::<String>::new()
+    );
+    assert_same_figures(&sqlite, &pg, &tenant).await;
 }

@@ -475,6 +475,16 @@ pub struct AnomalyOptions {
     pub min_history: usize,
 }
 
+impl AnomalyOptions {
+    /// The settings as a key for saved results (`threshold=3.5;min_history=5`).
+    pub fn key(&self) -> String {
+        format!(
+            "threshold={};min_history={}",
+            self.threshold, self.min_history
+        )
+    }
+}
+
 impl Default for AnomalyOptions {
     fn default() -> Self {
         AnomalyOptions {
@@ -502,6 +512,9 @@ pub struct Anomaly {
     /// Why it is flagged.
     pub why: String,
 }
+
+/// A document number as one counterparty's: side, counterparty id, doc_number.
+type NumberKey<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
 
 fn group() -> [Expr; 3] {
     [col("side"), col("cp"), col("currency")]
@@ -619,17 +632,21 @@ pub fn anomalies(
             dups.column("doc")?.str()?.clone(),
         );
         let units_col = dups.column("units")?.i128()?.clone();
+        // The ids sharing each (side, counterparty, doc_number), in the frame's order.
+        let mut sharing: BTreeMap<NumberKey, Vec<&str>> = BTreeMap::new();
+        for i in 0..dups.height() {
+            sharing
+                .entry((side.get(i), cp.get(i), doc.get(i)))
+                .or_default()
+                .extend(id.get(i));
+        }
         for i in 0..dups.height() {
             let number = doc.get(i).unwrap_or_default();
-            let others: Vec<&str> = (0..dups.height())
-                .filter(|&j| {
-                    j != i
-                        && side.get(j) == side.get(i)
-                        && cp.get(j) == cp.get(i)
-                        && doc.get(j) == doc.get(i)
-                })
-                .filter_map(|j| id.get(j))
-                .collect();
+            let this = id.get(i).unwrap_or_default();
+            let others: Vec<&str> = sharing
+                .get(&(side.get(i), cp.get(i), doc.get(i)))
+                .map(|ids| ids.iter().copied().filter(|&o| o != this).collect())
+                .unwrap_or_default();
             out.push(Anomaly {
                 kind: "duplicate_doc_number".into(),
                 side: side.get(i).unwrap_or_default().to_string(),
@@ -755,7 +772,36 @@ pub struct Dashboard {
     pub currencies: BTreeMap<String, DashboardCurrency>,
 }
 
-/// The dashboard of a tenant.
+/// Anomalies per currency, as the dashboard counts them: the counts saved in the warehouse
+/// for the current version of the tenant's data when there are some, otherwise computed
+/// (the whole [`anomalies_report`]) and saved for that version. Any change to an invoice,
+/// bill or payment moves the version on in the same transaction, so a saved count is
+/// never stale.
+pub async fn anomaly_counts<W: Warehouse>(
+    warehouse: &W,
+    tenant: &TenantSlug,
+    options: AnomalyOptions,
+) -> Result<BTreeMap<String, u64>, FinanceError> {
+    let key = options.key();
+    let (version, saved) = warehouse.anomaly_counts(tenant, &key).await?;
+    if let Some(counts) = saved {
+        return Ok(counts);
+    }
+    // Read after the version: if the data moves on meanwhile, these counts are saved under
+    // the older version and the next caller computes again.
+    let mut counts = BTreeMap::new();
+    for a in anomalies_report(warehouse, tenant, options).await? {
+        *counts.entry(a.currency).or_insert(0) += 1;
+    }
+    warehouse
+        .save_anomaly_counts(tenant, &key, version, &counts)
+        .await?;
+    Ok(counts)
+}
+
+/// The dashboard of a tenant. Its parts are read concurrently: cash flow and profitability
+/// from the warehouse's monthly sums, aging per currency, and the anomaly counts (see
+/// [`anomaly_counts`]).
 pub async fn dashboard<W: Warehouse>(
     warehouse: &W,
     tenant: &TenantSlug,
@@ -764,11 +810,19 @@ pub async fn dashboard<W: Warehouse>(
     to: NaiveDate,
     options: AnomalyOptions,
 ) -> Result<Dashboard, FinanceError> {
-    let flow = cash_flow_report(warehouse, tenant, from, to).await?;
-    let ar = aging_report(warehouse, tenant, AgingSide::Receivable, as_of).await?;
-    let ap = aging_report(warehouse, tenant, AgingSide::Payable, as_of).await?;
-    let profit = profitability_report(warehouse, tenant, from, to).await?;
-    let anomalies = anomalies_report(warehouse, tenant, options).await?;
+    let (flow, ar, ap, profit, anomalies) = tokio::try_join!(
+        cash_flow_report(warehouse, tenant, from, to),
+        async {
+            Ok::<_, FinanceError>(
+                warehouse
+                    .aging(tenant, AgingSide::Receivable, as_of)
+                    .await?,
+            )
+        },
+        async { Ok(warehouse.aging(tenant, AgingSide::Payable, as_of).await?) },
+        profitability_report(warehouse, tenant, from, to),
+        anomaly_counts(warehouse, tenant, options),
+    )?;
     let mut out: BTreeMap<String, DashboardCurrency> = BTreeMap::new();
     fn slot<'a>(
         out: &'a mut BTreeMap<String, DashboardCurrency>,
@@ -786,17 +840,17 @@ pub async fn dashboard<W: Warehouse>(
     for (c, f) in &flow.currencies {
         slot(&mut out, c).cash_flow = f.total;
     }
-    for (c, a) in &ar.currencies {
-        slot(&mut out, c).ar_aging = a.buckets.clone();
+    for (c, buckets) in ar.currencies {
+        slot(&mut out, &c).ar_aging = buckets;
     }
-    for (c, a) in &ap.currencies {
-        slot(&mut out, c).ap_aging = a.buckets.clone();
+    for (c, buckets) in ap.currencies {
+        slot(&mut out, &c).ap_aging = buckets;
     }
     for (c, p) in &profit.currencies {
         slot(&mut out, c).profitability = p.total;
     }
-    for a in &anomalies {
-        slot(&mut out, &a.currency).anomalies_count += 1;
+    for (c, n) in anomalies {
+        slot(&mut out, &c).anomalies_count = n;
     }
     Ok(Dashboard {
         as_of,

@@ -415,6 +415,24 @@ impl<W: Warehouse> Warehouse for FailingWarehouse<W> {
     ) -> sluice_engine::Result<Vec<sluice_engine::finance::AgingTotal>> {
         self.inner.aging_totals(t, side, as_of).await
     }
+    async fn anomaly_counts(
+        &self,
+        t: &TenantSlug,
+        options: &str,
+    ) -> sluice_engine::Result<(i64, Option<std::collections::BTreeMap<String, u64>>)> {
+        self.inner.anomaly_counts(t, options).await
+    }
+    async fn save_anomaly_counts(
+        &self,
+        t: &TenantSlug,
+        options: &str,
+        version: i64,
+        counts: &std::collections::BTreeMap<String, u64>,
+    ) -> sluice_engine::Result<()> {
+        self.inner
+            .save_anomaly_counts(t, options, version, counts)
+            .await
+    }
     async fn anomaly_documents(
         &self,
         t: &TenantSlug,

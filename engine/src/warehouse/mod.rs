@@ -17,6 +17,7 @@
 mod postgres;
 mod sqlite;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use arrow_array::RecordBatch;
@@ -50,6 +51,10 @@ type DocumentRow<Sum, Day> = (
     Sum,
     Day,
 );
+
+/// The aging bucket of `d`, the days past due (see [`crate::finance::aging_bucket`]).
+const AGING_BUCKET_SQL: &str = "CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' \
+     WHEN d <= 60 THEN '31_60' WHEN d <= 90 THEN '61_90' ELSE 'over_90' END";
 
 /// The query body of [`Warehouse::anomaly_documents`] over `invoices` and `bills` tables
 /// and a total expression.
@@ -251,6 +256,26 @@ pub trait Warehouse: Send + Sync {
         &self,
         tenant: &TenantSlug,
     ) -> impl Future<Output = Result<Vec<AnomalyDocument>>> + Send;
+
+    /// The version of the tenant's finance data, and the anomaly counts per currency saved
+    /// under `options` for exactly that version, if any. The version moves on in the same
+    /// transaction as any change to an invoice, bill or payment; counts to be saved under
+    /// it must be computed from data read after it was read.
+    fn anomaly_counts(
+        &self,
+        tenant: &TenantSlug,
+        options: &str,
+    ) -> impl Future<Output = Result<(i64, Option<BTreeMap<String, u64>>)>> + Send;
+
+    /// Saves anomaly counts per currency computed at data `version` under `options` (a
+    /// snapshot of a newer version is kept; snapshots of older versions are dropped).
+    fn save_anomaly_counts(
+        &self,
+        tenant: &TenantSlug,
+        options: &str,
+        version: i64,
+        counts: &BTreeMap<String, u64>,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
     /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their

@@ -8,7 +8,7 @@
 //! marks the unchanged as read by this run; quarantined rows and ledger counts join the same
 //! transaction.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,8 +23,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
 use super::{
-    AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState, Warehouse,
-    anomaly_documents_sql, load_columns, quote_ident,
+    AGING_BUCKET_SQL, AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState,
+    Warehouse, anomaly_documents_sql, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -34,7 +34,9 @@ use crate::control::{
 use crate::dead_letter::DeadLetter;
 use crate::entity::{Bill, Entity, FieldKind, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::finance::{AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal};
+use crate::finance::{
+    AgingBuckets, AgingReport, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal,
+};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::{MONEY_SCALE, display_decimal};
 use crate::quarantine::{
@@ -75,6 +77,10 @@ const TENANT_MIGRATIONS: &[(i32, &str)] = &[
     (
         4,
         include_str!("../../../migrations/tenant/postgres/0004_quarantine_ignore.sql"),
+    ),
+    (
+        5,
+        include_str!("../../../migrations/tenant/postgres/0005_finance_rollups.sql"),
     ),
 ];
 /// Serialises migrators across processes (an arbitrary constant, "sluice" in ASCII).
@@ -129,6 +135,30 @@ fn schema_of(tenant: &TenantSlug) -> String {
 
 fn table(tenant: &TenantSlug, name: &str) -> String {
     format!("{}.{}", schema_of(tenant), quote_ident(name))
+}
+
+/// The finance rollups (kept by triggers, see migration 0005) and the key columns of each;
+/// `fin_<name>_expected` computes the same sums from the tables.
+const ROLLUPS: [(&str, &str); 3] = [
+    ("fin_flow", "currency, direction, day"),
+    ("fin_profit", "currency, day, line"),
+    ("fin_open", "side, currency, due"),
+];
+
+/// A group whose rollup differs from the tables: its key, the kept sum and count, and the
+/// tables' sum and count (none where the group is missing on that side).
+type DriftRow = (
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+);
+
+/// The advisory lock that serialises a tenant's writers of finance rows (taken by the
+/// rollup triggers; the same key as `fin_begin` in migration 0005).
+fn finance_lock_key(tenant: &TenantSlug) -> String {
+    format!("sluice.finance.{}", schema_of(tenant))
 }
 
 impl PostgresWarehouse {
@@ -206,6 +236,68 @@ impl PostgresWarehouse {
         tx.commit()
             .await
             .map_err(db("committing the control migration"))
+    }
+
+    /// Compares the tenant's finance rollups with the sums of the tables they are kept
+    /// from; one line per group that differs (none when they agree).
+    pub async fn check_finance_rollups(&self, tenant: &TenantSlug) -> Result<Vec<String>> {
+        self.prepare_tenant(tenant).await?;
+        let mut drift = Vec::new();
+        for (rollup, key) in ROLLUPS {
+            // One statement: the rollup and the tables are read in one snapshot.
+            let rows: Vec<DriftRow> =
+                sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT COALESCE(k.key, e.key), k.amount::text, k.n, e.amount::text, e.n \
+                     FROM (SELECT concat_ws('/', {key}) AS key, amount, n FROM {kept}) k \
+                     FULL JOIN (SELECT concat_ws('/', {key}) AS key, amount, n FROM {expected}) e ON e.key = k.key \
+                     WHERE k.key IS NULL OR e.key IS NULL OR k.amount <> e.amount OR k.n <> e.n \
+                     ORDER BY 1",
+                    kept = table(tenant, rollup),
+                    expected = table(tenant, &format!("{rollup}_expected")),
+                )))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db(format!("checking {rollup}")))?;
+            let show = |amount: Option<String>, n: Option<i64>| match (amount, n) {
+                (Some(a), Some(n)) => format!("{a} over {n} rows"),
+                _ => "nothing".to_string(),
+            };
+            drift.extend(rows.into_iter().map(|(group, ka, kn, ea, en)| {
+                format!(
+                    "{rollup} {group}: kept {}, the tables sum to {}",
+                    show(ka, kn),
+                    show(ea, en)
+                )
+            }));
+        }
+        Ok(drift)
+    }
+
+    /// Recomputes the tenant's finance rollups from the tables, in one transaction that
+    /// holds the tenant's finance lock (no batch changes them meanwhile).
+    pub async fn rebuild_finance_rollups(&self, tenant: &TenantSlug) -> Result<()> {
+        self.prepare_tenant(tenant).await?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting the rebuild"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(finance_lock_key(tenant))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("taking the finance lock"))?;
+        for (rollup, _) in ROLLUPS {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "DELETE FROM {kept}; INSERT INTO {kept} SELECT * FROM {expected}",
+                kept = table(tenant, rollup),
+                expected = table(tenant, &format!("{rollup}_expected")),
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(format!("rebuilding {rollup}")))?;
+        }
+        tx.commit().await.map_err(db("committing the rebuild"))
     }
 
     async fn migrate_tenant_in(
@@ -1115,17 +1207,18 @@ impl Warehouse for PostgresWarehouse {
         to: NaiveDate,
     ) -> Result<Vec<FlowTotal>> {
         self.prepare_tenant(tenant).await?;
-        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT currency, direction, to_char(\"date\", 'YYYY-MM'), \
-                    (SUM(amount) * 10000)::numeric(38, 0)::text, COUNT(*) FROM {} \
-             WHERE deleted_at IS NULL AND \"date\" BETWEEN $1 AND $2 GROUP BY 1, 2, 3 ORDER BY 1, 3, 2",
-            table(tenant, "payments")
-        )))
-        .bind(from)
-        .bind(to)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("summing payments"))?;
+        let rows: Vec<(String, String, String, String, i64)> =
+            sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT currency, direction, to_char(day, 'YYYY-MM'), \
+                    (SUM(amount) * 10000)::numeric(38, 0)::text, SUM(n)::int8 FROM {} \
+             WHERE day BETWEEN $1 AND $2 GROUP BY 1, 2, 3 ORDER BY 1, 3, 2",
+                table(tenant, "fin_flow")
+            )))
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("summing payments"))?;
         rows.into_iter()
             .map(|(currency, direction, month, units, n)| {
                 Ok(FlowTotal {
@@ -1151,15 +1244,10 @@ impl Warehouse for PostgresWarehouse {
         to: NaiveDate,
     ) -> Result<Vec<ProfitTotal>> {
         self.prepare_tenant(tenant).await?;
-        let signed = "(SUM(CASE WHEN kind = 'credit_note' THEN -total ELSE total END) * 10000)::numeric(38, 0)::text";
-        let live = "deleted_at IS NULL AND status <> 'void' AND issue_date BETWEEN $1 AND $2";
         let rows: Vec<(String, String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT currency, to_char(issue_date, 'YYYY-MM'), 'revenue', {signed} FROM {} WHERE {live} GROUP BY 1, 2 \
-             UNION ALL \
-             SELECT currency, to_char(issue_date, 'YYYY-MM'), category, {signed} FROM {} WHERE {live} GROUP BY 1, 2, 3 \
-             ORDER BY 1, 2, 3",
-            table(tenant, "invoices"),
-            table(tenant, "bills"),
+            "SELECT currency, to_char(day, 'YYYY-MM'), line, (SUM(amount) * 10000)::numeric(38, 0)::text \
+             FROM {} WHERE day BETWEEN $1 AND $2 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            table(tenant, "fin_profit"),
         )))
         .bind(from)
         .bind(to)
@@ -1197,8 +1285,7 @@ impl Warehouse for PostgresWarehouse {
         let rows: Vec<AgingRow<String>> =
             sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT currency, id, MAX(name), \
-                   CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
-                        WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
+                   {AGING_BUCKET_SQL} AS bucket, \
                    (SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) * 10000)::numeric(38, 0)::text \
                  FROM (SELECT currency, kind, balance, {who}_id AS id, {who}_name AS name, ($1::date - due_date) AS d \
                        FROM {source} WHERE balance > 0 AND status <> 'void' AND deleted_at IS NULL AND due_date IS NOT NULL) q \
@@ -1224,6 +1311,106 @@ impl Warehouse for PostgresWarehouse {
                 })
             })
             .collect()
+    }
+
+    async fn aging(
+        &self,
+        tenant: &TenantSlug,
+        side: AgingSide,
+        as_of: NaiveDate,
+    ) -> Result<AgingReport> {
+        self.prepare_tenant(tenant).await?;
+        let side = match side {
+            AgingSide::Receivable => "invoice",
+            AgingSide::Payable => "bill",
+        };
+        let rows: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT currency, {AGING_BUCKET_SQL} AS bucket, (SUM(amount) * 10000)::numeric(38, 0)::text \
+             FROM (SELECT currency, amount, ($2::date - due) AS d FROM {} WHERE side = $1) q \
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            table(tenant, "fin_open")
+        )))
+        .bind(side)
+        .bind(as_of)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("computing aging"))?;
+        let mut report = AgingReport {
+            as_of,
+            currencies: Default::default(),
+        };
+        for (currency, bucket, units) in rows {
+            let units: i128 = units.parse().map_err(|_| {
+                EngineError::new(
+                    ErrorKind::Warehouse,
+                    format!("an open balance is {units:?}"),
+                )
+            })?;
+            report
+                .currencies
+                .entry(currency)
+                .or_insert_with(AgingBuckets::zero)
+                .add(&bucket, display_decimal(units));
+        }
+        Ok(report)
+    }
+
+    async fn anomaly_counts(
+        &self,
+        tenant: &TenantSlug,
+        options: &str,
+    ) -> Result<(i64, Option<BTreeMap<String, u64>>)> {
+        self.prepare_tenant(tenant).await?;
+        let (version, counts): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT s.version, a.counts::text FROM {} s \
+             LEFT JOIN {} a ON a.options = $1 AND a.version = s.version",
+            table(tenant, "fin_state"),
+            table(tenant, "fin_anomaly_snapshots")
+        )))
+        .bind(options)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("reading saved anomaly counts"))?;
+        let counts = counts
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| {
+                EngineError::new(
+                    ErrorKind::Warehouse,
+                    format!("saved anomaly counts are unreadable: {e}"),
+                )
+            })?;
+        Ok((version, counts))
+    }
+
+    async fn save_anomaly_counts(
+        &self,
+        tenant: &TenantSlug,
+        options: &str,
+        version: i64,
+        counts: &BTreeMap<String, u64>,
+    ) -> Result<()> {
+        let counts = serde_json::to_string(counts).map_err(|e| {
+            EngineError::new(
+                ErrorKind::Warehouse,
+                format!("encoding anomaly counts: {e}"),
+            )
+        })?;
+        sqlx::query(AssertSqlSafe(format!(
+            "WITH stale AS (DELETE FROM {snapshots} WHERE version < $2 AND options <> $1) \
+             INSERT INTO {snapshots} AS a (options, version, counts, computed_at) \
+             VALUES ($1, $2, $3::jsonb, now()) \
+             ON CONFLICT (options) DO UPDATE SET version = EXCLUDED.version, counts = EXCLUDED.counts, \
+               computed_at = EXCLUDED.computed_at WHERE a.version <= EXCLUDED.version",
+            snapshots = table(tenant, "fin_anomaly_snapshots")
+        )))
+        .bind(options)
+        .bind(version)
+        .bind(counts)
+        .execute(&self.pool)
+        .await
+        .map_err(db("saving anomaly counts"))?;
+        Ok(())
     }
 
     async fn anomaly_documents(&self, tenant: &TenantSlug) -> Result<Vec<AnomalyDocument>> {

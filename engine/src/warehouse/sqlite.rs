@@ -3,7 +3,7 @@
 //! installed. Writes take SQLite's write lock up front (`BEGIN IMMEDIATE`), which makes the
 //! classify-then-write upsert of a batch race-free between processes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -21,8 +21,8 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
-    AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState, Warehouse,
-    anomaly_documents_sql, load_columns, quote_ident,
+    AGING_BUCKET_SQL, AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState,
+    Warehouse, anomaly_documents_sql, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -61,6 +61,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         4,
         include_str!("../../../migrations/tenant/sqlite/0004_quarantine_ignore.sql"),
+    ),
+    (
+        5,
+        include_str!("../../../migrations/tenant/sqlite/0005_finance_state.sql"),
     ),
 ];
 
@@ -794,8 +798,7 @@ impl Warehouse for SqliteWarehouse {
         let rows: Vec<AgingRow<i64>> =
             sqlx::query_as(AssertSqlSafe(format!(
                 "SELECT currency, id, MAX(name), \
-                   CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
-                        WHEN d <= 90 THEN '61_90' ELSE 'over_90' END AS bucket, \
+                   {AGING_BUCKET_SQL} AS bucket, \
                    SUM(CASE WHEN kind = 'credit_note' THEN -balance ELSE balance END) \
                  FROM (SELECT currency, kind, balance, {who}_id AS id, {who}_name AS name, \
                          CAST(julianday(?1) - julianday(due_date) AS INTEGER) AS d \
@@ -816,6 +819,73 @@ impl Warehouse for SqliteWarehouse {
                 amount_units: i128::from(units),
             })
             .collect())
+    }
+
+    async fn anomaly_counts(
+        &self,
+        tenant: &TenantSlug,
+        options: &str,
+    ) -> Result<(i64, Option<BTreeMap<String, u64>>)> {
+        let pool = self.pool(tenant, false).await?;
+        let (version, counts): (i64, Option<String>) = sqlx::query_as(
+            "SELECT s.version, a.counts FROM fin_state s \
+             LEFT JOIN fin_anomaly_snapshots a ON a.options = ?1 AND a.version = s.version",
+        )
+        .bind(options)
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading saved anomaly counts", e))?;
+        let counts = counts
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| {
+                EngineError::new(
+                    ErrorKind::Warehouse,
+                    format!("saved anomaly counts are unreadable: {e}"),
+                )
+            })?;
+        Ok((version, counts))
+    }
+
+    async fn save_anomaly_counts(
+        &self,
+        tenant: &TenantSlug,
+        options: &str,
+        version: i64,
+        counts: &BTreeMap<String, u64>,
+    ) -> Result<()> {
+        let pool = self.pool(tenant, false).await?;
+        let counts = serde_json::to_string(counts).map_err(|e| {
+            EngineError::new(
+                ErrorKind::Warehouse,
+                format!("encoding anomaly counts: {e}"),
+            )
+        })?;
+        let mut tx = pool
+            .begin()
+            .await
+            .map_err(|e| EngineError::from_sqlx("saving anomaly counts", e))?;
+        sqlx::query("DELETE FROM fin_anomaly_snapshots WHERE version < ?2 AND options <> ?1")
+            .bind(options)
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| EngineError::from_sqlx("saving anomaly counts", e))?;
+        sqlx::query(
+            "INSERT INTO fin_anomaly_snapshots (options, version, counts, computed_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (options) DO UPDATE SET version = excluded.version, counts = excluded.counts, \
+               computed_at = excluded.computed_at WHERE fin_anomaly_snapshots.version <= excluded.version",
+        )
+        .bind(options)
+        .bind(version)
+        .bind(counts)
+        .bind(now_text())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| EngineError::from_sqlx("saving anomaly counts", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| EngineError::from_sqlx("saving anomaly counts", e))
     }
 
     async fn anomaly_documents(&self, tenant: &TenantSlug) -> Result<Vec<AnomalyDocument>> {
