@@ -3,10 +3,16 @@
 //! hand-written SQL query run by `psql` (with `\timing`), in the same run.
 //!
 //! `cargo bench --bench finance_e2e` (needs PostgreSQL and psql; SLUICE_BENCH_ROWS changes
-//! the size, SLUICE_BENCH_RUNS the repetitions). Every payment is applied to one document,
-//! so the SQL's overpayment check (a window sum per document) is the dashboard's definition.
+//! the size, SLUICE_BENCH_RUNS the dashboard's repetitions, SLUICE_BENCH_SLOW_RUNS those of
+//! the whole-table computations). Also measured: the load with and without the rollup
+//! triggers, the first dashboard after a load and after a small change (when the anomaly
+//! counts are computed again), and the same aggregates as hand-written SQL over the
+//! rollups. Every payment is applied to one document, so the SQL's overpayment check (a
+//! window sum per document) is the dashboard's definition.
 
+use std::fmt::Write as _;
 use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -163,99 +169,50 @@ fn percentiles(mut v: Vec<Duration>) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
-#[tokio::main]
-async fn main() {
-    let admin_url = env_or(
-        "SLUICE_BENCH_PG_URL",
-        "postgres://postgres@127.0.0.1:5432/postgres",
-    );
-    let rows: usize = env_or("SLUICE_BENCH_ROWS", "1000000").parse().expect("n");
-    let runs: usize = env_or("SLUICE_BENCH_RUNS", "20").parse().expect("n");
-    let name = format!("sluice_bench_{}", uuid::Uuid::now_v7().simple());
-    let mut admin = PgConnection::connect(&admin_url).await.expect("PostgreSQL");
-    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .expect("create database");
-    let db = format!("{}/{name}", admin_url.rsplit_once('/').expect("url").0);
-    let w = PostgresWarehouse::connect(&db).await.expect("connect");
-    let tenant = TenantSlug::parse("bench").expect("slug");
-    w.create_tenant(&tenant, "Bench", &MasterKey::from_hex(MASTER).expect("key"))
-        .await
-        .expect("tenant");
-    let dir = tempfile::tempdir().expect("tmp");
-    write_files(dir.path(), rows);
-    for entity in ["invoices", "bills", "payments"] {
-        let spec = PipelineSpec::from_toml(&format!(
-            "name = \"{entity}\"\ntenant = \"bench\"\nentity = \"{entity}\"\n[source]\nkind = \"csv\"\npath = \"{}\"\n",
-            dir.path().join(format!("{entity}.csv")).display()
-        ))
-        .expect("spec");
-        let t = Instant::now();
-        let r = run_pipeline(
-            &spec,
-            &PipelineSource::from_spec(&spec.source, None).expect("source"),
-            &w,
-            &RunOptions::default(),
-            &Quiet,
+/// The dashboard's aggregates read from the rollups and the saved anomaly counts, as one
+/// hand-written query: what the dashboard itself reads, without sluice around it.
+fn rollup_sql(schema: &str, as_of: &str, from: &str, to: &str, options: &str) -> String {
+    let buckets = |side: &str, alias: &str| {
+        format!(
+            "{alias} AS (SELECT currency, \
+               SUM(amount) FILTER (WHERE d <= 0) AS cur, SUM(amount) FILTER (WHERE d BETWEEN 1 AND 30) AS d30, \
+               SUM(amount) FILTER (WHERE d BETWEEN 31 AND 60) AS d60, SUM(amount) FILTER (WHERE d BETWEEN 61 AND 90) AS d90, \
+               SUM(amount) FILTER (WHERE d > 90) AS d99 \
+             FROM (SELECT currency, amount, DATE '{as_of}' - due AS d FROM {schema}.fin_open WHERE side = '{side}') x \
+             GROUP BY currency)"
         )
-        .await
-        .expect("load");
-        println!(
-            "loaded {entity}: {} rows read, {} loaded in {:.1} s",
-            r.ledger.counts.rows_read,
-            r.ledger.counts.loaded(),
-            t.elapsed().as_secs_f64()
-        );
-    }
-    sqlx::raw_sql("ANALYZE")
-        .execute(&mut PgConnection::connect(&db).await.expect("c"))
-        .await
-        .expect("analyze");
-    let day = |m: u32, d: u32| NaiveDate::from_ymd_opt(2024, m, d).expect("date");
-    let (as_of, from, to) = (day(9, 30), day(1, 1), day(6, 30));
+    };
+    format!(
+        "WITH \
+         flow AS (SELECT currency, SUM(amount) FILTER (WHERE direction = 'in') AS inflow, \
+                         SUM(amount) FILTER (WHERE direction = 'out') AS outflow \
+                  FROM {schema}.fin_flow WHERE day BETWEEN '{from}' AND '{to}' GROUP BY currency), \
+         {ar}, {ap}, \
+         prof AS (SELECT currency, SUM(amount) FILTER (WHERE line = 'revenue') AS revenue, \
+                         SUM(amount) FILTER (WHERE line = 'cogs') AS cogs, SUM(amount) FILTER (WHERE line = 'expense') AS expenses \
+                  FROM {schema}.fin_profit WHERE day BETWEEN '{from}' AND '{to}' GROUP BY currency), \
+         an AS (SELECT c.key AS currency, c.value::bigint AS n FROM {schema}.fin_anomaly_snapshots a \
+                JOIN {schema}.fin_state s ON s.version = a.version, jsonb_each_text(a.counts) c WHERE a.options = '{options}'), \
+         cur AS (SELECT currency FROM flow UNION SELECT currency FROM ar UNION SELECT currency FROM ap \
+                 UNION SELECT currency FROM prof) \
+         SELECT cur.currency, flow.inflow, flow.outflow, ar.cur, ar.d30, ar.d60, ar.d90, ar.d99, \
+                ap.cur, ap.d30, ap.d60, ap.d90, ap.d99, prof.revenue, prof.cogs, prof.expenses, COALESCE(an.n, 0) \
+         FROM cur LEFT JOIN flow USING (currency) LEFT JOIN ar USING (currency) LEFT JOIN ap USING (currency) \
+              LEFT JOIN prof USING (currency) LEFT JOIN an USING (currency) ORDER BY 1",
+        ar = buckets("invoice", "ar"),
+        ap = buckets("bill", "ap"),
+    )
+}
 
+/// Runs `sql` in psql `runs` times after one warm-up: the latencies psql reports, and the
+/// sum of the last column of the last run's rows.
+fn psql_runs(db: &str, sql: &str, runs: usize) -> (Vec<Duration>, u64) {
     let mut lat = Vec::new();
-    let mut anomalies = 0u64;
-    for i in 0..=runs {
-        let t = Instant::now();
-        let d = sluice_finance::dashboard(&w, &tenant, as_of, from, to, AnomalyOptions::default())
-            .await
-            .expect("dashboard");
-        if i > 0 {
-            lat.push(t.elapsed());
-        }
-        anomalies = d.currencies.values().map(|c| c.anomalies_count).sum();
-    }
-    let (p50, p99) = percentiles(lat);
-    println!(
-        "dashboard ({runs} runs after one warm-up): p50 {p50:.0} ms, p99 {p99:.0} ms; {anomalies} anomalies"
-    );
-    let mut lat = Vec::new();
-    for i in 0..=runs {
-        let t = Instant::now();
-        sluice_finance::anomalies_report(&w, &tenant, AnomalyOptions::default())
-            .await
-            .expect("anomalies");
-        if i > 0 {
-            lat.push(t.elapsed());
-        }
-    }
-    let (a50, a99) = percentiles(lat);
-    println!("  of which anomalies alone: p50 {a50:.0} ms, p99 {a99:.0} ms");
-
-    let sql = hand_sql(
-        "tenant_bench",
-        &as_of.to_string(),
-        &from.to_string(),
-        &to.to_string(),
-    );
-    let mut lat = Vec::new();
-    let mut sql_anomalies = String::new();
+    let mut last = 0;
     for i in 0..=runs {
         let out = Command::new("psql")
-            .arg(&db)
-            .args(["-X", "-q", "-A", "-t", "-c", "\\timing on", "-c", &sql])
+            .arg(db)
+            .args(["-X", "-q", "-A", "-t", "-c", "\\timing on", "-c", sql])
             .output()
             .expect("psql");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -273,7 +230,7 @@ async fn main() {
         if i > 0 {
             lat.push(Duration::from_secs_f64(ms / 1e3));
         }
-        sql_anomalies = text
+        last = text
             .lines()
             .filter(|l| l.contains('|'))
             .map(|l| {
@@ -284,19 +241,181 @@ async fn main() {
                     .parse::<u64>()
                     .unwrap_or(0)
             })
-            .sum::<u64>()
-            .to_string();
+            .sum::<u64>();
     }
-    let (s50, s99) = percentiles(lat);
+    (lat, last)
+}
+
+async fn load(w: &PostgresWarehouse, tenant: &str, name: &str, entity: &str, path: &Path) -> f64 {
+    let spec = PipelineSpec::from_toml(&format!(
+        "name = \"{name}\"\ntenant = \"{tenant}\"\nentity = \"{entity}\"\n[source]\nkind = \"csv\"\npath = \"{}\"\n",
+        path.display()
+    ))
+    .expect("spec");
+    let t = Instant::now();
+    let r = run_pipeline(
+        &spec,
+        &PipelineSource::from_spec(&spec.source, None).expect("source"),
+        w,
+        &RunOptions::default(),
+        &Quiet,
+    )
+    .await
+    .expect("load");
+    let secs = t.elapsed().as_secs_f64();
     println!(
-        "hand-written SQL in psql: p50 {s50:.0} ms, p99 {s99:.0} ms; {sql_anomalies} anomalies"
+        "  {tenant}: {entity} {} rows read, {} loaded in {secs:.1} s",
+        r.ledger.counts.rows_read,
+        r.ledger.counts.loaded(),
+    );
+    secs
+}
+
+#[tokio::main]
+async fn main() {
+    let admin_url = env_or(
+        "SLUICE_BENCH_PG_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    let rows: usize = env_or("SLUICE_BENCH_ROWS", "1000000").parse().expect("n");
+    let runs: usize = env_or("SLUICE_BENCH_RUNS", "100").parse().expect("n");
+    let slow_runs: usize = env_or("SLUICE_BENCH_SLOW_RUNS", "3").parse().expect("n");
+    let name = format!("sluice_bench_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = PgConnection::connect(&admin_url).await.expect("PostgreSQL");
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let db = format!("{}/{name}", admin_url.rsplit_once('/').expect("url").0);
+    let w = PostgresWarehouse::connect(&db).await.expect("connect");
+    let master = MasterKey::from_hex(MASTER).expect("key");
+    let tenant = TenantSlug::parse("bench").expect("slug");
+    // The baseline for the load's cost: a tenant whose rollup triggers are disabled.
+    let plain = TenantSlug::parse("plain").expect("slug");
+    w.create_tenant(&tenant, "Bench", &master)
+        .await
+        .expect("tenant");
+    w.create_tenant(&plain, "Plain", &master)
+        .await
+        .expect("tenant");
+    let mut conn = PgConnection::connect(&db).await.expect("c");
+    sqlx::raw_sql(
+        "ALTER TABLE tenant_plain.invoices DISABLE TRIGGER USER; \
+         ALTER TABLE tenant_plain.bills DISABLE TRIGGER USER; \
+         ALTER TABLE tenant_plain.payments DISABLE TRIGGER USER",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("disable triggers");
+    let dir = tempfile::tempdir().expect("tmp");
+    write_files(dir.path(), rows);
+    let (mut with, mut without) = (0.0, 0.0);
+    for entity in ["invoices", "bills", "payments"] {
+        let path = dir.path().join(format!("{entity}.csv"));
+        without += load(&w, "plain", entity, entity, &path).await;
+        with += load(&w, "bench", entity, entity, &path).await;
+    }
+    println!(
+        "load of {} rows: {with:.1} s with the rollup triggers, {without:.1} s without (ratio {:.2})",
+        3 * rows,
+        with / without
+    );
+    sqlx::raw_sql("ANALYZE")
+        .execute(&mut conn)
+        .await
+        .expect("analyze");
+    let day = |m: u32, d: u32| NaiveDate::from_ymd_opt(2024, m, d).expect("date");
+    let (as_of, from, to) = (day(9, 30), day(1, 1), day(6, 30));
+    let options = AnomalyOptions::default();
+    let dashboard = || sluice_finance::dashboard(&w, &tenant, as_of, from, to, options);
+
+    let t = Instant::now();
+    dashboard().await.expect("dashboard");
+    println!(
+        "first dashboard after the load (computes and saves the anomaly counts): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let mut lat = Vec::new();
+    let mut anomalies = 0u64;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let d = dashboard().await.expect("dashboard");
+        lat.push(t.elapsed());
+        anomalies = d.currencies.values().map(|c| c.anomalies_count).sum();
+    }
+    let (p50, p99) = percentiles(lat);
+    println!("dashboard ({runs} runs): p50 {p50:.1} ms, p99 {p99:.1} ms; {anomalies} anomalies");
+
+    // A small batch of changed documents: the rollups follow in its transaction; the next
+    // dashboard computes the anomaly counts again.
+    let mut changed = String::from(
+        "external_id,doc_number,customer_id,customer_name,issue_date,due_date,currency,total,balance,status,kind,updated_at\n",
+    );
+    for i in 0..100 {
+        writeln!(changed, "I{i},N{i},C1,Customer 1,2024-03-01,2024-03-31,USD,{}.00,{}.00,open,invoice,2024-06-01T00:00:00Z", 100 + i, 100 + i)
+            .expect("w");
+    }
+    let path = dir.path().join("changed.csv");
+    std::fs::write(&path, changed).expect("csv");
+    load(&w, "bench", "invoices", "invoices", &path).await;
+    let t = Instant::now();
+    dashboard().await.expect("dashboard");
+    println!(
+        "first dashboard after 100 changed invoices: {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let mut lat = Vec::new();
+    for _ in 0..slow_runs {
+        let t = Instant::now();
+        sluice_finance::anomalies_report(&w, &tenant, options)
+            .await
+            .expect("anomalies");
+        lat.push(t.elapsed());
+    }
+    let (a50, a99) = percentiles(lat);
+    println!("the full anomaly list ({slow_runs} runs): p50 {a50:.0} ms, max {a99:.0} ms");
+
+    let (lat, n) = psql_runs(
+        &db,
+        &rollup_sql(
+            "tenant_bench",
+            &as_of.to_string(),
+            &from.to_string(),
+            &to.to_string(),
+            &options.key(),
+        ),
+        runs,
+    );
+    let (r50, r99) = percentiles(lat);
+    println!(
+        "hand-written SQL over the same rollups in psql ({runs} runs): p50 {r50:.1} ms, p99 {r99:.1} ms; {n} anomalies"
     );
     println!(
-        "ratio dashboard/SQL: p50 {:.2}, p99 {:.2}",
+        "  ratio dashboard/that SQL: p50 {:.2}, p99 {:.2}",
+        p50 / r50,
+        p99 / r99
+    );
+    let (lat, n) = psql_runs(
+        &db,
+        &hand_sql(
+            "tenant_bench",
+            &as_of.to_string(),
+            &from.to_string(),
+            &to.to_string(),
+        ),
+        slow_runs,
+    );
+    let (s50, s99) = percentiles(lat);
+    println!(
+        "hand-written SQL over the tables in psql ({slow_runs} runs): p50 {s50:.0} ms, max {s99:.0} ms; {n} anomalies"
+    );
+    println!(
+        "  ratio dashboard/that SQL: p50 {:.4}, p99 {:.4}",
         p50 / s50,
         p99 / s99
     );
 
+    drop(conn);
     drop(w);
     sqlx::raw_sql(AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"

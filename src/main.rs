@@ -502,6 +502,20 @@ enum FinanceCommand {
         after_help = "Example:\n  sluice finance dashboard --tenant acme --as-of 2024-06-30 --from 2024-01-01 --to 2024-06-30 --json"
     )]
     Dashboard(DashboardArgs),
+    /// PostgreSQL only: compares the rollups the dashboard reads with the sums of the tables
+    /// they are kept from, and with --repair rebuilds them from the tables.
+    #[command(after_help = "Example:\n  sluice finance check --tenant acme --repair")]
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The tenant.
+    #[arg(long)]
+    tenant: String,
+    /// Rebuild the rollups from the tables when they differ.
+    #[arg(long)]
+    repair: bool,
 }
 
 #[derive(Args)]
@@ -645,6 +659,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             match cli.command {
                 Command::Tenant(cmd) => tenant(&warehouse, cmd).await,
+                Command::Finance(FinanceCommand::Check(a)) => finance_check(&warehouse, &a).await,
                 Command::Migrate => {
                     let migrated = warehouse.migrate_all().await?;
                     println!(
@@ -662,6 +677,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         None => match cli.command {
             Command::Tenant(_) | Command::Migrate => bail!(
                 "`tenant` and `migrate` manage the PostgreSQL warehouse: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse creates a tenant's file on its first sync)"
+            ),
+            Command::Finance(FinanceCommand::Check(_)) => bail!(
+                "`finance check` verifies the rollups the PostgreSQL warehouse keeps: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse keeps none; it sums its tables)"
             ),
             other => {
                 let mut warehouse = SqliteWarehouse::new(&cli.data_dir);
@@ -753,10 +771,42 @@ async fn run_command<W: sluice_api::Store>(
         Command::Finance(FinanceCommand::Profitability(a)) => profitability(warehouse, &a).await,
         Command::Finance(FinanceCommand::Anomalies(a)) => anomalies(warehouse, &a).await,
         Command::Finance(FinanceCommand::Dashboard(a)) => dashboard(warehouse, &a).await,
-        Command::Tenant(_) | Command::Migrate => {
+        Command::Tenant(_) | Command::Migrate | Command::Finance(FinanceCommand::Check(_)) => {
             bail!("this command needs the PostgreSQL warehouse")
         }
     }
+}
+
+async fn finance_check(warehouse: &PostgresWarehouse, args: &CheckArgs) -> Result<ExitCode> {
+    let tenant = TenantSlug::parse(&args.tenant)?;
+    let drift = warehouse.check_finance_rollups(&tenant).await?;
+    if drift.is_empty() {
+        println!("tenant '{tenant}': the finance rollups equal the tables' sums");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for line in &drift {
+        println!("{line}");
+    }
+    if !args.repair {
+        println!(
+            "tenant '{tenant}': {} rollup group(s) differ from the tables; run again with --repair to rebuild them",
+            drift.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    warehouse.rebuild_finance_rollups(&tenant).await?;
+    let left = warehouse.check_finance_rollups(&tenant).await?;
+    if !left.is_empty() {
+        bail!(
+            "tenant '{tenant}': {} rollup group(s) still differ after the rebuild",
+            left.len()
+        );
+    }
+    println!(
+        "tenant '{tenant}': {} rollup group(s) differed; rebuilt from the tables, now equal",
+        drift.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ledger_json(l: &sluice_engine::RunLedger) -> serde_json::Value {

@@ -731,10 +731,45 @@ async fn postgres_rollups_follow_every_change_and_agree_with_the_tables() {
     let drift = pg.check_finance_rollups(&tenant).await.expect("check");
     assert_eq!(drift.len(), 1, "{drift:?}");
     assert!(drift[0].starts_with("fin_flow "), "{drift:?}");
-    pg.rebuild_finance_rollups(&tenant).await.expect("rebuild");
+    // The CLI reports it (exit 1), and --repair rebuilds the rollups from the tables.
+    let url = db.url.clone();
+    let cli = move |repair: bool| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+            cmd.args([
+                "--database-url",
+                &url,
+                "finance",
+                "check",
+                "--tenant",
+                "acme",
+            ]);
+            if repair {
+                cmd.arg("--repair");
+            }
+            cmd.output().expect("run sluice")
+        })
+    };
+    let out = cli(false).await.expect("join");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(printed.contains(&drift[0]), "{printed}");
+    let out = cli(true).await.expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         pg.check_finance_rollups(&tenant).await.expect("check"),
         Vec::<String>::new()
+    );
+    let out = cli(false).await.expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }
 
