@@ -5,7 +5,7 @@
 //! Every figure is per currency: nothing here adds two currencies together. Amounts travel
 //! as integer units of 1/10000 (i128) and become exact decimals at the end.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::NaiveDate;
 use polars::prelude::*;
@@ -666,44 +666,66 @@ pub fn anomalies(
 }
 
 fn overpayments(docs: &[AnomalyDocument], payments: &[Payment]) -> Vec<Anomaly> {
-    let by_id: BTreeMap<(&str, &str), &AnomalyDocument> = docs
+    let by_id: HashMap<(&str, &str), usize> = docs
         .iter()
-        .map(|d| ((d.side.as_str(), d.external_id.as_str()), d))
+        .enumerate()
+        .map(|(i, d)| ((d.side.as_str(), d.external_id.as_str()), i))
         .collect();
     let mut ordered: Vec<&Payment> = payments
         .iter()
         .filter(|p| !p.applied_to.is_empty())
         .collect();
     ordered.sort_by(|a, b| (a.date, &a.external_id).cmp(&(b.date, &b.external_id)));
-    let mut paid: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
-    let mut out = Vec::new();
-    for (n, p) in ordered.iter().enumerate() {
+    let targets_of = |p: &Payment| -> Vec<usize> {
         let side = if p.direction == "in" {
             "invoice"
         } else {
             "bill"
         };
-        let targets: Vec<&AnomalyDocument> = p
+        let mut targets: Vec<usize> = p
             .applied_to
             .iter()
             .filter_map(|id| by_id.get(&(side, id.as_str())).copied())
-            .filter(|d| d.currency == p.currency)
+            .filter(|&d| docs[d].currency == p.currency)
             .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        targets
+    };
+    let targets: Vec<Vec<usize>> = ordered.iter().map(|p| targets_of(p)).collect();
+    // Per document: what the payments so far paid on it; and, for the documents a payment
+    // shares with others, which payments those were (such a payment counts once against
+    // all of its documents).
+    let shared: std::collections::HashSet<usize> = targets
+        .iter()
+        .filter(|t| t.len() > 1)
+        .flatten()
+        .copied()
+        .collect();
+    let mut paid_sum: HashMap<usize, Decimal> = HashMap::new();
+    let mut paid_by: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut out = Vec::new();
+    for (n, (p, targets)) in ordered.iter().zip(&targets).enumerate() {
         if targets.is_empty() {
             continue;
         }
-        let total: Decimal = targets.iter().map(|d| display_decimal(d.total_units)).sum();
-        let mut earlier: Vec<usize> = targets
+        let total: Decimal = targets
             .iter()
-            .flat_map(|d| {
-                paid.get(&(side, d.external_id.as_str()))
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .collect();
-        earlier.sort_unstable();
-        earlier.dedup();
-        let before: Decimal = earlier.iter().map(|&i| ordered[i].amount).sum();
+            .map(|&d| display_decimal(docs[d].total_units))
+            .sum();
+        let before: Decimal = if let [only] = targets[..] {
+            paid_sum.get(&only).copied().unwrap_or_default()
+        } else {
+            let mut earlier: Vec<usize> = targets
+                .iter()
+                .filter_map(|d| paid_by.get(d))
+                .flatten()
+                .copied()
+                .collect();
+            earlier.sort_unstable();
+            earlier.dedup();
+            earlier.iter().map(|&i| ordered[i].amount).sum()
+        };
         let open = total - before;
         if p.amount > open {
             out.push(Anomaly {
@@ -718,16 +740,17 @@ fn overpayments(docs: &[AnomalyDocument], payments: &[Payment]) -> Vec<Anomaly> 
                     p.amount,
                     targets
                         .iter()
-                        .map(|d| d.external_id.as_str())
+                        .map(|&d| docs[d].external_id.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
             });
         }
-        for d in &targets {
-            paid.entry((side, d.external_id.as_str()))
-                .or_default()
-                .push(n);
+        for &d in targets {
+            *paid_sum.entry(d).or_default() += p.amount;
+            if shared.contains(&d) {
+                paid_by.entry(d).or_default().push(n);
+            }
         }
     }
     out
