@@ -762,8 +762,10 @@ pub async fn anomalies_report<W: Warehouse>(
     tenant: &TenantSlug,
     options: AnomalyOptions,
 ) -> Result<Vec<Anomaly>, FinanceError> {
-    let docs = warehouse.anomaly_documents(tenant).await?;
-    let payments = warehouse.payments(tenant).await?;
+    let (docs, payments) = tokio::try_join!(
+        warehouse.anomaly_documents(tenant),
+        warehouse.payments(tenant)
+    )?;
     off_the_runtime(move || anomalies(&docs, &payments, options)).await
 }
 
