@@ -56,6 +56,28 @@ type DocumentRow<Sum, Day> = (
 const AGING_BUCKET_SQL: &str = "CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' \
      WHEN d <= 60 THEN '31_60' WHEN d <= 90 THEN '61_90' ELSE 'over_90' END";
 
+/// Saved anomaly counts as the warehouses store them (a JSON object, currency -> count).
+fn encode_counts(counts: &BTreeMap<String, u64>) -> Result<String> {
+    serde_json::to_string(counts).map_err(|e| {
+        crate::EngineError::new(
+            crate::ErrorKind::Warehouse,
+            format!("encoding anomaly counts: {e}"),
+        )
+    })
+}
+
+/// Saved anomaly counts read back (see [`encode_counts`]).
+fn decode_counts(text: Option<String>) -> Result<Option<BTreeMap<String, u64>>> {
+    text.map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|e| {
+            crate::EngineError::new(
+                crate::ErrorKind::Warehouse,
+                format!("saved anomaly counts are unreadable: {e}"),
+            )
+        })
+}
+
 /// The query body of [`Warehouse::anomaly_documents`] over `invoices` and `bills` tables
 /// and a total expression.
 fn anomaly_documents_sql(invoices: &str, bills: &str, total: &str) -> String {

@@ -24,7 +24,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
 use super::{
     AGING_BUCKET_SQL, AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState,
-    Warehouse, anomaly_documents_sql, load_columns, quote_ident,
+    Warehouse, anomaly_documents_sql, decode_counts, encode_counts, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -1371,16 +1371,7 @@ impl Warehouse for PostgresWarehouse {
         .fetch_one(&self.pool)
         .await
         .map_err(db("reading saved anomaly counts"))?;
-        let counts = counts
-            .map(|text| serde_json::from_str(&text))
-            .transpose()
-            .map_err(|e| {
-                EngineError::new(
-                    ErrorKind::Warehouse,
-                    format!("saved anomaly counts are unreadable: {e}"),
-                )
-            })?;
-        Ok((version, counts))
+        Ok((version, decode_counts(counts)?))
     }
 
     async fn save_anomaly_counts(
@@ -1390,12 +1381,7 @@ impl Warehouse for PostgresWarehouse {
         version: i64,
         counts: &BTreeMap<String, u64>,
     ) -> Result<()> {
-        let counts = serde_json::to_string(counts).map_err(|e| {
-            EngineError::new(
-                ErrorKind::Warehouse,
-                format!("encoding anomaly counts: {e}"),
-            )
-        })?;
+        let counts = encode_counts(counts)?;
         sqlx::query(AssertSqlSafe(format!(
             "WITH stale AS (DELETE FROM {snapshots} WHERE version < $2 AND options <> $1) \
              INSERT INTO {snapshots} AS a (options, version, counts, computed_at) \

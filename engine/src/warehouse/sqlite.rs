@@ -22,7 +22,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
     AGING_BUCKET_SQL, AgingRow, BatchCommitted, DocumentRow, LoadBatch, RunScope, StreamState,
-    Warehouse, anomaly_documents_sql, load_columns, quote_ident,
+    Warehouse, anomaly_documents_sql, decode_counts, encode_counts, load_columns, quote_ident,
 };
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::control::{
@@ -835,16 +835,7 @@ impl Warehouse for SqliteWarehouse {
         .fetch_one(&pool)
         .await
         .map_err(|e| EngineError::from_sqlx("reading saved anomaly counts", e))?;
-        let counts = counts
-            .map(|text| serde_json::from_str(&text))
-            .transpose()
-            .map_err(|e| {
-                EngineError::new(
-                    ErrorKind::Warehouse,
-                    format!("saved anomaly counts are unreadable: {e}"),
-                )
-            })?;
-        Ok((version, counts))
+        Ok((version, decode_counts(counts)?))
     }
 
     async fn save_anomaly_counts(
@@ -855,12 +846,7 @@ impl Warehouse for SqliteWarehouse {
         counts: &BTreeMap<String, u64>,
     ) -> Result<()> {
         let pool = self.pool(tenant, false).await?;
-        let counts = serde_json::to_string(counts).map_err(|e| {
-            EngineError::new(
-                ErrorKind::Warehouse,
-                format!("encoding anomaly counts: {e}"),
-            )
-        })?;
+        let counts = encode_counts(counts)?;
         let mut tx = pool
             .begin()
             .await
