@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, RecordBatch};
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::future::BoxFuture;
 use rust_decimal::Decimal;
@@ -45,7 +45,7 @@ use crate::quarantine::{
 };
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
-use crate::validate::{CellError, strings};
+use crate::validate::{CellError, dates, money, strings};
 
 const CONTROL_MIGRATIONS: &[(i32, &str)] = &[
     (
@@ -274,7 +274,8 @@ impl PostgresWarehouse {
     }
 
     /// Recomputes the tenant's finance rollups from the tables, in one transaction that
-    /// holds the tenant's finance lock (no batch changes them meanwhile).
+    /// holds the tenant's finance lock (no batch changes them meanwhile), and moves the
+    /// finance data version on (saved anomaly counts are computed again).
     pub async fn rebuild_finance_rollups(&self, tenant: &TenantSlug) -> Result<()> {
         self.prepare_tenant(tenant).await?;
         let mut tx = self
@@ -297,6 +298,13 @@ impl PostgresWarehouse {
             .await
             .map_err(db(format!("rebuilding {rollup}")))?;
         }
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET version = version + 1",
+            table(tenant, "fin_state")
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("moving the finance data version on"))?;
         tx.commit().await.map_err(db("committing the rebuild"))
     }
 
@@ -672,6 +680,213 @@ fn copy_rows(
     out
 }
 
+/// A rollup group's sum (units of 1/10000) and row count.
+type Sums = (i128, i64);
+
+/// Rollup groups as bind arrays: the three key columns, the sums, the counts.
+type GroupColumns<A, B, C> = (Vec<A>, Vec<B>, Vec<C>, Vec<Decimal>, Vec<i64>);
+
+/// What rows inserted by a batch add to the finance rollups: the definitions of migration
+/// 0005's `fin_*_expected` views, applied to the batch's own columns, so that a load's
+/// inserts need no transition table (updates and deletions are kept by the triggers).
+#[derive(Default)]
+struct RollupDelta {
+    /// (currency, direction, day) of live payments.
+    flow: HashMap<(String, String, NaiveDate), Sums>,
+    /// (currency, issue day, line) of live, non-void documents; credit notes negative.
+    profit: HashMap<(String, NaiveDate, String), Sums>,
+    /// (side, currency, due day) of open balances; credit notes negative.
+    open: HashMap<(&'static str, String, NaiveDate), Sums>,
+}
+
+impl RollupDelta {
+    fn of_inserts(
+        entity: Entity,
+        rows: &RecordBatch,
+        deleted: &[Option<i64>],
+        selection: &[(u32, u128)],
+    ) -> Self {
+        let mut delta = RollupDelta::default();
+        // A date PostgreSQL holds is always in chrono's range.
+        let day = |a: &arrow_array::Date32Array, row: usize| {
+            a.is_valid(row)
+                .then(|| crate::time::days_to_date(a.value(row)))
+                .flatten()
+        };
+        let text = |a: &arrow_array::StringArray, row: usize| {
+            a.is_valid(row).then(|| a.value(row).to_string())
+        };
+        let live = |row: usize| deleted.get(row).copied().flatten().is_none();
+        let add = |sums: &mut Sums, units: i128| {
+            sums.0 += units;
+            sums.1 += 1;
+        };
+        match entity {
+            Entity::Payments => {
+                let (currency, direction) = (strings(rows, "currency"), strings(rows, "direction"));
+                let (date, amount) = (dates(rows, "date"), money(rows, "amount"));
+                for &(row, _) in selection {
+                    let row = row as usize;
+                    if !live(row) || !amount.is_valid(row) {
+                        continue;
+                    }
+                    let (Some(c), Some(d), Some(on)) =
+                        (text(currency, row), text(direction, row), day(date, row))
+                    else {
+                        continue;
+                    };
+                    let sums = delta.flow.entry((c, d, on)).or_default();
+                    add(sums, amount.value(row));
+                }
+            }
+            Entity::Invoices | Entity::Bills => {
+                let side = if entity == Entity::Invoices {
+                    "invoice"
+                } else {
+                    "bill"
+                };
+                let (currency, status, kind) = (
+                    strings(rows, "currency"),
+                    strings(rows, "status"),
+                    strings(rows, "kind"),
+                );
+                let category = (entity == Entity::Bills).then(|| strings(rows, "category"));
+                let (issue, due) = (dates(rows, "issue_date"), dates(rows, "due_date"));
+                let (total, balance) = (money(rows, "total"), money(rows, "balance"));
+                for &(row, _) in selection {
+                    let row = row as usize;
+                    let counts = live(row) && status.is_valid(row) && status.value(row) != "void";
+                    let Some(c) = text(currency, row).filter(|_| counts) else {
+                        continue;
+                    };
+                    let sign = if kind.is_valid(row) && kind.value(row) == "credit_note" {
+                        -1
+                    } else {
+                        1
+                    };
+                    let line = match category {
+                        None => Some("revenue".to_string()),
+                        Some(a) => text(a, row),
+                    };
+                    if let (Some(line), Some(on), true) =
+                        (line, day(issue, row), total.is_valid(row))
+                    {
+                        let key = (c.clone(), on, line);
+                        add(
+                            delta.profit.entry(key).or_default(),
+                            sign * total.value(row),
+                        );
+                    }
+                    if let (true, Some(on)) = (
+                        balance.is_valid(row) && balance.value(row) > 0,
+                        day(due, row),
+                    ) {
+                        let key = (side, c, on);
+                        add(
+                            delta.open.entry(key).or_default(),
+                            sign * balance.value(row),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        delta
+    }
+
+    fn is_empty(&self) -> bool {
+        self.flow.is_empty() && self.profit.is_empty() && self.open.is_empty()
+    }
+
+    /// Adds the sums to the rollups, under the tenant's finance lock, and moves the finance
+    /// data version on.
+    async fn apply(
+        self,
+        tx: &mut Transaction<'static, Postgres>,
+        tenant: &TenantSlug,
+    ) -> Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(finance_lock_key(tenant))
+            .execute(&mut **tx)
+            .await
+            .map_err(db("taking the finance lock"))?;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET version = version + 1",
+            table(tenant, "fin_state")
+        )))
+        .execute(&mut **tx)
+        .await
+        .map_err(db("moving the finance data version on"))?;
+        let upsert = |rollup: &str, key: &str, types: &str| {
+            format!(
+                "INSERT INTO {} AS f ({key}, amount, n) SELECT * FROM UNNEST({types}, $4::numeric[], $5::int8[]) \
+                 ON CONFLICT ({key}) DO UPDATE SET amount = f.amount + EXCLUDED.amount, n = f.n + EXCLUDED.n",
+                table(tenant, rollup)
+            )
+        };
+        fn columns<A, B, C>(groups: HashMap<(A, B, C), Sums>) -> GroupColumns<A, B, C> {
+            let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((a, b, c), (units, n)) in groups {
+                out.0.push(a);
+                out.1.push(b);
+                out.2.push(c);
+                out.3.push(display_decimal(units));
+                out.4.push(n);
+            }
+            out
+        }
+        if !self.flow.is_empty() {
+            let (a, b, c, amount, n) = columns(self.flow);
+            sqlx::query(AssertSqlSafe(upsert(
+                "fin_flow",
+                "currency, direction, day",
+                "$1::text[], $2::text[], $3::date[]",
+            )))
+            .bind(a)
+            .bind(b)
+            .bind(c)
+            .bind(amount)
+            .bind(n)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("adding to fin_flow"))?;
+        }
+        if !self.profit.is_empty() {
+            let (a, b, c, amount, n) = columns(self.profit);
+            sqlx::query(AssertSqlSafe(upsert(
+                "fin_profit",
+                "currency, day, line",
+                "$1::text[], $2::date[], $3::text[]",
+            )))
+            .bind(a)
+            .bind(b)
+            .bind(c)
+            .bind(amount)
+            .bind(n)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("adding to fin_profit"))?;
+        }
+        if !self.open.is_empty() {
+            let (a, b, c, amount, n) = columns(self.open);
+            sqlx::query(AssertSqlSafe(upsert(
+                "fin_open",
+                "side, currency, due",
+                "$1::text[], $2::text[], $3::date[]",
+            )))
+            .bind(a)
+            .bind(b)
+            .bind(c)
+            .bind(amount)
+            .bind(n)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("adding to fin_open"))?;
+        }
+        Ok(())
+    }
+}
+
 /// Classify staged rows against stored ones, upsert the winners, mark the unchanged as read
 /// by this run, and count each fate. `$1` is the run id. The order of versions is the one
 /// the SQLite warehouse applies: a missing `updated_at` sorts first; equal versions with
@@ -926,6 +1141,10 @@ impl Warehouse for PostgresWarehouse {
             };
             let known: Vec<(u32, u128)> = known.into_iter().map(|(pair, _)| *pair).collect();
             let fresh: Vec<(u32, u128)> = fresh.into_iter().map(|(pair, _)| *pair).collect();
+            // The inserted rows' part of the finance rollups (the triggers keep updates and
+            // deletions; rows inserted are summed here, from the batch).
+            let inserted = if copied_all { &all } else { &fresh };
+            let delta = RollupDelta::of_inserts(entity, &batch.rows, &batch.deleted_at, inserted);
 
             if !fresh.is_empty() {
                 let data = copy_rows(
@@ -941,6 +1160,9 @@ impl Warehouse for PostgresWarehouse {
                     .await
                     .map_err(db(format!("copying new {entity}")))?;
                 counts.inserted += fresh.len() as u64;
+            }
+            if !delta.is_empty() {
+                delta.apply(&mut tx, tenant).await?;
             }
             if !known.is_empty() {
                 let stage = quote_ident(&format!("sluice_stage_{}", entity.name()));
