@@ -817,74 +817,83 @@ impl RollupDelta {
         .execute(&mut **tx)
         .await
         .map_err(db("moving the finance data version on"))?;
-        let upsert = |rollup: &str, key: &str, types: &str| {
-            format!(
-                "INSERT INTO {} AS f ({key}, amount, n) SELECT * FROM UNNEST({types}, $4::numeric[], $5::int8[]) \
-                 ON CONFLICT ({key}) DO UPDATE SET amount = f.amount + EXCLUDED.amount, n = f.n + EXCLUDED.n",
-                table(tenant, rollup)
-            )
-        };
-        fn columns<A, B, C>(groups: HashMap<(A, B, C), Sums>) -> GroupColumns<A, B, C> {
-            let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((a, b, c), (units, n)) in groups {
-                out.0.push(a);
-                out.1.push(b);
-                out.2.push(c);
-                out.3.push(display_decimal(units));
-                out.4.push(n);
-            }
-            out
-        }
-        if !self.flow.is_empty() {
-            let (a, b, c, amount, n) = columns(self.flow);
-            sqlx::query(AssertSqlSafe(upsert(
-                "fin_flow",
-                "currency, direction, day",
-                "$1::text[], $2::text[], $3::date[]",
-            )))
-            .bind(a)
-            .bind(b)
-            .bind(c)
-            .bind(amount)
-            .bind(n)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("adding to fin_flow"))?;
-        }
-        if !self.profit.is_empty() {
-            let (a, b, c, amount, n) = columns(self.profit);
-            sqlx::query(AssertSqlSafe(upsert(
-                "fin_profit",
-                "currency, day, line",
-                "$1::text[], $2::date[], $3::text[]",
-            )))
-            .bind(a)
-            .bind(b)
-            .bind(c)
-            .bind(amount)
-            .bind(n)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("adding to fin_profit"))?;
-        }
-        if !self.open.is_empty() {
-            let (a, b, c, amount, n) = columns(self.open);
-            sqlx::query(AssertSqlSafe(upsert(
-                "fin_open",
-                "side, currency, due",
-                "$1::text[], $2::text[], $3::date[]",
-            )))
-            .bind(a)
-            .bind(b)
-            .bind(c)
-            .bind(amount)
-            .bind(n)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("adding to fin_open"))?;
-        }
+        add_groups(
+            tx,
+            tenant,
+            "fin_flow",
+            "currency, direction, day",
+            "text, text, date",
+            self.flow,
+        )
+        .await?;
+        add_groups(
+            tx,
+            tenant,
+            "fin_profit",
+            "currency, day, line",
+            "text, date, text",
+            self.profit,
+        )
+        .await?;
+        add_groups(
+            tx,
+            tenant,
+            "fin_open",
+            "side, currency, due",
+            "text, text, date",
+            self.open,
+        )
+        .await?;
         Ok(())
     }
+}
+
+/// Adds `groups` to `rollup` (key columns `key` of SQL types `types`): one upsert of
+/// arrays, nothing when there are none.
+async fn add_groups<A, B, C>(
+    tx: &mut Transaction<'static, Postgres>,
+    tenant: &TenantSlug,
+    rollup: &str,
+    key: &str,
+    types: &str,
+    groups: HashMap<(A, B, C), Sums>,
+) -> Result<()>
+where
+    Vec<A>: for<'q> sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + Send,
+    Vec<B>: for<'q> sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + Send,
+    Vec<C>: for<'q> sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + Send,
+{
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let mut cols: GroupColumns<A, B, C> = Default::default();
+    for ((a, b, c), (units, n)) in groups {
+        cols.0.push(a);
+        cols.1.push(b);
+        cols.2.push(c);
+        cols.3.push(display_decimal(units));
+        cols.4.push(n);
+    }
+    let casts: Vec<String> = types
+        .split(", ")
+        .enumerate()
+        .map(|(i, t)| format!("${}::{t}[]", i + 1))
+        .collect();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} AS f ({key}, amount, n) SELECT * FROM UNNEST({}, $4::numeric[], $5::int8[]) \
+         ON CONFLICT ({key}) DO UPDATE SET amount = f.amount + EXCLUDED.amount, n = f.n + EXCLUDED.n",
+        table(tenant, rollup),
+        casts.join(", ")
+    )))
+    .bind(cols.0)
+    .bind(cols.1)
+    .bind(cols.2)
+    .bind(cols.3)
+    .bind(cols.4)
+    .execute(&mut **tx)
+    .await
+    .map_err(db(format!("adding to {rollup}")))?;
+    Ok(())
 }
 
 /// Classify staged rows against stored ones, upsert the winners, mark the unchanged as read
