@@ -690,19 +690,19 @@ type GroupColumns<A, B, C> = (Vec<A>, Vec<B>, Vec<C>, Vec<Decimal>, Vec<i64>);
 /// 0005's `fin_*_expected` views, applied to the batch's own columns, so that a load's
 /// inserts need no transition table (updates and deletions are kept by the triggers).
 #[derive(Default)]
-struct RollupDelta {
+struct RollupDelta<'a> {
     /// (currency, direction, day) of live payments.
-    flow: HashMap<(String, String, NaiveDate), Sums>,
+    flow: HashMap<(&'a str, &'a str, NaiveDate), Sums>,
     /// (currency, issue day, line) of live, non-void documents; credit notes negative.
-    profit: HashMap<(String, NaiveDate, String), Sums>,
+    profit: HashMap<(&'a str, NaiveDate, &'a str), Sums>,
     /// (side, currency, due day) of open balances; credit notes negative.
-    open: HashMap<(&'static str, String, NaiveDate), Sums>,
+    open: HashMap<(&'static str, &'a str, NaiveDate), Sums>,
 }
 
-impl RollupDelta {
+impl<'a> RollupDelta<'a> {
     fn of_inserts(
         entity: Entity,
-        rows: &RecordBatch,
+        rows: &'a RecordBatch,
         deleted: &[Option<i64>],
         selection: &[(u32, u128)],
     ) -> Self {
@@ -713,8 +713,8 @@ impl RollupDelta {
                 .then(|| crate::time::days_to_date(a.value(row)))
                 .flatten()
         };
-        let text = |a: &arrow_array::StringArray, row: usize| {
-            a.is_valid(row).then(|| a.value(row).to_string())
+        let text = |a: &'a arrow_array::StringArray, row: usize| {
+            a.is_valid(row).then(|| a.value(row))
         };
         let live = |row: usize| deleted.get(row).copied().flatten().is_none();
         let add = |sums: &mut Sums, units: i128| {
@@ -765,13 +765,13 @@ impl RollupDelta {
                         1
                     };
                     let line = match category {
-                        None => Some("revenue".to_string()),
+                        None => Some("revenue"),
                         Some(a) => text(a, row),
                     };
                     if let (Some(line), Some(on), true) =
                         (line, day(issue, row), total.is_valid(row))
                     {
-                        let key = (c.clone(), on, line);
+                        let key = (c, on, line);
                         add(
                             delta.profit.entry(key).or_default(),
                             sign * total.value(row),
