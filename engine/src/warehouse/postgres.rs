@@ -713,9 +713,8 @@ impl<'a> RollupDelta<'a> {
                 .then(|| crate::time::days_to_date(a.value(row)))
                 .flatten()
         };
-        let text = |a: &'a arrow_array::StringArray, row: usize| {
-            a.is_valid(row).then(|| a.value(row))
-        };
+        let text =
+            |a: &'a arrow_array::StringArray, row: usize| a.is_valid(row).then(|| a.value(row));
         let live = |row: usize| deleted.get(row).copied().flatten().is_none();
         let add = |sums: &mut Sums, units: i128| {
             sums.0 += units;
