@@ -700,12 +700,19 @@ struct RollupDelta<'a> {
 }
 
 impl<'a> RollupDelta<'a> {
+    /// The sums of the `selection` rows; none for an entity the rollups do not cover or
+    /// when no rows were inserted.
     fn of_inserts(
         entity: Entity,
         rows: &'a RecordBatch,
         deleted: &[Option<i64>],
         selection: &[(u32, u128)],
-    ) -> Self {
+    ) -> Option<Self> {
+        if selection.is_empty()
+            || !matches!(entity, Entity::Payments | Entity::Invoices | Entity::Bills)
+        {
+            return None;
+        }
         let mut delta = RollupDelta::default();
         // A date PostgreSQL holds is always in chrono's range.
         let day = |a: &arrow_array::Date32Array, row: usize| {
@@ -790,15 +797,12 @@ impl<'a> RollupDelta<'a> {
             }
             _ => {}
         }
-        delta
-    }
-
-    fn is_empty(&self) -> bool {
-        self.flow.is_empty() && self.profit.is_empty() && self.open.is_empty()
+        Some(delta)
     }
 
     /// Adds the sums to the rollups, under the tenant's finance lock, and moves the finance
-    /// data version on.
+    /// data version on (inserted rows that add nothing, void or deleted ones, still do: the
+    /// version stands for every change).
     async fn apply(
         self,
         tx: &mut Transaction<'static, Postgres>,
@@ -1169,7 +1173,7 @@ impl Warehouse for PostgresWarehouse {
                     .map_err(db(format!("copying new {entity}")))?;
                 counts.inserted += fresh.len() as u64;
             }
-            if !delta.is_empty() {
+            if let Some(delta) = delta {
                 delta.apply(&mut tx, tenant).await?;
             }
             if !known.is_empty() {
