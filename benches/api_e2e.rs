@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_api::AppState;
-use sluice_api::auth::RateLimit;
+use sluice_api::rate_limit::RateLimit;
 use sluice_engine::TenantSlug;
 use sluice_engine::control::{AccessStore, NewApiKey, PipelineStore, Role};
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet, RunOptions, run_pipeline};
-use sluice_workers::lock::RedisLocks;
+use sluice_workers::coord::RedisLocks;
 use sluice_workers::{QueueSettings, Queues};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};

@@ -14,7 +14,7 @@ use sluice_engine::money::DecimalFormat;
 use sluice_engine::time::TimeFormat;
 use sluice_engine::validate::{RuleOverrides, RuleSet};
 use sluice_pipelines::map::Mapper;
-use sluice_pipelines::prepare::prepare_batch;
+use sluice_pipelines::stages::prepare_batch;
 
 const ROWS: usize = 1_000_000;
 const BATCH: usize = 8192;

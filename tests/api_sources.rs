@@ -6,6 +6,7 @@
 
 mod support;
 
+use sluice_engine::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,11 +15,11 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use sluice_connectors::api::quickbooks::{QboStream, QuickBooksConfig, QuickBooksSource};
-use sluice_connectors::api::{Limits, MemoryTokens, RequestRetry};
+use sluice_connectors::saas::quickbooks::{QboStream, QuickBooksConfig, QuickBooksSource};
+use sluice_connectors::saas::{Limits, MemoryTokens, RequestRetry};
 use sluice_connectors::{ReadRequest, Source};
 use sluice_engine::control::PipelineStore;
-use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug};
 use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet, RunOptions, RunReport, run_pipeline};
 use support::Rng;
 use support::odoo::{self, Database, FakeOdoo};
@@ -949,10 +950,10 @@ async fn quickbooks_limits_are_shared_by_workers_through_redis() {
     let tokens = Arc::new(MemoryTokens::default());
     let mut readers = Vec::new();
     for _ in 0..3 {
-        let locks = sluice_workers::lock::RedisLocks::connect(&redis.url, &redis.prefix)
+        let locks = sluice_workers::coord::RedisLocks::connect(&redis.url, &redis.prefix)
             .await
             .expect("redis");
-        let gate = sluice_workers::gate::RedisGate::new(
+        let gate = sluice_workers::rate_gate::RedisGate::new(
             locks.connection(),
             &redis.prefix,
             &format!("quickbooks {} {}", fake.url, qbo::REALM),

@@ -3,6 +3,7 @@
 
 mod support;
 
+use sluice_engine::prelude::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -352,7 +353,6 @@ async fn postgres_flow_from_the_command_line() {
 
 #[tokio::test]
 async fn runs_and_dead_letters_from_the_command_line() {
-    use sluice_engine::Warehouse;
     let data = tempfile::tempdir().expect("tmp");
     let synced = stdout_json(&sluice(
         data.path(),
@@ -385,7 +385,7 @@ async fn runs_and_dead_letters_from_the_command_line() {
         sluice_workers::jobs::Trigger::Cron,
     );
     warehouse
-        .record_dead_letter(&sluice_engine::dead_letter::DeadLetter {
+        .record_dead_letter(&sluice_engine::control::DeadLetter {
             id: "dl-cli".into(),
             tenant: "acme".into(),
             pipeline: "acme-invoices".into(),
@@ -572,7 +572,7 @@ async fn quarantined_rows_are_replayed_after_a_fix_and_stay_pending_otherwise() 
     // The replayed invoice is in the warehouse, next to the 16 loaded at first.
     let warehouse = sluice_engine::SqliteWarehouse::new(data.path());
     let tenant = sluice_engine::TenantSlug::parse("acme").expect("slug");
-    let invoices = sluice_engine::Warehouse::invoices(&warehouse, &tenant)
+    let invoices = sluice_engine::FinanceStore::invoices(&warehouse, &tenant)
         .await
         .expect("invoices");
     assert_eq!(invoices.len(), 17);

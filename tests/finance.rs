@@ -3,6 +3,7 @@
 
 mod support;
 
+use sluice_engine::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -372,7 +373,7 @@ async fn profitability_matches_an_independent_computation_on_both_warehouses() {
 
 #[tokio::test]
 async fn aging_per_counterparty_adds_up_to_the_currency_buckets_on_both_warehouses() {
-    use sluice_engine::finance::AgingSide;
+    use sluice_engine::finance_rules::AgingSide;
     let dir = tempfile::tempdir().expect("tmp");
     let (csv, _) = support::messy_invoices(6_000, 3);
     let spec = pipeline(dir.path(), "invoices", "invoices", &csv);
@@ -406,7 +407,7 @@ async fn aging_per_counterparty_adds_up_to_the_currency_buckets_on_both_warehous
             let got = &a.currencies[currency];
             assert_eq!(&got.buckets, buckets, "{currency}");
             assert_eq!(got.total, buckets.total());
-            let mut sum = sluice_engine::finance::AgingBuckets::zero();
+            let mut sum = sluice_engine::finance_rules::AgingBuckets::zero();
             for c in &got.counterparties {
                 for (name, v) in serde_json::to_value(&c.buckets)
                     .expect("json")
@@ -519,7 +520,7 @@ async fn planted_anomalies_are_found_on_both_warehouses_and_the_dashboard_agrees
     let ar = sluice_finance::aging_report(
         &sqlite,
         &tenant,
-        sluice_engine::finance::AgingSide::Receivable,
+        sluice_engine::finance_rules::AgingSide::Receivable,
         as_of,
     )
     .await
@@ -590,7 +591,7 @@ async fn assert_same_figures(
     pg: &PostgresWarehouse,
     tenant: &TenantSlug,
 ) {
-    use sluice_engine::finance::AgingSide;
+    use sluice_engine::finance_rules::AgingSide;
     let day = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d).expect("date");
     let options = sluice_finance::AnomalyOptions::default();
     for (as_of, from, to) in [

@@ -4,6 +4,7 @@
 
 mod support;
 
+use sluice_engine::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 use sluice_connectors::{BatchStream, HealthReport, ReadRequest, Source, SourceError, StreamInfo};
 use sluice_engine::control::PipelineStore;
-use sluice_engine::finance::AgingSide;
+use sluice_engine::finance_rules::AgingSide;
 use sluice_engine::quarantine::QuarantineFilter;
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::{FaultHook, FaultPoint, PostgresWarehouse};
@@ -612,7 +613,7 @@ async fn amounts_dates_and_id_lists_survive_the_binary_copy_exactly() {
 async fn dead_letters_are_kept_per_tenant_and_replayed_once() {
     let db = TestDb::create().await;
     let w = warehouse_with(&db, &["acme", "globex"]).await;
-    let letter = sluice_engine::dead_letter::DeadLetter {
+    let letter = sluice_engine::control::DeadLetter {
         id: "dl-1".into(),
         tenant: "acme".into(),
         pipeline: "inv".into(),
@@ -658,4 +659,27 @@ async fn dead_letters_are_kept_per_tenant_and_replayed_once() {
         .expect("get")
         .expect("present");
     assert_eq!(got.replay_run.as_deref(), Some("run-9"));
+}
+
+#[tokio::test]
+async fn migrated_tables_have_exactly_the_entity_columns() {
+    let db = TestDb::create().await;
+    let w = warehouse_with(&db, &["cols"]).await;
+    for entity in sluice_engine::Entity::ALL {
+        let mut stored: Vec<String> = sqlx::query_scalar(
+            "SELECT column_name::text FROM information_schema.columns WHERE table_schema = 'tenant_cols' AND table_name = $1",
+        )
+        .bind(entity.name())
+        .fetch_all(w.pool())
+        .await
+        .expect("columns");
+        let mut expected: Vec<String> = entity
+            .table_columns()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        stored.sort();
+        expected.sort();
+        assert_eq!(stored, expected, "table {entity}");
+    }
 }

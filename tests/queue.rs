@@ -5,6 +5,7 @@
 
 mod support;
 
+use sluice_engine::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

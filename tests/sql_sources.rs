@@ -4,6 +4,7 @@
 
 mod support;
 
+use sluice_engine::prelude::*;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use sluice_connectors::sql::{SqlKind, SqlSource, SqlSourceConfig, SqlTarget};
 use sluice_connectors::{ReadRequest, Source};
-use sluice_engine::{RowCounts, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_engine::{RowCounts, SqliteWarehouse, TenantSlug};
 use sluice_pipelines::map::cell_text;
 use sluice_pipelines::{
     PipelineSource, PipelineSpec, Quiet, RunObserver, RunOptions, run_pipeline,
@@ -605,7 +606,7 @@ async fn soft_deleted_rows_are_marked_and_leave_the_figures() {
         let aging = w
             .aging(
                 &tenant,
-                sluice_engine::finance::AgingSide::Receivable,
+                sluice_engine::finance_rules::AgingSide::Receivable,
                 "2024-06-30".parse().expect("d"),
             )
             .await

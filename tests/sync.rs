@@ -3,16 +3,18 @@
 
 mod support;
 
+use sluice_engine::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
-use sluice_engine::finance::AgingSide;
+use sluice_engine::finance_rules::AgingSide;
 use sluice_engine::quarantine::QuarantineFilter;
-use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_engine::warehouse::memory::{MemoryFaults, MemoryWarehouse};
+use sluice_engine::{Entity, RunStatus, SqliteWarehouse, TenantSlug};
 use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet, RunOptions, run_pipeline};
-use support::{FailingWarehouse, expected_aging, messy_invoices, report_buckets};
+use support::{expected_aging, messy_invoices, report_buckets};
 
 fn write_pipeline(dir: &Path, csv: &str, batch_rows: usize) -> PipelineSpec {
     std::fs::write(dir.join("invoices.csv"), csv).expect("write csv");
@@ -217,8 +219,11 @@ async fn failure_after_batch_k_resumes_without_duplicates_or_loss() {
     let spec = write_pipeline(dir.path(), &csv, 1000);
     let source = PipelineSource::from_spec(&spec.source, None).expect("source");
 
-    let failing = FailingWarehouse::new(SqliteWarehouse::new(dir.path().join("data")), 4);
-    let err = run_pipeline(&spec, &source, &failing, &RunOptions::default(), &Quiet)
+    // The store fails on the 4th batch commit, as a crash between two batches would.
+    let w = MemoryWarehouse::with_faults(MemoryFaults {
+        fail_commit: Some(4),
+    });
+    let err = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect_err("batch 4 fails");
     assert!(
@@ -226,7 +231,6 @@ async fn failure_after_batch_k_resumes_without_duplicates_or_loss() {
         "an unavailable warehouse is worth retrying: {err}"
     );
     let failed_run = err.run_id().expect("run id").to_string();
-    let w = failing.inner;
     let ledger = w
         .run(&tenant(), &failed_run)
         .await
@@ -259,20 +263,16 @@ async fn failure_after_batch_k_resumes_without_duplicates_or_loss() {
         exp.rows_read,
         "no record read twice or skipped"
     );
-    let (count, sums) = totals_by_currency(&w).await;
-    assert_eq!(count as u64, exp.loaded);
+    let invoices = w.live_rows(&tenant(), Entity::Invoices);
+    let mut sums = HashMap::new();
+    for i in &invoices {
+        *sums
+            .entry(i.text("currency").expect("currency").to_string())
+            .or_insert(Decimal::ZERO) += i.amount("total").expect("total");
+    }
+    assert_eq!(invoices.len() as u64, exp.loaded);
     assert_eq!(sums, expected_sums(&exp));
-    let all = w
-        .quarantined(
-            &tenant(),
-            &QuarantineFilter {
-                limit: Some(100_000),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("q");
-    assert_eq!(all.len() as u64, exp.quarantined);
+    assert_eq!(w.quarantined(&tenant()).len() as u64, exp.quarantined);
 
     // Once complete, the next run reads the whole file again and finds nothing new.
     let third = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)

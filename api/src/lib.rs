@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
 pub mod state;
@@ -22,7 +23,8 @@ use axum::response::IntoResponse;
 
 use serde_json::json;
 
-pub use state::{AppState, Store};
+use sluice_engine::Store;
+pub use state::AppState;
 
 use crate::error::ApiError;
 use crate::routes::*;

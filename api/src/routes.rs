@@ -22,7 +22,8 @@ use sluice_workers::{TriggerOutcome, TriggerRequest};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::request_id::RequestId;
-use crate::state::{AppState, Store};
+use crate::state::AppState;
+use sluice_engine::Store;
 
 type Api<W> = State<Arc<AppState<W>>>;
 type Reply = Result<Response, ApiError>;
@@ -324,19 +325,6 @@ pub async fn sync_pipeline<W: Store>(
         .into_response())
 }
 
-/// A run's accounting, with the field names of `sluice sync --json`.
-pub fn ledger_json(l: &RunLedger) -> Value {
-    let c = &l.counts;
-    json!({
-        "run_id": l.run_id, "tenant": l.tenant, "pipeline": l.pipeline, "entity": l.entity,
-        "trigger": l.trigger, "status": l.status, "started_at": l.started_at,
-        "finished_at": l.finished_at, "rows_read": c.rows_read, "loaded": c.loaded(),
-        "inserted": c.inserted, "updated": c.updated, "unchanged": c.unchanged,
-        "quarantined": c.quarantined, "deduplicated": c.deduplicated,
-        "rules_hash": l.rules_hash, "error": l.error,
-    })
-}
-
 /// `GET /v1/runs/{id}`: the accounting and quarantine counts per rule.
 pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<String>) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
@@ -362,7 +350,7 @@ pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<
             *by_rule.entry(e.rule.to_string()).or_default() += 1;
         }
     }
-    let mut v = ledger_json(&run);
+    let mut v = run.to_json();
     v["quarantined_by_rule"] = json!(by_rule);
     ok(v)
 }
@@ -419,7 +407,7 @@ pub async fn list_runs<W: Store>(
         .then(|| page.last().map(|r| r.run_id.clone()))
         .flatten();
     ok(json!({
-        "items": page.iter().map(|r| ledger_json(r)).collect::<Vec<_>>(),
+        "items": page.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
         "next_cursor": next,
     }))
 }
@@ -1002,7 +990,7 @@ pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Re
                 Ok((detail, ms)) => json!({ "ok": true, "detail": detail, "latency_ms": ms }),
                 Err(e) => json!({ "ok": false, "error": e }),
             },
-            "last_run": runs.first().map(ledger_json),
+            "last_run": runs.first().map(RunLedger::to_json),
             "last_success": last_success.map(|r| json!({ "run_id": r.run_id, "finished_at": r.finished_at })),
             "next_run": next,
         }));
@@ -1050,7 +1038,7 @@ pub struct AsOfQuery {
 async fn aging_of<W: Store>(
     s: &AppState<W>,
     caller: &Caller,
-    side: sluice_engine::finance::AgingSide,
+    side: sluice_engine::finance_rules::AgingSide,
     as_of: chrono::NaiveDate,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
@@ -1070,7 +1058,7 @@ pub async fn ar_aging<W: Store>(
     aging_of(
         &s,
         &caller,
-        sluice_engine::finance::AgingSide::Receivable,
+        sluice_engine::finance_rules::AgingSide::Receivable,
         q.as_of,
     )
     .await
@@ -1086,7 +1074,7 @@ pub async fn ap_aging<W: Store>(
     aging_of(
         &s,
         &caller,
-        sluice_engine::finance::AgingSide::Payable,
+        sluice_engine::finance_rules::AgingSide::Payable,
         q.as_of,
     )
     .await

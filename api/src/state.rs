@@ -2,16 +2,9 @@
 
 use std::sync::Arc;
 
-use sluice_engine::Warehouse;
-use sluice_engine::control::{AccessStore, PipelineStore};
 use sluice_workers::Queues;
 
-use crate::auth::{Buckets, RateLimit};
-
-/// A warehouse that also stores pipelines, keys and the audit log.
-pub trait Store: Warehouse + PipelineStore + AccessStore + 'static {}
-
-impl<T: Warehouse + PipelineStore + AccessStore + 'static> Store for T {}
+use crate::rate_limit::{Buckets, RateLimit};
 
 /// The API's state.
 pub struct AppState<W> {

@@ -22,7 +22,8 @@ use tokio::io::AsyncWriteExt;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::request_id::RequestId;
-use crate::state::{AppState, Store};
+use crate::state::AppState;
+use sluice_engine::Store;
 
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(

@@ -1033,7 +1033,7 @@ async fn uploads_are_checked_by_content_loaded_once_and_limited_in_size() {
 #[tokio::test]
 async fn a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
     let api = Api::build(|s| {
-        s.rate = sluice_api::auth::RateLimit {
+        s.rate = sluice_api::rate_limit::RateLimit {
             burst: 3.0,
             per_second: 0.5,
         }

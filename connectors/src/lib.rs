@@ -1,8 +1,8 @@
 #![doc = include_str!("../README.md")]
 
-pub mod api;
 pub mod error;
 pub mod file;
+pub mod saas;
 mod source;
 pub mod sql;
 

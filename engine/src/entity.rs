@@ -65,6 +65,16 @@ impl Entity {
         }
     }
 
+    /// The columns of the entity's warehouse table, in load order: the key's `source`, the
+    /// canonical fields, then the bookkeeping columns. Both warehouses' migrations are
+    /// tested against this list.
+    pub fn table_columns(self) -> Vec<&'static str> {
+        let mut cols = vec!["source"];
+        cols.extend(self.fields().iter().map(|f| f.name));
+        cols.extend(["deleted_at", "loaded_at", "run_id", "row_hash"]);
+        cols
+    }
+
     /// The canonical field called `name`, if the entity has one.
     pub fn field(self, name: &str) -> Option<&'static FieldSpec> {
         self.fields().iter().find(|f| f.name == name)

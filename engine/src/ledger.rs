@@ -122,3 +122,20 @@ pub struct RunLedger {
     /// Why it failed.
     pub error: Option<String>,
 }
+
+impl RunLedger {
+    /// The one JSON shape of a run, shared by `sluice ... --json` and the HTTP API: the
+    /// ledger's fields with its counts flattened and `loaded` (inserted + updated +
+    /// unchanged) spelled out.
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = &self.counts;
+        serde_json::json!({
+            "run_id": self.run_id, "tenant": self.tenant, "pipeline": self.pipeline,
+            "entity": self.entity, "trigger": self.trigger, "status": self.status,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "rows_read": c.rows_read, "loaded": c.loaded(), "inserted": c.inserted,
+            "updated": c.updated, "unchanged": c.unchanged, "quarantined": c.quarantined,
+            "deduplicated": c.deduplicated, "rules_hash": self.rules_hash, "error": self.error,
+        })
+    }
+}

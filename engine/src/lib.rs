@@ -8,11 +8,10 @@
 pub mod columns;
 pub mod control;
 pub mod currency;
-pub mod dead_letter;
 pub mod dedupe;
 pub mod entity;
 pub mod error;
-pub mod finance;
+pub mod finance_rules;
 pub mod ledger;
 pub mod money;
 pub mod quarantine;
@@ -22,8 +21,19 @@ pub mod time;
 pub mod validate;
 pub mod warehouse;
 
+pub use control::Store;
 pub use entity::{Entity, FieldKind, FieldSpec};
 pub use error::{EngineError, ErrorKind, Result};
 pub use ledger::{RowCounts, RunLedger, RunStatus};
 pub use tenant::TenantSlug;
-pub use warehouse::{SqliteWarehouse, Warehouse};
+pub use warehouse::{
+    DeadLetterStore, FinanceStore, LoadStore, QuarantineStore, RunHistory, SqliteWarehouse,
+    Warehouse,
+};
+
+/// The store traits, for code that calls them on a concrete warehouse
+/// (`use sluice_engine::prelude::*;`).
+pub mod prelude {
+    pub use crate::control::{AccessStore, DeadLetterStore, PipelineStore, Store};
+    pub use crate::warehouse::{FinanceStore, LoadStore, QuarantineStore, RunHistory, Warehouse};
+}

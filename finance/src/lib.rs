@@ -12,7 +12,7 @@ use polars::prelude::*;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sluice_engine::entity::Payment;
-use sluice_engine::finance::{
+use sluice_engine::finance_rules::{
     AGING_BUCKETS, AgingBuckets, AgingSide, AgingTotal, AnomalyDocument, FlowTotal, ProfitTotal,
 };
 use sluice_engine::money::display_decimal;

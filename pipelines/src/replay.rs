@@ -13,21 +13,21 @@ use serde_json::Value;
 use sluice_connectors::SourceBatch;
 use sluice_engine::quarantine::{QuarantineStatus, QuarantinedRow};
 use sluice_engine::validate::RuleSet;
-use sluice_engine::warehouse::{RunScope, Warehouse};
+use sluice_engine::warehouse::{LoadStore, QuarantineStore, RunScope};
 use sluice_engine::{ErrorKind, RowCounts, TenantSlug};
 
 use crate::error::{PipelineError, PipelineErrorKind};
 use crate::map::Mapper;
-use crate::prepare::prepare_batch;
 use crate::runner::{RunOptions, RunReport, begin_run, end_run};
 use crate::spec::PipelineSpec;
+use crate::stages::prepare_batch;
 
 /// The stream whose fence replay batches commit under (a replay has no source cursor).
 pub const REPLAY_STREAM: &str = "quarantine-replay";
 
 /// Replays `rows` (quarantined rows of `spec`'s pipeline, pending or fixed) as one run.
 /// Rows of another pipeline, or already replayed or ignored, are refused.
-pub async fn replay_quarantined<W: Warehouse>(
+pub async fn replay_quarantined<W: LoadStore + QuarantineStore>(
     spec: &PipelineSpec,
     warehouse: &W,
     rows: &[QuarantinedRow],
@@ -98,7 +98,7 @@ fn cell(v: Option<&Value>) -> Option<String> {
     }
 }
 
-async fn replay_batches<W: Warehouse>(
+async fn replay_batches<W: LoadStore + QuarantineStore>(
     spec: &PipelineSpec,
     warehouse: &W,
     tenant: &TenantSlug,

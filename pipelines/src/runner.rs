@@ -12,15 +12,15 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use sluice_connectors::{ReadRequest, Source, SyncMode};
 use sluice_engine::validate::RuleSet;
-use sluice_engine::warehouse::{LoadBatch, RunScope, Warehouse};
+use sluice_engine::warehouse::{LoadBatch, LoadStore, RunScope};
 use sluice_engine::{ErrorKind, RowCounts, RunLedger, RunStatus, TenantSlug};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::error::{PipelineError, PipelineErrorKind};
 use crate::map::Mapper;
-use crate::prepare::prepare_batch;
 use crate::spec::PipelineSpec;
+use crate::stages::prepare_batch;
 
 /// How a run was asked for.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ pub struct RunReport {
 /// Succeeds only when every record read is loaded, quarantined or deduplicated and the
 /// counts add up; otherwise the run is recorded as failed with the reason, and whatever
 /// batches committed stay committed for the next run to resume after.
-pub async fn run_pipeline<S: Source, W: Warehouse>(
+pub async fn run_pipeline<S: Source, W: LoadStore>(
     spec: &PipelineSpec,
     source: &S,
     warehouse: &W,
@@ -89,7 +89,7 @@ pub async fn run_pipeline<S: Source, W: Warehouse>(
 }
 
 /// Records a run of `spec` as started (after preparing the tenant) and returns its id.
-pub(crate) async fn begin_run<W: Warehouse>(
+pub(crate) async fn begin_run<W: LoadStore>(
     spec: &PipelineSpec,
     warehouse: &W,
     tenant: &TenantSlug,
@@ -121,7 +121,7 @@ pub(crate) async fn begin_run<W: Warehouse>(
 
 /// Ends a run: it succeeds only when the counted totals balance and equal the ledger the
 /// warehouse stored; otherwise it is recorded as failed with the reason.
-pub(crate) async fn end_run<W: Warehouse>(
+pub(crate) async fn end_run<W: LoadStore>(
     warehouse: &W,
     tenant: &TenantSlug,
     run_id: &str,
@@ -175,7 +175,7 @@ pub(crate) async fn end_run<W: Warehouse>(
     }
 }
 
-async fn execute<S: Source, W: Warehouse>(
+async fn execute<S: Source, W: LoadStore>(
     spec: &PipelineSpec,
     source: &S,
     warehouse: &W,

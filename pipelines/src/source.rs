@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use sluice_connectors::api::odoo::{OdooConfig, OdooSource, OdooStream, Transport};
-use sluice_connectors::api::quickbooks::{
+use sluice_connectors::file::{CsvOptions, CsvSource, SheetRef, SpreadsheetSource};
+use sluice_connectors::saas::odoo::{OdooConfig, OdooSource, OdooStream, Transport};
+use sluice_connectors::saas::quickbooks::{
     QboStream, QuickBooksConfig, QuickBooksSource, SANDBOX_URL,
 };
-use sluice_connectors::api::{MemoryTokens, TokenStore};
-use sluice_connectors::file::{CsvOptions, CsvSource, SheetRef, SpreadsheetSource};
+use sluice_connectors::saas::{MemoryTokens, TokenStore};
 use sluice_connectors::sql::{SqlKind, SqlSource, SqlSourceConfig, SqlTarget, TlsMode};
 use sluice_connectors::{BatchStream, HealthReport, ReadRequest, Source, SourceError, StreamInfo};
 
@@ -89,13 +89,13 @@ impl PipelineSource {
     }
 
     /// The source of a pipeline whose rotated credentials are kept with the pipeline in
-    /// `store` (see [`crate::tokens`]).
+    /// `store` (see [`crate::token_store`]).
     pub fn for_pipeline<S: sluice_engine::control::PipelineStore + 'static>(
         spec: &crate::spec::PipelineSpec,
         store: Arc<S>,
     ) -> Result<Self, PipelineError> {
         let tokens: Option<Arc<dyn TokenStore>> = match &spec.source {
-            SourceSpec::Quickbooks(q) => Some(Arc::new(crate::tokens::StoredTokens::new(
+            SourceSpec::Quickbooks(q) => Some(Arc::new(crate::token_store::StoredTokens::new(
                 store,
                 spec,
                 &format!("{}/{}", q.realm_id, q.client_id),

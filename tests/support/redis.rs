@@ -38,7 +38,7 @@ impl Drop for Prefix {
                 return;
             };
             rt.block_on(async move {
-                if let Ok(l) = sluice_workers::lock::RedisLocks::connect(&url, &prefix).await {
+                if let Ok(l) = sluice_workers::coord::RedisLocks::connect(&url, &prefix).await {
                     let _ = l.clear_prefix().await;
                 }
             });

@@ -6,7 +6,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use sluice_connectors::Source;
 use sluice_engine::TenantSlug;
-use sluice_engine::dead_letter::DeadLetter;
+use sluice_engine::control::DeadLetter;
 use sluice_engine::warehouse::Warehouse;
 use sluice_pipelines::{
     PipelineError, PipelineSpec, RunObserver, RunOptions, RunReport, run_pipeline,

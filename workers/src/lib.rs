@@ -4,11 +4,10 @@
 
 pub mod coord;
 pub mod error;
-pub mod gate;
 pub mod jobs;
-pub mod lock;
 pub mod metrics;
 pub mod queue;
+pub mod rate_gate;
 pub mod retry;
 pub mod scheduler;
 pub mod worker;

@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
+use crate::coord::{Acquired, RedisLocks};
 use crate::coord::{Coordinator, SqliteCoord};
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::jobs::{ReplayJob, ReplaySelection, SyncJob, Trigger};
-use crate::lock::{Acquired, RedisLocks};
 
 /// Which queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

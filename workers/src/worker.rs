@@ -26,12 +26,12 @@ use sluice_pipelines::{
     PipelineError, PipelineErrorKind, PipelineSource, PipelineSpec, Quiet, RunOptions,
 };
 
+use crate::coord::Lease;
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::jobs::{
     JobOutcome, ReplayJob, SyncJob, Trigger, continue_sync_job, dead_letter,
     replay_dead_letter_record,
 };
-use crate::lock::Lease;
 use crate::metrics::metrics;
 use crate::queue::{JobResult, QueueName, Queues};
 use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
@@ -623,7 +623,7 @@ where
 
     async fn record_dead(
         &self,
-        letter: sluice_engine::dead_letter::DeadLetter,
+        letter: sluice_engine::control::DeadLetter,
         last_attempt: Option<u32>,
         run_id: &str,
         reason: &str,

@@ -1,6 +1,7 @@
 //! Running sync jobs under the retry policy, dead letters and their replay, on the
 //! embedded warehouse.
 
+use sluice_engine::prelude::*;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use sluice_connectors::{
     BatchStream, HealthReport, ReadRequest, Source, SourceError, SourceErrorKind, StreamInfo,
 };
-use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug};
 use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet};
 use sluice_workers::jobs::{JobOutcome, SyncJob, Trigger, replay_dead_letter, run_sync_job};
 use sluice_workers::retry::RetryPolicy;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sluice_workers::lock::{Acquired, Lease, RedisLocks};
+use sluice_workers::coord::{Acquired, Lease, RedisLocks};
 
 fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -1,146 +1,11 @@
-//! Coordination between triggers, workers and schedulers: pipeline locks, idempotency keys,
-//! job results and the scheduler's last fired ticks. In Redis when workers share a Redis
-//! ([`RedisLocks`]); in the embedded queue's SQLite file otherwise ([`SqliteCoord`]), with
-//! the same semantics: every operation is one atomic statement, so two processes on one
-//! machine coordinate as two machines do through Redis.
+//! The embedded coordinator: locks, idempotency keys, job results and scheduler ticks in
+//! the embedded queue's SQLite file, each operation one atomic statement.
 
-use std::time::Duration;
-
+use super::{Acquired, IDEMPOTENCY_TTL, Lease};
+use crate::error::{WorkerError, WorkerErrorKind};
 use chrono::Utc;
 use sqlx::SqlitePool;
-
-use crate::error::{WorkerError, WorkerErrorKind};
-use crate::lock::{Acquired, IDEMPOTENCY_TTL, Lease, RedisLocks};
-use crate::metrics::metrics;
-
-/// Locks, idempotency keys, results and ticks, wherever they live.
-#[derive(Clone)]
-pub enum Coordinator {
-    /// Shared by every worker that uses the same Redis.
-    Redis(RedisLocks),
-    /// Shared by every process that uses the same data directory.
-    Sqlite(SqliteCoord),
-}
-
-impl Coordinator {
-    /// The lease a trigger handed over with a job (its run and token).
-    pub fn lease(&self, tenant: &str, pipeline: &str, run_id: &str, token: &str) -> Lease {
-        match self {
-            Coordinator::Redis(r) => r.lease(tenant, pipeline, run_id, token),
-            Coordinator::Sqlite(_) => Lease {
-                key: SqliteCoord::lock_key(tenant, pipeline),
-                run_id: run_id.to_string(),
-                token: token.to_string(),
-            },
-        }
-    }
-
-    /// Takes the (tenant, pipeline) lock for `run_id`, or names the run that has it.
-    pub async fn acquire(
-        &self,
-        tenant: &str,
-        pipeline: &str,
-        run_id: &str,
-        ttl: Duration,
-    ) -> Result<Acquired, WorkerError> {
-        let got = match self {
-            Coordinator::Redis(r) => r.acquire(tenant, pipeline, run_id, ttl).await?,
-            Coordinator::Sqlite(s) => s.acquire(tenant, pipeline, run_id, ttl).await?,
-        };
-        if matches!(got, Acquired::Busy { .. }) {
-            metrics().lock_contention.inc();
-        }
-        Ok(got)
-    }
-
-    /// Takes over a lease handed over with a job for the worker `holder`: `Ok` with the
-    /// worker's own lease, or `Err` naming the run whose live worker holds the lock.
-    pub async fn claim(
-        &self,
-        lease: &Lease,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<Result<Lease, String>, WorkerError> {
-        let got = match self {
-            Coordinator::Redis(r) => r.claim(lease, holder, ttl).await?,
-            Coordinator::Sqlite(s) => s.claim(lease, holder, ttl).await?,
-        };
-        if got.is_err() {
-            metrics().lock_contention.inc();
-        }
-        Ok(got)
-    }
-
-    /// Extends our lease; false when it is no longer ours.
-    pub async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, WorkerError> {
-        match self {
-            Coordinator::Redis(r) => r.renew(lease, ttl).await,
-            Coordinator::Sqlite(s) => s.renew(lease, ttl).await,
-        }
-    }
-
-    /// Releases our lease; false when it was not ours any more.
-    pub async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
-        match self {
-            Coordinator::Redis(r) => r.release(lease).await,
-            Coordinator::Sqlite(s) => s.release(lease).await,
-        }
-    }
-
-    /// Maps `key` to `run_id` unless it is known (24 hours); returns the run it maps to.
-    pub async fn remember(
-        &self,
-        tenant: &str,
-        key: &str,
-        run_id: &str,
-    ) -> Result<String, WorkerError> {
-        match self {
-            Coordinator::Redis(r) => r.remember(tenant, key, run_id).await,
-            Coordinator::Sqlite(s) => s.remember(tenant, key, run_id).await,
-        }
-    }
-
-    /// Records how the job of `run_id` ended.
-    pub async fn save_result(&self, run_id: &str, result: &str) -> Result<(), WorkerError> {
-        match self {
-            Coordinator::Redis(r) => r.save_result(run_id, result).await,
-            Coordinator::Sqlite(s) => s.save_result(run_id, result).await,
-        }
-    }
-
-    /// How the job of `run_id` ended, once it has.
-    pub async fn result(&self, run_id: &str) -> Result<Option<String>, WorkerError> {
-        match self {
-            Coordinator::Redis(r) => r.result(run_id).await,
-            Coordinator::Sqlite(s) => s.result(run_id).await,
-        }
-    }
-
-    /// The last tick (Unix ms) fired for a pipeline.
-    pub async fn last_tick(
-        &self,
-        tenant: &str,
-        pipeline: &str,
-    ) -> Result<Option<i64>, WorkerError> {
-        match self {
-            Coordinator::Redis(r) => r.last_tick(tenant, pipeline).await,
-            Coordinator::Sqlite(s) => s.last_tick(tenant, pipeline).await,
-        }
-    }
-
-    /// Records that a tick fired (never moves back).
-    pub async fn advance_tick(
-        &self,
-        tenant: &str,
-        pipeline: &str,
-        at_ms: i64,
-    ) -> Result<(), WorkerError> {
-        match self {
-            Coordinator::Redis(r) => r.advance_tick(tenant, pipeline, at_ms).await,
-            Coordinator::Sqlite(s) => s.advance_tick(tenant, pipeline, at_ms).await,
-        }
-    }
-}
+use std::time::Duration;
 
 /// The embedded coordinator: tables in the embedded queue's SQLite file.
 #[derive(Clone)]
@@ -168,7 +33,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl SqliteCoord {
-    fn lock_key(tenant: &str, pipeline: &str) -> String {
+    pub(super) fn lock_key(tenant: &str, pipeline: &str) -> String {
         format!("lock:{tenant}:{pipeline}")
     }
 
@@ -181,7 +46,7 @@ impl SqliteCoord {
         Ok(SqliteCoord { pool })
     }
 
-    async fn acquire(
+    pub(super) async fn acquire(
         &self,
         tenant: &str,
         pipeline: &str,
@@ -199,7 +64,7 @@ impl SqliteCoord {
         }
     }
 
-    async fn claim(
+    pub(super) async fn claim(
         &self,
         lease: &Lease,
         holder: &str,
@@ -254,7 +119,7 @@ impl SqliteCoord {
         ))
     }
 
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, WorkerError> {
+    pub(super) async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, WorkerError> {
         let now = now_ms();
         let n = sqlx::query(
             "UPDATE sluice_locks SET expires_at = ? WHERE key = ? AND value = ? AND expires_at > ?",
@@ -270,7 +135,7 @@ impl SqliteCoord {
         Ok(n == 1)
     }
 
-    async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+    pub(super) async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
         let n = sqlx::query("DELETE FROM sluice_locks WHERE key = ? AND value = ?")
             .bind(&lease.key)
             .bind(lease.value())
@@ -281,7 +146,12 @@ impl SqliteCoord {
         Ok(n == 1)
     }
 
-    async fn remember(&self, tenant: &str, key: &str, run_id: &str) -> Result<String, WorkerError> {
+    pub(super) async fn remember(
+        &self,
+        tenant: &str,
+        key: &str,
+        run_id: &str,
+    ) -> Result<String, WorkerError> {
         let now = now_ms();
         let k = format!("{tenant}:{key}");
         sqlx::query(
@@ -303,7 +173,7 @@ impl SqliteCoord {
             .map_err(|e| db_error("reading the idempotency key", e))
     }
 
-    async fn save_result(&self, run_id: &str, result: &str) -> Result<(), WorkerError> {
+    pub(super) async fn save_result(&self, run_id: &str, result: &str) -> Result<(), WorkerError> {
         let now = now_ms();
         sqlx::query("DELETE FROM sluice_job_results WHERE expires_at <= ?")
             .bind(now)
@@ -323,7 +193,7 @@ impl SqliteCoord {
         Ok(())
     }
 
-    async fn result(&self, run_id: &str) -> Result<Option<String>, WorkerError> {
+    pub(super) async fn result(&self, run_id: &str) -> Result<Option<String>, WorkerError> {
         sqlx::query_scalar("SELECT result FROM sluice_job_results WHERE run_id = ?")
             .bind(run_id)
             .fetch_optional(&self.pool)
@@ -331,7 +201,11 @@ impl SqliteCoord {
             .map_err(|e| db_error("reading the job result", e))
     }
 
-    async fn last_tick(&self, tenant: &str, pipeline: &str) -> Result<Option<i64>, WorkerError> {
+    pub(super) async fn last_tick(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+    ) -> Result<Option<i64>, WorkerError> {
         sqlx::query_scalar("SELECT tick FROM sluice_ticks WHERE pipeline = ?")
             .bind(format!("{tenant}:{pipeline}"))
             .fetch_optional(&self.pool)
@@ -339,7 +213,7 @@ impl SqliteCoord {
             .map_err(|e| db_error("reading the last tick", e))
     }
 
-    async fn advance_tick(
+    pub(super) async fn advance_tick(
         &self,
         tenant: &str,
         pipeline: &str,

@@ -1,9 +1,14 @@
 //! Dead letters: jobs that failed permanently or exhausted their retries, kept with every
 //! attempt's error and time until an admin replays them.
 
+use std::future::Future;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::error::Result;
+use crate::tenant::TenantSlug;
 
 /// One dead job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,4 +33,32 @@ pub struct DeadLetter {
     pub replayed_at: Option<DateTime<Utc>>,
     /// The run the replay started.
     pub replay_run: Option<String>,
+}
+
+/// Where dead letters are kept.
+pub trait DeadLetterStore: Send + Sync {
+    /// Records a dead job.
+    fn record_dead_letter(&self, letter: &DeadLetter) -> impl Future<Output = Result<()>> + Send;
+
+    /// The tenant's dead letters, newest first.
+    fn dead_letters(
+        &self,
+        tenant: &TenantSlug,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// One dead letter.
+    fn dead_letter(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<DeadLetter>>> + Send;
+
+    /// Marks a dead letter replayed by `run_id`; false when it was already replayed.
+    fn mark_dead_letter_replayed(
+        &self,
+        tenant: &TenantSlug,
+        id: &str,
+        run_id: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }

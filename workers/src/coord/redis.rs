@@ -15,46 +15,7 @@ use redis::aio::ConnectionManager;
 
 use crate::error::{WorkerError, WorkerErrorKind};
 
-/// How long an idempotency key is remembered.
-pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// A held lock: who holds it and the token that proves it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    /// The locked key.
-    pub key: String,
-    /// The run holding the lock.
-    pub run_id: String,
-    /// Random proof of ownership.
-    pub token: String,
-}
-
-impl Lease {
-    /// What the lock key holds while this lease is held.
-    pub fn value(&self) -> String {
-        format!("{}|{}", self.run_id, self.token)
-    }
-
-    /// The same run's lease once the worker `holder` has taken it over.
-    pub fn held_by(&self, holder: &str) -> Lease {
-        Lease {
-            token: format!("{}|{holder}", self.token),
-            ..self.clone()
-        }
-    }
-}
-
-/// Outcome of trying to take a pipeline's lock.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Acquired {
-    /// The lock is ours.
-    Held(Lease),
-    /// Another run holds it: join that run.
-    Busy {
-        /// The run that holds the lock.
-        run_id: String,
-    },
-}
+use super::{Acquired, IDEMPOTENCY_TTL, Lease};
 
 /// Redis-backed locks and idempotency keys, all under one key prefix (tests use their own).
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
-use sluice_connectors::api::TokenStore;
+use sluice_connectors::saas::TokenStore;
 use sluice_connectors::{SourceError, SourceErrorKind};
 use sluice_engine::TenantSlug;
 use sluice_engine::control::PipelineStore;

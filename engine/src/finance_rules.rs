@@ -1,5 +1,9 @@
-//! Finance aggregates over the warehouse. Every figure is per currency: two currencies are
-//! never added together. Documents marked deleted or void never count.
+//! The finance rules, stated once: which documents count (live: not deleted at the source;
+//! not void), how credit notes count (negative), and the aging buckets. The warehouses'
+//! SQL is built from the fragments here, the PostgreSQL rollups (migration
+//! `postgres/tenant/0005_finance_rollups.sql`) are checked against the same definitions by
+//! `sluice finance check`, and the tests hold the SQL fragments to the Rust functions.
+//! Every figure is per currency: two currencies are never added together.
 
 use std::collections::BTreeMap;
 
@@ -19,16 +23,46 @@ pub enum AgingSide {
 /// Aging buckets, by days past due on the as-of date.
 pub const AGING_BUCKETS: [&str; 5] = ["current", "1_30", "31_60", "61_90", "over_90"];
 
+/// The last day past due of each bucket but the open-ended last one: a document up to 0
+/// days past due is `current`, up to 30 is `1_30`, and so on.
+const AGING_BOUNDS: [(i64, &str); 4] = [(0, "current"), (30, "1_30"), (60, "31_60"), (90, "61_90")];
+
 /// The bucket of a document due on `due` as of `as_of`: `current` when not yet past due
 /// (due on or after the as-of date), then 1-30, 31-60, 61-90 and over 90 days past due.
 pub fn aging_bucket(due: NaiveDate, as_of: NaiveDate) -> &'static str {
-    match (as_of - due).num_days() {
-        d if d <= 0 => "current",
-        1..=30 => "1_30",
-        31..=60 => "31_60",
-        61..=90 => "61_90",
-        _ => "over_90",
-    }
+    let days = (as_of - due).num_days();
+    AGING_BOUNDS
+        .iter()
+        .find(|(last, _)| days <= *last)
+        .map_or(AGING_BUCKETS[4], |(_, bucket)| bucket)
+}
+
+/// [`aging_bucket`] as an SQL expression over `d`, the days past due.
+pub fn aging_bucket_sql() -> String {
+    let arms: String = AGING_BOUNDS
+        .iter()
+        .map(|(last, bucket)| format!("WHEN d <= {last} THEN '{bucket}' "))
+        .collect();
+    format!("CASE {arms}ELSE '{}' END", AGING_BUCKETS[4])
+}
+
+/// A document that counts in every aggregate: not deleted at the source, not void.
+pub const LIVE_DOCUMENT_SQL: &str = "deleted_at IS NULL AND status <> 'void'";
+
+/// A document's signed amount: credit notes count negative.
+pub fn signed_sql(amount: &str) -> String {
+    format!("CASE WHEN kind = 'credit_note' THEN -{amount} ELSE {amount} END")
+}
+
+/// The documents the anomaly checks read: live invoices and bills proper (credit notes are
+/// left out), over `invoices` and `bills` tables and a total expression.
+pub fn anomaly_documents_sql(invoices: &str, bills: &str, total: &str) -> String {
+    let live = format!("{LIVE_DOCUMENT_SQL} AND kind <> 'credit_note'");
+    format!(
+        "SELECT 'invoice', external_id, doc_number, customer_id, currency, {total}, issue_date FROM {invoices} WHERE {live} \
+         UNION ALL \
+         SELECT 'bill', external_id, doc_number, vendor_id, currency, {total}, issue_date FROM {bills} WHERE {live}"
+    )
 }
 
 /// Open balances of one currency by bucket.
@@ -154,4 +188,40 @@ pub struct AnomalyDocument {
     pub total_units: i128,
     /// Issue date.
     pub issue_date: NaiveDate,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(s: &str) -> NaiveDate {
+        s.parse().expect("date")
+    }
+
+    #[test]
+    fn aging_buckets_end_on_their_last_day_past_due() {
+        let as_of = day("2026-03-31");
+        for (due, bucket) in [
+            ("2026-04-01", "current"),
+            ("2026-03-31", "current"),
+            ("2026-03-30", "1_30"),
+            ("2026-03-01", "1_30"),
+            ("2026-02-28", "31_60"),
+            ("2026-01-30", "31_60"),
+            ("2026-01-29", "61_90"),
+            ("2025-12-31", "61_90"),
+            ("2025-12-30", "over_90"),
+        ] {
+            assert_eq!(aging_bucket(day(due), as_of), bucket, "due {due}");
+        }
+    }
+
+    #[test]
+    fn aging_bucket_sql_states_the_same_bounds() {
+        assert_eq!(
+            aging_bucket_sql(),
+            "CASE WHEN d <= 0 THEN 'current' WHEN d <= 30 THEN '1_30' WHEN d <= 60 THEN '31_60' \
+             WHEN d <= 90 THEN '61_90' ELSE 'over_90' END"
+        );
+    }
 }

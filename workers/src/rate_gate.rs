@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sluice_connectors::api::{Gate, GateMaker, Limits, Pass, counted_window};
+use sluice_connectors::saas::{Gate, GateMaker, Limits, Pass, counted_window};
 use sluice_connectors::{SourceError, SourceErrorKind};
 
 /// Admits one request, or says how long to wait (ms). KEYS: window set, in-flight set.
@@ -59,7 +59,7 @@ impl RedisGate {
         }
     }
 
-    /// A [`GateMaker`] for [`sluice_connectors::api::share_limits`]: every account's gate
+    /// A [`GateMaker`] for [`sluice_connectors::saas::share_limits`]: every account's gate
     /// in Redis under `prefix`.
     pub fn maker(conn: ConnectionManager, prefix: &str) -> GateMaker {
         let prefix = prefix.to_string();
@@ -134,7 +134,7 @@ impl Gate for RedisGate {
 /// Makes this process's API sources keep their limits in the Redis at `url`, under
 /// `prefix`, together with every other process that does the same.
 pub async fn share_limits_in_redis(url: &str, prefix: &str) -> Result<(), crate::WorkerError> {
-    let locks = crate::lock::RedisLocks::connect(url, prefix).await?;
-    sluice_connectors::api::share_limits(RedisGate::maker(locks.connection(), prefix));
+    let locks = crate::coord::RedisLocks::connect(url, prefix).await?;
+    sluice_connectors::saas::share_limits(RedisGate::maker(locks.connection(), prefix));
     Ok(())
 }

@@ -1,0 +1,171 @@
+//! Pipeline definitions in the control schema, secrets sealed under the tenant's data key;
+//! uploaded files and the run that loaded each.
+
+use super::access::audit;
+use super::{PostgresWarehouse, control_error, db};
+use crate::control::{
+    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, secrets_context,
+};
+use crate::error::Result;
+use crate::tenant::TenantSlug;
+use serde_json::Value;
+use sqlx::Row;
+
+impl PipelineStore for PostgresWarehouse {
+    async fn save_pipeline(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+        spec: &Value,
+        secrets: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        let sealed = if secrets.is_empty() {
+            None
+        } else {
+            let key = self.data_key(tenant).await?;
+            Some(key.seal(
+                Value::Object(secrets.clone()).to_string().as_bytes(),
+                &secrets_context(tenant, name),
+            ))
+        };
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting to store the pipeline"))?;
+        sqlx::query(
+            "INSERT INTO sluice.pipelines (tenant, name, spec, secrets) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, name) DO UPDATE SET spec = EXCLUDED.spec, secrets = EXCLUDED.secrets, updated_at = now()",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .bind(sqlx::types::Json(spec))
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("storing the pipeline"))?;
+        let secret_names: Vec<&String> = secrets.keys().collect();
+        audit(
+            &mut tx,
+            "cli",
+            "pipeline.store",
+            Some(tenant.as_str()),
+            name,
+            serde_json::json!({ "secrets": secret_names }),
+        )
+        .await?;
+        tx.commit().await.map_err(db("committing the pipeline"))
+    }
+
+    async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
+        let row = sqlx::query(
+            "SELECT spec, secrets, updated_at FROM sluice.pipelines WHERE tenant = $1 AND name = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| control_error("reading the pipeline", e))?;
+        let Some(row) = row else { return Ok(None) };
+        let spec: sqlx::types::Json<Value> = row.try_get("spec").map_err(db("spec"))?;
+        let sealed: Option<Vec<u8>> = row.try_get("secrets").map_err(db("secrets"))?;
+        let secrets = match sealed {
+            None => serde_json::Map::new(),
+            Some(bytes) => {
+                let key = self.data_key(tenant).await?;
+                decode_secrets(&key.open(&bytes, &secrets_context(tenant, name))?)?
+            }
+        };
+        Ok(Some(StoredPipeline {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            spec: spec.0,
+            secrets,
+            updated_at: row.try_get("updated_at").map_err(db("updated_at"))?,
+        }))
+    }
+
+    async fn pipelines(&self, tenant: &TenantSlug) -> Result<Vec<StoredPipeline>> {
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sluice.pipelines WHERE tenant = $1 ORDER BY name")
+                .bind(tenant.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| control_error("listing pipelines", e))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(p) = self.pipeline(tenant, &name).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn upload_run(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+    ) -> Result<Option<String>> {
+        sqlx::query_scalar(
+            "SELECT run_id FROM sluice.uploads WHERE tenant = $1 AND pipeline = $2 AND sha256 = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| control_error("reading uploads", e))
+    }
+
+    async fn record_upload(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+        size: u64,
+        run_id: &str,
+    ) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO sluice.uploads (tenant, pipeline, sha256, run_id, size) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tenant, pipeline, sha256) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .bind(run_id)
+        .bind(size as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| control_error("recording the upload", e))?;
+        Ok(self
+            .upload_run(tenant, pipeline, sha256)
+            .await?
+            .unwrap_or_else(|| run_id.to_string()))
+    }
+
+    async fn delete_pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM sluice.pipelines WHERE tenant = $1 AND name = $2")
+            .bind(tenant.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| control_error("deleting the pipeline", e))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn scheduled_pipelines(&self) -> Result<Vec<ScheduledPipeline>> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT tenant, name, spec->'schedule'->>'cron' FROM sluice.pipelines \
+             WHERE spec->'schedule'->>'cron' IS NOT NULL ORDER BY tenant, name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| control_error("listing scheduled pipelines", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, name, cron)| ScheduledPipeline { tenant, name, cron })
+            .collect())
+    }
+}

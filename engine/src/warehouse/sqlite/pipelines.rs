@@ -1,0 +1,162 @@
+//! Pipeline definitions in the control database, secrets sealed under the tenant's data
+//! key; uploaded files and the run that loaded each.
+
+use super::{SqliteWarehouse, now_text};
+use crate::control::{
+    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, secrets_context,
+};
+use crate::error::{EngineError, ErrorKind, Result};
+use crate::tenant::TenantSlug;
+use crate::warehouse::rows::parse_instant;
+use serde_json::Value;
+
+impl PipelineStore for SqliteWarehouse {
+    async fn save_pipeline(
+        &self,
+        tenant: &TenantSlug,
+        name: &str,
+        spec: &Value,
+        secrets: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        let sealed = if secrets.is_empty() {
+            None
+        } else {
+            let key = self.data_key(tenant).await?;
+            Some(key.seal(
+                Value::Object(secrets.clone()).to_string().as_bytes(),
+                &secrets_context(tenant, name),
+            ))
+        };
+        let now = now_text();
+        sqlx::query(
+            "INSERT INTO pipelines (tenant, name, spec, secrets, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, name) DO UPDATE SET spec = excluded.spec, secrets = excluded.secrets, updated_at = excluded.updated_at",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .bind(spec.to_string())
+        .bind(sealed)
+        .bind(&now)
+        .bind(&now)
+        .execute(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("storing the pipeline", e))?;
+        Ok(())
+    }
+
+    async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
+        let row: Option<(String, Option<Vec<u8>>, String)> = sqlx::query_as(
+            "SELECT spec, secrets, updated_at FROM pipelines WHERE tenant = ? AND name = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(name)
+        .fetch_optional(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading the pipeline", e))?;
+        let Some((spec, sealed, updated_at)) = row else {
+            return Ok(None);
+        };
+        let secrets = match sealed {
+            None => serde_json::Map::new(),
+            Some(bytes) => {
+                let key = self.data_key(tenant).await?;
+                decode_secrets(&key.open(&bytes, &secrets_context(tenant, name))?)?
+            }
+        };
+        let spec = serde_json::from_str(&spec).map_err(|e| {
+            EngineError::new(ErrorKind::Warehouse, "a stored pipeline is not JSON").with_source(e)
+        })?;
+        Ok(Some(StoredPipeline {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            spec,
+            secrets,
+            updated_at: parse_instant(&updated_at)?,
+        }))
+    }
+
+    async fn pipelines(&self, tenant: &TenantSlug) -> Result<Vec<StoredPipeline>> {
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pipelines WHERE tenant = ? ORDER BY name")
+                .bind(tenant.as_str())
+                .fetch_all(self.control().await?)
+                .await
+                .map_err(|e| EngineError::from_sqlx("listing pipelines", e))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(p) = self.pipeline(tenant, &name).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn upload_run(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+    ) -> Result<Option<String>> {
+        sqlx::query_scalar(
+            "SELECT run_id FROM uploads WHERE tenant = ? AND pipeline = ? AND sha256 = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .fetch_optional(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("reading uploads", e))
+    }
+
+    async fn record_upload(
+        &self,
+        tenant: &TenantSlug,
+        pipeline: &str,
+        sha256: &str,
+        size: u64,
+        run_id: &str,
+    ) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO uploads (tenant, pipeline, sha256, run_id, size, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, pipeline, sha256) DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(pipeline)
+        .bind(sha256)
+        .bind(run_id)
+        .bind(size as i64)
+        .bind(now_text())
+        .execute(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("recording the upload", e))?;
+        Ok(self
+            .upload_run(tenant, pipeline, sha256)
+            .await?
+            .unwrap_or_else(|| run_id.to_string()))
+    }
+
+    async fn delete_pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM pipelines WHERE tenant = ? AND name = ?")
+            .bind(tenant.as_str())
+            .bind(name)
+            .execute(self.control().await?)
+            .await
+            .map_err(|e| EngineError::from_sqlx("deleting the pipeline", e))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn scheduled_pipelines(&self) -> Result<Vec<ScheduledPipeline>> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT tenant, name, json_extract(spec, '$.schedule.cron') AS cron FROM pipelines \
+             WHERE cron IS NOT NULL ORDER BY tenant, name",
+        )
+        .fetch_all(self.control().await?)
+        .await
+        .map_err(|e| EngineError::from_sqlx("listing scheduled pipelines", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, name, cron)| ScheduledPipeline { tenant, name, cron })
+            .collect())
+    }
+}

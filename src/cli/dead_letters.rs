@@ -1,0 +1,160 @@
+//! `sluice dead-letters list | replay`: jobs that died, and their replay.
+
+use super::tenants_to_search;
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use serde_json::json;
+use sluice_engine::Warehouse;
+use sluice_engine::control::PipelineStore;
+use sluice_pipelines::{PipelineSource, PipelineSpec};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Subcommand)]
+pub(super) enum DeadLettersCommand {
+    /// List dead jobs, newest first, with each attempt's error.
+    #[command(after_help = "Example:\n  sluice dead-letters list --tenant acme")]
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// At most this many per tenant.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a dead job once its cause is fixed (with the usual retries); a dead letter is
+    /// replayed at most once. The job's pipeline is the registered one, or the file given.
+    #[command(
+        after_help = "Example:\n  sluice dead-letters replay 0193a6f0-...\n  sluice dead-letters replay 0193a6f0-... --pipeline examples/invoices.toml"
+    )]
+    Replay {
+        /// The dead letter's id.
+        id: String,
+        /// Only look in this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Register this pipeline file (the fixed definition) and replay with it.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(super) async fn dead_letters_command<W: Warehouse + PipelineStore + 'static>(
+    shared: Arc<W>,
+    cmd: DeadLettersCommand,
+) -> Result<ExitCode> {
+    let warehouse = &*shared;
+    match cmd {
+        DeadLettersCommand::List {
+            tenant,
+            limit,
+            json,
+        } => {
+            let mut all = Vec::new();
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                all.extend(warehouse.dead_letters(&t, limit).await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&all)?);
+            } else if all.is_empty() {
+                println!("no dead letters");
+            } else {
+                for d in &all {
+                    let attempts = d.attempts.as_array().map_or(0, Vec::len);
+                    let replay = d
+                        .replay_run
+                        .as_deref()
+                        .map(|r| format!(" (replayed as run {r})"))
+                        .unwrap_or_default();
+                    println!(
+                        "{}  {}/{}  {} attempt(s), {}: {}{}",
+                        d.id, d.tenant, d.pipeline, attempts, d.created_at, d.reason, replay
+                    );
+                    if let Some(last) = d.attempts.as_array().and_then(|a| a.last()) {
+                        println!("    last error: {}", last["error"].as_str().unwrap_or(""));
+                    }
+                }
+            }
+        }
+        DeadLettersCommand::Replay {
+            id,
+            tenant,
+            pipeline,
+            json,
+        } => {
+            if let Some(file) = &pipeline {
+                let spec = PipelineSpec::from_file(file)?;
+                sluice_pipelines::register_pipeline(warehouse, &spec).await?;
+            }
+            let mut found = None;
+            for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
+                if let Some(letter) = warehouse.dead_letter(&t, &id).await? {
+                    found = Some((t, letter));
+                    break;
+                }
+            }
+            let (tenant, letter) = found.with_context(|| format!("no dead letter with id {id}"))?;
+            let stored = warehouse
+                .pipeline(&tenant, &letter.pipeline)
+                .await?
+                .with_context(|| {
+                    format!(
+                        "pipeline '{}' of tenant '{tenant}' is not registered: pass its file with --pipeline",
+                        letter.pipeline
+                    )
+                })?;
+            let spec = PipelineSpec::from_stored(&stored.spec, &stored.secrets)?;
+            let source = PipelineSource::for_pipeline(&spec, shared.clone())?;
+            let outcome = sluice_workers::jobs::replay_dead_letter(
+                &tenant,
+                &id,
+                &spec,
+                &source,
+                warehouse,
+                &sluice_workers::retry::RetryPolicy::default(),
+                &sluice_pipelines::Quiet,
+            )
+            .await?;
+            match outcome {
+                sluice_workers::jobs::JobOutcome::Succeeded { report, .. } => {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({ "dead_letter": id, "status": "replayed", "run": report.ledger.to_json() })
+                        );
+                    } else {
+                        println!(
+                            "replayed dead letter {id} as run {} ({} rows read)",
+                            report.ledger.run_id, report.ledger.counts.rows_read
+                        );
+                    }
+                }
+                sluice_workers::jobs::JobOutcome::Dead {
+                    dead_letter,
+                    reason,
+                    ..
+                } => {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({ "dead_letter": id, "status": "dead", "new_dead_letter": dead_letter, "reason": reason })
+                        );
+                    } else {
+                        eprintln!(
+                            "the replay failed too ({reason}); new dead letter {dead_letter}"
+                        );
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,262 @@
+//! The queued commands: `trigger`, `worker`, `scheduler` and `serve` (API, workers and
+//! scheduler in one process).
+
+use super::sync::print_report;
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use sluice_engine::control::PipelineStore;
+use sluice_engine::{TenantSlug, Warehouse};
+use sluice_pipelines::{PipelineSpec, RunReport};
+use sluice_workers::jobs::Trigger;
+use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
+use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers, shutdown_signal};
+use sluice_workers::{TriggerOutcome, TriggerRequest};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub(super) struct TriggerArgs {
+    /// A pipeline file (registered, or updated, under its name first) or a registered
+    /// pipeline's name.
+    pipeline: String,
+    /// The tenant of a pipeline given by name.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The same key within 24 hours returns the same run instead of queueing another.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Wait for the run to end and print its accounting, as `sync` does (with the embedded
+    /// queue, this process runs the job if no worker takes it).
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(super) struct WorkerArgs {
+    /// Sync jobs run at once by this process.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Quarantine replay jobs run at once by this process (a queue of their own).
+    #[arg(long, default_value_t = 1)]
+    replay_concurrency: usize,
+    /// Seconds in-flight jobs may take to finish after SIGTERM/SIGINT; a job still running
+    /// then is taken over by another worker and resumes from its last committed batch.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(super) enum CatchUpArg {
+    /// Forget ticks missed while no scheduler ran.
+    Skip,
+    /// One run for the latest missed tick.
+    One,
+}
+
+#[derive(Args)]
+pub(super) struct SchedulerArgs {
+    /// Ticks missed while no scheduler ran.
+    #[arg(long, value_enum, default_value_t = CatchUpArg::One)]
+    catch_up: CatchUpArg,
+}
+
+#[derive(Args)]
+pub(super) struct ServeArgs {
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Largest file `POST /v1/pipelines/{name}/files` accepts, in bytes.
+    #[arg(long, default_value_t = 100_000_000)]
+    upload_limit: usize,
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    scheduler: SchedulerArgs,
+}
+
+impl WorkerArgs {
+    pub(super) fn options(&self) -> WorkerOptions {
+        WorkerOptions {
+            concurrency: self.concurrency.max(1),
+            replay_concurrency: self.replay_concurrency.max(1),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+        }
+    }
+}
+
+impl SchedulerArgs {
+    pub(super) fn options(&self) -> SchedulerOptions {
+        SchedulerOptions {
+            catch_up: match self.catch_up {
+                CatchUpArg::Skip => CatchUp::Skip,
+                CatchUpArg::One => CatchUp::One,
+            },
+            ..SchedulerOptions::default()
+        }
+    }
+}
+
+/// Workers, scheduler and API until SIGTERM/SIGINT.
+pub(super) async fn serve<W: sluice_engine::Store>(
+    env: Arc<WorkerEnv<W>>,
+    args: &ServeArgs,
+) -> Result<ExitCode> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut state = sluice_api::AppState::new(
+        env.warehouse.clone(),
+        env.queues.clone(),
+        env.queues.settings().data_dir.join("uploads"),
+    );
+    state.upload_limit = args.upload_limit;
+    let state = Arc::new(state);
+    let api = tokio::spawn(sluice_api::serve(state, args.listen, stopped()));
+    let scheduler = tokio::spawn(
+        Scheduler::new(
+            env.warehouse.clone(),
+            env.queues.clone(),
+            args.scheduler.options(),
+        )
+        .run(stopped()),
+    );
+    let options = args.worker.options();
+    let workers = run_workers(env, &options, stopped());
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let (worked, ()) = tokio::join!(workers, signal);
+    worked?;
+    scheduler.await?;
+    api.await?.context("serving the API")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Registers the pipeline (when given a file), queues a sync, and with `--wait` follows it.
+pub(super) async fn trigger<W: Warehouse + PipelineStore + 'static>(
+    env: Arc<WorkerEnv<W>>,
+    args: &TriggerArgs,
+) -> Result<ExitCode> {
+    let path = Path::new(&args.pipeline);
+    let (tenant, name) = if path.extension().is_some_and(|e| e == "toml") || path.is_file() {
+        let spec = PipelineSpec::from_file(path)?;
+        let tenant = TenantSlug::parse(&spec.tenant)?;
+        sluice_pipelines::register_pipeline(&*env.warehouse, &spec).await?;
+        (tenant, spec.name)
+    } else {
+        let tenant = args
+            .tenant
+            .as_deref()
+            .context("give --tenant with a pipeline name (or give the pipeline file instead)")?;
+        let tenant = TenantSlug::parse(tenant)?;
+        if env
+            .warehouse
+            .pipeline(&tenant, &args.pipeline)
+            .await?
+            .is_none()
+        {
+            bail!(
+                "pipeline '{}' of tenant '{tenant}' is not registered; trigger its pipeline file once to register it",
+                args.pipeline
+            );
+        }
+        (tenant, args.pipeline.clone())
+    };
+    let triggered = env
+        .queues
+        .trigger(&TriggerRequest {
+            tenant: tenant.to_string(),
+            pipeline: name.clone(),
+            trigger: Trigger::Manual,
+            idempotency_key: args.idempotency_key.clone(),
+            correlation_id: None,
+            file: None,
+        })
+        .await?;
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::to_string(&triggered)?);
+        } else {
+            let how = match triggered.outcome {
+                TriggerOutcome::Enqueued => "queued",
+                TriggerOutcome::Joined => "joined the run already queued or running",
+                TriggerOutcome::Repeated => "idempotency key seen before; its run",
+            };
+            println!("{how}: {}", triggered.run_id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    wait_and_report(env, &tenant, &triggered.run_id, args.json).await
+}
+
+/// Waits for the job of `run_id` (running it here with the embedded queue when no worker
+/// takes it) and prints its final run as `sync` does.
+pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
+    env: Arc<WorkerEnv<W>>,
+    tenant: &TenantSlug,
+    run_id: &str,
+    json_out: bool,
+) -> Result<ExitCode> {
+    // With the embedded queue there may be no worker: run one here until the run ends.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let local = (!env.queues.is_redis()).then(|| {
+        let env = env.clone();
+        tokio::spawn(async move {
+            let options = WorkerOptions {
+                concurrency: 1,
+                ..WorkerOptions::default()
+            };
+            run_workers(env, &options, async move {
+                let _ = done_rx.await;
+            })
+            .await
+        })
+    });
+    let waited = env.queues.wait(run_id, Duration::from_millis(100)).await;
+    let _ = done_tx.send(());
+    if let Some(worker) = local {
+        worker.await??;
+    }
+    let result = waited?;
+    let final_run = result.final_run_id.clone();
+    let ledger = match &final_run {
+        Some(run) => env.warehouse.run(tenant, run).await?,
+        None => None,
+    };
+    match (result.status.as_str(), ledger) {
+        ("succeeded", Some(ledger)) => {
+            let duration = ledger
+                .finished_at
+                .and_then(|f| (f - ledger.started_at).to_std().ok())
+                .unwrap_or_default();
+            print_report(&RunReport { ledger, duration }, json_out);
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            let reason = result.reason.clone().unwrap_or_else(|| "failed".into());
+            if json_out {
+                println!(
+                    "{}",
+                    json!({ "run_id": final_run.as_deref().unwrap_or(run_id), "status": "failed",
+                            "error": reason, "dead_letter": result.dead_letter })
+                );
+            }
+            eprintln!("error: {reason}");
+            if let Some(d) = &result.dead_letter {
+                eprintln!("the job is dead: see `sluice dead-letters list`; dead letter {d}");
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}

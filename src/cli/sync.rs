@@ -1,0 +1,141 @@
+//! `sluice sync`: one run of a pipeline file, with a progress bar on a terminal and the
+//! run's accounting at the end.
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use sluice_engine::control::PipelineStore;
+use sluice_engine::{RowCounts, Warehouse};
+use sluice_pipelines::{
+    PipelineSource, PipelineSpec, RunObserver, RunOptions, RunReport, run_pipeline,
+};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args)]
+pub(super) struct SyncArgs {
+    /// The pipeline file (TOML).
+    pipeline: PathBuf,
+    /// Print exactly one JSON object with the run's accounting.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A progress line on stderr: rows read and rows per second.
+pub(super) struct Progress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+}
+
+impl Progress {
+    pub(super) fn new(enabled: bool) -> Self {
+        let bar = enabled.then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar.set_message("opening source");
+            bar
+        });
+        Progress {
+            bar,
+            started: Instant::now(),
+        }
+    }
+
+    pub(super) fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl RunObserver for Progress {
+    fn batch_committed(&self, totals: &RowCounts) {
+        if let Some(bar) = &self.bar {
+            let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+            bar.set_message(format!(
+                "{} rows read, {:.0} rows/s ({} quarantined)",
+                totals.rows_read,
+                totals.rows_read as f64 / secs,
+                totals.quarantined
+            ));
+        }
+    }
+}
+
+pub(super) async fn sync<W: Warehouse + PipelineStore + 'static>(
+    warehouse: Arc<W>,
+    args: &SyncArgs,
+) -> Result<ExitCode> {
+    let spec = PipelineSpec::from_file(&args.pipeline)?;
+    let source = PipelineSource::for_pipeline(&spec, warehouse.clone())?;
+    let warehouse = &*warehouse;
+    let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
+    let result = run_pipeline(&spec, &source, warehouse, &RunOptions::default(), &progress).await;
+    progress.finish();
+    match result {
+        Ok(report) => {
+            print_report(&report, args.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if args.json {
+                let out = json!({
+                    "run_id": e.run_id(), "status": "failed", "error": e.message(),
+                    "retryable": e.is_transient(),
+                });
+                println!("{out}");
+            }
+            eprintln!("error: {}", e.message());
+            if let Some(run) = e.run_id() {
+                eprintln!(
+                    "run {run} failed; batches committed before the failure stay, and the next sync resumes after them"
+                );
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// A finished run's accounting, as `sync` prints it (`--json`: one object).
+pub(super) fn print_report(report: &RunReport, as_json: bool) {
+    let l = &report.ledger;
+    let c = &l.counts;
+    if as_json {
+        let mut out = l.to_json();
+        out["duration_ms"] = json!(report.duration.as_millis() as u64);
+        println!("{out}");
+    } else {
+        let secs = report.duration.as_secs_f64();
+        println!(
+            "run {} succeeded in {:.2} s ({:.0} rows/s)",
+            l.run_id,
+            secs,
+            c.rows_read as f64 / secs.max(1e-6)
+        );
+        println!(
+            "  pipeline      {} ({} -> tenant {})",
+            l.pipeline, l.entity, l.tenant
+        );
+        println!("  rows read     {}", c.rows_read);
+        println!(
+            "  loaded        {}  (inserted {}, updated {}, unchanged {})",
+            c.loaded(),
+            c.inserted,
+            c.updated,
+            c.unchanged
+        );
+        println!("  quarantined   {}", c.quarantined);
+        println!("  deduplicated  {}", c.deduplicated);
+        if c.quarantined > 0 {
+            println!("see why: sluice quarantine list --run {}", l.run_id);
+        }
+    }
+}
