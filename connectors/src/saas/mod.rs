@@ -7,6 +7,7 @@
 pub mod odoo;
 pub mod quickbooks;
 
+use sluice_engine::Entity;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -292,50 +293,13 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
         .map(Duration::from_secs)
 }
 
-/// The columns of an API source's batches for a canonical entity, named as its fields.
+/// The columns of an API source's batches for a canonical entity: its fields, in the
+/// engine's order (the one list of them); an unknown entity has none.
 pub(crate) fn canonical_columns(entity: &str) -> Vec<&'static str> {
-    match entity {
-        "invoices" | "bills" => {
-            let (id, name) = if entity == "invoices" {
-                ("customer_id", "customer_name")
-            } else {
-                ("vendor_id", "vendor_name")
-            };
-            vec![
-                "external_id",
-                "doc_number",
-                id,
-                name,
-                "issue_date",
-                "due_date",
-                "currency",
-                "total",
-                "balance",
-                "status",
-                "kind",
-                "updated_at",
-            ]
-        }
-        "payments" => vec![
-            "external_id",
-            "direction",
-            "counterparty_id",
-            "date",
-            "amount",
-            "currency",
-            "applied_to",
-            "updated_at",
-        ],
-        "accounts" => vec!["external_id", "code", "name", "type", "updated_at"],
-        _ => vec![
-            "external_id",
-            "name",
-            "email",
-            "currency",
-            "active",
-            "updated_at",
-        ],
-    }
+    entity
+        .parse::<Entity>()
+        .map(|e| e.fields().iter().map(|f| f.name).collect())
+        .unwrap_or_default()
 }
 
 /// A network failure (no answer): transient.
@@ -390,10 +354,16 @@ impl TextBatch {
         }
     }
 
-    /// Appends a row; `values` has one entry per column.
-    pub(crate) fn push(&mut self, values: Vec<Option<String>>) {
-        debug_assert_eq!(values.len(), self.columns.len(), "one value per column");
-        for (b, v) in self.columns.iter_mut().zip(values) {
+    /// Appends a row of cells named by their columns; a column no cell names is null.
+    pub(crate) fn push(&mut self, cells: Vec<(&'static str, Option<String>)>) {
+        let mut row: Vec<Option<String>> = vec![None; self.columns.len()];
+        for (name, value) in cells {
+            match self.schema.index_of(name) {
+                Ok(i) => row[i] = value,
+                Err(_) => debug_assert!(false, "no column {name} in the batch"),
+            }
+        }
+        for (b, v) in self.columns.iter_mut().zip(row) {
             b.append_option(v);
         }
         self.rows += 1;

@@ -187,9 +187,9 @@ impl OdooStream {
         Ok(canonical_columns(self.entity()?))
     }
 
-    /// One record as text cells in the order of [`OdooStream::columns`]; `None` for a
+    /// One record as text cells, each named by its canonical field; `None` for a
     /// record that is a deletion (a cancelled payment).
-    fn row(&self, r: &Value) -> Option<Vec<Option<String>>> {
+    fn row(&self, r: &Value) -> Option<Vec<(&'static str, Option<String>)>> {
         // `false` is how Odoo writes an empty field.
         let get = |k: &str| match r.get(k) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => None,
@@ -212,7 +212,7 @@ impl OdooStream {
         };
         let updated = text("write_date").map(|t| utc(&t));
         Some(match self {
-            OdooStream::Moves(_) => {
+            OdooStream::Moves(types) => {
                 let move_type = text("move_type").unwrap_or_default();
                 let kind = match move_type.as_str() {
                     "out_refund" | "in_refund" => "credit_note",
@@ -222,19 +222,24 @@ impl OdooStream {
                 let status =
                     (text("state").as_deref() == Some("cancel")).then(|| "void".to_string());
                 let issued = text("invoice_date");
+                let (party_id, party_name) = if types.iter().any(|t| t.starts_with("in_")) {
+                    ("vendor_id", "vendor_name")
+                } else {
+                    ("customer_id", "customer_name")
+                };
                 vec![
-                    text("id"),
-                    text("name").filter(|n| n != "/"),
-                    m2o("partner_id", 0),
-                    m2o("partner_id", 1),
-                    issued.clone(),
-                    text("invoice_date_due").or(issued),
-                    m2o("currency_id", 1),
-                    text("amount_total"),
-                    text("amount_residual"),
-                    status,
-                    Some(kind.to_string()),
-                    updated,
+                    ("external_id", text("id")),
+                    ("doc_number", text("name").filter(|n| n != "/")),
+                    (party_id, m2o("partner_id", 0)),
+                    (party_name, m2o("partner_id", 1)),
+                    ("issue_date", issued.clone()),
+                    ("due_date", text("invoice_date_due").or(issued)),
+                    ("currency", m2o("currency_id", 1)),
+                    ("total", text("amount_total")),
+                    ("balance", text("amount_residual")),
+                    ("status", status),
+                    ("kind", Some(kind.to_string())),
+                    ("updated_at", updated),
                 ]
             }
             OdooStream::Payments => {
@@ -256,35 +261,44 @@ impl OdooStream {
                 let mut applied = ids("reconciled_invoice_ids");
                 applied.extend(ids("reconciled_bill_ids"));
                 vec![
-                    text("id"),
-                    Some(direction.to_string()),
-                    m2o("partner_id", 0),
-                    text("date"),
-                    text("amount"),
-                    m2o("currency_id", 1),
-                    (!applied.is_empty()).then(|| json!(applied).to_string()),
-                    updated,
+                    ("external_id", text("id")),
+                    ("direction", Some(direction.to_string())),
+                    ("counterparty_id", m2o("partner_id", 0)),
+                    ("date", text("date")),
+                    ("amount", text("amount")),
+                    ("currency", m2o("currency_id", 1)),
+                    (
+                        "applied_to",
+                        (!applied.is_empty()).then(|| json!(applied).to_string()),
+                    ),
+                    ("updated_at", updated),
                 ]
             }
             OdooStream::Customers | OdooStream::Vendors => vec![
-                text("id"),
-                text("name"),
-                text("email"),
-                None,
-                Some(
-                    r.get("active")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(true)
-                        .to_string(),
+                ("external_id", text("id")),
+                ("name", text("name")),
+                ("email", text("email")),
+                ("currency", None),
+                (
+                    "active",
+                    Some(
+                        r.get("active")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(true)
+                            .to_string(),
+                    ),
                 ),
-                updated,
+                ("updated_at", updated),
             ],
             OdooStream::Accounts => vec![
-                text("id"),
-                text("code"),
-                text("name"),
-                text("account_type").map(|t| account_type(&t).to_string()),
-                updated,
+                ("external_id", text("id")),
+                ("code", text("code")),
+                ("name", text("name")),
+                (
+                    "type",
+                    text("account_type").map(|t| account_type(&t).to_string()),
+                ),
+                ("updated_at", updated),
             ],
         })
     }

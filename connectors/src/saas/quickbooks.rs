@@ -148,9 +148,10 @@ impl QboStream {
         canonical_columns(self.entity())
     }
 
-    /// One record as text cells in the order of [`QboStream::columns`]. Absent fields are
-    /// absent in the API's answers; they become nulls.
-    pub fn row(self, r: &Value) -> Vec<Option<String>> {
+    /// One record as text cells, each named by its canonical field. Absent fields are
+    /// absent in the API's answers; they become nulls, as do canonical fields QuickBooks
+    /// has no value for.
+    pub fn row(self, r: &Value) -> Vec<(&'static str, Option<String>)> {
         let text = |v: &Value| match v {
             Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
@@ -170,11 +171,12 @@ impl QboStream {
             | QboStream::CreditMemo
             | QboStream::Bill
             | QboStream::VendorCredit => {
-                let party = if matches!(self, QboStream::Invoice | QboStream::CreditMemo) {
-                    "CustomerRef"
-                } else {
-                    "VendorRef"
-                };
+                let (party, party_id, party_name) =
+                    if matches!(self, QboStream::Invoice | QboStream::CreditMemo) {
+                        ("CustomerRef", "customer_id", "customer_name")
+                    } else {
+                        ("VendorRef", "vendor_id", "vendor_name")
+                    };
                 let credit = matches!(self, QboStream::CreditMemo | QboStream::VendorCredit);
                 let kind = match self {
                     QboStream::Invoice => "invoice",
@@ -194,18 +196,18 @@ impl QboStream {
                     && at(&["PrivateNote"])
                         .is_some_and(|n| n.to_ascii_lowercase().contains("voided"));
                 vec![
-                    at(&["Id"]),
-                    at(&["DocNumber"]),
-                    at(&[party, "value"]),
-                    at(&[party, "name"]),
-                    issued,
-                    due,
-                    at(&["CurrencyRef", "value"]),
-                    at(&["TotalAmt"]),
-                    balance,
-                    voided.then(|| "void".to_string()),
-                    Some(kind.to_string()),
-                    updated,
+                    ("external_id", at(&["Id"])),
+                    ("doc_number", at(&["DocNumber"])),
+                    (party_id, at(&[party, "value"])),
+                    (party_name, at(&[party, "name"])),
+                    ("issue_date", issued),
+                    ("due_date", due),
+                    ("currency", at(&["CurrencyRef", "value"])),
+                    ("total", at(&["TotalAmt"])),
+                    ("balance", balance),
+                    ("status", voided.then(|| "void".to_string())),
+                    ("kind", Some(kind.to_string())),
+                    ("updated_at", updated),
                 ]
             }
             QboStream::Payment | QboStream::BillPayment => {
@@ -225,30 +227,39 @@ impl QboStream {
                     .filter_map(|t| t.get("TxnId").and_then(text))
                     .collect();
                 vec![
-                    at(&["Id"]),
-                    Some(direction.to_string()),
-                    at(&[party, "value"]),
-                    at(&["TxnDate"]),
-                    at(&["TotalAmt"]),
-                    at(&["CurrencyRef", "value"]),
-                    (!applied.is_empty()).then(|| json!(applied).to_string()),
-                    updated,
+                    ("external_id", at(&["Id"])),
+                    ("direction", Some(direction.to_string())),
+                    ("counterparty_id", at(&[party, "value"])),
+                    ("date", at(&["TxnDate"])),
+                    ("amount", at(&["TotalAmt"])),
+                    ("currency", at(&["CurrencyRef", "value"])),
+                    (
+                        "applied_to",
+                        (!applied.is_empty()).then(|| json!(applied).to_string()),
+                    ),
+                    ("updated_at", updated),
                 ]
             }
             QboStream::Customer | QboStream::Vendor => vec![
-                at(&["Id"]),
-                at(&["DisplayName"]).or_else(|| at(&["CompanyName"])),
-                at(&["PrimaryEmailAddr", "Address"]),
-                at(&["CurrencyRef", "value"]),
-                at(&["Active"]),
-                updated,
+                ("external_id", at(&["Id"])),
+                (
+                    "name",
+                    at(&["DisplayName"]).or_else(|| at(&["CompanyName"])),
+                ),
+                ("email", at(&["PrimaryEmailAddr", "Address"])),
+                ("currency", at(&["CurrencyRef", "value"])),
+                ("active", at(&["Active"])),
+                ("updated_at", updated),
             ],
             QboStream::Account => vec![
-                at(&["Id"]),
-                at(&["AcctNum"]),
-                at(&["Name"]),
-                at(&["AccountType"]).map(|t| account_type(&t).to_string()),
-                updated,
+                ("external_id", at(&["Id"])),
+                ("code", at(&["AcctNum"])),
+                ("name", at(&["Name"])),
+                (
+                    "type",
+                    at(&["AccountType"]).map(|t| account_type(&t).to_string()),
+                ),
+                ("updated_at", updated),
             ],
         }
     }
