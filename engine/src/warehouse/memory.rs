@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::{BatchCommitted, LoadBatch, LoadStore, RunHistory, RunScope, StreamState};
 use crate::columns::{CanonicalColumn, canonical_columns};
-use crate::entity::Entity;
+use crate::entity::{Entity, FieldKind};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::money::display_decimal;
@@ -130,16 +130,16 @@ fn fenced(scope: &RunScope, expected_version: i64) -> EngineError {
     )
 }
 
-/// Every canonical field of `row` as display text.
+/// Every canonical field of `row` as display text (`columns`: the batch's, resolved once).
 fn field_texts(
     entity: Entity,
-    batch: &LoadBatch,
+    columns: &[(FieldKind, CanonicalColumn<'_>)],
     row: usize,
 ) -> BTreeMap<&'static str, Option<String>> {
     entity
         .fields()
         .iter()
-        .zip(canonical_columns(entity, &batch.rows))
+        .zip(columns)
         .map(|(field, (_, column))| {
             let text = column.is_valid(row).then(|| match column {
                 CanonicalColumn::Text(a) => a.value(row).to_string(),
@@ -217,6 +217,7 @@ impl LoadStore for MemoryWarehouse {
         let ids = strings(&batch.rows, "external_id");
         let updated = timestamps(&batch.rows, "updated_at");
         let tenant = scope.tenant.to_string();
+        let columns = canonical_columns(batch.entity, &batch.rows);
         for (i, &row) in batch.load.iter().enumerate() {
             let row = row as usize;
             let external_id = ids.value(row).to_string();
@@ -257,7 +258,7 @@ impl LoadStore for MemoryWarehouse {
                     MemoryRow {
                         source: scope.pipeline.clone(),
                         external_id,
-                        fields: field_texts(batch.entity, batch, row),
+                        fields: field_texts(batch.entity, &columns, row),
                         deleted_at: batch.deleted_at(row),
                         run_id: scope.run_id.clone(),
                         updated_at,

@@ -1,7 +1,7 @@
 //! Finance reads: the embedded warehouse keeps no rollups and sums its tables; anomaly
 //! counts are saved per finance data version.
 
-use super::rows::{date_col, get, instant_col, money_col};
+use super::rows::{date_col, get, money_col};
 use super::{SqliteWarehouse, now_text};
 use crate::entity::{Bill, Invoice, Payment};
 use crate::error::{EngineError, ErrorKind, Result};
@@ -11,6 +11,7 @@ use crate::finance_rules::{
 };
 use crate::tenant::TenantSlug;
 use crate::warehouse::FinanceStore;
+use crate::warehouse::rows::StoredRow;
 use crate::warehouse::sql::quote_ident;
 use crate::warehouse::{AgingRow, DocumentRow, decode_counts, encode_counts};
 use chrono::NaiveDate;
@@ -218,7 +219,7 @@ impl FinanceStore for SqliteWarehouse {
                     balance: money_col(r, "balance")?,
                     status: get(r, "status")?,
                     kind: get(r, "kind")?,
-                    updated_at: instant_col(r, "updated_at")?,
+                    updated_at: r.instant("updated_at")?,
                 })
             })
             .collect()
@@ -243,7 +244,7 @@ impl FinanceStore for SqliteWarehouse {
                         })?,
                         None => Vec::new(),
                     },
-                    updated_at: instant_col(r, "updated_at")?,
+                    updated_at: r.instant("updated_at")?,
                 })
             })
             .collect()
@@ -266,7 +267,7 @@ impl FinanceStore for SqliteWarehouse {
                     status: get(r, "status")?,
                     kind: get(r, "kind")?,
                     category: get(r, "category")?,
-                    updated_at: instant_col(r, "updated_at")?,
+                    updated_at: r.instant("updated_at")?,
                 })
             })
             .collect()

@@ -2,8 +2,7 @@
 
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::money::display_decimal;
-use crate::warehouse::rows::parse_instant;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite};
@@ -22,11 +21,6 @@ pub(super) fn date_col(row: &SqliteRow, col: &str) -> Result<NaiveDate> {
     NaiveDate::from_str(&text).map_err(|e| {
         EngineError::new(ErrorKind::Warehouse, format!("{col} holds {text:?}")).with_source(e)
     })
-}
-
-pub(super) fn instant_col(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
-    let text: Option<String> = get(row, col)?;
-    text.map(|t| parse_instant(&t)).transpose()
 }
 
 pub(super) fn money_col(row: &SqliteRow, col: &str) -> Result<Decimal> {
