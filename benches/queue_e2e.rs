@@ -17,7 +17,7 @@ use sluice_engine::control::PipelineStore;
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_workers::coord::RedisLocks;
-use sluice_workers::jobs::Trigger;
+use sluice_workers::jobs::RunTrigger;
 use sluice_workers::scheduler::{Scheduler, SchedulerOptions};
 use sluice_workers::{QueueSettings, Queues, TriggerOutcome, TriggerRequest};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
@@ -125,7 +125,7 @@ async fn main() {
             .trigger(&TriggerRequest {
                 tenant: "bench".into(),
                 pipeline: format!("noop-{i}"),
-                trigger: Trigger::Api,
+                trigger: RunTrigger::Api,
                 idempotency_key: None,
                 correlation_id: None,
                 file: None,

@@ -19,11 +19,11 @@ use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
 use sluice_pipelines::PipelineSpec;
-use sluice_workers::jobs::Trigger;
+use sluice_workers::jobs::RunTrigger;
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers};
-use sluice_workers::{QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest};
+use sluice_workers::{JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest};
 use support::messy_invoices;
 use support::pg::{MASTER_KEY_HEX, TestDb};
 use support::redis::{Prefix, PrivateRedis};
@@ -79,7 +79,7 @@ fn manual(pipeline: &str) -> TriggerRequest {
     TriggerRequest {
         tenant: "acme".into(),
         pipeline: pipeline.into(),
-        trigger: Trigger::Manual,
+        trigger: RunTrigger::Manual,
         idempotency_key: None,
         correlation_id: None,
         file: None,
@@ -222,7 +222,7 @@ async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
     assert_eq!(a.pass(at(t0 + 6)).await.expect("pass").0, 0);
     let runs = finished_runs(&*store, "invoices").await;
     assert_eq!(runs.len(), 3, "one run per tick, not one per replica");
-    assert!(runs.iter().all(|r| r.trigger == "cron"));
+    assert!(runs.iter().all(|r| r.trigger.as_str() == "cron"));
 
     // A scheduler starting after a 10 s outage makes up the missed ticks with one run...
     let mut c = Scheduler::new(store.clone(), qb.clone(), options.clone());
@@ -428,7 +428,7 @@ async fn a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled()
     .await
     .expect("the job ends")
     .expect("result");
-    assert_eq!(result.status, "succeeded", "{result:?}");
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     let second = format!("{}.2", run.run_id);
     assert_eq!(result.final_run_id.as_deref(), Some(second.as_str()));
 
@@ -515,7 +515,7 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     })
     .await
     .expect("the job ends");
-    assert_eq!(result.status, "succeeded", "{result:?}");
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     assert_loaded_exactly(&*w, &exp).await;
     let runs = w
         .runs(&slug("acme"), Some("invoices"), 10)
@@ -537,7 +537,7 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     .await
     .expect("the second job ends")
     .expect("result");
-    assert_eq!(result.status, "succeeded", "{result:?}");
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     assert_loaded_exactly(&*w, &exp).await;
     let _ = stop.send(());
     worker.await.expect("join").expect("workers");
@@ -632,7 +632,7 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         }
     };
     let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
-    assert_eq!(wait(sync.run_id.clone()).await.status, "succeeded");
+    assert_eq!(wait(sync.run_id.clone()).await.status, JobStatus::Succeeded);
     let tenant = slug("acme");
     let all = QuarantineFilter {
         limit: Some(100_000),
@@ -653,13 +653,13 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         .await
         .expect("replay");
     let result = wait(replay.run_id.clone()).await;
-    assert_eq!(result.status, "succeeded", "{result:?}");
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     let ledger = w
         .run(&tenant, &replay.run_id)
         .await
         .expect("ledger")
         .expect("run");
-    assert_eq!(ledger.trigger, "replay");
+    assert_eq!(ledger.trigger.as_str(), "replay");
     assert_eq!(ledger.counts.rows_read, exp.quarantined);
     assert_eq!(ledger.counts.quarantined, exp.quarantined);
     assert_eq!(
@@ -695,7 +695,10 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         )
         .await
         .expect("replay");
-    assert_eq!(wait(fixed.run_id.clone()).await.status, "succeeded");
+    assert_eq!(
+        wait(fixed.run_id.clone()).await.status,
+        JobStatus::Succeeded
+    );
     let ledger = w
         .run(&tenant, &fixed.run_id)
         .await
@@ -755,7 +758,7 @@ async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
     .await
     .expect("the job ends")
     .expect("result");
-    assert_eq!(result.status, "succeeded", "{result:?}");
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     let runs = w
         .runs(&slug("acme"), Some("invoices"), 10)
         .await

@@ -16,7 +16,7 @@ use sluice_engine::control::{NewApiKey, Role, StoredPipeline};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunLedger, RunStatus};
 use sluice_pipelines::{PipelineSource, PipelineSpec};
-use sluice_workers::jobs::{ReplaySelection, Trigger};
+use sluice_workers::jobs::{ReplaySelection, RunTrigger};
 use sluice_workers::{TriggerOutcome, TriggerRequest};
 
 use crate::auth::Caller;
@@ -298,7 +298,7 @@ pub async fn sync_pipeline<W: Store>(
         .trigger(&TriggerRequest {
             tenant: tenant.to_string(),
             pipeline: name.clone(),
-            trigger: Trigger::Api,
+            trigger: RunTrigger::Api,
             idempotency_key: key.clone(),
             correlation_id: Some(request_id),
             file: None,
@@ -472,7 +472,7 @@ pub async fn replay_dead_letter<W: Store>(
         .trigger(&TriggerRequest {
             tenant: tenant.to_string(),
             pipeline: letter.pipeline.clone(),
-            trigger: Trigger::Replay,
+            trigger: RunTrigger::Replay,
             idempotency_key: Some(format!("dead-letter:{id}")),
             correlation_id: Some(request_id),
             file: None,

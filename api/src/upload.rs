@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use sluice_engine::control::Role;
 use sluice_pipelines::PipelineSpec;
 use sluice_workers::TriggerRequest;
-use sluice_workers::jobs::Trigger;
+use sluice_workers::jobs::RunTrigger;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::Caller;
@@ -152,7 +152,7 @@ pub async fn upload_file<W: Store>(
         .trigger(&TriggerRequest {
             tenant: tenant.to_string(),
             pipeline: name.clone(),
-            trigger: Trigger::Api,
+            trigger: RunTrigger::Api,
             idempotency_key: None,
             correlation_id: Some(request_id),
             file: Some(path),

@@ -39,6 +39,48 @@ impl RunStatus {
     }
 }
 
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunTrigger {
+    /// `sluice sync` at a shell.
+    Cli,
+    /// The scheduler, on a pipeline's cron tick.
+    Cron,
+    /// An operator: `sluice trigger` or the console.
+    Manual,
+    /// A client of the HTTP API.
+    Api,
+    /// An admin replaying a dead letter or quarantined rows.
+    Replay,
+}
+
+impl RunTrigger {
+    /// The word stored in the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunTrigger::Cli => "cli",
+            RunTrigger::Cron => "cron",
+            RunTrigger::Manual => "manual",
+            RunTrigger::Api => "api",
+            RunTrigger::Replay => "replay",
+        }
+    }
+
+    /// Parses a stored word.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            RunTrigger::Cli,
+            RunTrigger::Cron,
+            RunTrigger::Manual,
+            RunTrigger::Api,
+            RunTrigger::Replay,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+    }
+}
+
 /// Where the rows of a run (or of one batch) went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowCounts {
@@ -106,8 +148,8 @@ pub struct RunLedger {
     pub pipeline: String,
     /// What the pipeline loads.
     pub entity: String,
-    /// What started the run: cli, cron, manual, api, replay.
-    pub trigger: String,
+    /// What started the run.
+    pub trigger: RunTrigger,
     /// When the run started.
     pub started_at: DateTime<Utc>,
     /// When it ended.

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use sluice_connectors::{ReadRequest, Source, SyncMode};
 use sluice_engine::validate::RuleSet;
 use sluice_engine::warehouse::{LoadBatch, LoadStore, RunScope};
-use sluice_engine::{ErrorKind, RowCounts, RunLedger, RunStatus, TenantSlug};
+use sluice_engine::{ErrorKind, RowCounts, RunLedger, RunStatus, RunTrigger, TenantSlug};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -25,8 +25,8 @@ use crate::stages::prepare_batch;
 /// How a run was asked for.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// cli, cron, manual, api or replay.
-    pub trigger: String,
+    /// What started the run.
+    pub trigger: RunTrigger,
     /// Use this run id instead of a new one (a queued job knows its run id in advance).
     pub run_id: Option<String>,
 }
@@ -34,7 +34,7 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            trigger: "cli".into(),
+            trigger: RunTrigger::Cli,
             run_id: None,
         }
     }
@@ -107,7 +107,7 @@ pub(crate) async fn begin_run<W: LoadStore>(
             tenant: tenant.to_string(),
             pipeline: spec.name.clone(),
             entity: spec.entity.name().to_string(),
-            trigger: options.trigger.clone(),
+            trigger: options.trigger,
             started_at: Utc::now(),
             finished_at: None,
             status: RunStatus::Running,

@@ -8,10 +8,10 @@ use serde_json::json;
 use sluice_engine::control::PipelineStore;
 use sluice_engine::{TenantSlug, Warehouse};
 use sluice_pipelines::{PipelineSpec, RunReport};
-use sluice_workers::jobs::Trigger;
+use sluice_workers::jobs::RunTrigger;
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers, shutdown_signal};
-use sluice_workers::{TriggerOutcome, TriggerRequest};
+use sluice_workers::{JobStatus, TriggerOutcome, TriggerRequest};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -178,7 +178,7 @@ pub(super) async fn trigger<W: Warehouse + PipelineStore + 'static>(
         .trigger(&TriggerRequest {
             tenant: tenant.to_string(),
             pipeline: name.clone(),
-            trigger: Trigger::Manual,
+            trigger: RunTrigger::Manual,
             idempotency_key: args.idempotency_key.clone(),
             correlation_id: None,
             file: None,
@@ -234,8 +234,8 @@ pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
         Some(run) => env.warehouse.run(tenant, run).await?,
         None => None,
     };
-    match (result.status.as_str(), ledger) {
-        ("succeeded", Some(ledger)) => {
+    match (result.status, ledger) {
+        (JobStatus::Succeeded, Some(ledger)) => {
             let duration = ledger
                 .finished_at
                 .and_then(|f| (f - ledger.started_at).to_std().ok())

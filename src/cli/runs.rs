@@ -116,7 +116,7 @@ pub(super) async fn runs_command<W: Warehouse>(
                 );
                 println!(
                     "  trigger {}, started {}, finished {}",
-                    l.trigger,
+                    l.trigger.as_str(),
                     l.started_at,
                     l.finished_at
                         .map(|f| f.to_string())

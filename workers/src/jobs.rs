@@ -16,31 +16,8 @@ use tracing::Instrument;
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
 
-/// What started a sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    /// The scheduler, on a pipeline's cron tick.
-    Cron,
-    /// An operator, from the CLI.
-    Manual,
-    /// A client of the HTTP API.
-    Api,
-    /// An admin replaying a dead letter or quarantined rows.
-    Replay,
-}
-
-impl Trigger {
-    /// The word recorded in the run ledger.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Cron => "cron",
-            Trigger::Manual => "manual",
-            Trigger::Api => "api",
-            Trigger::Replay => "replay",
-        }
-    }
-}
+/// What started a sync: the engine's run trigger, one enum for the ledger and the queue.
+pub use sluice_engine::RunTrigger;
 
 /// Sync one pipeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +27,7 @@ pub struct SyncJob {
     /// The pipeline's name.
     pub pipeline: String,
     /// What asked for it.
-    pub trigger: Trigger,
+    pub trigger: RunTrigger,
     /// The run id handed back to whoever triggered it; the first attempt runs under it.
     pub run_id: String,
     /// Follows the work through logs (the API's request id, or a fresh one).
@@ -66,7 +43,7 @@ pub struct SyncJob {
 
 impl SyncJob {
     /// A job with fresh run and correlation ids.
-    pub fn new(tenant: &str, pipeline: &str, trigger: Trigger) -> Self {
+    pub fn new(tenant: &str, pipeline: &str, trigger: RunTrigger) -> Self {
         SyncJob {
             tenant: tenant.to_string(),
             pipeline: pipeline.to_string(),
@@ -169,7 +146,7 @@ pub async fn continue_sync_job<S: Source, W: Warehouse>(
         prior,
         |n| {
             let options = RunOptions {
-                trigger: job.trigger.as_str().to_string(),
+                trigger: job.trigger,
                 run_id: Some(job.attempt_run_id(n)),
             };
             async move { run_pipeline(spec, source, warehouse, &options, observer).await }
@@ -228,7 +205,7 @@ pub fn replay_dead_letter_record(job: &ReplayJob, failed: &[Attempt], reason: &s
             &SyncJob {
                 tenant: job.tenant.clone(),
                 pipeline: job.selection.pipeline.clone(),
-                trigger: Trigger::Replay,
+                trigger: RunTrigger::Replay,
                 run_id: job.run_id.clone(),
                 correlation_id: job.correlation_id.clone(),
                 lock_token: None,
@@ -266,8 +243,8 @@ pub async fn replay_dead_letter<S: Source, W: Warehouse>(
     let original: SyncJob = serde_json::from_value(letter.job.clone())
         .map_err(|e| job_error(format!("dead letter {id} holds no sync job: {e}")))?;
     let job = SyncJob {
-        trigger: Trigger::Replay,
-        ..SyncJob::new(&original.tenant, &original.pipeline, Trigger::Replay)
+        trigger: RunTrigger::Replay,
+        ..SyncJob::new(&original.tenant, &original.pipeline, RunTrigger::Replay)
     };
     let outcome = run_sync_job(&job, spec, source, warehouse, policy, observer).await?;
     if let JobOutcome::Succeeded { report, .. } = &outcome {

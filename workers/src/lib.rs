@@ -14,5 +14,6 @@ pub mod worker;
 
 pub use error::{WorkerError, WorkerErrorKind};
 pub use queue::{
-    JobResult, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest, Triggered,
+    JobResult, JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest,
+    Triggered,
 };

@@ -7,7 +7,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-use sluice_engine::RowCounts;
+use sluice_engine::{RowCounts, RunStatus};
 
 /// Every metric the workers and the scheduler keep.
 pub struct Metrics {
@@ -106,8 +106,8 @@ impl Metrics {
     }
 
     /// Adds a finished run's rows and status.
-    pub fn record_run(&self, status: &str, counts: &RowCounts) {
-        self.runs.with_label_values(&[status]).inc();
+    pub fn record_run(&self, status: RunStatus, counts: &RowCounts) {
+        self.runs.with_label_values(&[status.as_str()]).inc();
         for (outcome, n) in [
             ("read", counts.rows_read),
             ("inserted", counts.inserted),

@@ -20,7 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use crate::coord::{Acquired, RedisLocks};
 use crate::coord::{Coordinator, SqliteCoord};
 use crate::error::{WorkerError, WorkerErrorKind};
-use crate::jobs::{ReplayJob, ReplaySelection, SyncJob, Trigger};
+use crate::jobs::{ReplayJob, ReplaySelection, RunTrigger, SyncJob};
 
 /// Which queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +79,21 @@ impl QueueSettings {
     }
 }
 
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Its run succeeded (after any retries).
+    Succeeded,
+    /// It failed permanently or ran out of retries: a dead letter holds it.
+    Dead,
+}
+
 /// How a job ended, for whoever waits on its run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
-    /// `succeeded` or `dead`.
-    pub status: String,
+    /// Succeeded or dead.
+    pub status: JobStatus,
     /// The run of the last attempt (the successful one, when it succeeded).
     pub final_run_id: Option<String>,
     /// The dead letter, when dead.
@@ -100,7 +110,7 @@ pub struct TriggerRequest {
     /// The pipeline's name.
     pub pipeline: String,
     /// Who asks.
-    pub trigger: Trigger,
+    pub trigger: RunTrigger,
     /// The same key within 24 hours returns the same run.
     pub idempotency_key: Option<String>,
     /// Follows the work through logs; a fresh one when absent.

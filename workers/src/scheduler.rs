@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use sluice_engine::control::{PipelineStore, ScheduledPipeline};
 
 use crate::error::WorkerError;
-use crate::jobs::Trigger;
+use crate::jobs::RunTrigger;
 use crate::metrics::metrics;
 use crate::queue::{Queues, TriggerRequest, Triggered};
 
@@ -236,7 +236,7 @@ async fn fire(queues: &Queues, due: &Due) -> Result<Triggered, WorkerError> {
         .trigger(&TriggerRequest {
             tenant: p.tenant.clone(),
             pipeline: p.name.clone(),
-            trigger: Trigger::Cron,
+            trigger: RunTrigger::Cron,
             idempotency_key: Some(format!("cron:{}:{at}", p.name)),
             correlation_id: None,
             file: None,

@@ -29,11 +29,11 @@ use sluice_pipelines::{
 use crate::coord::Lease;
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::jobs::{
-    JobOutcome, ReplayJob, SyncJob, Trigger, continue_sync_job, dead_letter,
+    JobOutcome, ReplayJob, RunTrigger, SyncJob, continue_sync_job, dead_letter,
     replay_dead_letter_record,
 };
 use crate::metrics::metrics;
-use crate::queue::{JobResult, QueueName, Queues};
+use crate::queue::{JobResult, JobStatus, QueueName, Queues};
 use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
 
 /// What a worker needs to run jobs.
@@ -304,9 +304,9 @@ where
         m.in_flight.with_label_values(&[q]).inc();
         let started = Instant::now();
         let result = tracing::Instrument::instrument(work, span).await;
-        match &result.status[..] {
-            "succeeded" => m.jobs_succeeded.with_label_values(&[q]).inc(),
-            _ => m.jobs_dead.with_label_values(&[q]).inc(),
+        match result.status {
+            JobStatus::Succeeded => m.jobs_succeeded.with_label_values(&[q]).inc(),
+            JobStatus::Dead => m.jobs_dead.with_label_values(&[q]).inc(),
         }
         m.job_duration
             .with_label_values(&[q])
@@ -397,9 +397,9 @@ where
                 m.jobs_failed
                     .with_label_values(&[QueueName::Sync.as_str()])
                     .inc_by(failed.len() as u64);
-                m.record_run("succeeded", &report.ledger.counts);
+                m.record_run(RunStatus::Succeeded, &report.ledger.counts);
                 JobResult {
-                    status: "succeeded".into(),
+                    status: JobStatus::Succeeded,
                     final_run_id: Some(report.ledger.run_id.clone()),
                     dead_letter: None,
                     reason: None,
@@ -415,14 +415,14 @@ where
                     .with_label_values(&[QueueName::Sync.as_str()])
                     .inc_by(failed.len() as u64);
                 JobResult {
-                    status: "dead".into(),
+                    status: JobStatus::Dead,
                     final_run_id: failed.last().map(|a| job.attempt_run_id(a.number)),
                     dead_letter: Some(dead_letter),
                     reason: Some(reason),
                 }
             }
             Err(e) => JobResult {
-                status: "dead".into(),
+                status: JobStatus::Dead,
                 final_run_id: None,
                 dead_letter: None,
                 reason: Some(e.to_string()),
@@ -476,7 +476,7 @@ where
             let error = match ledger.status {
                 RunStatus::Succeeded => {
                     return Ok(Err(JobResult {
-                        status: "succeeded".into(),
+                        status: JobStatus::Succeeded,
                         final_run_id: Some(run_id),
                         dead_letter: None,
                         reason: None,
@@ -525,7 +525,7 @@ where
                 async move {
                     let rows = self.replay_rows(job).await?;
                     let options = RunOptions {
-                        trigger: Trigger::Replay.as_str().to_string(),
+                        trigger: RunTrigger::Replay,
                         run_id: Some(if n <= 1 {
                             job.run_id.clone()
                         } else {
@@ -544,9 +544,9 @@ where
                     .jobs_failed
                     .with_label_values(&[QueueName::Replay.as_str()])
                     .inc_by(failed.len() as u64);
-                metrics().record_run("succeeded", &value.ledger.counts);
+                metrics().record_run(RunStatus::Succeeded, &value.ledger.counts);
                 JobResult {
-                    status: "succeeded".into(),
+                    status: JobStatus::Succeeded,
                     final_run_id: Some(value.ledger.run_id),
                     dead_letter: None,
                     reason: None,
@@ -637,7 +637,7 @@ where
             metrics().dead_letters.inc();
         }
         JobResult {
-            status: "dead".into(),
+            status: JobStatus::Dead,
             final_run_id: last_attempt.map(|n| {
                 if n <= 1 {
                     run_id.to_string()

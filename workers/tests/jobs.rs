@@ -11,7 +11,7 @@ use sluice_connectors::{
 };
 use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug};
 use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet};
-use sluice_workers::jobs::{JobOutcome, SyncJob, Trigger, replay_dead_letter, run_sync_job};
+use sluice_workers::jobs::{JobOutcome, RunTrigger, SyncJob, replay_dead_letter, run_sync_job};
 use sluice_workers::retry::RetryPolicy;
 
 /// Fails the first `failures` reads with a transient error, then reads normally.
@@ -65,7 +65,7 @@ async fn three_transient_failures_then_success_on_attempt_four() {
         calls: AtomicU32::new(0),
     };
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let job = SyncJob::new("acme", "inv", Trigger::Manual);
+    let job = SyncJob::new("acme", "inv", RunTrigger::Manual);
     let policy = RetryPolicy::with_base(Duration::from_millis(25));
     let started = Instant::now();
     let outcome = run_sync_job(&job, &spec, &source, &w, &policy, &Quiet)
@@ -88,7 +88,7 @@ async fn three_transient_failures_then_success_on_attempt_four() {
             .expect("ledger")
             .expect("recorded");
         assert_eq!(run.status, RunStatus::Failed);
-        assert_eq!(run.trigger, "manual");
+        assert_eq!(run.trigger.as_str(), "manual");
         assert!(
             run.error
                 .as_deref()
@@ -110,7 +110,7 @@ async fn a_permanent_failure_is_dead_at_once_and_replays_after_the_fix() {
     let spec = pipeline(dir.path());
     let source = PipelineSource::from_spec(&spec.source, None).expect("source");
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let job = SyncJob::new("acme", "inv", Trigger::Cron);
+    let job = SyncJob::new("acme", "inv", RunTrigger::Cron);
     let policy = RetryPolicy::with_base(Duration::from_millis(1));
     // The file is missing: not worth retrying.
     let JobOutcome::Dead {
@@ -147,7 +147,7 @@ async fn a_permanent_failure_is_dead_at_once_and_replays_after_the_fix() {
     else {
         panic!("replay should succeed")
     };
-    assert_eq!(report.ledger.trigger, "replay");
+    assert_eq!(report.ledger.trigger.as_str(), "replay");
     assert_eq!(report.ledger.counts.inserted, 2);
     let letter = w
         .dead_letter(&tenant(), &dead_letter)
@@ -174,7 +174,7 @@ async fn a_job_that_keeps_failing_transiently_is_dead_after_five_attempts() {
         calls: AtomicU32::new(0),
     };
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let job = SyncJob::new("acme", "inv", Trigger::Api);
+    let job = SyncJob::new("acme", "inv", RunTrigger::Api);
     let outcome = run_sync_job(
         &job,
         &spec,

@@ -11,7 +11,7 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::control::{ApiKeyRecord, DeadLetter, Role};
 use crate::error::{EngineError, ErrorKind, Result};
-use crate::ledger::{RowCounts, RunLedger, RunStatus};
+use crate::ledger::{RowCounts, RunLedger, RunStatus, RunTrigger};
 use crate::quarantine::{QuarantineStatus, QuarantinedRow, SourcePosition};
 use crate::tenant::TenantSlug;
 
@@ -121,12 +121,18 @@ pub(crate) fn parse_instant(text: &str) -> Result<DateTime<Utc>> {
 /// A run's ledger.
 pub(crate) fn ledger_from_row(tenant: &TenantSlug, r: &impl StoredRow) -> Result<RunLedger> {
     let status: String = r.value("status")?;
+    let trigger: String = r.value("trigger")?;
     Ok(RunLedger {
         run_id: r.value("run_id")?,
         tenant: tenant.to_string(),
         pipeline: r.value("pipeline")?,
         entity: r.value("entity")?,
-        trigger: r.value("trigger")?,
+        trigger: RunTrigger::parse(&trigger).ok_or_else(|| {
+            EngineError::new(
+                ErrorKind::Warehouse,
+                format!("unknown run trigger {trigger}"),
+            )
+        })?,
         started_at: r.required_instant("started_at")?,
         finished_at: r.instant("finished_at")?,
         status: RunStatus::parse(&status).ok_or_else(|| {

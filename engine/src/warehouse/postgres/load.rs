@@ -145,7 +145,7 @@ impl LoadStore for PostgresWarehouse {
         .bind(&ledger.run_id)
         .bind(&ledger.pipeline)
         .bind(&ledger.entity)
-        .bind(&ledger.trigger)
+        .bind(ledger.trigger.as_str())
         .bind(ledger.started_at)
         .bind(&ledger.rules_hash)
         .execute(&mut *tx)

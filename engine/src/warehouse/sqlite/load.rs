@@ -184,7 +184,7 @@ impl LoadStore for SqliteWarehouse {
         .bind(&ledger.run_id)
         .bind(&ledger.pipeline)
         .bind(&ledger.entity)
-        .bind(&ledger.trigger)
+        .bind(ledger.trigger.as_str())
         .bind(ledger.started_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
         .bind(&ledger.rules_hash)
         .execute(&pool)
