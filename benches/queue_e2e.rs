@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
+use sluice_engine::RunTrigger;
 use sluice_engine::TenantSlug;
 use sluice_engine::control::PipelineStore;
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_workers::coord::RedisLocks;
-use sluice_workers::jobs::RunTrigger;
 use sluice_workers::scheduler::{Scheduler, SchedulerOptions};
 use sluice_workers::{QueueSettings, Queues, TriggerOutcome, TriggerRequest};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};

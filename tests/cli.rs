@@ -382,7 +382,7 @@ async fn runs_and_dead_letters_from_the_command_line() {
     let job = sluice_workers::jobs::SyncJob::new(
         "acme",
         "acme-invoices",
-        sluice_workers::jobs::RunTrigger::Cron,
+        sluice_engine::RunTrigger::Cron,
     );
     warehouse
         .record_dead_letter(&sluice_engine::control::DeadLetter {

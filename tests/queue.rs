@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
+use sluice_engine::RunTrigger;
 use sluice_engine::control::PipelineStore;
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
 use sluice_pipelines::PipelineSpec;
-use sluice_workers::jobs::RunTrigger;
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers};
@@ -767,4 +767,87 @@ async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
     let read: u64 = runs.iter().map(|r| r.counts.rows_read).sum();
     assert_eq!(read, exp.rows_read);
     assert_loaded_exactly(&w, &exp).await;
+}
+
+#[tokio::test]
+async fn a_dead_sync_is_replayed_through_the_queue_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let w = Arc::new(SqliteWarehouse::new(&data));
+    let (csv, exp) = messy_invoices(500, 31);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 100, None);
+    register(&*w, &spec).await;
+    // The file goes missing: the sync dies at once (not worth retrying).
+    let file = dir.path().join("invoices.csv");
+    std::fs::remove_file(&file).expect("remove");
+    let queues = Arc::new(
+        Queues::connect(settings(None, &data))
+            .await
+            .expect("queues"),
+    );
+    let env = Arc::new(WorkerEnv::new(
+        w.clone(),
+        queues.clone(),
+        RetryPolicy::with_base(Duration::from_millis(10)),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(async move {
+        run_workers(env, &WorkerOptions::default(), async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let wait = |run: String| {
+        let q = queues.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                q.wait(&run, Duration::from_millis(50)),
+            )
+            .await
+            .expect("the job ends")
+            .expect("result")
+        }
+    };
+    let tenant = slug("acme");
+    let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
+    let dead = wait(sync.run_id.clone()).await;
+    assert_eq!(dead.status, JobStatus::Dead, "{dead:?}");
+    let letter = dead.dead_letter.expect("a dead letter");
+
+    // The admin puts the file back and replays the dead sync.
+    std::fs::write(&file, &csv).expect("the admin fixes the cause");
+    let replay = queues
+        .replay_dead_letter(&*w, &tenant, &letter, None)
+        .await
+        .expect("replay queued");
+    let result = wait(replay.run_id.clone()).await;
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    let run = result.final_run_id.expect("final run");
+    let ledger = w.run(&tenant, &run).await.expect("ledger").expect("run");
+    assert_eq!(ledger.trigger, RunTrigger::Replay);
+    assert_eq!(ledger.counts.rows_read, exp.rows_read);
+    assert_eq!(ledger.counts.inserted, exp.loaded);
+    let stored = w
+        .dead_letter(&tenant, &letter)
+        .await
+        .expect("read")
+        .expect("still there");
+    assert_eq!(stored.replay_run.as_deref(), Some(replay.run_id.as_str()));
+
+    // Once only, whoever asks.
+    let again = queues
+        .replay_dead_letter(&*w, &tenant, &letter, None)
+        .await
+        .expect_err("a second replay is refused");
+    assert_eq!(again.kind(), sluice_workers::WorkerErrorKind::Conflict);
+    assert!(again.to_string().contains("already replayed"), "{again}");
+    let missing = queues
+        .replay_dead_letter(&*w, &tenant, "no-such-letter", None)
+        .await
+        .expect_err("no such letter");
+    assert_eq!(missing.kind(), sluice_workers::WorkerErrorKind::NotFound);
+
+    let _ = stop.send(());
+    worker.await.expect("join").expect("workers");
 }

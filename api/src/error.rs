@@ -78,11 +78,19 @@ impl From<EngineError> for ApiError {
 
 impl From<sluice_workers::WorkerError> for ApiError {
     fn from(e: sluice_workers::WorkerError) -> Self {
-        tracing::warn!(error = %e, "queue unavailable");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the job queue is unavailable; retry later",
-        )
+        use sluice_workers::WorkerErrorKind;
+        match e.kind() {
+            WorkerErrorKind::NotFound => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            WorkerErrorKind::Conflict => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            WorkerErrorKind::Job => ApiError::bad_request(e.to_string()),
+            WorkerErrorKind::Queue => {
+                tracing::warn!(error = %e, "queue unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the job queue is unavailable; retry later",
+                )
+            }
+        }
     }
 }
 

@@ -11,12 +11,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_connectors::Source;
+use sluice_engine::RunTrigger;
 use sluice_engine::TenantSlug;
 use sluice_engine::control::{NewApiKey, Role, StoredPipeline};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunLedger, RunStatus};
 use sluice_pipelines::{PipelineSource, PipelineSpec};
-use sluice_workers::jobs::{ReplaySelection, RunTrigger};
+use sluice_workers::jobs::ReplaySelection;
 use sluice_workers::{TriggerOutcome, TriggerRequest};
 
 use crate::auth::Caller;
@@ -442,7 +443,8 @@ pub async fn get_dead_letter<W: Store>(
     ok(json!(letter))
 }
 
-/// `POST /v1/dead-letters/{id}/replay`: queues the dead sync again (trigger `replay`), once.
+/// `POST /v1/dead-letters/{id}/replay`: queues the dead sync again (trigger `replay`), once
+/// (see `Queues::replay_dead_letter`, which the CLI shares).
 pub async fn replay_dead_letter<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -450,36 +452,9 @@ pub async fn replay_dead_letter<W: Store>(
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Admin)?;
-    let letter = s
-        .warehouse
-        .dead_letter(tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("dead letter {id}")))?;
-    if let Some(run) = &letter.replay_run {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("dead letter {id} was already replayed as run {run}"),
-        ));
-    }
-    if letter.job_kind != "sync" {
-        return Err(ApiError::bad_request(format!(
-            "dead letter {id} is a {} job: replay its rows with POST /v1/quarantine/retry",
-            letter.job_kind
-        )));
-    }
     let triggered = s
         .queues
-        .trigger(&TriggerRequest {
-            tenant: tenant.to_string(),
-            pipeline: letter.pipeline.clone(),
-            trigger: RunTrigger::Replay,
-            idempotency_key: Some(format!("dead-letter:{id}")),
-            correlation_id: Some(request_id),
-            file: None,
-        })
-        .await?;
-    s.warehouse
-        .mark_dead_letter_replayed(tenant, &id, &triggered.run_id)
+        .replay_dead_letter(&*s.warehouse, tenant, &id, Some(request_id))
         .await?;
     audit(
         &s,

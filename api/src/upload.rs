@@ -13,10 +13,10 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use sluice_engine::RunTrigger;
 use sluice_engine::control::Role;
 use sluice_pipelines::PipelineSpec;
 use sluice_workers::TriggerRequest;
-use sluice_workers::jobs::RunTrigger;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::Caller;

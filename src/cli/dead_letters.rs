@@ -4,9 +4,13 @@ use super::tenants_to_search;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde_json::json;
-use sluice_engine::Warehouse;
-use sluice_engine::control::PipelineStore;
-use sluice_pipelines::{PipelineSource, PipelineSpec};
+use sluice_engine::Store;
+use sluice_pipelines::PipelineSpec;
+use sluice_workers::retry::RetryPolicy;
+use sluice_workers::worker::WorkerEnv;
+use sluice_workers::{JobStatus, QueueSettings, Queues};
+
+use super::queue::wait_for_job;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,8 +30,9 @@ pub(super) enum DeadLettersCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replay a dead job once its cause is fixed (with the usual retries); a dead letter is
-    /// replayed at most once. The job's pipeline is the registered one, or the file given.
+    /// Replay a dead sync once its cause is fixed: queued again as the API does (with the
+    /// usual retries) and waited for; a dead letter is replayed at most once. The job's
+    /// pipeline is the registered one, or the file given.
     #[command(
         after_help = "Example:\n  sluice dead-letters replay 0193a6f0-...\n  sluice dead-letters replay 0193a6f0-... --pipeline examples/invoices.toml"
     )]
@@ -40,15 +45,20 @@ pub(super) enum DeadLettersCommand {
         /// Register this pipeline file (the fixed definition) and replay with it.
         #[arg(long)]
         pipeline: Option<PathBuf>,
+        /// Queue the replay and return without waiting for it.
+        #[arg(long)]
+        no_wait: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
 }
 
-pub(super) async fn dead_letters_command<W: Warehouse + PipelineStore + 'static>(
+pub(super) async fn dead_letters_command<W: Store>(
     shared: Arc<W>,
     cmd: DeadLettersCommand,
+    queue: QueueSettings,
+    policy: RetryPolicy,
 ) -> Result<ExitCode> {
     let warehouse = &*shared;
     match cmd {
@@ -87,6 +97,7 @@ pub(super) async fn dead_letters_command<W: Warehouse + PipelineStore + 'static>
             id,
             tenant,
             pipeline,
+            no_wait,
             json,
         } => {
             if let Some(file) = &pipeline {
@@ -110,45 +121,54 @@ pub(super) async fn dead_letters_command<W: Warehouse + PipelineStore + 'static>
                         letter.pipeline
                     )
                 })?;
-            let spec = PipelineSpec::from_stored(&stored.spec, &stored.secrets)?;
-            let source = PipelineSource::for_pipeline(&spec, shared.clone())?;
-            let outcome = sluice_workers::jobs::replay_dead_letter(
-                &tenant,
-                &id,
-                &spec,
-                &source,
-                warehouse,
-                &sluice_workers::retry::RetryPolicy::default(),
-                &sluice_pipelines::Quiet,
-            )
-            .await?;
-            match outcome {
-                sluice_workers::jobs::JobOutcome::Succeeded { report, .. } => {
+            PipelineSpec::from_stored(&stored.spec, &stored.secrets)?;
+            // The same replay as the API's: queued once, the letter marked by the run.
+            let env = Arc::new(WorkerEnv::new(
+                shared.clone(),
+                Arc::new(Queues::connect(queue).await?),
+                policy,
+            ));
+            let queued = env
+                .queues
+                .replay_dead_letter(warehouse, &tenant, &id, None)
+                .await?;
+            if no_wait {
+                if json {
+                    println!(
+                        "{}",
+                        json!({ "dead_letter": id, "status": "queued", "run_id": queued.run_id })
+                    );
+                } else {
+                    println!("replay of dead letter {id} queued: {}", queued.run_id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (result, ledger) = wait_for_job(env, &tenant, &queued.run_id).await?;
+            match (result.status, ledger) {
+                (JobStatus::Succeeded, Some(ledger)) => {
                     if json {
                         println!(
                             "{}",
-                            json!({ "dead_letter": id, "status": "replayed", "run": report.ledger.to_json() })
+                            json!({ "dead_letter": id, "status": "replayed", "run": ledger.to_json() })
                         );
                     } else {
                         println!(
                             "replayed dead letter {id} as run {} ({} rows read)",
-                            report.ledger.run_id, report.ledger.counts.rows_read
+                            ledger.run_id, ledger.counts.rows_read
                         );
                     }
                 }
-                sluice_workers::jobs::JobOutcome::Dead {
-                    dead_letter,
-                    reason,
-                    ..
-                } => {
+                _ => {
+                    let reason = result.reason.unwrap_or_else(|| "failed".into());
                     if json {
                         println!(
                             "{}",
-                            json!({ "dead_letter": id, "status": "dead", "new_dead_letter": dead_letter, "reason": reason })
+                            json!({ "dead_letter": id, "status": "dead", "new_dead_letter": result.dead_letter, "reason": reason })
                         );
                     } else {
                         eprintln!(
-                            "the replay failed too ({reason}); new dead letter {dead_letter}"
+                            "the replay failed too ({reason}); new dead letter {}",
+                            result.dead_letter.as_deref().unwrap_or("?")
                         );
                     }
                     return Ok(ExitCode::from(1));

@@ -290,7 +290,7 @@ async fn run_command<W: sluice_engine::Store>(
         Command::Key(cmd) => key_command(warehouse, cmd).await,
         Command::Source(cmd) => source_command(shared, cmd).await,
         Command::Runs(cmd) => runs_command(warehouse, cmd).await,
-        Command::DeadLetters(cmd) => dead_letters_command(shared, cmd).await,
+        Command::DeadLetters(cmd) => dead_letters_command(shared, cmd, queue, policy).await,
         Command::Sync(args) => sync(shared, &args).await,
         Command::Quarantine(cmd) => quarantine(shared, cmd, queue, policy).await,
         Command::Finance(FinanceCommand::ArAging(a)) => {

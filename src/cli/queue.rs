@@ -5,13 +5,13 @@ use super::sync::print_report;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
+use sluice_engine::RunTrigger;
 use sluice_engine::control::PipelineStore;
-use sluice_engine::{TenantSlug, Warehouse};
+use sluice_engine::{RunLedger, TenantSlug, Warehouse};
 use sluice_pipelines::{PipelineSpec, RunReport};
-use sluice_workers::jobs::RunTrigger;
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers, shutdown_signal};
-use sluice_workers::{JobStatus, TriggerOutcome, TriggerRequest};
+use sluice_workers::{JobResult, JobStatus, TriggerOutcome, TriggerRequest};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -200,14 +200,13 @@ pub(super) async fn trigger<W: Warehouse + PipelineStore + 'static>(
     wait_and_report(env, &tenant, &triggered.run_id, args.json).await
 }
 
-/// Waits for the job of `run_id` (running it here with the embedded queue when no worker
-/// takes it) and prints its final run as `sync` does.
-pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
+/// Waits for the job of `run_id`, running it here with the embedded queue when no worker
+/// takes it; returns how it ended and its final run's ledger.
+pub(super) async fn wait_for_job<W: Warehouse + PipelineStore + 'static>(
     env: Arc<WorkerEnv<W>>,
     tenant: &TenantSlug,
     run_id: &str,
-    json_out: bool,
-) -> Result<ExitCode> {
+) -> Result<(JobResult, Option<RunLedger>)> {
     // With the embedded queue there may be no worker: run one here until the run ends.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let local = (!env.queues.is_redis()).then(|| {
@@ -229,11 +228,23 @@ pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
         worker.await??;
     }
     let result = waited?;
-    let final_run = result.final_run_id.clone();
-    let ledger = match &final_run {
+    let ledger = match &result.final_run_id {
         Some(run) => env.warehouse.run(tenant, run).await?,
         None => None,
     };
+    Ok((result, ledger))
+}
+
+/// Waits for the job of `run_id` (see [`wait_for_job`]) and prints its final run as `sync`
+/// does.
+pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
+    env: Arc<WorkerEnv<W>>,
+    tenant: &TenantSlug,
+    run_id: &str,
+    json_out: bool,
+) -> Result<ExitCode> {
+    let (result, ledger) = wait_for_job(env, tenant, run_id).await?;
+    let final_run = result.final_run_id.clone();
     match (result.status, ledger) {
         (JobStatus::Succeeded, Some(ledger)) => {
             let duration = ledger

@@ -1,14 +1,27 @@
-//! Worker failures: the queue, the lock, or the job itself.
+//! Worker failures: the queue, the lock, or the job itself. A failure keeps its cause
+//! (`source()`), so a caller can look beneath the message.
 
+use std::error::Error as StdError;
 use std::fmt;
 
 /// Where a worker failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerErrorKind {
-    /// Redis or the embedded queue failed.
+    /// Redis, the embedded queue or the store failed: worth retrying later.
     Queue,
     /// A job's payload or configuration is wrong.
     Job,
+    /// What was asked for does not exist.
+    NotFound,
+    /// What was asked for was done already (a dead letter replayed once).
+    Conflict,
+}
+
+impl WorkerErrorKind {
+    /// Whether asking again later may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, WorkerErrorKind::Queue)
+    }
 }
 
 /// A worker failure.
@@ -16,6 +29,7 @@ pub enum WorkerErrorKind {
 pub struct WorkerError {
     kind: WorkerErrorKind,
     message: String,
+    source: Option<Box<dyn StdError + Send + Sync>>,
 }
 
 impl WorkerError {
@@ -24,7 +38,14 @@ impl WorkerError {
         WorkerError {
             kind,
             message: message.into(),
+            source: None,
         }
+    }
+
+    /// The same error caused by `source` (its text follows the message).
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
     }
 
     /// The kind.
@@ -35,8 +56,18 @@ impl WorkerError {
 
 impl fmt::Display for WorkerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        f.write_str(&self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
     }
 }
 
-impl std::error::Error for WorkerError {}
+impl StdError for WorkerError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}

@@ -5,7 +5,6 @@
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use sluice_connectors::Source;
-use sluice_engine::TenantSlug;
 use sluice_engine::control::DeadLetter;
 use sluice_engine::warehouse::Warehouse;
 use sluice_pipelines::{
@@ -16,8 +15,7 @@ use tracing::Instrument;
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
 
-/// What started a sync: the engine's run trigger, one enum for the ledger and the queue.
-pub use sluice_engine::RunTrigger;
+use sluice_engine::RunTrigger;
 
 /// Sync one pipeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,43 +213,4 @@ pub fn replay_dead_letter_record(job: &ReplayJob, failed: &[Attempt], reason: &s
             reason,
         )
     }
-}
-
-/// Replays a dead sync job as a new job (trigger `replay`), once: a dead letter already
-/// replayed is refused.
-pub async fn replay_dead_letter<S: Source, W: Warehouse>(
-    tenant: &TenantSlug,
-    id: &str,
-    spec: &PipelineSpec,
-    source: &S,
-    warehouse: &W,
-    policy: &RetryPolicy,
-    observer: &dyn RunObserver,
-) -> Result<JobOutcome, WorkerError> {
-    let job_error = |m: String| WorkerError::new(WorkerErrorKind::Job, m);
-    let letter = warehouse
-        .dead_letter(tenant, id)
-        .await
-        .map_err(|e| job_error(e.to_string()))?
-        .ok_or_else(|| job_error(format!("no dead letter {id} for tenant {tenant}")))?;
-    if letter.replayed_at.is_some() {
-        return Err(job_error(format!(
-            "dead letter {id} was already replayed (run {})",
-            letter.replay_run.as_deref().unwrap_or("?")
-        )));
-    }
-    let original: SyncJob = serde_json::from_value(letter.job.clone())
-        .map_err(|e| job_error(format!("dead letter {id} holds no sync job: {e}")))?;
-    let job = SyncJob {
-        trigger: RunTrigger::Replay,
-        ..SyncJob::new(&original.tenant, &original.pipeline, RunTrigger::Replay)
-    };
-    let outcome = run_sync_job(&job, spec, source, warehouse, policy, observer).await?;
-    if let JobOutcome::Succeeded { report, .. } = &outcome {
-        warehouse
-            .mark_dead_letter_replayed(tenant, id, &report.ledger.run_id)
-            .await
-            .map_err(|e| job_error(e.to_string()))?;
-    }
-    Ok(outcome)
 }

@@ -17,10 +17,14 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
+use sluice_engine::TenantSlug;
+use sluice_engine::control::DeadLetterStore;
+
 use crate::coord::{Acquired, RedisLocks};
 use crate::coord::{Coordinator, SqliteCoord};
 use crate::error::{WorkerError, WorkerErrorKind};
-use crate::jobs::{ReplayJob, ReplaySelection, RunTrigger, SyncJob};
+use crate::jobs::{ReplayJob, ReplaySelection, SyncJob};
+use sluice_engine::RunTrigger;
 
 /// Which queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,8 +157,8 @@ pub struct Queues {
     coord: Coordinator,
 }
 
-fn queue_error(context: &str, e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::new(WorkerErrorKind::Queue, format!("{context}: {e}"))
+fn queue_error(context: &str, e: impl std::error::Error + Send + Sync + 'static) -> WorkerError {
+    WorkerError::new(WorkerErrorKind::Queue, context).with_source(e)
 }
 
 impl Queues {
@@ -266,6 +270,65 @@ impl Queues {
                 .map_err(|e| queue_error("queueing the sync job", e))?;
         }
         Ok(())
+    }
+
+    /// Replays a dead sync: queues it again (trigger `replay`) and marks the dead letter
+    /// replayed by the run it queued, so that a dead letter is replayed at most once,
+    /// whoever asks (the CLI and the API both come here). If the replayed run dies too, it
+    /// becomes a dead letter of its own.
+    pub async fn replay_dead_letter<W: DeadLetterStore>(
+        &self,
+        warehouse: &W,
+        tenant: &TenantSlug,
+        id: &str,
+        correlation_id: Option<String>,
+    ) -> Result<Triggered, WorkerError> {
+        let letter = warehouse
+            .dead_letter(tenant, id)
+            .await
+            .map_err(|e| {
+                WorkerError::new(WorkerErrorKind::Queue, "reading the dead letter").with_source(e)
+            })?
+            .ok_or_else(|| {
+                WorkerError::new(
+                    WorkerErrorKind::NotFound,
+                    format!("no dead letter {id} for tenant {tenant}"),
+                )
+            })?;
+        if let Some(run) = &letter.replay_run {
+            return Err(WorkerError::new(
+                WorkerErrorKind::Conflict,
+                format!("dead letter {id} was already replayed as run {run}"),
+            ));
+        }
+        if letter.job_kind != "sync" {
+            return Err(WorkerError::new(
+                WorkerErrorKind::Job,
+                format!(
+                    "dead letter {id} is a {} job: replay its quarantined rows instead",
+                    letter.job_kind
+                ),
+            ));
+        }
+        let triggered = self
+            .trigger(&TriggerRequest {
+                tenant: tenant.to_string(),
+                pipeline: letter.pipeline.clone(),
+                trigger: RunTrigger::Replay,
+                // Two admins replaying at once get the same run.
+                idempotency_key: Some(format!("dead-letter:{id}")),
+                correlation_id,
+                file: None,
+            })
+            .await?;
+        warehouse
+            .mark_dead_letter_replayed(tenant, id, &triggered.run_id)
+            .await
+            .map_err(|e| {
+                WorkerError::new(WorkerErrorKind::Queue, "marking the dead letter replayed")
+                    .with_source(e)
+            })?;
+        Ok(triggered)
     }
 
     /// Queues a replay of quarantined rows (on the replay queue, so it never holds up

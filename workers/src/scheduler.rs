@@ -15,9 +15,9 @@ use futures_util::StreamExt;
 use sluice_engine::control::{PipelineStore, ScheduledPipeline};
 
 use crate::error::WorkerError;
-use crate::jobs::RunTrigger;
 use crate::metrics::metrics;
 use crate::queue::{Queues, TriggerRequest, Triggered};
+use sluice_engine::RunTrigger;
 
 /// What to do about ticks missed while no scheduler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use apalis::prelude::{
 use chrono::Utc;
 use sluice_engine::control::PipelineStore;
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
-use sluice_engine::{RunStatus, TenantSlug, Warehouse};
+use sluice_engine::{RunStatus, RunTrigger, TenantSlug, Warehouse};
 use sluice_pipelines::replay::replay_quarantined;
 use sluice_pipelines::{
     PipelineError, PipelineErrorKind, PipelineSource, PipelineSpec, Quiet, RunOptions,
@@ -29,8 +29,7 @@ use sluice_pipelines::{
 use crate::coord::Lease;
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::jobs::{
-    JobOutcome, ReplayJob, RunTrigger, SyncJob, continue_sync_job, dead_letter,
-    replay_dead_letter_record,
+    JobOutcome, ReplayJob, SyncJob, continue_sync_job, dead_letter, replay_dead_letter_record,
 };
 use crate::metrics::metrics;
 use crate::queue::{JobResult, JobStatus, QueueName, Queues};
@@ -210,7 +209,7 @@ where
         })
         .await;
     sampler.abort();
-    result.map_err(|e| WorkerError::new(WorkerErrorKind::Queue, format!("workers: {e}")))
+    result.map_err(|e| WorkerError::new(WorkerErrorKind::Queue, "workers").with_source(e))
 }
 
 /// Samples queue depth into the metrics every few seconds.

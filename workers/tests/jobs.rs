@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use sluice_connectors::{
     BatchStream, HealthReport, ReadRequest, Source, SourceError, SourceErrorKind, StreamInfo,
 };
+use sluice_engine::RunTrigger;
 use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug};
 use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet};
-use sluice_workers::jobs::{JobOutcome, RunTrigger, SyncJob, replay_dead_letter, run_sync_job};
+use sluice_workers::jobs::{JobOutcome, SyncJob, run_sync_job};
 use sluice_workers::retry::RetryPolicy;
 
 /// Fails the first `failures` reads with a transient error, then reads normally.
@@ -105,7 +106,7 @@ async fn three_transient_failures_then_success_on_attempt_four() {
 }
 
 #[tokio::test]
-async fn a_permanent_failure_is_dead_at_once_and_replays_after_the_fix() {
+async fn a_permanent_failure_is_dead_at_once_with_its_attempt() {
     let dir = tempfile::tempdir().expect("tmp");
     let spec = pipeline(dir.path());
     let source = PipelineSource::from_spec(&spec.source, None).expect("source");
@@ -138,29 +139,6 @@ async fn a_permanent_failure_is_dead_at_once_and_replays_after_the_fix() {
             .contains("file not found")
     );
     assert_eq!(letter.job["run_id"], job.run_id);
-
-    std::fs::write(dir.path().join("inv.csv"), CSV).expect("the admin fixes the cause");
-    let JobOutcome::Succeeded { report, .. } =
-        replay_dead_letter(&tenant(), &dead_letter, &spec, &source, &w, &policy, &Quiet)
-            .await
-            .expect("replay")
-    else {
-        panic!("replay should succeed")
-    };
-    assert_eq!(report.ledger.trigger.as_str(), "replay");
-    assert_eq!(report.ledger.counts.inserted, 2);
-    let letter = w
-        .dead_letter(&tenant(), &dead_letter)
-        .await
-        .expect("read")
-        .expect("still there");
-    assert_eq!(
-        letter.replay_run.as_deref(),
-        Some(report.ledger.run_id.as_str())
-    );
-    let again =
-        replay_dead_letter(&tenant(), &dead_letter, &spec, &source, &w, &policy, &Quiet).await;
-    assert!(again.is_err_and(|e| e.to_string().contains("already replayed")));
 }
 
 #[tokio::test]

@@ -36,7 +36,7 @@ const ADVANCE_TICK: &str = r"local v = redis.call('GET', KEYS[1]) if v == false 
 const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 fn redis_error(context: &str, e: redis::RedisError) -> WorkerError {
-    WorkerError::new(WorkerErrorKind::Queue, format!("{context}: {e}"))
+    WorkerError::new(WorkerErrorKind::Queue, context).with_source(e)
 }
 
 impl RedisLocks {

@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS sluice_ticks (pipeline TEXT PRIMARY KEY, tick INTEGER
 ";
 
 fn db_error(context: &str, e: sqlx::Error) -> WorkerError {
-    WorkerError::new(WorkerErrorKind::Queue, format!("{context}: {e}"))
+    WorkerError::new(WorkerErrorKind::Queue, context).with_source(e)
 }
 
 fn now_ms() -> i64 {
