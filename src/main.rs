@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(1)
         }
     }
@@ -41,5 +41,34 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// An error and its causes, each said once: sluice's errors already end with their
+/// cause's text, so a cause the text holds is not repeated.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::other("connection reset");
+        let wrapped = anyhow::Error::new(io).context("reading the file: connection reset");
+        assert_eq!(error_text(&wrapped), "reading the file: connection reset");
+        let io = std::io::Error::other("connection reset");
+        let bare = anyhow::Error::new(io).context("reading the file");
+        assert_eq!(error_text(&bare), "reading the file: connection reset");
     }
 }

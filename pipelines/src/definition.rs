@@ -18,10 +18,11 @@ impl PipelineSpec {
     /// Reads and checks a pipeline file; relative paths in it are resolved against its
     /// directory.
     pub fn from_file(path: &Path) -> Result<Self, PipelineError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| config(format!("cannot read pipeline file {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            config(format!("cannot read pipeline file {}", path.display())).with_source(e)
+        })?;
         let mut spec = Self::from_toml(&text)
-            .map_err(|e| config(format!("{}: {}", path.display(), e.message())))?;
+            .map_err(|e| config(path.display().to_string()).with_source(e))?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         spec.resolve_paths(base);
         Ok(spec)
@@ -30,8 +31,8 @@ impl PipelineSpec {
     /// Parses and checks pipeline TOML.
     pub fn from_toml(text: &str) -> Result<Self, PipelineError> {
         let _: toml::Table =
-            toml::from_str(text).map_err(|e| config(format!("not valid TOML: {e}")))?;
-        let spec: PipelineSpec = toml::from_str(text).map_err(|e| config(e.to_string()))?;
+            toml::from_str(text).map_err(|e| config("not valid TOML").with_source(e))?;
+        let spec: PipelineSpec = toml::from_str(text).map_err(|e| config("").with_source(e))?;
         spec.check()?;
         Ok(spec)
     }
@@ -84,7 +85,7 @@ impl PipelineSpec {
                 }
                 if let Some(c) = &q.soft_delete {
                     sluice_connectors::sql::check_identifier("soft_delete column", c)
-                        .map_err(|e| config(format!("[source] {}", e.message())))?;
+                        .map_err(|e| config("[source]").with_source(e))?;
                 }
             }
             SourceSpec::Quickbooks(_) | SourceSpec::Odoo(_) => {

@@ -1,6 +1,8 @@
 //! Pipeline failures: one type for everything a run can hit, keeping the kind of the layer
-//! it came from so callers can decide whether to retry.
+//! it came from so callers can decide whether to retry, and the error itself as the cause
+//! (`source()`), so nothing beneath is flattened into a string.
 
+use std::error::Error as StdError;
 use std::fmt;
 
 use sluice_connectors::{SourceError, SourceErrorKind};
@@ -21,7 +23,9 @@ pub enum PipelineErrorKind {
 #[derive(Debug)]
 pub struct PipelineError {
     kind: PipelineErrorKind,
+    /// What went wrong at this layer; empty when the cause says it all.
     message: String,
+    source: Option<Box<dyn StdError + Send + Sync>>,
     run_id: Option<String>,
 }
 
@@ -31,8 +35,15 @@ impl PipelineError {
         PipelineError {
             kind,
             message: message.into(),
+            source: None,
             run_id: None,
         }
+    }
+
+    /// The same error caused by `source` (its text follows the message).
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
     }
 
     /// Records which run failed.
@@ -51,9 +62,9 @@ impl PipelineError {
         self.run_id.as_deref()
     }
 
-    /// The message.
-    pub fn message(&self) -> &str {
-        &self.message
+    /// The whole message, the cause's text included.
+    pub fn message(&self) -> String {
+        self.to_string()
     }
 
     /// Whether running again later may succeed (network, rate limits, an unavailable
@@ -69,20 +80,30 @@ impl PipelineError {
 
 impl fmt::Display for PipelineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        match (&self.source, self.message.is_empty()) {
+            (Some(source), true) => write!(f, "{source}"),
+            (Some(source), false) => write!(f, "{}: {source}", self.message),
+            (None, _) => f.write_str(&self.message),
+        }
     }
 }
 
-impl std::error::Error for PipelineError {}
+impl StdError for PipelineError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
 
 impl From<EngineError> for PipelineError {
     fn from(e: EngineError) -> Self {
-        PipelineError::new(PipelineErrorKind::Engine(e.kind()), e.to_string())
+        PipelineError::new(PipelineErrorKind::Engine(e.kind()), "").with_source(e)
     }
 }
 
 impl From<SourceError> for PipelineError {
     fn from(e: SourceError) -> Self {
-        PipelineError::new(PipelineErrorKind::Source(e.kind()), e.to_string())
+        PipelineError::new(PipelineErrorKind::Source(e.kind()), "").with_source(e)
     }
 }

@@ -165,7 +165,7 @@ pub(crate) async fn end_run<W: LoadStore>(
         Err(e) => {
             tracing::warn!(error = %e, "run failed");
             if let Err(record) = warehouse
-                .finish_run(tenant, run_id, RunStatus::Failed, Some(e.message()))
+                .finish_run(tenant, run_id, RunStatus::Failed, Some(&e.message()))
                 .await
             {
                 tracing::error!(error = %record, "could not record the failed run");

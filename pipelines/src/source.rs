@@ -117,10 +117,7 @@ impl PipelineSource {
 }
 
 fn source_config(e: SourceError) -> PipelineError {
-    PipelineError::new(
-        PipelineErrorKind::Config,
-        format!("[source] {}", e.message()),
-    )
+    PipelineError::new(PipelineErrorKind::Config, "[source]").with_source(e)
 }
 
 fn quickbooks_source(
@@ -192,7 +189,7 @@ fn sql_source(kind: SqlKind, spec: &SqlSpec) -> Result<SqlSource, PipelineError>
             ));
         }
     }
-    .map_err(|e| config(format!("[source] {}", e.message())))?;
+    .map_err(source_config)?;
     let tls = match spec.tls.as_deref() {
         None => None,
         Some("disable") => Some(TlsMode::Disable),
@@ -212,7 +209,7 @@ fn sql_source(kind: SqlKind, spec: &SqlSpec) -> Result<SqlSource, PipelineError>
         cursor: spec.cursor.clone(),
         tls,
     })
-    .map_err(|e| config(format!("[source] {}", e.message())))
+    .map_err(source_config)
 }
 
 impl Source for PipelineSource {

@@ -292,7 +292,7 @@ impl ScheduleSpec {
             .seconds(croner::parser::Seconds::Optional)
             .build()
             .parse(&self.cron)
-            .map_err(|e| config(format!("[schedule] cron '{}': {e}", self.cron)))
+            .map_err(|e| config(format!("[schedule] cron '{}'", self.cron)).with_source(e))
     }
 }
 
