@@ -46,12 +46,36 @@ pub fn aging_bucket_sql() -> String {
     format!("CASE {arms}ELSE '{}' END", AGING_BUCKETS[4])
 }
 
-/// A document that counts in every aggregate: not deleted at the source, not void.
+/// Whether a document counts in every aggregate: not deleted at the source and not void.
+/// A document without a status does not count (as SQL's `status <> 'void'` on NULL).
+pub fn is_live_document(deleted: bool, status: Option<&str>) -> bool {
+    !deleted && status.is_some_and(|s| s != "void")
+}
+
+/// [`is_live_document`] as an SQL condition.
 pub const LIVE_DOCUMENT_SQL: &str = "deleted_at IS NULL AND status <> 'void'";
 
-/// A document's signed amount: credit notes count negative.
+/// A document's amount as it counts: credit notes negative.
+pub fn signed_units(kind: Option<&str>, units: i128) -> i128 {
+    if kind == Some("credit_note") {
+        -units
+    } else {
+        units
+    }
+}
+
+/// [`signed_units`] as an SQL expression over `amount`.
 pub fn signed_sql(amount: &str) -> String {
     format!("CASE WHEN kind = 'credit_note' THEN -{amount} ELSE {amount} END")
+}
+
+/// The profitability line of a document: invoices are revenue; a bill's line is its
+/// category (`cogs` or `expense`), none when it has no category.
+pub fn profit_line(bill_category: Option<Option<&str>>) -> Option<&str> {
+    match bill_category {
+        None => Some("revenue"),
+        Some(category) => category,
+    }
 }
 
 /// The documents the anomaly checks read: live invoices and bills proper (credit notes are
@@ -213,6 +237,60 @@ mod tests {
             ("2025-12-30", "over_90"),
         ] {
             assert_eq!(aging_bucket(day(due), as_of), bucket, "due {due}");
+        }
+    }
+
+    /// The SQL fragments say what the Rust rules say, row by row (on SQLite in memory).
+    #[tokio::test]
+    async fn sql_fragments_agree_with_the_rules() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect("sqlite::memory:")
+            .await
+            .expect("sqlite");
+        let cases: [(Option<&str>, Option<&str>, Option<&str>); 7] = [
+            (None, Some("open"), Some("invoice")),
+            (None, Some("paid"), Some("credit_note")),
+            (None, Some("void"), Some("invoice")),
+            (None, None, Some("invoice")),
+            (Some("2024-01-01T00:00:00Z"), Some("open"), Some("invoice")),
+            (None, Some("open"), None),
+            (None, Some("draft"), Some("credit_note")),
+        ];
+        for (deleted_at, status, kind) in cases {
+            let (live, signed): (Option<bool>, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {LIVE_DOCUMENT_SQL}, {} FROM (SELECT ? AS deleted_at, ? AS status, ? AS kind, 125 AS total)",
+                signed_sql("total")
+            )))
+            .bind(deleted_at)
+            .bind(status)
+            .bind(kind)
+            .fetch_one(&pool)
+            .await
+            .expect("query");
+            assert_eq!(
+                live.unwrap_or(false),
+                is_live_document(deleted_at.is_some(), status),
+                "{deleted_at:?} {status:?}"
+            );
+            assert_eq!(i128::from(signed), signed_units(kind, 125), "{kind:?}");
+        }
+        for (due, as_of) in [
+            ("2026-04-01", "2026-03-31"),
+            ("2026-03-01", "2026-03-31"),
+            ("2026-01-30", "2026-03-31"),
+            ("2025-12-31", "2026-03-31"),
+            ("2025-12-30", "2026-03-31"),
+        ] {
+            let bucket: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT {} FROM (SELECT CAST(julianday(?) - julianday(?) AS INTEGER) AS d)",
+                aging_bucket_sql()
+            )))
+            .bind(as_of)
+            .bind(due)
+            .fetch_one(&pool)
+            .await
+            .expect("bucket");
+            assert_eq!(bucket, aging_bucket(day(due), day(as_of)), "due {due}");
         }
     }
 

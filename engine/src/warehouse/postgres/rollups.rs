@@ -6,6 +6,7 @@
 use super::{PostgresWarehouse, db, schema_of, table};
 use crate::entity::Entity;
 use crate::error::Result;
+use crate::finance_rules::{is_live_document, profit_line, signed_units};
 use crate::money::display_decimal;
 use crate::tenant::TenantSlug;
 use crate::validate::{dates, money, strings};
@@ -193,26 +194,19 @@ impl<'a> RollupDelta<'a> {
                 let (total, balance) = (money(rows, "total"), money(rows, "balance"));
                 for &(row, _) in selection {
                     let row = row as usize;
-                    let counts = live(row) && status.is_valid(row) && status.value(row) != "void";
+                    let counts = is_live_document(!live(row), text(status, row));
                     let Some(c) = text(currency, row).filter(|_| counts) else {
                         continue;
                     };
-                    let sign = if kind.is_valid(row) && kind.value(row) == "credit_note" {
-                        -1
-                    } else {
-                        1
-                    };
-                    let line = match category {
-                        None => Some("revenue"),
-                        Some(a) => text(a, row),
-                    };
+                    let kind = text(kind, row);
+                    let line = profit_line(category.map(|a| text(a, row)));
                     if let (Some(line), Some(on), true) =
                         (line, day(issue, row), total.is_valid(row))
                     {
                         let key = (c, on, line);
                         add(
                             delta.profit.entry(key).or_default(),
-                            sign * total.value(row),
+                            signed_units(kind, total.value(row)),
                         );
                     }
                     if let (true, Some(on)) = (
@@ -222,7 +216,7 @@ impl<'a> RollupDelta<'a> {
                         let key = (side, c, on);
                         add(
                             delta.open.entry(key).or_default(),
-                            sign * balance.value(row),
+                            signed_units(kind, balance.value(row)),
                         );
                     }
                 }
@@ -329,4 +323,27 @@ where
     .await
     .map_err(db(format!("adding to {rollup}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::migrate::TENANT_MIGRATIONS;
+    use crate::finance_rules::{LIVE_DOCUMENT_SQL, signed_sql};
+
+    /// Applied migrations are history and are never edited: when a rule changes, this
+    /// says that the rollups' views and triggers need a new migration stating it.
+    #[test]
+    fn the_rollup_migration_states_the_finance_rules() {
+        let (_, rollups) = TENANT_MIGRATIONS
+            .iter()
+            .find(|(v, _)| *v == 5)
+            .expect("migration 5");
+        for rule in [
+            LIVE_DOCUMENT_SQL.to_string(),
+            signed_sql("total"),
+            signed_sql("balance"),
+        ] {
+            assert!(rollups.contains(&rule), "migration 5 does not state {rule}");
+        }
+    }
 }
