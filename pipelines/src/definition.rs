@@ -6,23 +6,20 @@
 
 use std::path::Path;
 
-use crate::error::{PipelineError, PipelineErrorKind};
+use crate::error::PipelineError;
 use crate::source::PipelineSource;
 use crate::spec::{PipelineSpec, SourceSpec, check_pipeline_name};
-
-fn config(message: impl Into<String>) -> PipelineError {
-    PipelineError::new(PipelineErrorKind::Config, message)
-}
 
 impl PipelineSpec {
     /// Reads and checks a pipeline file; relative paths in it are resolved against its
     /// directory.
     pub fn from_file(path: &Path) -> Result<Self, PipelineError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            config(format!("cannot read pipeline file {}", path.display())).with_source(e)
+            PipelineError::config(format!("cannot read pipeline file {}", path.display()))
+                .with_source(e)
         })?;
         let mut spec = Self::from_toml(&text)
-            .map_err(|e| config(path.display().to_string()).with_source(e))?;
+            .map_err(|e| PipelineError::config(path.display().to_string()).with_source(e))?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         spec.resolve_paths(base);
         Ok(spec)
@@ -30,9 +27,10 @@ impl PipelineSpec {
 
     /// Parses and checks pipeline TOML.
     pub fn from_toml(text: &str) -> Result<Self, PipelineError> {
-        let _: toml::Table =
-            toml::from_str(text).map_err(|e| config("not valid TOML").with_source(e))?;
-        let spec: PipelineSpec = toml::from_str(text).map_err(|e| config("").with_source(e))?;
+        let _: toml::Table = toml::from_str(text)
+            .map_err(|e| PipelineError::config("not valid TOML").with_source(e))?;
+        let spec: PipelineSpec =
+            toml::from_str(text).map_err(|e| PipelineError::config("").with_source(e))?;
         spec.check()?;
         Ok(spec)
     }
@@ -57,11 +55,11 @@ impl PipelineSpec {
     pub fn check(&self) -> Result<(), PipelineError> {
         check_pipeline_name(&self.name)?;
         sluice_engine::TenantSlug::parse(&self.tenant)
-            .map_err(|e| config(e.message().to_string()))?;
+            .map_err(|e| PipelineError::config(e.message().to_string()))?;
         for field in self.mapping.keys() {
             if self.entity.field(field).is_none() {
                 let known: Vec<&str> = self.entity.fields().iter().map(|f| f.name).collect();
-                return Err(config(format!(
+                return Err(PipelineError::config(format!(
                     "[mapping] {}: {} have no field '{field}'; fields are: {}",
                     self.name,
                     self.entity,
@@ -72,7 +70,7 @@ impl PipelineSpec {
         self.decimal_format()?;
         self.time_format()?;
         sluice_engine::validate::RuleSet::new(self.entity, &self.rules)
-            .map_err(|e| config(e.message().to_string()))?;
+            .map_err(|e| PipelineError::config(e.message().to_string()))?;
         match &self.source {
             SourceSpec::Csv(c) => {
                 one_byte("delimiter", c.delimiter.as_deref())?;
@@ -81,18 +79,20 @@ impl PipelineSpec {
             SourceSpec::Postgres(q) | SourceSpec::Mysql(q) => {
                 PipelineSource::from_spec(&self.source, None)?;
                 if q.table.is_some() == q.query.is_some() {
-                    return Err(config("[source] give exactly one of `table` or `query`"));
+                    return Err(PipelineError::config(
+                        "[source] give exactly one of `table` or `query`",
+                    ));
                 }
                 if let Some(c) = &q.soft_delete {
                     sluice_connectors::sql::check_identifier("soft_delete column", c)
-                        .map_err(|e| config("[source]").with_source(e))?;
+                        .map_err(|e| PipelineError::config("[source]").with_source(e))?;
                 }
             }
             SourceSpec::Quickbooks(_) | SourceSpec::Odoo(_) => {
                 let source = PipelineSource::from_spec(&self.source, None)?;
                 let entity = source.api_entity().unwrap_or(self.entity.name());
                 if entity != self.entity.name() {
-                    return Err(config(format!(
+                    return Err(PipelineError::config(format!(
                         "[source] stream of {entity}, but the pipeline's entity is {}",
                         self.entity
                     )));
@@ -101,7 +101,7 @@ impl PipelineSpec {
             SourceSpec::Xlsx(_) => {}
         }
         if self.batch_rows == Some(0) {
-            return Err(config("batch_rows must be at least 1"));
+            return Err(PipelineError::config("batch_rows must be at least 1"));
         }
         if let Some(schedule) = &self.schedule {
             schedule.parse()?;
@@ -114,7 +114,7 @@ fn one_byte(what: &str, value: Option<&str>) -> Result<(), PipelineError> {
     match value {
         None => Ok(()),
         Some(v) if v.len() == 1 => Ok(()),
-        Some(v) => Err(config(format!(
+        Some(v) => Err(PipelineError::config(format!(
             "[source] {what} must be one ASCII character, not {v:?}"
         ))),
     }

@@ -40,6 +40,11 @@ impl PipelineError {
         }
     }
 
+    /// A pipeline definition that is wrong.
+    pub fn config(message: impl Into<String>) -> Self {
+        PipelineError::new(PipelineErrorKind::Config, message)
+    }
+
     /// The same error caused by `source` (its text follows the message).
     pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));

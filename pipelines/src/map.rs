@@ -16,7 +16,7 @@ use sluice_engine::money::{DecimalFormat, MONEY_PRECISION, MONEY_SCALE, parse_am
 use sluice_engine::time::{TimeFormat, parse_date, parse_timestamp};
 use sluice_engine::validate::{CellError, rule};
 
-use crate::error::{PipelineError, PipelineErrorKind};
+use crate::error::PipelineError;
 
 /// Where a canonical field's values come from.
 #[derive(Debug, Clone)]
@@ -48,10 +48,6 @@ pub struct MappedBatch {
     pub deleted_at: Vec<Option<i64>>,
 }
 
-fn config(message: String) -> PipelineError {
-    PipelineError::new(PipelineErrorKind::Config, message)
-}
-
 impl Mapper {
     /// Resolves `mapping` (canonical field -> source column) against `schema`. Unmapped
     /// fields match a column of the same name (exactly, else ignoring case). Fails when a
@@ -72,7 +68,7 @@ impl Mapper {
                 Some(col) => match columns.iter().position(|c| c == col) {
                     Some(i) => Origin::Column(i),
                     None => {
-                        return Err(config(format!(
+                        return Err(PipelineError::config(format!(
                             "[mapping] {} = {col:?}: the source has no column {col:?}; its columns are: {}",
                             spec.name,
                             columns.join(", ")
@@ -84,7 +80,7 @@ impl Mapper {
             if let Origin::Column(i) = origin {
                 let ty = schema.field(i).data_type();
                 if !readable_type(ty) {
-                    return Err(config(format!(
+                    return Err(PipelineError::config(format!(
                         "source column {:?} (for {}) is {ty}, which the map stage does not read",
                         columns[i], spec.name
                     )));
@@ -94,7 +90,7 @@ impl Mapper {
                 && spec.absent == Absent::Null
                 && (spec.required || required.contains(&spec.name))
             {
-                return Err(config(format!(
+                return Err(PipelineError::config(format!(
                     "the source has no column for required field '{}'; its columns are: {}. Add `{} = \"<column>\"` under [mapping]",
                     spec.name,
                     columns.join(", "),
@@ -124,14 +120,14 @@ impl Mapper {
             .iter()
             .position(|f| f.name() == column)
             .ok_or_else(|| {
-                config(format!(
+                PipelineError::config(format!(
                     "soft_delete column {column:?} is not a column of the source"
                 ))
             })?;
         match schema.field(i).data_type() {
             DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, _) | DataType::Boolean => {}
             other => {
-                return Err(config(format!(
+                return Err(PipelineError::config(format!(
                     "soft_delete column {column:?} is {other}; it must be a timestamp or a boolean"
                 )));
             }

@@ -33,9 +33,8 @@ pub async fn replay_quarantined<W: LoadStore + QuarantineStore>(
     rows: &[QuarantinedRow],
     options: &RunOptions,
 ) -> Result<RunReport, PipelineError> {
-    let config = |m: String| PipelineError::new(PipelineErrorKind::Config, m);
     if let Some(other) = rows.iter().find(|r| r.pipeline != spec.name) {
-        return Err(config(format!(
+        return Err(PipelineError::config(format!(
             "quarantined row {} belongs to pipeline '{}', not '{}'",
             other.id, other.pipeline, spec.name
         )));
@@ -46,7 +45,7 @@ pub async fn replay_quarantined<W: LoadStore + QuarantineStore>(
             QuarantineStatus::Pending | QuarantineStatus::Fixed
         )
     }) {
-        return Err(config(format!(
+        return Err(PipelineError::config(format!(
             "quarantined row {} is {}: only pending or fixed rows are replayed",
             done.id,
             done.status.as_str()

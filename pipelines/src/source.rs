@@ -117,7 +117,7 @@ impl PipelineSource {
 }
 
 fn source_config(e: SourceError) -> PipelineError {
-    PipelineError::new(PipelineErrorKind::Config, "[source]").with_source(e)
+    PipelineError::config("[source]").with_source(e)
 }
 
 fn quickbooks_source(
@@ -179,13 +179,12 @@ fn odoo_source(spec: &OdooSpec) -> Result<OdooSource, PipelineError> {
 }
 
 fn sql_source(kind: SqlKind, spec: &SqlSpec) -> Result<SqlSource, PipelineError> {
-    let config = |m: String| PipelineError::new(PipelineErrorKind::Config, m);
     let target = match (&spec.table, &spec.query) {
         (Some(t), None) => SqlTarget::table(t),
         (None, Some(q)) => SqlTarget::query(q),
         _ => {
-            return Err(config(
-                "[source] give exactly one of `table` or `query`".into(),
+            return Err(PipelineError::config(
+                "[source] give exactly one of `table` or `query`",
             ));
         }
     }
@@ -196,7 +195,7 @@ fn sql_source(kind: SqlKind, spec: &SqlSpec) -> Result<SqlSource, PipelineError>
         Some("prefer") => Some(TlsMode::Prefer),
         Some("require") => Some(TlsMode::Require),
         Some(other) => {
-            return Err(config(format!(
+            return Err(PipelineError::config(format!(
                 "[source] tls {other:?}: use disable, prefer or require"
             )));
         }

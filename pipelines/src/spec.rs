@@ -11,7 +11,7 @@ use sluice_engine::money::DecimalFormat;
 use sluice_engine::time::TimeFormat;
 use sluice_engine::validate::RuleOverrides;
 
-use crate::error::{PipelineError, PipelineErrorKind};
+use crate::error::PipelineError;
 
 /// A pipeline: where rows come from, what they become, which tenant they belong to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,7 +148,9 @@ impl SourceSpec {
             | SourceSpec::Mysql(_)
             | SourceSpec::Quickbooks(_)
             | SourceSpec::Odoo(_) => {
-                return Err(config("only csv and xlsx pipelines take files"));
+                return Err(PipelineError::config(
+                    "only csv and xlsx pipelines take files",
+                ));
             }
         }
         Ok(())
@@ -292,16 +294,14 @@ impl ScheduleSpec {
             .seconds(croner::parser::Seconds::Optional)
             .build()
             .parse(&self.cron)
-            .map_err(|e| config(format!("[schedule] cron '{}'", self.cron)).with_source(e))
+            .map_err(|e| {
+                PipelineError::config(format!("[schedule] cron '{}'", self.cron)).with_source(e)
+            })
     }
 }
 
 /// Default records per batch.
 pub const DEFAULT_BATCH_ROWS: usize = 8192;
-
-fn config(message: impl Into<String>) -> PipelineError {
-    PipelineError::new(PipelineErrorKind::Config, message)
-}
 
 impl PipelineSpec {
     /// The source's soft-delete column, if it has one.
@@ -326,7 +326,7 @@ impl PipelineSpec {
             None | Some(".") => b'.',
             Some(",") => b',',
             Some(other) => {
-                return Err(config(format!(
+                return Err(PipelineError::config(format!(
                     "[format] decimal_separator must be \".\" or \",\", not {other:?}"
                 )));
             }
@@ -342,7 +342,7 @@ impl PipelineSpec {
                 Some(s.as_bytes()[0])
             }
             Some(other) => {
-                return Err(config(format!(
+                return Err(PipelineError::config(format!(
                     "[format] thousands_separator {other:?} must be one of , . ' space _ (and differ from the decimal mark), or \"\" for none"
                 )));
             }
@@ -358,7 +358,7 @@ impl PipelineSpec {
         let source_offset = match &self.format.utc_offset {
             None => None,
             Some(s) => Some(parse_offset(s).ok_or_else(|| {
-                config(format!(
+                PipelineError::config(format!(
                     "[format] utc_offset {s:?} is not an offset like \"+02:00\" or \"-05:30\""
                 ))
             })?),
@@ -396,7 +396,7 @@ pub fn check_pipeline_name(name: &str) -> Result<(), PipelineError> {
     if ok {
         Ok(())
     } else {
-        Err(config(format!(
+        Err(PipelineError::config(format!(
             "invalid pipeline name {name:?}: use 1-64 lower-case letters, digits, '_', '-' or '.', starting with a letter or digit"
         )))
     }

@@ -1,13 +1,7 @@
-//! SQL both warehouses build from: quoted identifiers and the column list of a load.
-
-use crate::entity::Entity;
+//! SQL both warehouses build from: quoted identifiers (a load's column list is
+//! [`crate::entity::Entity::table_columns`]).
 
 /// Quotes an SQL identifier (every identifier sluice builds into SQL is also validated).
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Columns a load writes, in order (see [`Entity::table_columns`]).
-pub(crate) fn load_columns(entity: Entity) -> Vec<&'static str> {
-    entity.table_columns()
 }

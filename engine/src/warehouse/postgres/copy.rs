@@ -4,7 +4,6 @@
 use crate::columns::{CanonicalColumn, canonical_columns};
 use crate::entity::{Entity, FieldKind};
 use crate::money::MONEY_SCALE;
-use crate::warehouse::sql::load_columns;
 use arrow_array::RecordBatch;
 use sqlx::{Postgres, Transaction};
 
@@ -62,7 +61,7 @@ pub(super) fn put_instant(out: &mut Vec<u8>, micros: i64) {
     out.extend_from_slice(&(micros - PG_EPOCH_MICROS).to_be_bytes());
 }
 
-/// The selected rows (row index, fingerprint) in COPY binary format, in [`load_columns`]
+/// The selected rows (row index, fingerprint) in COPY binary format, in [`Entity::table_columns`]
 /// order: no text for the server to parse.
 pub(super) fn copy_rows(
     entity: Entity,
@@ -74,7 +73,7 @@ pub(super) fn copy_rows(
     run_id: &str,
 ) -> Vec<u8> {
     let cols = canonical_columns(entity, rows);
-    let width = (load_columns(entity).len()) as i16;
+    let width = (entity.table_columns().len()) as i16;
     let mut out = Vec::with_capacity(19 + selection.len() * 220);
     out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
     out.extend_from_slice(&0i32.to_be_bytes()); // flags

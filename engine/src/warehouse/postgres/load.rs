@@ -13,7 +13,7 @@ use crate::error::{EngineError, ErrorKind, Result};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::tenant::TenantSlug;
 use crate::validate::strings;
-use crate::warehouse::sql::{load_columns, quote_ident};
+use crate::warehouse::sql::quote_ident;
 use crate::warehouse::{BatchCommitted, LoadBatch, LoadStore, RunHistory, RunScope, StreamState};
 use chrono::Utc;
 use serde_json::Value;
@@ -29,11 +29,13 @@ use std::sync::atomic::Ordering;
 pub(super) fn classify_upsert_sql(tenant: &TenantSlug, entity: Entity) -> String {
     let target = table(tenant, entity.name());
     let stage = quote_ident(&format!("sluice_stage_{}", entity.name()));
-    let cols: Vec<String> = load_columns(entity)
+    let cols: Vec<String> = entity
+        .table_columns()
         .iter()
         .map(|c| quote_ident(c))
         .collect();
-    let updates: Vec<String> = load_columns(entity)
+    let updates: Vec<String> = entity
+        .table_columns()
         .iter()
         .filter(|c| !matches!(**c, "source" | "external_id"))
         .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
@@ -189,7 +191,8 @@ impl LoadStore for PostgresWarehouse {
             let ids = strings(&batch.rows, "external_id");
             let keys: Vec<&str> = batch.load.iter().map(|&r| ids.value(r as usize)).collect();
             let loaded_at = Utc::now().timestamp_micros();
-            let cols: Vec<String> = load_columns(entity)
+            let cols: Vec<String> = entity
+                .table_columns()
                 .iter()
                 .map(|c| quote_ident(c))
                 .collect();

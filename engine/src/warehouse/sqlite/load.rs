@@ -11,7 +11,7 @@ use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::tenant::TenantSlug;
 use crate::time::{format_date, format_timestamp};
 use crate::validate::{strings, timestamps};
-use crate::warehouse::sql::{load_columns, quote_ident};
+use crate::warehouse::sql::quote_ident;
 use crate::warehouse::{BatchCommitted, LoadBatch, LoadStore, RunHistory, RunScope, StreamState};
 use arrow_array::Array;
 use serde_json::Value;
@@ -33,9 +33,9 @@ impl SqliteWarehouse {
     }
 }
 
-/// A multi-row upsert of `rows` rows, each binding [`load_columns`] in order.
+/// A multi-row upsert of `rows` rows, each binding [`Entity::table_columns`] in order.
 pub(super) fn upsert_sql(entity: Entity, rows: usize) -> String {
-    let cols = load_columns(entity);
+    let cols = entity.table_columns();
     let placeholders = format!("(?, {}, ?, ?, ?, ?)", vec!["?"; cols.len() - 5].join(", "));
     let values = vec![placeholders.as_str(); rows].join(", ");
     let updates: Vec<String> = cols

@@ -93,7 +93,6 @@ mod tests {
     use crate::tenant::TenantSlug;
     use crate::warehouse::LoadStore;
     use crate::warehouse::SqliteWarehouse;
-    use crate::warehouse::sql::load_columns;
 
     #[tokio::test]
     async fn migrated_tables_have_exactly_the_entity_columns() {
@@ -109,8 +108,11 @@ mod tests {
                     .fetch_all(&pool)
                     .await
                     .expect("columns");
-            let mut expected: Vec<String> =
-                load_columns(entity).iter().map(|c| c.to_string()).collect();
+            let mut expected: Vec<String> = entity
+                .table_columns()
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
             stored.sort();
             expected.sort();
             assert_eq!(stored, expected, "table {entity}");
