@@ -9,7 +9,7 @@ use arrow_array::RecordBatch;
 use serde_json::Value;
 
 use crate::entity::Entity;
-use crate::error::Result;
+use crate::error::{EngineError, ErrorKind, Result};
 use crate::ledger::{RowCounts, RunLedger, RunStatus};
 use crate::quarantine::QuarantineRecord;
 use crate::tenant::TenantSlug;
@@ -70,6 +70,20 @@ impl LoadBatch {
     /// When the source deleted `row`, if it did.
     pub fn deleted_at(&self, row: usize) -> Option<i64> {
         self.deleted_at.get(row).copied().flatten()
+    }
+}
+
+impl RunScope {
+    /// The error of a commit that found the stream moved past `expected_version`: another
+    /// run committed, and this one must stop without committing.
+    pub fn fenced(&self, expected_version: i64) -> EngineError {
+        EngineError::new(
+            ErrorKind::Fenced,
+            format!(
+                "pipeline '{}' stream '{}' moved past version {expected_version}: another run committed; this run stops without committing",
+                self.pipeline, self.stream
+            ),
+        )
     }
 }
 

@@ -120,16 +120,6 @@ fn stream_key(tenant: &TenantSlug, pipeline: &str, stream: &str) -> (String, Str
     (tenant.to_string(), pipeline.to_string(), stream.to_string())
 }
 
-fn fenced(scope: &RunScope, expected_version: i64) -> EngineError {
-    EngineError::new(
-        ErrorKind::Fenced,
-        format!(
-            "pipeline '{}' stream '{}' moved past version {expected_version}: another run committed; this run stops without committing",
-            scope.pipeline, scope.stream
-        ),
-    )
-}
-
 /// Every canonical field of `row` as display text (`columns`: the batch's, resolved once).
 fn field_texts(
     entity: Entity,
@@ -204,7 +194,7 @@ impl LoadStore for MemoryWarehouse {
         let key = stream_key(&scope.tenant, &scope.pipeline, &scope.stream);
         let current = contents.streams.get(&key).map_or(0, |s| s.version);
         if current != expected_version {
-            return Err(fenced(scope, expected_version));
+            return Err(scope.fenced(expected_version));
         }
         // Everything below is decided on a copy and swapped in at the end: atomic.
         let mut rows = contents.rows.clone();
@@ -322,7 +312,7 @@ impl LoadStore for MemoryWarehouse {
         let key = stream_key(&scope.tenant, &scope.pipeline, &scope.stream);
         let current = contents.streams.get(&key).map_or(0, |s| s.version);
         if current != expected_version {
-            return Err(fenced(scope, expected_version));
+            return Err(scope.fenced(expected_version));
         }
         let version = expected_version + 1;
         contents.streams.insert(

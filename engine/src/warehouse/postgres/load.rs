@@ -492,13 +492,7 @@ pub(super) async fn fence(
     .await
     .map_err(db("advancing the stream cursor"))?;
     if res.rows_affected() != 1 {
-        return Err(EngineError::new(
-            ErrorKind::Fenced,
-            format!(
-                "pipeline '{}' stream '{}' moved past version {expected_version}: another run committed; this run stops without committing",
-                scope.pipeline, scope.stream
-            ),
-        ));
+        return Err(scope.fenced(expected_version));
     }
     Ok(expected_version + 1)
 }

@@ -118,13 +118,7 @@ pub(super) async fn check_fence(
     .await
     .map_err(|e| EngineError::from_sqlx("advancing the stream cursor", e))?;
     if res.rows_affected() != 1 {
-        return Err(EngineError::new(
-            ErrorKind::Fenced,
-            format!(
-                "pipeline '{}' stream '{}' moved past version {expected_version}: another run committed; this run stops without committing",
-                scope.pipeline, scope.stream
-            ),
-        ));
+        return Err(scope.fenced(expected_version));
     }
     Ok(expected_version + 1)
 }
