@@ -75,6 +75,42 @@ async fn register<S: PipelineStore>(store: &S, spec: &PipelineSpec) {
         .expect("register pipeline");
 }
 
+/// Workers running in this test until [`stop_workers`].
+struct RunningWorkers {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), sluice_workers::WorkerError>>,
+}
+
+fn start_workers<W>(env: Arc<WorkerEnv<W>>, options: WorkerOptions) -> RunningWorkers
+where
+    W: Warehouse + PipelineStore + 'static,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        run_workers(env, &options, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    RunningWorkers { stop, handle }
+}
+
+async fn stop_workers(workers: RunningWorkers) {
+    let _ = workers.stop.send(());
+    workers.handle.await.expect("join").expect("workers");
+}
+
+/// The result of the job of `run`, within a minute.
+async fn job_result(queues: &Queues, run: &str) -> sluice_workers::JobResult {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        queues.wait(run, Duration::from_millis(50)),
+    )
+    .await
+    .expect("the job ends")
+    .expect("result")
+}
+
 fn manual(pipeline: &str) -> TriggerRequest {
     TriggerRequest {
         tenant: "acme".into(),
@@ -190,13 +226,7 @@ async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
         qa.clone(),
         RetryPolicy::with_base(Duration::from_millis(10)),
     ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(async move {
-        run_workers(env, &WorkerOptions::default(), async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let workers = start_workers(env, WorkerOptions::default());
     let options = SchedulerOptions::default();
     let mut a = Scheduler::new(store.clone(), qa.clone(), options.clone());
     let mut b = Scheduler::new(store.clone(), qb.clone(), options.clone());
@@ -253,8 +283,7 @@ async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
     let text = sluice_workers::metrics::render();
     assert!(text.contains("sluice_scheduler_ticks_total"), "{text}");
     assert!(text.contains("sluice_jobs_succeeded_total{queue=\"sync\"}"));
-    let _ = stop.send(());
-    worker.await.expect("join").expect("workers");
+    stop_workers(workers).await;
 }
 
 fn master() -> MasterKey {
@@ -483,20 +512,13 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
         queues.clone(),
         RetryPolicy::with_base(Duration::from_millis(100)),
     ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(async move {
-        run_workers(
-            env,
-            &WorkerOptions {
-                concurrency: 1,
-                ..WorkerOptions::default()
-            },
-            async move {
-                let _ = stopped.await;
-            },
-        )
-        .await
-    });
+    let workers = start_workers(
+        env,
+        WorkerOptions {
+            concurrency: 1,
+            ..WorkerOptions::default()
+        },
+    );
 
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
     first_batches_committed(&*w, &run.run_id).await;
@@ -539,8 +561,7 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     .expect("result");
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     assert_loaded_exactly(&*w, &exp).await;
-    let _ = stop.send(());
-    worker.await.expect("join").expect("workers");
+    stop_workers(workers).await;
 }
 
 #[tokio::test]
@@ -612,27 +633,12 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         queues.clone(),
         RetryPolicy::with_base(Duration::from_millis(10)),
     ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(async move {
-        run_workers(env, &WorkerOptions::default(), async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    let wait = |run: String| {
-        let q = queues.clone();
-        async move {
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                q.wait(&run, Duration::from_millis(50)),
-            )
-            .await
-            .expect("the job ends")
-            .expect("result")
-        }
-    };
+    let workers = start_workers(env, WorkerOptions::default());
     let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
-    assert_eq!(wait(sync.run_id.clone()).await.status, JobStatus::Succeeded);
+    assert_eq!(
+        job_result(&queues, &sync.run_id).await.status,
+        JobStatus::Succeeded
+    );
     let tenant = slug("acme");
     let all = QuarantineFilter {
         limit: Some(100_000),
@@ -652,7 +658,7 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         .replay("acme", selection.clone(), None)
         .await
         .expect("replay");
-    let result = wait(replay.run_id.clone()).await;
+    let result = job_result(&queues, &replay.run_id).await;
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     let ledger = w
         .run(&tenant, &replay.run_id)
@@ -696,7 +702,7 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         .await
         .expect("replay");
     assert_eq!(
-        wait(fixed.run_id.clone()).await.status,
+        job_result(&queues, &fixed.run_id).await.status,
         JobStatus::Succeeded
     );
     let ledger = w
@@ -731,8 +737,7 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         w.quarantined(&tenant, &pending).await.expect("q").len(),
         quarantined.len() - bad.len()
     );
-    let _ = stop.send(());
-    worker.await.expect("join").expect("workers");
+    stop_workers(workers).await;
 }
 
 #[tokio::test]
@@ -790,28 +795,10 @@ async fn a_dead_sync_is_replayed_through_the_queue_once() {
         queues.clone(),
         RetryPolicy::with_base(Duration::from_millis(10)),
     ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(async move {
-        run_workers(env, &WorkerOptions::default(), async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    let wait = |run: String| {
-        let q = queues.clone();
-        async move {
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                q.wait(&run, Duration::from_millis(50)),
-            )
-            .await
-            .expect("the job ends")
-            .expect("result")
-        }
-    };
+    let workers = start_workers(env, WorkerOptions::default());
     let tenant = slug("acme");
     let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
-    let dead = wait(sync.run_id.clone()).await;
+    let dead = job_result(&queues, &sync.run_id).await;
     assert_eq!(dead.status, JobStatus::Dead, "{dead:?}");
     let letter = dead.dead_letter.expect("a dead letter");
 
@@ -821,7 +808,7 @@ async fn a_dead_sync_is_replayed_through_the_queue_once() {
         .replay_dead_letter(&*w, &tenant, &letter, None)
         .await
         .expect("replay queued");
-    let result = wait(replay.run_id.clone()).await;
+    let result = job_result(&queues, &replay.run_id).await;
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     let run = result.final_run_id.expect("final run");
     let ledger = w.run(&tenant, &run).await.expect("ledger").expect("run");
@@ -848,6 +835,5 @@ async fn a_dead_sync_is_replayed_through_the_queue_once() {
         .expect_err("no such letter");
     assert_eq!(missing.kind(), sluice_workers::WorkerErrorKind::NotFound);
 
-    let _ = stop.send(());
-    worker.await.expect("join").expect("workers");
+    stop_workers(workers).await;
 }
