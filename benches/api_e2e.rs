@@ -145,16 +145,28 @@ async fn main() {
     for i in 0..1000 {
         let spec = serde_json::json!({ "name": format!("p{i}"), "tenant": "bench",
             "entity": "invoices", "source": { "kind": "csv", "path": empty } });
-        w.save_pipeline(&tenant, &format!("p{i}"), &spec, &serde_json::Map::new())
-            .await
-            .expect("pipeline");
+        w.save_pipeline(
+            &tenant,
+            &format!("p{i}"),
+            &spec,
+            &serde_json::Map::new(),
+            &sluice_engine::control::PipelineChange::shell_register(serde_json::json!({})),
+        )
+        .await
+        .expect("pipeline");
     }
     let w = Arc::new(w);
     let prefix = format!("sluice-bench-{}", uuid::Uuid::now_v7().simple());
     let mut settings = QueueSettings::new(Some(redis.clone()), dir.path().join("data"));
     settings.prefix = prefix.clone();
     let queues = Arc::new(Queues::connect(settings).await.expect("Redis"));
-    let mut state = AppState::new(w.clone(), queues, dir.path().join("uploads"));
+    let confinement = sluice_pipelines::Confinement::new(
+        None,
+        &dir.path().join("uploads"),
+        sluice_connectors::egress::EgressPolicy::default(),
+    )
+    .expect("confinement");
+    let mut state = AppState::new(w.clone(), queues, confinement);
     state.rate = RateLimit {
         burst: 1e12,
         per_second: 1e12,
@@ -214,7 +226,12 @@ async fn main() {
     let t = Instant::now();
     let report_run = run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source, None).expect("source"),
+        &PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         &*w,
         &RunOptions::default(),
         &Quiet,

@@ -255,7 +255,12 @@ async fn load(w: &PostgresWarehouse, tenant: &str, name: &str, entity: &str, pat
     let t = Instant::now();
     let r = run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source, None).expect("source"),
+        &PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         w,
         &RunOptions::default(),
         &Quiet,

@@ -114,6 +114,7 @@ async fn main() {
             &format!("noop-{i}"),
             &spec(&format!("noop-{i}"), &csv, None),
             &serde_json::Map::new(),
+            &sluice_engine::control::PipelineChange::shell_register(serde_json::json!({})),
         )
         .await
         .expect("register");
@@ -180,6 +181,7 @@ async fn main() {
             &format!("cron-{i}"),
             &spec(&format!("cron-{i}"), &csv, Some("0 */10 * * * *")),
             &serde_json::Map::new(),
+            &sluice_engine::control::PipelineChange::shell_register(serde_json::json!({})),
         )
         .await
         .expect("register");

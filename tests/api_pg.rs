@@ -77,15 +77,22 @@ async fn tenants_quarantine_fix_and_retry_on_postgres_and_redis() {
     settings.prefix = redis.prefix.clone();
     settings.poll_interval = Duration::from_millis(50);
     let queues = Arc::new(Queues::connect(settings).await.expect("Redis"));
+    let confinement = sluice_pipelines::Confinement::new(
+        Some(dir.path()),
+        &dir.path().join("uploads"),
+        sluice_connectors::egress::EgressPolicy::default(),
+    )
+    .expect("confinement");
     let app = router(Arc::new(AppState::new(
         w.clone(),
         queues.clone(),
-        dir.path().join("uploads"),
+        confinement.clone(),
     )));
     let env = Arc::new(WorkerEnv::new(
         w.clone(),
         queues,
         RetryPolicy::with_base(Duration::from_millis(10)),
+        confinement,
     ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(async move {

@@ -20,7 +20,9 @@ use sluice_connectors::saas::{Limits, MemoryTokens, RequestRetry};
 use sluice_connectors::{ReadRequest, Source};
 use sluice_engine::control::PipelineStore;
 use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug};
-use sluice_pipelines::{PipelineSource, PipelineSpec, Quiet, RunOptions, RunReport, run_pipeline};
+use sluice_pipelines::{
+    PipelineSource, PipelineSpec, Quiet, RunOptions, RunReport, SourceReach, run_pipeline,
+};
 use support::Rng;
 use support::odoo::{self, Database, FakeOdoo};
 use support::pg::MASTER_KEY_HEX;
@@ -146,7 +148,7 @@ async fn sync(
     spec: &PipelineSpec,
     w: &Arc<SqliteWarehouse>,
 ) -> Result<RunReport, sluice_pipelines::PipelineError> {
-    let source = PipelineSource::for_pipeline(spec, w.clone())?;
+    let source = PipelineSource::for_pipeline(spec, w.clone(), &SourceReach::unrestricted())?;
     run_pipeline(spec, &source, &**w, &RunOptions::default(), &Quiet).await
 }
 
@@ -489,11 +491,12 @@ async fn quickbooks_lists_include_inactive_records_and_payments_keep_what_they_p
         "customers",
         1000,
     );
-    let health = PipelineSource::for_pipeline(&customers_spec, w.clone())
-        .expect("source")
-        .check()
-        .await
-        .expect("check");
+    let health =
+        PipelineSource::for_pipeline(&customers_spec, w.clone(), &SourceReach::unrestricted())
+            .expect("source")
+            .check()
+            .await
+            .expect("check");
     assert!(
         health.detail.contains("12 Customer records"),
         "{}",
@@ -872,6 +875,7 @@ async fn odoo_payments_cancelled_later_are_deleted_and_archived_partners_are_rea
             "",
         ),
         w.clone(),
+        &SourceReach::unrestricted(),
     )
     .expect("source")
     .check()

@@ -98,7 +98,12 @@ fn spec(dir: &Path, csv: &str) -> PipelineSpec {
 }
 
 async fn load<W: Warehouse>(w: &W, spec: &PipelineSpec) {
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     run_pipeline(spec, &source, w, &RunOptions::default(), &Quiet)
         .await
         .expect("sync");

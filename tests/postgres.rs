@@ -97,7 +97,12 @@ async fn tenants_never_see_each_other_whatever_the_names() {
     );
     let ra = run_pipeline(
         &a,
-        &PipelineSource::from_spec(&a.source, None).expect("source"),
+        &PipelineSource::from_spec(
+            &a.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         &w,
         &RunOptions::default(),
         &Quiet,
@@ -106,7 +111,12 @@ async fn tenants_never_see_each_other_whatever_the_names() {
     .expect("alpha");
     let rb = run_pipeline(
         &b,
-        &PipelineSource::from_spec(&b.source, None).expect("source"),
+        &PipelineSource::from_spec(
+            &b.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         &w,
         &RunOptions::default(),
         &Quiet,
@@ -207,7 +217,12 @@ async fn missing_tenants_and_hostile_names_are_rejected_and_create_nothing() {
     );
     let err = run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source, None).expect("source"),
+        &PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         &w,
         &RunOptions::default(),
         &Quiet,
@@ -252,9 +267,15 @@ async fn pipeline_secrets_are_encrypted_at_rest() {
     let spec = serde_json::json!({ "name": "erp", "source": { "kind": "postgres", "url": "postgres://erp@db/erp" } });
     let mut secrets = serde_json::Map::new();
     secrets.insert("password".into(), "correct-horse-battery-staple".into());
-    w.save_pipeline(&slug("acme"), "erp", &spec, &secrets)
-        .await
-        .expect("store");
+    w.save_pipeline(
+        &slug("acme"),
+        "erp",
+        &spec,
+        &secrets,
+        &sluice_engine::control::PipelineChange::shell_register(serde_json::json!({})),
+    )
+    .await
+    .expect("store");
 
     let mut conn = db.connect().await;
     let (stored_spec, sealed): (String, Vec<u8>) = sqlx::query_as(
@@ -332,11 +353,21 @@ async fn two_racing_runs_one_commits_the_other_stops_at_the_fence() {
     let spec = pipeline(dir.path(), "acme", "race", &csv, 500);
     let gate = Arc::new(tokio::sync::Barrier::new(2));
     let a = Gated {
-        inner: PipelineSource::from_spec(&spec.source, None).expect("source"),
+        inner: PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         gate: gate.clone(),
     };
     let b = Gated {
-        inner: PipelineSource::from_spec(&spec.source, None).expect("source"),
+        inner: PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         gate,
     };
     let options = RunOptions::default();
@@ -390,7 +421,12 @@ async fn a_connection_killed_mid_batch_rolls_back_and_the_rerun_loses_nothing() 
     let w = warehouse_with(&db, &["acme"]).await.with_fault_hook(hook);
     let (csv, exp) = messy_invoices(5_000, 17);
     let spec = pipeline(dir.path(), "acme", "killed", &csv, 1000);
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
 
     let err = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
@@ -444,7 +480,12 @@ async fn sqlite_and_postgres_hold_identical_content_and_accounting() {
     let lite = SqliteWarehouse::new(dir.path().join("data"));
     let (csv, _) = messy_invoices(7_000, 41);
     let spec = pipeline(dir.path(), "acme", "same", &csv, 800);
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     for round in 0..2 {
         let a = run_pipeline(&spec, &source, &lite, &RunOptions::default(), &Quiet)
             .await
@@ -458,7 +499,12 @@ async fn sqlite_and_postgres_hold_identical_content_and_accounting() {
     let bills =
         PipelineSpec::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bills.toml"))
             .expect("bills");
-    let bills_source = PipelineSource::from_spec(&bills.source, None).expect("source");
+    let bills_source = PipelineSource::from_spec(
+        &bills.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     let a = run_pipeline(&bills, &bills_source, &lite, &RunOptions::default(), &Quiet)
         .await
         .expect("sqlite bills");
@@ -570,7 +616,12 @@ async fn amounts_dates_and_id_lists_survive_the_binary_copy_exactly() {
     }
     csv.push_str("LEAP,2024-02-29,2096-02-29,USD,5.00,0,invoice,2038-01-19T03:14:08Z\n");
     let spec = pipeline(dir.path(), "acme", "amounts", &csv, 4);
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     run_pipeline(&spec, &source, &pg, &RunOptions::default(), &Quiet)
         .await
         .expect("pg");
@@ -594,7 +645,12 @@ async fn amounts_dates_and_id_lists_survive_the_binary_copy_exactly() {
     std::fs::write(dir.path().join("p.csv"), payments).expect("csv");
     std::fs::write(dir.path().join("p.toml"), "name = \"pay\"\ntenant = \"acme\"\nentity = \"payments\"\n[source]\nkind = \"csv\"\npath = \"p.csv\"\n").expect("toml");
     let pspec = PipelineSpec::from_file(&dir.path().join("p.toml")).expect("spec");
-    let psource = PipelineSource::from_spec(&pspec.source, None).expect("source");
+    let psource = PipelineSource::from_spec(
+        &pspec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     run_pipeline(&pspec, &psource, &pg, &RunOptions::default(), &Quiet)
         .await
         .expect("pg payments");

@@ -23,7 +23,9 @@ use sluice_pipelines::PipelineSpec;
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers};
-use sluice_workers::{JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest};
+use sluice_workers::{
+    IdempotencyKey, JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest,
+};
 use support::messy_invoices;
 use support::pg::{MASTER_KEY_HEX, TestDb};
 use support::redis::{Prefix, PrivateRedis};
@@ -70,7 +72,13 @@ fn write_pipeline(
 async fn register<S: PipelineStore>(store: &S, spec: &PipelineSpec) {
     let (fields, secrets) = spec.to_stored();
     store
-        .save_pipeline(&slug(&spec.tenant), &spec.name, &fields, &secrets)
+        .save_pipeline(
+            &slug(&spec.tenant),
+            &spec.name,
+            &fields,
+            &secrets,
+            &support::shell_change(),
+        )
         .await
         .expect("register pipeline");
 }
@@ -152,7 +160,7 @@ async fn ten_triggers_make_one_run(queues: Arc<Queues>) {
     assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 1);
 
     let keyed = TriggerRequest {
-        idempotency_key: Some("nightly-2026-11-22".into()),
+        idempotency_key: Some(IdempotencyKey::Client("nightly-2026-11-22".into())),
         ..manual("invoices")
     };
     let first = queues.trigger(&keyed).await.expect("keyed");
@@ -225,6 +233,7 @@ async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
         store.clone(),
         qa.clone(),
         RetryPolicy::with_base(Duration::from_millis(10)),
+        support::confinement(&std::env::temp_dir()),
     ));
     let workers = start_workers(env, WorkerOptions::default());
     let options = SchedulerOptions::default();
@@ -511,6 +520,7 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
         w.clone(),
         queues.clone(),
         RetryPolicy::with_base(Duration::from_millis(100)),
+        support::confinement(&std::env::temp_dir()),
     ));
     let workers = start_workers(
         env,
@@ -632,6 +642,7 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         w.clone(),
         queues.clone(),
         RetryPolicy::with_base(Duration::from_millis(10)),
+        support::confinement(&std::env::temp_dir()),
     ));
     let workers = start_workers(env, WorkerOptions::default());
     let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
@@ -794,6 +805,7 @@ async fn a_dead_sync_is_replayed_through_the_queue_once() {
         w.clone(),
         queues.clone(),
         RetryPolicy::with_base(Duration::from_millis(10)),
+        support::confinement(&std::env::temp_dir()),
     ));
     let workers = start_workers(env, WorkerOptions::default());
     let tenant = slug("acme");

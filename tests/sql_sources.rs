@@ -78,6 +78,8 @@ async fn postgres_type_matrix_reads_every_value_exactly() {
         target: SqlTarget::table("public.matrix").expect("name"),
         cursor: vec!["id".into()],
         tls: None,
+        egress: sluice_connectors::egress::EgressPolicy::unrestricted(),
+        timeouts: Default::default(),
     })
     .expect("source");
     let (names, rows) = read_all(&source).await;
@@ -142,6 +144,8 @@ async fn postgres_type_matrix_reads_every_value_exactly() {
         target: SqlTarget::table("odd").expect("name"),
         cursor: vec![],
         tls: None,
+        egress: sluice_connectors::egress::EgressPolicy::unrestricted(),
+        timeouts: Default::default(),
     })
     .expect("source");
     let err = odd.streams().await.expect_err("point is not read");
@@ -173,6 +177,8 @@ async fn mariadb_type_matrix_reads_every_value_exactly() {
         target: SqlTarget::table("matrix").expect("name"),
         cursor: vec!["id".into()],
         tls: None,
+        egress: sluice_connectors::egress::EgressPolicy::unrestricted(),
+        timeouts: Default::default(),
     })
     .expect("source");
     let (names, rows) = read_all(&source).await;
@@ -233,6 +239,8 @@ async fn full_refresh_rows(kind: SqlKind, url: &str, table: &str) -> Vec<Vec<Opt
         target: SqlTarget::table(table).expect("name"),
         cursor: vec![],
         tls: None,
+        egress: sluice_connectors::egress::EgressPolicy::unrestricted(),
+        timeouts: Default::default(),
     })
     .expect("source");
     let (_, mut rows) = read_all(&source).await;
@@ -328,7 +336,12 @@ async fn ten_thousand_sharing_one_updated_at(kind: &str, url: &str, cursor: &str
     let dir = tempfile::tempdir().expect("tmp");
     let w = SqliteWarehouse::new(dir.path().join("data"));
     let spec = spec(dir.path(), kind, url, cursor, 1000);
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     let report = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("run");
@@ -375,7 +388,12 @@ async fn rows_inserted_and_updated_between_runs_are_picked_up_once() {
         let dir = tempfile::tempdir().expect("tmp");
         let w = SqliteWarehouse::new(dir.path().join("data"));
         let spec = spec(dir.path(), kind, &url, "[\"updated_at\", \"id\"]", 700);
-        let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+        let source = PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source");
         run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
             .await
             .expect("first run");
@@ -454,7 +472,12 @@ async fn a_source_connection_killed_mid_stream_is_retryable_and_the_rerun_resume
         "[\"updated_at\", \"id\"]",
         500,
     );
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     let url = pg.url.clone();
     let observer = KillAfterFirstBatch {
         done: Mutex::new(false),
@@ -568,7 +591,12 @@ async fn soft_deleted_rows_are_marked_and_leave_the_figures() {
         );
         let spec = PipelineSpec::from_toml(&text).expect("spec");
         let w = SqliteWarehouse::new(dir.path().join("data"));
-        let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+        let source = PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source");
         run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
             .await
             .expect("first");
@@ -689,7 +717,12 @@ async fn a_full_refresh_reads_everything_each_run_and_finds_it_unchanged() {
         pg.url
     );
     let spec = PipelineSpec::from_toml(&text).expect("spec");
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     let first = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("first");

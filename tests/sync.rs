@@ -52,7 +52,12 @@ async fn messy_file_accounting_matches_the_generator_exactly() {
     let (csv, exp) = messy_invoices(20_000, 7);
     let spec = write_pipeline(dir.path(), &csv, 1000);
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
 
     let report = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
@@ -141,7 +146,12 @@ async fn rerunning_the_same_file_changes_nothing() {
     let (csv, exp) = messy_invoices(5_000, 11);
     let spec = write_pipeline(dir.path(), &csv, 700);
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("first run");
@@ -182,7 +192,12 @@ async fn a_newer_version_in_a_later_file_updates_and_an_older_one_does_not() {
         10,
     );
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("first");
@@ -217,7 +232,12 @@ async fn failure_after_batch_k_resumes_without_duplicates_or_loss() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (csv, exp) = messy_invoices(12_000, 23);
     let spec = write_pipeline(dir.path(), &csv, 1000);
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
 
     // The store fails on the 4th batch commit, as a crash between two batches would.
     let w = MemoryWarehouse::with_faults(MemoryFaults {
@@ -291,7 +311,12 @@ async fn ar_aging_matches_an_independent_computation() {
     let (csv, exp) = messy_invoices(8_000, 99);
     let spec = write_pipeline(dir.path(), &csv, 2048);
     let w = SqliteWarehouse::new(dir.path().join("data"));
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
         .await
         .expect("run");
@@ -338,7 +363,12 @@ async fn aging_buckets_respect_the_boundary_days_void_and_credit_notes() {
     let w = SqliteWarehouse::new(dir.path().join("data"));
     run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source, None).expect("source"),
+        &PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         &w,
         &RunOptions::default(),
         &Quiet,
@@ -384,7 +414,12 @@ async fn sync_csv(
     let w = SqliteWarehouse::new(dir.join("data"));
     let report = run_pipeline(
         &spec,
-        &PipelineSource::from_spec(&spec.source, None).expect("source"),
+        &PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         &w,
         &RunOptions::default(),
         &Quiet,

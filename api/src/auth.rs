@@ -13,6 +13,7 @@ use sluice_engine::control::{Role, hash_key, key_prefix, same_hash};
 use crate::error::ApiError;
 use sluice_engine::Store;
 
+use crate::rate_limit::FAILED_AUTH;
 use crate::state::AppState;
 
 /// The authenticated caller.
@@ -50,35 +51,27 @@ impl<W: Store> FromRequestParts<Arc<AppState<W>>> for Caller {
         parts: &mut Parts,
         state: &Arc<AppState<W>>,
     ) -> Result<Self, Self::Rejection> {
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::unauthorized("send an API key: Authorization: Bearer slk_...")
-            })?
-            .trim();
-        let invalid = || ApiError::unauthorized("the API key is not valid");
-        let prefix = key_prefix(presented).ok_or_else(invalid)?;
-        let key = state
-            .warehouse
-            .key_by_prefix(prefix)
-            .await?
-            .ok_or_else(invalid)?;
-        if !same_hash(&hash_key(presented), &key.hash) {
-            return Err(invalid());
+        let client = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
+        let failures = format!("auth-failures:{client}");
+        if let Some(secs) = state.auth_failures.empty_for(&failures, FAILED_AUTH) {
+            return Err(too_many(
+                secs,
+                "too many requests with a missing or invalid API key from this address",
+            ));
         }
-        if key.revoked_at.is_some() {
-            return Err(ApiError::unauthorized("the API key was revoked"));
-        }
+        let key = match authenticate(parts, state).await {
+            Ok(key) => key,
+            Err(e) if e.status == axum::http::StatusCode::UNAUTHORIZED => {
+                let _ = state.auth_failures.take(&failures, FAILED_AUTH);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         if let Err(secs) = state.buckets.take(&key.id, state.rate) {
-            let mut e = ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!("rate limit of this key exceeded; retry in {secs} s"),
-            );
-            e.retry_after = Some(secs);
-            return Err(e);
+            return Err(too_many(secs, "rate limit of this key exceeded"));
         }
         let tenant = key
             .tenant
@@ -92,4 +85,41 @@ impl<W: Store> FromRequestParts<Arc<AppState<W>>> for Caller {
             role: key.role,
         })
     }
+}
+
+fn too_many(secs: u64, what: &str) -> ApiError {
+    let mut e = ApiError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        format!("{what}; retry in {secs} s"),
+    );
+    e.retry_after = Some(secs);
+    e
+}
+
+/// The stored key the request presents, if it is valid and not revoked.
+async fn authenticate<W: Store>(
+    parts: &Parts,
+    state: &AppState<W>,
+) -> Result<sluice_engine::control::ApiKeyRecord, ApiError> {
+    let presented = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("send an API key: Authorization: Bearer slk_..."))?
+        .trim();
+    let invalid = || ApiError::unauthorized("the API key is not valid");
+    let prefix = key_prefix(presented).ok_or_else(invalid)?;
+    let key = state
+        .warehouse
+        .key_by_prefix(prefix)
+        .await?
+        .ok_or_else(invalid)?;
+    if !same_hash(&hash_key(presented), &key.hash) {
+        return Err(invalid());
+    }
+    if key.revoked_at.is_some() {
+        return Err(ApiError::unauthorized("the API key was revoked"));
+    }
+    Ok(key)
 }

@@ -1,5 +1,7 @@
-//! Per-key request rate: a token bucket for every API key seen. Over the rate, a request
-//! gets 429 with `Retry-After`.
+//! Request rates: a token bucket for every API key seen, and one per client address for
+//! failed authentications (a missing, unknown or revoked key), checked before any key is
+//! looked up, so guessing keys costs the guesser, not the database. Over the rate, a
+//! request gets 429 with `Retry-After`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,11 +29,37 @@ impl Default for RateLimit {
 #[derive(Debug, Default)]
 pub struct Buckets(Mutex<HashMap<String, (f64, Instant)>>);
 
+/// Failed authentications a client address may make at once, then per second.
+pub const FAILED_AUTH: RateLimit = RateLimit {
+    burst: 20.0,
+    per_second: 1.0,
+};
+
+/// Buckets kept before full ones are dropped (a full bucket is the same as none).
+const MAX_BUCKETS: usize = 100_000;
+
 impl Buckets {
+    /// Seconds until `key` has a token again, if it has none now (nothing is taken).
+    pub fn empty_for(&self, key: &str, limit: RateLimit) -> Option<u64> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, at) = map.get(key)?;
+        let tokens = (tokens + at.elapsed().as_secs_f64() * limit.per_second).min(limit.burst);
+        (tokens < 1.0).then(|| {
+            ((1.0 - tokens) / limit.per_second.max(1e-9))
+                .ceil()
+                .max(1.0) as u64
+        })
+    }
+
     /// Takes a token for `key`, or says how many seconds until one is there.
     pub fn take(&self, key: &str, limit: RateLimit) -> Result<(), u64> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        if map.len() >= MAX_BUCKETS {
+            map.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * limit.per_second < limit.burst
+            });
+        }
         let (tokens, at) = map.entry(key.to_string()).or_insert((limit.burst, now));
         *tokens =
             (*tokens + now.duration_since(*at).as_secs_f64() * limit.per_second).min(limit.burst);

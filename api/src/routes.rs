@@ -1,7 +1,6 @@
 //! The `/v1` routes so far: pipelines, syncs, runs, dead letters, keys and the audit log.
 //! Every resource is looked up inside the caller's tenant, so another tenant's id is 404.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -13,12 +12,12 @@ use serde_json::{Value, json};
 use sluice_connectors::Source;
 use sluice_engine::RunTrigger;
 use sluice_engine::TenantSlug;
-use sluice_engine::control::{NewApiKey, Role, StoredPipeline};
+use sluice_engine::control::{NewApiKey, PipelineChange, PipelineOrigin, Role, StoredPipeline};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunLedger, RunStatus};
-use sluice_pipelines::{PipelineSource, PipelineSpec};
+use sluice_pipelines::{PipelineSource, PipelineSpec, carry_secrets};
 use sluice_workers::jobs::ReplaySelection;
-use sluice_workers::{TriggerOutcome, TriggerRequest};
+use sluice_workers::{IdempotencyKey, TriggerOutcome, TriggerRequest};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -138,7 +137,8 @@ pub async fn create_pipeline<W: Store>(
     Json(body): Json<Value>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Admin)?;
-    let spec = parse_pipeline(body, tenant)?;
+    let mut spec = parse_pipeline(body, tenant)?;
+    s.confinement.check_spec(&mut spec)?;
     if s.warehouse.pipeline(tenant, &spec.name).await?.is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -149,17 +149,15 @@ pub async fn create_pipeline<W: Store>(
         ));
     }
     let (fields, secrets) = spec.to_stored();
+    let change = PipelineChange {
+        actor: caller.key_id.clone(),
+        action: "pipeline.create",
+        origin: PipelineOrigin::Api,
+        detail: json!({ "after": fields, "secrets": secrets.keys().collect::<Vec<_>>() }),
+    };
     s.warehouse
-        .save_pipeline(tenant, &spec.name, &fields, &secrets)
+        .save_pipeline(tenant, &spec.name, &fields, &secrets, &change)
         .await?;
-    audit(
-        &s,
-        &caller,
-        "pipeline.create",
-        &spec.name,
-        json!({ "after": fields, "secrets": secrets.keys().collect::<Vec<_>>() }),
-    )
-    .await?;
     let stored = s
         .warehouse
         .pipeline(tenant, &spec.name)
@@ -189,8 +187,9 @@ pub async fn get_pipeline<W: Store>(
     ok(pipeline_json(&stored(&s, tenant, &name).await?))
 }
 
-/// `PUT /v1/pipelines/{name}`: replaces the definition. Secrets left out of the body keep
-/// their stored values (they are write-only).
+/// `PUT /v1/pipelines/{name}`: replaces the definition. A secret left out of the body keeps
+/// its stored value while the source still points at the same host, port, user and
+/// database (or service account); otherwise it must be sent again. `null` removes one.
 pub async fn put_pipeline<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -199,34 +198,40 @@ pub async fn put_pipeline<W: Store>(
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Admin)?;
     let before = stored(&s, tenant, &name).await?;
-    let spec = parse_pipeline(body, tenant)?;
+    let cleared: Vec<String> = body
+        .pointer("/source")
+        .and_then(Value::as_object)
+        .map(|source| {
+            source
+                .iter()
+                .filter(|(_, v)| v.is_null())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut spec = parse_pipeline(body, tenant)?;
     if spec.name != name {
         return Err(ApiError::bad_request(format!(
             "the body names pipeline '{}', the path '{name}'",
             spec.name
         )));
     }
-    let (fields, mut secrets) = spec.to_stored();
-    // A secret the body leaves out keeps its stored value; a field the body sets (a URL
-    // now without a password) replaces it.
-    for (k, v) in &before.secrets {
-        let field = k.strip_prefix("source.").unwrap_or(k);
-        if fields["source"].get(field).is_none() {
-            secrets.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
+    s.confinement.check_spec(&mut spec)?;
+    let secrets = carry_secrets(&before, &spec, &cleared)?;
+    let (fields, _) = spec.to_stored();
     PipelineSpec::from_stored(&fields, &secrets)?;
+    let change = PipelineChange {
+        actor: caller.key_id.clone(),
+        action: "pipeline.update",
+        origin: PipelineOrigin::Api,
+        detail: json!({
+            "before": before.spec, "after": fields,
+            "secrets": secrets.keys().collect::<Vec<_>>(),
+        }),
+    };
     s.warehouse
-        .save_pipeline(tenant, &name, &fields, &secrets)
+        .save_pipeline(tenant, &name, &fields, &secrets, &change)
         .await?;
-    audit(
-        &s,
-        &caller,
-        "pipeline.update",
-        &name,
-        json!({ "before": before.spec, "after": fields }),
-    )
-    .await?;
     ok(pipeline_json(&stored(&s, tenant, &name).await?))
 }
 
@@ -250,7 +255,7 @@ pub async fn delete_pipeline<W: Store>(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `GET /v1/pipelines/{name}/health`: runs the source's check.
+/// `GET /v1/pipelines/{name}/health`: the source's check (see [`source_health`]).
 pub async fn pipeline_health<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -258,16 +263,45 @@ pub async fn pipeline_health<W: Store>(
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
     let p = stored(&s, tenant, &name).await?;
-    let spec = PipelineSpec::from_stored(&p.spec, &p.secrets)?;
-    let checked = match PipelineSource::for_pipeline(&spec, s.warehouse.clone()) {
-        Ok(source) => source.check().await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    ok(match checked {
-        Ok(h) => json!({ "pipeline": name, "ok": true, "detail": h.detail,
-                         "latency_ms": h.latency.as_millis() as u64 }),
+    ok(match source_health(&s, &p).await {
+        Ok((detail, ms)) => json!({ "pipeline": name, "ok": true, "detail": detail,
+                         "latency_ms": ms }),
         Err(e) => json!({ "pipeline": name, "ok": false, "error": e }),
     })
+}
+
+/// How long one source check may take.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a check's answer is reused: health is read by every viewer's page, and each
+/// check costs the source a connection or a request of its budget.
+const HEALTH_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A pipeline's source check, within [`CHECK_TIMEOUT`], reused for [`HEALTH_TTL`], under
+/// the pipeline's confinement, never spending credentials (no token refresh).
+async fn source_health<W: Store>(
+    s: &AppState<W>,
+    p: &StoredPipeline,
+) -> Result<(String, u64), String> {
+    let key = (p.tenant.clone(), p.name.clone(), p.updated_at);
+    if let Some(hit) = s.health.get(&key, HEALTH_TTL) {
+        return hit;
+    }
+    let checked = async {
+        let spec = PipelineSpec::from_stored(&p.spec, &p.secrets).map_err(|e| e.to_string())?;
+        let reach = s.confinement.reach(&p.tenant, p.origin);
+        let source = PipelineSource::for_pipeline(&spec, s.warehouse.clone(), &reach)
+            .map_err(|e| e.to_string())?
+            .for_health_read();
+        match tokio::time::timeout(CHECK_TIMEOUT, source.check()).await {
+            Ok(Ok(h)) => Ok((h.detail, h.latency.as_millis() as u64)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
+        }
+    }
+    .await;
+    s.health.put(key, checked.clone());
+    checked
 }
 
 /// `POST /v1/pipelines/{name}/sync`: 202 with the run; honours `Idempotency-Key`; joins a
@@ -300,7 +334,7 @@ pub async fn sync_pipeline<W: Store>(
             tenant: tenant.to_string(),
             pipeline: name.clone(),
             trigger: RunTrigger::Api,
-            idempotency_key: key.clone(),
+            idempotency_key: key.clone().map(IdempotencyKey::Client),
             correlation_id: Some(request_id),
             file: None,
         })
@@ -334,23 +368,7 @@ pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<
         .run(tenant, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("run {id}")))?;
-    let rows = s
-        .warehouse
-        .quarantined(
-            tenant,
-            &QuarantineFilter {
-                run_id: Some(id.clone()),
-                limit: Some(u32::MAX),
-                ..QuarantineFilter::default()
-            },
-        )
-        .await?;
-    let mut by_rule: BTreeMap<String, u64> = BTreeMap::new();
-    for r in &rows {
-        for e in &r.errors {
-            *by_rule.entry(e.rule.to_string()).or_default() += 1;
-        }
-    }
+    let by_rule = s.warehouse.run_rule_counts(tenant, &id).await?;
     let mut v = run.to_json();
     v["quarantined_by_rule"] = json!(by_rule);
     ok(v)
@@ -923,27 +941,13 @@ pub async fn create_tenant<W: Store>(
         .into_response())
 }
 
-/// How long one source check may take in `GET /v1/connectors/status`.
-const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// `GET /v1/connectors/status`: every pipeline's source health, last run, last success and
 /// next scheduled run. Sources are checked concurrently, each within 5 s.
 pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
     let pipelines = s.warehouse.pipelines(tenant).await?;
     let now = chrono::Utc::now();
-    let checks = pipelines.iter().map(|p| {
-        let store = s.warehouse.clone();
-        async move {
-            let spec = PipelineSpec::from_stored(&p.spec, &p.secrets).map_err(|e| e.to_string())?;
-            let source = PipelineSource::for_pipeline(&spec, store).map_err(|e| e.to_string())?;
-            match tokio::time::timeout(CHECK_TIMEOUT, source.check()).await {
-                Ok(Ok(h)) => Ok((h.detail, h.latency.as_millis() as u64)),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
-            }
-        }
-    });
+    let checks = pipelines.iter().map(|p| source_health(&s, p));
     let health = futures_util::future::join_all(checks).await;
     let mut items = Vec::with_capacity(pipelines.len());
     for (p, h) in pipelines.iter().zip(health) {

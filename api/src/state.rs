@@ -1,7 +1,10 @@
 //! What every handler shares.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use sluice_pipelines::Confinement;
 use sluice_workers::Queues;
 
 use crate::rate_limit::{Buckets, RateLimit};
@@ -16,26 +19,64 @@ pub struct AppState<W> {
     pub rate: RateLimit,
     /// Per-key token buckets.
     pub buckets: Buckets,
+    /// Failed authentications per client address.
+    pub auth_failures: Buckets,
     /// Largest JSON body accepted.
     pub body_limit: usize,
     /// Largest uploaded file accepted (default 100 MB).
     pub upload_limit: usize,
     /// Where uploaded files are kept: `<dir>/<tenant>/<pipeline>/<sha256>.<ext>`.
     pub upload_dir: std::path::PathBuf,
+    /// What pipelines defined through the API may reach (files, hosts).
+    pub confinement: Confinement,
+    /// Recent source checks.
+    pub health: HealthCache,
+}
+
+/// A pipeline's identity in the health cache: tenant, name, and when it was last saved (a
+/// changed definition is checked afresh).
+pub type HealthKey = (String, String, chrono::DateTime<chrono::Utc>);
+
+/// A source check's answer: its detail and latency in ms, or what went wrong.
+pub type HealthAnswer = Result<(String, u64), String>;
+
+/// Source checks answered in the last few seconds, by pipeline.
+#[derive(Default)]
+pub struct HealthCache(Mutex<HashMap<HealthKey, (Instant, HealthAnswer)>>);
+
+impl HealthCache {
+    /// The answer for `key` if it is younger than `ttl`.
+    pub fn get(&self, key: &HealthKey, ttl: Duration) -> Option<HealthAnswer> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, answer)| answer.clone())
+    }
+
+    /// Keeps `answer` for `key`, dropping answers older than a minute.
+    pub fn put(&self, key: HealthKey, answer: HealthAnswer) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(60));
+        map.insert(key, (Instant::now(), answer));
+    }
 }
 
 impl<W> AppState<W> {
     /// State with default limits (rate 100/s, burst 200; JSON bodies up to 1 MiB; uploads
-    /// up to 100 MB, kept under `upload_dir`).
-    pub fn new(warehouse: Arc<W>, queues: Arc<Queues>, upload_dir: std::path::PathBuf) -> Self {
+    /// up to 100 MB); pipelines confined by `confinement`, whose upload directory keeps the
+    /// uploads.
+    pub fn new(warehouse: Arc<W>, queues: Arc<Queues>, confinement: Confinement) -> Self {
         AppState {
             warehouse,
             queues,
             rate: RateLimit::default(),
             buckets: Buckets::default(),
+            auth_failures: Buckets::default(),
             body_limit: 1 << 20,
             upload_limit: 100_000_000,
-            upload_dir,
+            upload_dir: confinement.upload_dir().to_path_buf(),
+            confinement,
+            health: HealthCache::default(),
         }
     }
 }

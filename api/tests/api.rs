@@ -2,181 +2,14 @@
 //! matrix, tenant isolation, problem documents with correlation ids, syncs that join and
 //! honour idempotency keys, pipelines whose secrets never come back, keys and the audit log.
 
-use std::sync::Arc;
-
 use axum::body::{Body, to_bytes};
 use axum::http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
-use sluice_api::{AppState, router};
-use sluice_engine::SqliteWarehouse;
-use sluice_engine::TenantSlug;
-use sluice_engine::control::{AccessStore, NewApiKey, Role};
-use sluice_engine::secrets::MasterKey;
-use sluice_workers::{QueueSettings, Queues};
+use sluice_engine::control::Role;
 use tower::ServiceExt;
 
-const MASTER: &str = "4f6e6520737472696e6720746f2072756c65207468656d20616c6c2c206f6e65";
-
-struct Api {
-    app: axum::Router,
-    warehouse: Arc<SqliteWarehouse>,
-    _dir: tempfile::TempDir,
-}
-
-/// Workers running in this process over the API's warehouse and queue.
-struct Worker {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), sluice_workers::WorkerError>>,
-}
-
-impl Worker {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.expect("join").expect("workers");
-    }
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Value,
-}
-
-impl Api {
-    async fn new() -> Self {
-        Self::build(|_| {}).await
-    }
-
-    async fn with_upload_limit(limit: usize) -> Self {
-        Self::build(|s| s.upload_limit = limit).await
-    }
-
-    async fn build(configure: impl FnOnce(&mut AppState<SqliteWarehouse>)) -> Self {
-        let dir = tempfile::tempdir().expect("tmp");
-        let warehouse = Arc::new(
-            SqliteWarehouse::new(dir.path())
-                .with_master_key(MasterKey::from_hex(MASTER).expect("key")),
-        );
-        let queues = Arc::new(
-            Queues::connect(QueueSettings::new(None, dir.path().to_path_buf()))
-                .await
-                .expect("queue"),
-        );
-        let mut state = AppState::new(warehouse.clone(), queues, dir.path().join("uploads"));
-        configure(&mut state);
-        let state = Arc::new(state);
-        Api {
-            app: router(state),
-            warehouse,
-            _dir: dir,
-        }
-    }
-
-    async fn start_worker(&self) -> Worker {
-        let queues = Arc::new(
-            Queues::connect(QueueSettings::new(None, self._dir.path().to_path_buf()))
-                .await
-                .expect("queue"),
-        );
-        let env = Arc::new(sluice_workers::worker::WorkerEnv::new(
-            self.warehouse.clone(),
-            queues,
-            sluice_workers::retry::RetryPolicy::with_base(std::time::Duration::from_millis(10)),
-        ));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            sluice_workers::worker::run_workers(env, &Default::default(), async move {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Worker { stop, task }
-    }
-
-    async fn key(&self, tenant: Option<&str>, role: Role) -> String {
-        let t = tenant.map(|t| TenantSlug::parse(t).expect("slug"));
-        let k = NewApiKey::generate(t.as_ref(), role, None).expect("key");
-        self.warehouse.create_key(&k.record).await.expect("store");
-        k.secret
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> Answer {
-        self.call_with(method, path, key, body, &[]).await
-    }
-
-    async fn call_with(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-        headers: &[(&str, &str)],
-    ) -> Answer {
-        let mut req = Request::builder().method(method).uri(path);
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
-        }
-        for (h, v) in headers {
-            req = req.header(*h, *v);
-        }
-        let req = match body {
-            Some(b) => req
-                .header("content-type", "application/json")
-                .body(Body::from(b.to_string())),
-            None => req.body(Body::empty()),
-        }
-        .expect("request");
-        let resp = self.app.clone().oneshot(req).await.expect("response");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = to_bytes(resp.into_body(), 1 << 20).await.expect("body");
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-}
-
-fn pipeline(name: &str, csv: &str) -> Value {
-    json!({ "name": name, "entity": "invoices", "source": { "kind": "csv", "path": csv } })
-}
-
-/// The example invoices pipeline (its CSV and mapping) under another name, as JSON.
-fn example_pipeline(name: &str) -> Value {
-    let path = format!("{}/../examples/invoices.toml", env!("CARGO_MANIFEST_DIR"));
-    let spec =
-        sluice_pipelines::PipelineSpec::from_file(std::path::Path::new(&path)).expect("example");
-    let mut v = serde_json::to_value(&spec).expect("json");
-    v["name"] = json!(name);
-    v.as_object_mut().expect("object").remove("tenant");
-    v
-}
-
-fn example_csv() -> String {
-    format!("{}/../examples/invoices.csv", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn assert_problem(a: &Answer, status: StatusCode) {
-    assert_eq!(a.status, status, "{}", a.body);
-    assert_eq!(
-        a.headers.get("content-type").and_then(|v| v.to_str().ok()),
-        Some("application/problem+json")
-    );
-    assert_eq!(a.body["status"], status.as_u16());
-    let id = a.body["correlation_id"].as_str().expect("correlation id");
-    assert_eq!(
-        a.headers.get("x-request-id").and_then(|v| v.to_str().ok()),
-        Some(id)
-    );
-}
+mod harness;
+use harness::*;
 
 #[tokio::test]
 async fn every_route_allows_exactly_the_roles_it_should() {
@@ -510,22 +343,81 @@ async fn syncs_join_and_honour_idempotency_keys_and_secrets_stay_write_only() {
         shown.body["secrets"],
         json!(["source.password", "source.url"])
     );
-    // An update without the secrets keeps them.
+    // An update that leaves the secrets out keeps them while the source points at the
+    // same host, port, user and database.
     let mut update = db.clone();
-    update["source"]["url"] = json!("postgres://erp@db2/erp");
+    update["source"]["url"] = json!("postgres://erp@db/erp");
+    update["source"]["table"] = json!("invoices_2024");
     update["source"]
         .as_object_mut()
         .expect("obj")
         .remove("password");
     let put = api
-        .call(Method::PUT, "/v1/pipelines/erp", Some(&admin), Some(update))
+        .call(
+            Method::PUT,
+            "/v1/pipelines/erp",
+            Some(&admin),
+            Some(update.clone()),
+        )
         .await;
     assert_eq!(put.status, StatusCode::OK, "{}", put.body);
-    assert_eq!(put.body["secrets"], json!(["source.password"]));
+    // The URL as GET shows it keeps the stored URL's password too.
+    assert_eq!(
+        put.body["secrets"],
+        json!(["source.password", "source.url"])
+    );
+    // Pointing it at another host without sending the password again is refused: the
+    // stored password must not follow the pipeline to a server of the caller's choosing.
+    for (field, other) in [
+        ("url", "postgres://erp@evil.example/erp"),
+        ("url", "postgres://erp@db:6543/erp"),
+        ("url", "postgres://root@db/erp"),
+        ("url", "postgres://erp@db/other"),
+        ("url", "postgres://erp@db/erp?host=evil.example"),
+    ] {
+        let mut swap = update.clone();
+        swap["source"][field] = json!(other);
+        let refused = api
+            .call(Method::PUT, "/v1/pipelines/erp", Some(&admin), Some(swap))
+            .await;
+        assert_eq!(
+            refused.status,
+            StatusCode::BAD_REQUEST,
+            "{other}: {}",
+            refused.body
+        );
+        assert!(
+            refused.body["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("send `password` again"),
+            "{}",
+            refused.body
+        );
+    }
+    let mut moved = update.clone();
+    moved["source"]["url"] = json!("postgres://erp@db2/erp");
+    moved["source"]["password"] = json!("n3w");
+    let put = api
+        .call(
+            Method::PUT,
+            "/v1/pipelines/erp",
+            Some(&admin),
+            Some(moved.clone()),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
     assert_eq!(
         put.body["pipeline"]["source"]["url"],
         "postgres://erp@db2/erp"
     );
+    // `null` removes a secret.
+    moved["source"]["password"] = Value::Null;
+    let put = api
+        .call(Method::PUT, "/v1/pipelines/erp", Some(&admin), Some(moved))
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    assert_eq!(put.body["secrets"], json!([]));
 
     // Every change is in the audit log, newest first, with the key that made it.
     let audit = api.call(Method::GET, "/v1/audit", Some(&admin), None).await;
@@ -539,10 +431,24 @@ async fn syncs_join_and_honour_idempotency_keys_and_secrets_stay_write_only() {
         actions,
         [
             "pipeline.update",
+            "pipeline.update",
+            "pipeline.update",
             "pipeline.create",
             "pipeline.sync",
             "pipeline.create"
         ]
+    );
+    // One entry per change, by the key that made it.
+    let admin_id = audit.body["items"][0]["actor"].as_str().expect("actor");
+    assert!(admin_id.starts_with("key_") || !admin_id.is_empty());
+    assert!(
+        audit.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .all(|e| e["actor"] != "cli"),
+        "{}",
+        audit.body
     );
     assert!(audit.body["items"][0]["detail"]["before"].is_object());
 }
@@ -594,19 +500,6 @@ async fn keys_are_shown_once_and_a_platform_key_provisions_tenant_keys() {
 }
 
 /// Polls a run until it has ended.
-async fn finished_run(api: &Api, key: &str, run: &str) -> Value {
-    for _ in 0..300 {
-        let a = api
-            .call(Method::GET, &format!("/v1/runs/{run}"), Some(key), None)
-            .await;
-        if a.status == StatusCode::OK && a.body["status"] != "running" {
-            return a.body;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("run {run} did not end");
-}
-
 #[tokio::test]
 async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_for_every_row() {
     let api = Api::new().await;
@@ -886,7 +779,7 @@ async fn a_platform_key_provisions_a_tenant_and_connector_status_reports_every_p
         Method::POST,
         "/v1/pipelines",
         Some(&admin),
-        Some(pipeline("missing", "/nonexistent/file.csv")),
+        Some(pipeline("missing", "nonexistent/file.csv")),
     )
     .await;
     let status = api
@@ -910,38 +803,6 @@ async fn a_platform_key_provisions_a_tenant_and_connector_status_reports_every_p
         .expect("missing");
     assert_eq!(missing["health"]["ok"], false);
     assert!(missing["next_run"].is_null());
-}
-
-async fn upload(api: &Api, key: &str, pipeline: &str, filename: &str, content: &[u8]) -> Answer {
-    let boundary = "sluice-test-boundary";
-    let mut body = Vec::new();
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: text/csv\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(content);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(format!("/v1/pipelines/{pipeline}/files"))
-        .header("authorization", format!("Bearer {key}"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(Body::from(body))
-        .expect("request");
-    let resp = api.app.clone().oneshot(req).await.expect("response");
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = to_bytes(resp.into_body(), 1 << 20).await.expect("body");
-    Answer {
-        status,
-        headers,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    }
 }
 
 #[tokio::test]

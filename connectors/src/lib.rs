@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod egress;
 pub mod error;
 pub mod file;
 pub mod saas;

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use crate::confine::SourceReach;
 use crate::error::PipelineError;
 use crate::source::PipelineSource;
 use crate::spec::{PipelineSpec, SourceSpec, check_pipeline_name};
@@ -77,7 +78,7 @@ impl PipelineSpec {
                 one_byte("quote", c.quote.as_deref())?;
             }
             SourceSpec::Postgres(q) | SourceSpec::Mysql(q) => {
-                PipelineSource::from_spec(&self.source, None)?;
+                PipelineSource::from_spec(&self.source, None, &SourceReach::unrestricted())?;
                 if q.table.is_some() == q.query.is_some() {
                     return Err(PipelineError::config(
                         "[source] give exactly one of `table` or `query`",
@@ -89,7 +90,8 @@ impl PipelineSpec {
                 }
             }
             SourceSpec::Quickbooks(_) | SourceSpec::Odoo(_) => {
-                let source = PipelineSource::from_spec(&self.source, None)?;
+                let source =
+                    PipelineSource::from_spec(&self.source, None, &SourceReach::unrestricted())?;
                 let entity = source.api_entity().unwrap_or(self.entity.name());
                 if entity != self.entity.name() {
                     return Err(PipelineError::config(format!(
@@ -100,8 +102,13 @@ impl PipelineSpec {
             }
             SourceSpec::Xlsx(_) => {}
         }
-        if self.batch_rows == Some(0) {
-            return Err(PipelineError::config("batch_rows must be at least 1"));
+        if let Some(n) = self.batch_rows
+            && !(1..=crate::spec::MAX_BATCH_ROWS).contains(&n)
+        {
+            return Err(PipelineError::config(format!(
+                "batch_rows must be between 1 and {} (a batch is held in memory and committed whole), not {n}",
+                crate::spec::MAX_BATCH_ROWS
+            )));
         }
         if let Some(schedule) = &self.schedule {
             schedule.parse()?;

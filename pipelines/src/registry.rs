@@ -6,9 +6,11 @@
 //! refresh token); registering the pipeline again keeps them.
 
 use serde_json::{Map, Value};
+use sluice_engine::control::PipelineChange;
 
 use crate::error::{PipelineError, PipelineErrorKind};
-use crate::spec::PipelineSpec;
+use crate::spec::{PipelineSpec, SourceSpec};
+use sluice_engine::control::StoredPipeline;
 
 /// Fields of `[source]` that are secret whenever they are set.
 const SECRET_FIELDS: &[&str] = &["password", "client_secret", "refresh_token", "api_key"];
@@ -60,6 +62,73 @@ impl PipelineSpec {
     }
 }
 
+impl SourceSpec {
+    /// Where the source's secrets are sent: for a database, its host, port, user and
+    /// database; for a service, its URLs and account. A stored secret stays with a pipeline
+    /// whose definition changes only while this stays the same.
+    pub fn secret_destination(&self) -> Vec<String> {
+        match self {
+            SourceSpec::Csv(_) | SourceSpec::Xlsx(_) => Vec::new(),
+            SourceSpec::Postgres(q) | SourceSpec::Mysql(q) => {
+                sluice_connectors::sql::destination(&q.url)
+                    .map_or_else(|| vec![q.url.clone()], |d| d.to_vec())
+            }
+            SourceSpec::Quickbooks(q) => vec![
+                q.realm_id.clone(),
+                q.client_id.clone(),
+                q.base_url.clone().unwrap_or_default(),
+                q.token_url.clone().unwrap_or_default(),
+            ],
+            SourceSpec::Odoo(o) => vec![o.url.clone(), o.db.clone(), o.login.clone()],
+        }
+    }
+}
+
+/// The secrets to store when `spec` replaces `before`: those the new definition carries,
+/// and each stored one it leaves out, kept only while the source still points where that
+/// secret was meant to go (otherwise the caller must send it again). A secret field the
+/// body set to `null` (`cleared`) is removed. Rotated OAuth state (`oauth.`) follows the
+/// same rule.
+pub fn carry_secrets(
+    before: &StoredPipeline,
+    spec: &PipelineSpec,
+    cleared: &[String],
+) -> Result<Map<String, Value>, PipelineError> {
+    let (fields, mut secrets) = spec.to_stored();
+    let old = PipelineSpec::from_stored(&before.spec, &before.secrets)?;
+    let same_place = old.source.secret_destination() == spec.source.secret_destination()
+        && std::mem::discriminant(&old.source) == std::mem::discriminant(&spec.source);
+    for (key, value) in &before.secrets {
+        if secrets.contains_key(key) {
+            continue;
+        }
+        let field = key.strip_prefix("source.").unwrap_or(key);
+        if cleared.iter().any(|c| c == field) {
+            continue;
+        }
+        if key == "source.url" {
+            // The stored URL with its password; kept only for the same URL as shown.
+            if fields["source"].get("url") == before.spec["source"].get("url") && same_place {
+                secrets.insert(key.clone(), value.clone());
+            }
+            continue;
+        }
+        if key.starts_with("oauth.") {
+            if same_place {
+                secrets.insert(key.clone(), value.clone());
+            }
+            continue;
+        }
+        if !same_place {
+            return Err(PipelineError::config(format!(
+                "[source] now points somewhere else (host, port, user, database or account changed): send `{field}` again, or null to remove it"
+            )));
+        }
+        secrets.insert(key.clone(), value.clone());
+    }
+    Ok(secrets)
+}
+
 /// Stores `spec` under its tenant, keeping the `oauth.` state of the stored pipeline.
 pub async fn register_pipeline<S: sluice_engine::control::PipelineStore>(
     store: &S,
@@ -74,8 +143,11 @@ pub async fn register_pipeline<S: sluice_engine::control::PipelineStore>(
             }
         }
     }
+    let change = PipelineChange::shell_register(
+        serde_json::json!({ "secrets": secrets.keys().collect::<Vec<_>>() }),
+    );
     store
-        .save_pipeline(&tenant, &spec.name, &fields, &secrets)
+        .save_pipeline(&tenant, &spec.name, &fields, &secrets, &change)
         .await?;
     Ok(())
 }

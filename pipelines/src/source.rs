@@ -12,6 +12,7 @@ use sluice_connectors::saas::{MemoryTokens, TokenStore};
 use sluice_connectors::sql::{SqlKind, SqlSource, SqlSourceConfig, SqlTarget, TlsMode};
 use sluice_connectors::{BatchStream, HealthReport, ReadRequest, Source, SourceError, StreamInfo};
 
+use crate::confine::SourceReach;
 use crate::error::{PipelineError, PipelineErrorKind};
 use crate::spec::{OdooSpec, QuickbooksSpec, SheetSpec, SourceSpec, SqlSpec};
 
@@ -42,9 +43,12 @@ impl PipelineSource {
     /// before any connection is made. `tokens` keeps credentials a service rotates
     /// (QuickBooks refresh tokens); without it they are kept in memory only, which is
     /// right only for a source that will not be used again.
+    ///
+    /// `reach` confines its files and hosts (see [`crate::confine`]).
     pub fn from_spec(
         spec: &SourceSpec,
         tokens: Option<Arc<dyn TokenStore>>,
+        reach: &SourceReach,
     ) -> Result<Self, PipelineError> {
         Ok(match spec {
             SourceSpec::Csv(c) => {
@@ -58,7 +62,7 @@ impl PipelineSource {
                     })
                 };
                 PipelineSource::Csv(CsvSource::new(
-                    c.path.as_deref().ok_or_else(upload_only)?,
+                    &reach.file(c.path.as_deref().ok_or_else(upload_only)?)?,
                     CsvOptions {
                         delimiter: byte(&c.delimiter, b','),
                         quote: byte(&c.quote, b'"'),
@@ -73,18 +77,21 @@ impl PipelineSource {
                     None => SheetRef::Index(0),
                 };
                 PipelineSource::Spreadsheet(SpreadsheetSource::new(
-                    x.path.as_deref().ok_or_else(upload_only)?,
+                    &reach.file(x.path.as_deref().ok_or_else(upload_only)?)?,
                     sheet,
                     x.header_row.unwrap_or(1),
                 ))
             }
-            SourceSpec::Postgres(q) => PipelineSource::Sql(sql_source(SqlKind::Postgres, q)?),
-            SourceSpec::Mysql(q) => PipelineSource::Sql(sql_source(SqlKind::Mysql, q)?),
+            SourceSpec::Postgres(q) => {
+                PipelineSource::Sql(sql_source(SqlKind::Postgres, q, reach)?)
+            }
+            SourceSpec::Mysql(q) => PipelineSource::Sql(sql_source(SqlKind::Mysql, q, reach)?),
             SourceSpec::Quickbooks(q) => PipelineSource::QuickBooks(quickbooks_source(
                 q,
                 tokens.unwrap_or_else(|| Arc::new(MemoryTokens::default())),
+                reach,
             )?),
-            SourceSpec::Odoo(o) => PipelineSource::Odoo(odoo_source(o)?),
+            SourceSpec::Odoo(o) => PipelineSource::Odoo(odoo_source(o, reach)?),
         })
     }
 
@@ -93,6 +100,7 @@ impl PipelineSource {
     pub fn for_pipeline<S: sluice_engine::control::PipelineStore + 'static>(
         spec: &crate::spec::PipelineSpec,
         store: Arc<S>,
+        reach: &SourceReach,
     ) -> Result<Self, PipelineError> {
         let tokens: Option<Arc<dyn TokenStore>> = match &spec.source {
             SourceSpec::Quickbooks(q) => Some(Arc::new(crate::token_store::StoredTokens::new(
@@ -103,7 +111,18 @@ impl PipelineSource {
             ))),
             _ => None,
         };
-        PipelineSource::from_spec(&spec.source, tokens)
+        PipelineSource::from_spec(&spec.source, tokens, reach)
+    }
+
+    /// The same source for a health read: it does not spend credentials (a QuickBooks
+    /// check does not refresh the access token).
+    pub fn for_health_read(self) -> Self {
+        match self {
+            PipelineSource::QuickBooks(s) => {
+                PipelineSource::QuickBooks(s.without_credential_check())
+            }
+            other => other,
+        }
     }
 
     /// The canonical entity an API source's stream yields.
@@ -123,6 +142,7 @@ fn source_config(e: SourceError) -> PipelineError {
 fn quickbooks_source(
     spec: &QuickbooksSpec,
     tokens: Arc<dyn TokenStore>,
+    reach: &SourceReach,
 ) -> Result<QuickBooksSource, PipelineError> {
     let stream = QboStream::parse(&spec.stream).map_err(source_config)?;
     let mut config = QuickBooksConfig::new(
@@ -151,10 +171,11 @@ fn quickbooks_source(
     if let Some(n) = spec.page_size {
         config.page_size = n;
     }
+    config.egress = reach.egress().clone();
     QuickBooksSource::new(config, tokens).map_err(source_config)
 }
 
-fn odoo_source(spec: &OdooSpec) -> Result<OdooSource, PipelineError> {
+fn odoo_source(spec: &OdooSpec, reach: &SourceReach) -> Result<OdooSource, PipelineError> {
     let transport = match spec.transport.as_deref() {
         None | Some("jsonrpc") => Transport::JsonRpc,
         Some("json2") => Transport::Json2,
@@ -174,11 +195,16 @@ fn odoo_source(spec: &OdooSpec) -> Result<OdooSource, PipelineError> {
         transport,
         page_size: spec.page_size.unwrap_or(500),
         retry: Default::default(),
+        egress: reach.egress().clone(),
     })
     .map_err(source_config)
 }
 
-fn sql_source(kind: SqlKind, spec: &SqlSpec) -> Result<SqlSource, PipelineError> {
+fn sql_source(
+    kind: SqlKind,
+    spec: &SqlSpec,
+    reach: &SourceReach,
+) -> Result<SqlSource, PipelineError> {
     let target = match (&spec.table, &spec.query) {
         (Some(t), None) => SqlTarget::table(t),
         (None, Some(q)) => SqlTarget::query(q),
@@ -207,6 +233,8 @@ fn sql_source(kind: SqlKind, spec: &SqlSpec) -> Result<SqlSource, PipelineError>
         target,
         cursor: spec.cursor.clone(),
         tls,
+        egress: reach.egress().clone(),
+        timeouts: spec.timeouts(),
     })
     .map_err(source_config)
 }

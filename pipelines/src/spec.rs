@@ -195,7 +195,25 @@ pub struct SqlSpec {
     /// aggregate. Give it a cursor so that a deletion (which should bump `updated_at`) is read.
     #[serde(default)]
     pub soft_delete: Option<String>,
+    /// Seconds any one statement may run (default 1800, at most 86400); past it the run
+    /// fails and is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_timeout_secs: Option<u64>,
 }
+
+impl SqlSpec {
+    /// The source's timeouts.
+    pub fn timeouts(&self) -> sluice_connectors::sql::SqlTimeouts {
+        let mut t = sluice_connectors::sql::SqlTimeouts::default();
+        if let Some(s) = self.statement_timeout_secs {
+            t.statement = std::time::Duration::from_secs(s.clamp(1, MAX_STATEMENT_SECS));
+        }
+        t
+    }
+}
+
+/// The longest statement timeout a pipeline may ask for.
+pub const MAX_STATEMENT_SECS: u64 = 86_400;
 
 impl std::fmt::Debug for SqlSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,6 +225,7 @@ impl std::fmt::Debug for SqlSpec {
             .field("cursor", &self.cursor)
             .field("tls", &self.tls)
             .field("soft_delete", &self.soft_delete)
+            .field("statement_timeout_secs", &self.statement_timeout_secs)
             .finish()
     }
 }
@@ -302,6 +321,9 @@ impl ScheduleSpec {
 
 /// Default records per batch.
 pub const DEFAULT_BATCH_ROWS: usize = 8192;
+
+/// The most records a batch may hold.
+pub const MAX_BATCH_ROWS: usize = 100_000;
 
 impl PipelineSpec {
     /// The source's soft-delete column, if it has one.

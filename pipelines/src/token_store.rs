@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use sluice_connectors::saas::TokenStore;
 use sluice_connectors::{SourceError, SourceErrorKind};
 use sluice_engine::TenantSlug;
-use sluice_engine::control::PipelineStore;
+use sluice_engine::control::{PipelineChange, PipelineOrigin, PipelineStore};
 
 use crate::spec::PipelineSpec;
 
@@ -107,8 +107,11 @@ impl<S: PipelineStore + 'static> TokenStore for StoredTokens<S> {
                 // cannot keep secrets (no master key) fails here, while the configured
                 // token still works, not after the service has replaced it.
                 let (fields, secrets) = self.spec.to_stored();
+                let change = PipelineChange::shell_register(
+                    json!({ "secrets": secrets.keys().collect::<Vec<_>>() }),
+                );
                 self.store
-                    .save_pipeline(&tenant, &self.spec.name, &fields, &secrets)
+                    .save_pipeline(&tenant, &self.spec.name, &fields, &secrets, &change)
                     .await
                     .map_err(|e| {
                         store_error(
@@ -131,14 +134,17 @@ impl<S: PipelineStore + 'static> TokenStore for StoredTokens<S> {
     ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send + 'a>> {
         Box::pin(async move {
             let tenant = self.tenant()?;
-            let (fields, mut secrets) = match self
+            let (fields, mut secrets, origin) = match self
                 .store
                 .pipeline(&tenant, &self.spec.name)
                 .await
                 .map_err(|e| store_error("reading the pipeline to save its refresh token", e))?
             {
-                Some(p) => (p.spec, p.secrets),
-                None => self.spec.to_stored(),
+                Some(p) => (p.spec, p.secrets, p.origin),
+                None => {
+                    let (fields, secrets) = self.spec.to_stored();
+                    (fields, secrets, PipelineOrigin::Shell)
+                }
             };
             secrets.insert(CONNECTION.into(), json!(self.connection));
             secrets.insert(SEED.into(), json!(hash(&self.configured)));
@@ -147,8 +153,14 @@ impl<S: PipelineStore + 'static> TokenStore for StoredTokens<S> {
                 SAVED_AT.into(),
                 json!(chrono::Utc::now().timestamp_micros()),
             );
+            let change = PipelineChange {
+                actor: "sluice".into(),
+                action: "pipeline.token_rotated",
+                origin,
+                detail: json!({ "connection": self.connection }),
+            };
             self.store
-                .save_pipeline(&tenant, &self.spec.name, &fields, &secrets)
+                .save_pipeline(&tenant, &self.spec.name, &fields, &secrets, &change)
                 .await
                 .map_err(|e| store_error("saving the rotated refresh token", e))
         })

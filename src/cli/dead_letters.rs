@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde_json::json;
 use sluice_engine::Store;
+use sluice_pipelines::Confinement;
 use sluice_pipelines::PipelineSpec;
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::worker::WorkerEnv;
@@ -59,6 +60,7 @@ pub(super) async fn dead_letters_command<W: Store>(
     cmd: DeadLettersCommand,
     queue: QueueSettings,
     policy: RetryPolicy,
+    confinement: Confinement,
 ) -> Result<ExitCode> {
     let warehouse = &*shared;
     match cmd {
@@ -127,6 +129,7 @@ pub(super) async fn dead_letters_command<W: Store>(
                 shared.clone(),
                 Arc::new(Queues::connect(queue).await?),
                 policy,
+                confinement,
             ));
             let queued = env
                 .queues

@@ -5,10 +5,12 @@
 
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice_connectors::egress::EgressPolicy;
 use sluice_engine::finance_rules::AgingSide;
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_engine::{SqliteWarehouse, TenantSlug, Warehouse};
+use sluice_pipelines::Confinement;
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::scheduler::Scheduler;
 use sluice_workers::worker::{WorkerEnv, run_workers, shutdown_signal};
@@ -109,9 +111,41 @@ struct QueueArgs {
         default_value_t = 1000
     )]
     retry_base_ms: u64,
+    /// How long one attempt of a job may run before it is stopped, counted as a
+    /// transient failure and retried (seconds).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_JOB_TIMEOUT",
+        default_value_t = 6 * 3600
+    )]
+    job_timeout: u64,
+    /// The directory whose files pipelines defined through the API may read by `path`
+    /// (besides the files uploaded to them). Without it they read uploads only.
+    #[arg(long, global = true, env = "SLUICE_FILES_ROOT")]
+    files_root: Option<PathBuf>,
+    /// Hosts and address ranges that pipelines defined through the API may connect to
+    /// although they are loopback, private or link-local, comma-separated
+    /// (e.g. `erp.internal,10.1.0.0/16`). Public addresses are always allowed.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ALLOW_SOURCE_HOSTS",
+        default_value = ""
+    )]
+    allow_source_hosts: String,
 }
 
 impl QueueArgs {
+    fn confinement(&self, queue: &QueueSettings) -> Result<Confinement> {
+        let egress = EgressPolicy::allowing(&self.allow_source_hosts)?;
+        Ok(Confinement::new(
+            self.files_root.as_deref(),
+            &queue.upload_dir(),
+            egress,
+        )?)
+    }
+
     fn settings(&self, data_dir: &Path) -> QueueSettings {
         let mut s = QueueSettings::new(self.redis_url.clone(), data_dir.to_path_buf());
         s.prefix = self.queue_prefix.clone();
@@ -121,7 +155,10 @@ impl QueueArgs {
     }
 
     fn policy(&self) -> RetryPolicy {
-        RetryPolicy::with_base(Duration::from_millis(self.retry_base_ms))
+        RetryPolicy {
+            attempt_timeout: Duration::from_secs(self.job_timeout.max(1)),
+            ..RetryPolicy::with_base(Duration::from_millis(self.retry_base_ms))
+        }
     }
 }
 
@@ -205,6 +242,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .transpose()?;
     let queue = cli.queue.settings(&cli.data_dir);
     let policy = cli.queue.policy();
+    let confinement = cli.queue.confinement(&queue)?;
     if let Some(url) = queue
         .redis_url
         .as_ref()
@@ -237,7 +275,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     }
                     Ok(ExitCode::SUCCESS)
                 }
-                other => run_command(Arc::new(warehouse), other, queue, policy).await,
+                other => run_command(Arc::new(warehouse), other, queue, policy, confinement).await,
             }
         }
         None => match cli.command {
@@ -252,7 +290,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 if let Some(m) = master {
                     warehouse = warehouse.with_master_key(m);
                 }
-                run_command(Arc::new(warehouse), other, queue, policy).await
+                run_command(Arc::new(warehouse), other, queue, policy, confinement).await
             }
         },
     }
@@ -263,9 +301,16 @@ async fn run_command<W: sluice_engine::Store>(
     command: Command,
     queue: QueueSettings,
     policy: RetryPolicy,
+    confinement: Confinement,
 ) -> Result<ExitCode> {
-    let env =
-        |queues: Queues| Arc::new(WorkerEnv::new(warehouse.clone(), Arc::new(queues), policy));
+    let env = |queues: Queues| {
+        Arc::new(WorkerEnv::new(
+            warehouse.clone(),
+            Arc::new(queues),
+            policy,
+            confinement.clone(),
+        ))
+    };
     let shared = warehouse.clone();
     let warehouse = &*warehouse;
     match command {
@@ -290,9 +335,13 @@ async fn run_command<W: sluice_engine::Store>(
         Command::Key(cmd) => key_command(warehouse, cmd).await,
         Command::Source(cmd) => source_command(shared, cmd).await,
         Command::Runs(cmd) => runs_command(warehouse, cmd).await,
-        Command::DeadLetters(cmd) => dead_letters_command(shared, cmd, queue, policy).await,
+        Command::DeadLetters(cmd) => {
+            dead_letters_command(shared, cmd, queue, policy, confinement.clone()).await
+        }
         Command::Sync(args) => sync(shared, &args).await,
-        Command::Quarantine(cmd) => quarantine(shared, cmd, queue, policy).await,
+        Command::Quarantine(cmd) => {
+            quarantine(shared, cmd, queue, policy, confinement.clone()).await
+        }
         Command::Finance(FinanceCommand::ArAging(a)) => {
             aging(warehouse, AgingSide::Receivable, &a).await
         }

@@ -8,6 +8,7 @@ use clap::Subcommand;
 use sluice_engine::Store;
 use sluice_engine::TenantSlug;
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
+use sluice_pipelines::Confinement;
 use sluice_workers::jobs::ReplaySelection;
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::worker::WorkerEnv;
@@ -93,6 +94,7 @@ pub(super) async fn quarantine<W: Store>(
     cmd: QuarantineCommand,
     queue: QueueSettings,
     policy: RetryPolicy,
+    confinement: Confinement,
 ) -> Result<ExitCode> {
     match cmd {
         QuarantineCommand::List {
@@ -164,6 +166,7 @@ pub(super) async fn quarantine<W: Store>(
                 warehouse.clone(),
                 Arc::new(Queues::connect(queue).await?),
                 policy,
+                confinement,
             ));
             let tenant = TenantSlug::parse(&tenant)?;
             if env.warehouse.pipeline(&tenant, &pipeline).await?.is_none() {

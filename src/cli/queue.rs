@@ -11,7 +11,7 @@ use sluice_engine::{RunLedger, TenantSlug, Warehouse};
 use sluice_pipelines::{PipelineSpec, RunReport};
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers, shutdown_signal};
-use sluice_workers::{JobResult, JobStatus, TriggerOutcome, TriggerRequest};
+use sluice_workers::{IdempotencyKey, JobResult, JobStatus, TriggerOutcome, TriggerRequest};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -117,7 +117,7 @@ pub(super) async fn serve<W: sluice_engine::Store>(
     let mut state = sluice_api::AppState::new(
         env.warehouse.clone(),
         env.queues.clone(),
-        env.queues.settings().data_dir.join("uploads"),
+        env.confinement.clone(),
     );
     state.upload_limit = args.upload_limit;
     let state = Arc::new(state);
@@ -179,7 +179,7 @@ pub(super) async fn trigger<W: Warehouse + PipelineStore + 'static>(
             tenant: tenant.to_string(),
             pipeline: name.clone(),
             trigger: RunTrigger::Manual,
-            idempotency_key: args.idempotency_key.clone(),
+            idempotency_key: args.idempotency_key.clone().map(IdempotencyKey::Client),
             correlation_id: None,
             file: None,
         })

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use serde_json::json;
 use sluice_connectors::Source;
 use sluice_engine::control::PipelineStore;
-use sluice_pipelines::{PipelineSource, PipelineSpec};
+use sluice_pipelines::{PipelineSource, PipelineSpec, SourceReach};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -36,12 +36,14 @@ pub(super) async fn source_command<W: PipelineStore + 'static>(
     match cmd {
         SourceCommand::Check { pipeline } => {
             let spec = PipelineSpec::from_file(&pipeline)?;
-            let report = PipelineSource::for_pipeline(&spec, store)?.check().await?;
+            let report = PipelineSource::for_pipeline(&spec, store, &SourceReach::unrestricted())?
+                .check()
+                .await?;
             println!("ok: {} ({} ms)", report.detail, report.latency.as_millis());
         }
         SourceCommand::Discover { pipeline, json } => {
             let spec = PipelineSpec::from_file(&pipeline)?;
-            let source = PipelineSource::for_pipeline(&spec, store)?;
+            let source = PipelineSource::for_pipeline(&spec, store, &SourceReach::unrestricted())?;
             let listing: Vec<serde_json::Value> = match &source {
                 PipelineSource::Sql(sql) => sql
                     .catalog()

@@ -8,7 +8,7 @@ use serde_json::json;
 use sluice_engine::control::PipelineStore;
 use sluice_engine::{RowCounts, Warehouse};
 use sluice_pipelines::{
-    PipelineSource, PipelineSpec, RunObserver, RunOptions, RunReport, run_pipeline,
+    PipelineSource, PipelineSpec, RunObserver, RunOptions, RunReport, SourceReach, run_pipeline,
 };
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -75,7 +75,8 @@ pub(super) async fn sync<W: Warehouse + PipelineStore + 'static>(
     args: &SyncArgs,
 ) -> Result<ExitCode> {
     let spec = PipelineSpec::from_file(&args.pipeline)?;
-    let source = PipelineSource::for_pipeline(&spec, warehouse.clone())?;
+    let source =
+        PipelineSource::for_pipeline(&spec, warehouse.clone(), &SourceReach::unrestricted())?;
     let warehouse = &*warehouse;
     let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
     let result = run_pipeline(&spec, &source, warehouse, &RunOptions::default(), &progress).await;

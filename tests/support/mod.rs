@@ -260,3 +260,21 @@ pub fn report_buckets(report: &AgingReport) -> HashMap<String, [Decimal; 5]> {
         })
         .collect()
 }
+
+/// A server's confinement with uploads under `dir`: no files root, public hosts only.
+/// Pipelines a test registers as the shell user ([`shell_change`]) are not confined.
+#[allow(dead_code)]
+pub fn confinement(dir: &std::path::Path) -> sluice_pipelines::Confinement {
+    sluice_pipelines::Confinement::new(
+        None,
+        &dir.join("uploads"),
+        sluice_connectors::egress::EgressPolicy::default(),
+    )
+    .expect("confinement")
+}
+
+/// A pipeline registered by the shell user, as `sluice trigger` does.
+#[allow(dead_code)]
+pub fn shell_change() -> sluice_engine::control::PipelineChange {
+    sluice_engine::control::PipelineChange::shell_register(serde_json::json!({}))
+}

@@ -4,18 +4,19 @@
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use sluice_connectors::Source;
+use sluice_connectors::{Source, SourceErrorKind};
 use sluice_engine::control::DeadLetter;
 use sluice_engine::warehouse::Warehouse;
 use sluice_pipelines::{
-    PipelineError, PipelineSpec, RunObserver, RunOptions, RunReport, run_pipeline,
+    PipelineError, PipelineErrorKind, PipelineSpec, RunObserver, RunOptions, RunReport,
+    run_pipeline,
 };
 use tracing::Instrument;
 
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
 
-use sluice_engine::RunTrigger;
+use sluice_engine::{RunStatus, RunTrigger, TenantSlug};
 
 /// Sync one pipeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,7 +148,13 @@ pub async fn continue_sync_job<S: Source, W: Warehouse>(
                 trigger: job.trigger,
                 run_id: Some(job.attempt_run_id(n)),
             };
-            async move { run_pipeline(spec, source, warehouse, &options, observer).await }
+            async move {
+                let run = run_pipeline(spec, source, warehouse, &options, observer);
+                match tokio::time::timeout(policy.attempt_timeout, run).await {
+                    Ok(result) => result,
+                    Err(_) => Err(attempt_timed_out(job, n, policy, warehouse).await),
+                }
+            }
         },
         PipelineError::is_transient,
     )
@@ -175,6 +182,36 @@ pub async fn continue_sync_job<S: Source, W: Warehouse>(
             })
         }
     }
+}
+
+/// Closes the ledger of an attempt stopped by the job timeout and says why, as a
+/// transient failure: the source may answer next time (a lock held by someone else, a
+/// query that was slow today).
+async fn attempt_timed_out<W: Warehouse>(
+    job: &SyncJob,
+    attempt: u32,
+    policy: &RetryPolicy,
+    warehouse: &W,
+) -> PipelineError {
+    let message = format!(
+        "the attempt ran longer than the job timeout of {} s (--job-timeout) and was stopped",
+        policy.attempt_timeout.as_secs()
+    );
+    let run_id = job.attempt_run_id(attempt);
+    if let Ok(tenant) = TenantSlug::parse(&job.tenant)
+        && let Ok(Some(ledger)) = warehouse.run(&tenant, &run_id).await
+        && ledger.status == RunStatus::Running
+        && let Err(e) = warehouse
+            .finish_run(&tenant, &run_id, RunStatus::Failed, Some(&message))
+            .await
+    {
+        tracing::warn!(error = %e, run = %run_id, "closing the ledger of a timed-out attempt");
+    }
+    tracing::warn!(run = %run_id, "{message}");
+    PipelineError::new(
+        PipelineErrorKind::Source(SourceErrorKind::Transient),
+        message,
+    )
 }
 
 /// The dead letter of a sync job that failed for good.

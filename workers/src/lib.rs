@@ -14,6 +14,6 @@ pub mod worker;
 
 pub use error::{WorkerError, WorkerErrorKind};
 pub use queue::{
-    JobResult, JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest,
-    Triggered,
+    IdempotencyKey, JobResult, JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome,
+    TriggerRequest, Triggered,
 };

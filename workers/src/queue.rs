@@ -67,6 +67,11 @@ pub struct QueueSettings {
 }
 
 impl QueueSettings {
+    /// Where uploaded files are kept: `<data dir>/uploads/<tenant>/<pipeline>/`.
+    pub fn upload_dir(&self) -> PathBuf {
+        self.data_dir.join("uploads")
+    }
+
     /// Production defaults: heartbeat 5 s, a worker silent for 3 heartbeats is dead, lock
     /// lease 30 s, queued lock 1 hour, idle workers look for jobs every 200 ms.
     pub fn new(redis_url: Option<String>, data_dir: PathBuf) -> Self {
@@ -115,13 +120,37 @@ pub struct TriggerRequest {
     pub pipeline: String,
     /// Who asks.
     pub trigger: RunTrigger,
-    /// The same key within 24 hours returns the same run.
-    pub idempotency_key: Option<String>,
+    /// The same key for the same pipeline within 24 hours returns the same run.
+    pub idempotency_key: Option<IdempotencyKey>,
     /// Follows the work through logs; a fresh one when absent.
     pub correlation_id: Option<String>,
     /// Read this (uploaded) file instead of the pipeline's `path`. Such a sync never joins
     /// another run: it is queued, and runs once the pipeline's lock is free.
     pub file: Option<std::path::PathBuf>,
+}
+
+/// Whose idempotency key it is. Keys are remembered per tenant and pipeline, and each kind
+/// has its own namespace, so no key a client sends can equal the scheduler's key for a
+/// tick or a dead-letter replay's (which would make those silently skip).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyKey {
+    /// An `Idempotency-Key` header or `--idempotency-key`.
+    Client(String),
+    /// The scheduler's tick of the pipeline's schedule (milliseconds since the epoch).
+    CronTick(i64),
+    /// The replay of a dead letter.
+    DeadLetter(String),
+}
+
+impl IdempotencyKey {
+    /// The key as remembered: `<pipeline>/<namespace>:<key>`.
+    pub fn scoped(&self, pipeline: &str) -> String {
+        match self {
+            IdempotencyKey::Client(k) => format!("{pipeline}/client:{k}"),
+            IdempotencyKey::CronTick(at) => format!("{pipeline}/cron:{at}"),
+            IdempotencyKey::DeadLetter(id) => format!("{pipeline}/dead-letter:{id}"),
+        }
+    }
 }
 
 /// What a trigger did.
@@ -316,7 +345,7 @@ impl Queues {
                 pipeline: letter.pipeline.clone(),
                 trigger: RunTrigger::Replay,
                 // Two admins replaying at once get the same run.
-                idempotency_key: Some(format!("dead-letter:{id}")),
+                idempotency_key: Some(IdempotencyKey::DeadLetter(id.to_string())),
                 correlation_id,
                 file: None,
             })
@@ -430,7 +459,8 @@ impl Queues {
         match acquired {
             Acquired::Held(lease) => {
                 if let Some(key) = &req.idempotency_key {
-                    let mapped = coord.remember(&req.tenant, key, &run_id).await?;
+                    let key = key.scoped(&req.pipeline);
+                    let mapped = coord.remember(&req.tenant, &key, &run_id).await?;
                     if mapped != run_id {
                         coord.release(&lease).await?;
                         return Ok(Triggered {
@@ -460,7 +490,8 @@ impl Queues {
             }
             Acquired::Busy { run_id: running } => {
                 if let Some(key) = &req.idempotency_key {
-                    let mapped = coord.remember(&req.tenant, key, &running).await?;
+                    let key = key.scoped(&req.pipeline);
+                    let mapped = coord.remember(&req.tenant, &key, &running).await?;
                     if mapped != running {
                         return Ok(Triggered {
                             run_id: mapped,

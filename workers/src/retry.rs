@@ -21,7 +21,13 @@ pub struct RetryPolicy {
     /// Whether to add up to one wait's length of random jitter, so retries of many jobs
     /// that failed together spread out.
     pub jitter: bool,
+    /// How long one attempt may run (`--job-timeout`): past it the attempt fails as
+    /// transient, is retried, and its pipeline lock is released if no retry is left.
+    pub attempt_timeout: Duration,
 }
+
+/// The default wall-clock limit of one attempt.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -29,6 +35,7 @@ impl Default for RetryPolicy {
             attempts: 5,
             base: Duration::from_secs(1),
             jitter: true,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
     }
 }

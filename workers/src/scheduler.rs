@@ -16,7 +16,7 @@ use sluice_engine::control::{PipelineStore, ScheduledPipeline};
 
 use crate::error::WorkerError;
 use crate::metrics::metrics;
-use crate::queue::{Queues, TriggerRequest, Triggered};
+use crate::queue::{IdempotencyKey, Queues, TriggerRequest, Triggered};
 use sluice_engine::RunTrigger;
 
 /// What to do about ticks missed while no scheduler ran.
@@ -237,7 +237,7 @@ async fn fire(queues: &Queues, due: &Due) -> Result<Triggered, WorkerError> {
             tenant: p.tenant.clone(),
             pipeline: p.name.clone(),
             trigger: RunTrigger::Cron,
-            idempotency_key: Some(format!("cron:{}:{at}", p.name)),
+            idempotency_key: Some(IdempotencyKey::CronTick(at)),
             correlation_id: None,
             file: None,
         })

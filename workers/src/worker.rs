@@ -18,12 +18,12 @@ use apalis::prelude::{
     BackendExt, BoxDynError, Data, Monitor, ParallelizeExt, WorkerBuilder, WorkerContext,
 };
 use chrono::Utc;
-use sluice_engine::control::PipelineStore;
+use sluice_engine::control::{PipelineOrigin, PipelineStore};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunStatus, RunTrigger, TenantSlug, Warehouse};
 use sluice_pipelines::replay::replay_quarantined;
 use sluice_pipelines::{
-    PipelineError, PipelineErrorKind, PipelineSource, PipelineSpec, Quiet, RunOptions,
+    Confinement, PipelineError, PipelineErrorKind, PipelineSource, PipelineSpec, Quiet, RunOptions,
 };
 
 use crate::coord::Lease;
@@ -43,18 +43,27 @@ pub struct WorkerEnv<W> {
     pub queues: Arc<Queues>,
     /// The retry policy.
     pub policy: RetryPolicy,
+    /// What pipelines defined through the API may reach.
+    pub confinement: Confinement,
     /// Runs being worked on in this process: a job delivered again while its first
     /// delivery still runs here (after a Redis restart) is not run twice.
     running: Mutex<HashSet<String>>,
 }
 
 impl<W> WorkerEnv<W> {
-    /// Workers over `warehouse` and `queues`.
-    pub fn new(warehouse: Arc<W>, queues: Arc<Queues>, policy: RetryPolicy) -> Self {
+    /// Workers over `warehouse` and `queues`, confining API-defined pipelines as
+    /// `confinement` says.
+    pub fn new(
+        warehouse: Arc<W>,
+        queues: Arc<Queues>,
+        policy: RetryPolicy,
+        confinement: Confinement,
+    ) -> Self {
         WorkerEnv {
             warehouse,
             queues,
             policy,
+            confinement,
             running: Mutex::new(HashSet::new()),
         }
     }
@@ -362,8 +371,8 @@ where
     }
 
     async fn run_job(&self, job: &SyncJob) -> JobResult {
-        let mut spec = match self.load_spec(job).await {
-            Ok(spec) => spec,
+        let (mut spec, origin) = match self.load_spec(job).await {
+            Ok(loaded) => loaded,
             Err(reason) => return self.dead(job, &[], &reason).await,
         };
         if let Some(file) = &job.file
@@ -376,7 +385,8 @@ where
             Ok(Err(done)) => return done,
             Err(e) => return self.dead(job, &[], &e).await,
         };
-        let source = match PipelineSource::for_pipeline(&spec, self.warehouse.clone()) {
+        let reach = self.confinement.reach(&job.tenant, origin);
+        let source = match PipelineSource::for_pipeline(&spec, self.warehouse.clone(), &reach) {
             Ok(s) => s,
             Err(e) => return self.dead(job, &prior, &e.to_string()).await,
         };
@@ -429,11 +439,15 @@ where
         }
     }
 
-    async fn load_spec(&self, job: &SyncJob) -> Result<PipelineSpec, String> {
+    async fn load_spec(&self, job: &SyncJob) -> Result<(PipelineSpec, PipelineOrigin), String> {
         self.stored_spec(&job.tenant, &job.pipeline).await
     }
 
-    async fn stored_spec(&self, tenant: &str, pipeline: &str) -> Result<PipelineSpec, String> {
+    async fn stored_spec(
+        &self,
+        tenant: &str,
+        pipeline: &str,
+    ) -> Result<(PipelineSpec, PipelineOrigin), String> {
         let tenant = TenantSlug::parse(tenant).map_err(|e| e.to_string())?;
         let stored = self
             .warehouse
@@ -445,7 +459,9 @@ where
                     "pipeline '{pipeline}' of tenant '{tenant}' is not registered (run `sluice trigger <pipeline.toml>` to register it)"
                 )
             })?;
-        PipelineSpec::from_stored(&stored.spec, &stored.secrets).map_err(|e| e.to_string())
+        let spec =
+            PipelineSpec::from_stored(&stored.spec, &stored.secrets).map_err(|e| e.to_string())?;
+        Ok((spec, stored.origin))
     }
 
     /// The attempts an earlier delivery of this job already made, read from the ledger. A
@@ -513,7 +529,7 @@ where
 
     async fn run_replay(&self, job: &ReplayJob) -> JobResult {
         let spec = match self.stored_spec(&job.tenant, &job.selection.pipeline).await {
-            Ok(spec) => spec,
+            Ok((spec, _)) => spec,
             Err(reason) => return self.dead_replay(job, &[], &reason).await,
         };
         let (outcome, _) = continue_with_retries(

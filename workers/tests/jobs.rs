@@ -61,7 +61,12 @@ async fn three_transient_failures_then_success_on_attempt_four() {
     std::fs::write(dir.path().join("inv.csv"), CSV).expect("csv");
     let spec = pipeline(dir.path());
     let source = Flaky {
-        inner: PipelineSource::from_spec(&spec.source, None).expect("source"),
+        inner: PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         failures: 3,
         calls: AtomicU32::new(0),
     };
@@ -109,7 +114,12 @@ async fn three_transient_failures_then_success_on_attempt_four() {
 async fn a_permanent_failure_is_dead_at_once_with_its_attempt() {
     let dir = tempfile::tempdir().expect("tmp");
     let spec = pipeline(dir.path());
-    let source = PipelineSource::from_spec(&spec.source, None).expect("source");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
     let w = SqliteWarehouse::new(dir.path().join("data"));
     let job = SyncJob::new("acme", "inv", RunTrigger::Cron);
     let policy = RetryPolicy::with_base(Duration::from_millis(1));
@@ -147,7 +157,12 @@ async fn a_job_that_keeps_failing_transiently_is_dead_after_five_attempts() {
     std::fs::write(dir.path().join("inv.csv"), CSV).expect("csv");
     let spec = pipeline(dir.path());
     let source = Flaky {
-        inner: PipelineSource::from_spec(&spec.source, None).expect("source"),
+        inner: PipelineSource::from_spec(
+            &spec.source,
+            None,
+            &sluice_pipelines::SourceReach::unrestricted(),
+        )
+        .expect("source"),
         failures: u32::MAX,
         calls: AtomicU32::new(0),
     };

@@ -270,7 +270,15 @@ where
         };
         let status = response.status().as_u16();
         let asked = retry_after(response.headers());
-        let body = response.text().await.unwrap_or_default();
+        let body = match read_capped(response, MAX_RESPONSE_BYTES).await {
+            Ok(body) => body,
+            Err(e) if e.kind().is_transient() && !last => {
+                tracing::warn!(error = %e, attempt, "{what}: answer cut off; retrying");
+                tokio::time::sleep(retry.wait(attempt, None)).await;
+                continue;
+            }
+            Err(e) => return Err(e.with_context(what)),
+        };
         if (status == 429 || status >= 500) && !last {
             let wait = retry.wait(attempt, asked);
             tracing::warn!(status, attempt, wait_ms = wait.as_millis() as u64, detail = %excerpt(&body, 200), "{what}: asked to retry");
@@ -279,6 +287,46 @@ where
         }
         return Ok(Answer { status, body });
     }
+}
+
+/// The largest answer a service may send (a QuickBooks page of 1,000 invoices is a few
+/// megabytes): past it the request fails instead of filling memory.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// The body of `response`, at most `cap` bytes; a longer one is an error, read no further.
+pub(crate) async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<String, SourceError> {
+    let too_long = || {
+        SourceError::new(
+            SourceErrorKind::Format,
+            format!("the answer is longer than the limit of {cap} bytes"),
+        )
+    };
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        SourceError::new(SourceErrorKind::Transient, "reading the answer").with_source(e)
+    })? {
+        if body.len() + chunk.len() > cap {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// What an error message says of an answer that is not in the service's error format: its
+/// size, never its text (a body can be anything a server chose to send, and errors are
+/// shown to every viewer of the tenant).
+pub(crate) fn unrecognised(body: &str) -> String {
+    format!(
+        "an answer of {} bytes that is not in the service's error format",
+        body.len()
+    )
 }
 
 /// The seconds of a `Retry-After` header, if it has one in seconds.

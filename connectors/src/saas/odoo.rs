@@ -17,9 +17,10 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
 use super::{
-    RequestRetry, TextBatch, canonical_columns, excerpt, network, send_with_retries, spawn_reader,
-    text_schema, unexpected,
+    RequestRetry, TextBatch, canonical_columns, network, send_with_retries, spawn_reader,
+    text_schema, unexpected, unrecognised,
 };
+use crate::egress::EgressPolicy;
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
     BatchStream, Deletion, HealthReport, ReadRequest, Source, SourceBatch, StreamInfo, SyncMode,
@@ -343,6 +344,8 @@ pub struct OdooConfig {
     pub page_size: usize,
     /// Retries of a request that failed transiently.
     pub retry: RequestRetry,
+    /// Which hosts the requests may reach.
+    pub egress: EgressPolicy,
 }
 
 impl std::fmt::Debug for OdooConfig {
@@ -444,7 +447,10 @@ impl OdooSource {
                 "odoo pages hold at least one record",
             ));
         }
-        let http = reqwest::Client::builder()
+        config.egress.check_url(&config.url)?;
+        let http = config
+            .egress
+            .http_client()
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_secs(120))
             .connect_timeout(Duration::from_secs(10))
@@ -506,16 +512,16 @@ impl OdooSource {
         match (status, parsed) {
             (429, _) => Err(SourceError::new(
                 SourceErrorKind::RateLimited,
-                format!("{what}: HTTP 429: {}", excerpt(&text, 200)),
+                format!("{what}: HTTP 429: {}", unrecognised(&text)),
             )),
             (s, None) if s >= 500 => Err(SourceError::new(
                 SourceErrorKind::Transient,
-                format!("{what}: HTTP {s}: {}", excerpt(&text, 200)),
+                format!("{what}: HTTP {s}: {}", unrecognised(&text)),
             )),
             (_, Some(v)) => Ok((status, v)),
             (s, None) => Err(unexpected(
                 &format!("{what} (HTTP {s})"),
-                excerpt(&text, 200),
+                unrecognised(&text),
             )),
         }
     }

@@ -11,6 +11,7 @@ mod postgres;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::builder::{
     BooleanBuilder, Date32Builder, Decimal128Builder, Int64Builder, StringBuilder,
@@ -22,6 +23,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
+use crate::egress::EgressPolicy;
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
     BatchStream, HealthReport, ReadRequest, Source, SourceBatch, StreamInfo, SyncMode,
@@ -76,6 +78,70 @@ pub struct SqlSourceConfig {
     pub cursor: Vec<String>,
     /// TLS override; the URL's own settings otherwise.
     pub tls: Option<TlsMode>,
+    /// Which hosts the connection may reach.
+    pub egress: EgressPolicy,
+    /// How long connecting and each statement may take.
+    pub timeouts: SqlTimeouts,
+}
+
+/// How long a SQL source may wait. A query that never answers (`pg_sleep(1e9)`, a lock
+/// wait) fails its run instead of pinning a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqlTimeouts {
+    /// Connecting, TLS and authentication included.
+    pub connect: Duration,
+    /// Any one statement (a page of the keyset read, a catalog query).
+    pub statement: Duration,
+}
+
+impl Default for SqlTimeouts {
+    fn default() -> Self {
+        SqlTimeouts {
+            connect: Duration::from_secs(10),
+            statement: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// The host and port a connection will reach, checked against `egress` and pinned to the
+/// resolved address that passed, so the driver cannot resolve the name again to
+/// somewhere else. A Unix socket passes only an unrestricted policy.
+pub(crate) async fn pinned_address(
+    egress: &EgressPolicy,
+    host: &str,
+    port: u16,
+    socket: Option<&std::path::Path>,
+) -> Result<Option<std::net::SocketAddr>, SourceError> {
+    if egress.is_unrestricted() {
+        return Ok(None);
+    }
+    if let Some(path) = socket {
+        egress.check_host(&path.display().to_string())?;
+        return Ok(None);
+    }
+    egress.check_host(host)?;
+    let addrs = egress.resolve(host, port).await?;
+    Ok(addrs.first().copied())
+}
+
+/// Runs `connect` under the connect timeout.
+pub(crate) async fn within_connect_timeout<T>(
+    timeouts: SqlTimeouts,
+    url: &str,
+    connect: impl Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(timeouts.connect, connect)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SourceError::new(
+                SourceErrorKind::Transient,
+                format!(
+                    "connecting to {} took longer than {} s",
+                    redact_url(url),
+                    timeouts.connect.as_secs()
+                ),
+            ))
+        })
 }
 
 impl fmt::Debug for SqlSourceConfig {
@@ -87,20 +153,74 @@ impl fmt::Debug for SqlSourceConfig {
             .field("target", &self.target)
             .field("cursor", &self.cursor)
             .field("tls", &self.tls)
+            .field("egress", &self.egress)
+            .field("timeouts", &self.timeouts)
             .finish()
     }
 }
 
-/// The URL with any password replaced, for messages.
+/// Whether a URL query parameter carries a secret (`password`, `sslpassword`, ...).
+fn secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password") || n == "pass" || n == "pwd"
+}
+
+/// The URL without any password: the userinfo's and every password-like query parameter
+/// (`?password=`, `sslpassword=`) removed. For messages, and for the stored copy of a
+/// URL that may be shown.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (rest, fragment) = match url.split_once('#') {
+        Some((r, f)) => (r, Some(f)),
+        None => (url, None),
+    };
+    let (base, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
+            let userinfo = &base[s + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}@{}", &url[..s + 3], user, &url[at + 1..])
+            format!("{}{}@{}", &base[..s + 3], user, &base[at + 1..])
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    if let Some(q) = query {
+        let kept: Vec<&str> = q
+            .split('&')
+            .filter(|pair| !secret_param(pair.split('=').next().unwrap_or("")))
+            .collect();
+        if !kept.is_empty() {
+            out.push('?');
+            out.push_str(&kept.join("&"));
+        }
     }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// Where a connection URL sends its password: host (or socket), port, user and
+/// database, with the query's overrides (`?host=`, `?port=`, `?user=`, `?dbname=`)
+/// applied. A stored password stays with a pipeline only while this is unchanged.
+pub fn destination(url: &str) -> Option<[String; 4]> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let mut host = parsed.host_str().unwrap_or("").to_ascii_lowercase();
+    let mut port = parsed.port().map(|p| p.to_string()).unwrap_or_default();
+    let mut user = parsed.username().to_string();
+    let mut db = parsed.path().trim_start_matches('/').to_string();
+    for (k, v) in parsed.query_pairs() {
+        match k.to_ascii_lowercase().as_str() {
+            "host" | "hostaddr" | "socket" => host = v.to_ascii_lowercase(),
+            "port" => port = v.to_string(),
+            "user" | "username" => user = v.to_string(),
+            "dbname" | "database" => db = v.to_string(),
+            _ => {}
+        }
+    }
+    Some([host, port, user, db])
 }
 
 /// A plain SQL identifier: letters, digits, `_`, not starting with a digit, at most 63
@@ -896,11 +1016,41 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_is_host_port_user_and_database() {
+        let d = |u| destination(u).expect("url");
+        assert_eq!(
+            d("postgres://erp:pw@DB:5433/books"),
+            d("postgres://erp@db:5433/books?sslmode=require")
+        );
+        assert_ne!(
+            d("postgres://erp@db/books"),
+            d("postgres://erp@evil.example/books")
+        );
+        assert_ne!(
+            d("postgres://erp@db/books"),
+            d("postgres://erp@db/books?host=evil.example")
+        );
+        assert_ne!(
+            d("postgres://erp@db/books"),
+            d("postgres://erp@db:6543/books")
+        );
+        assert_ne!(d("postgres://erp@db/books"), d("postgres://other@db/books"));
+        assert_ne!(d("postgres://erp@db/books"), d("postgres://erp@db/other"));
+    }
+
+    #[test]
     fn passwords_never_show() {
         assert_eq!(
             redact_url("postgres://erp:hunter2@db:5432/erp"),
             "postgres://erp@db:5432/erp"
         );
+        assert_eq!(
+            redact_url(
+                "postgres://db/erp?user=erp&password=hunter2&sslmode=require&sslpassword=k#x"
+            ),
+            "postgres://db/erp?user=erp&sslmode=require#x"
+        );
+        assert_eq!(redact_url("mysql://db/erp?PassWord=x"), "mysql://db/erp");
         let cfg = SqlSourceConfig {
             kind: SqlKind::Postgres,
             url: "postgres://erp:hunter2@db/erp".into(),
@@ -908,6 +1058,8 @@ mod tests {
             target: SqlTarget::Query("select 1".into()),
             cursor: vec![],
             tls: None,
+            egress: EgressPolicy::default(),
+            timeouts: SqlTimeouts::default(),
         };
         let shown = format!("{cfg:?}");
         assert!(

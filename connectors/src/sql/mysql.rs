@@ -10,8 +10,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlRow, MySqlSslMode};
 use sqlx::{AssertSqlSafe, Column, ConnectOptions, Executor, Row, Statement, TypeInfo};
 
 use super::{
-    Cell, ColType, PageConn, ReadPlan, SqlColumn, SqlSourceConfig, SqlTarget, TlsMode, redact_url,
-    spawn_read, sql_error,
+    Cell, ColType, PageConn, ReadPlan, SqlColumn, SqlSourceConfig, SqlTarget, TlsMode,
+    pinned_address, redact_url, spawn_read, sql_error, within_connect_timeout,
 };
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::BatchStream;
@@ -41,13 +41,39 @@ async fn connect(config: &SqlSourceConfig) -> Result<MySqlConnection, SourceErro
             TlsMode::Require => MySqlSslMode::Required,
         });
     }
-    let mut conn = options
-        .connect()
-        .await
-        .map_err(|e| sql_error(&format!("connecting to {}", redact_url(&config.url)), e))?;
+    let pinned = pinned_address(
+        &config.egress,
+        options.get_host(),
+        options.get_port(),
+        options.get_socket().map(|p| p.as_path()),
+    )
+    .await?;
+    if let Some(addr) = pinned {
+        options = options.host(&addr.ip().to_string()).port(addr.port());
+    }
+    let mut conn = within_connect_timeout(config.timeouts, &config.url, async {
+        options
+            .connect()
+            .await
+            .map_err(|e| sql_error(&format!("connecting to {}", redact_url(&config.url)), e))
+    })
+    .await?;
     conn.execute("SET time_zone = '+00:00'")
         .await
         .map_err(|e| sql_error("setting the session time zone", e))?;
+    // MariaDB bounds every statement in seconds, MySQL a SELECT in milliseconds; each
+    // server knows one of the two variables.
+    let statement = config.timeouts.statement;
+    let mariadb = format!(
+        "SET SESSION max_statement_time = {}",
+        statement.as_secs_f64()
+    );
+    let mysql = format!("SET SESSION max_execution_time = {}", statement.as_millis());
+    if conn.execute(AssertSqlSafe(mariadb)).await.is_err() {
+        conn.execute(AssertSqlSafe(mysql))
+            .await
+            .map_err(|e| sql_error("setting the statement timeout", e))?;
+    }
     Ok(conn)
 }
 

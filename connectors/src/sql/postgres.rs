@@ -9,8 +9,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode};
 use sqlx::{AssertSqlSafe, Column, ConnectOptions, Executor, Row, Statement, TypeInfo};
 
 use super::{
-    Cell, ColType, PageConn, ReadPlan, SqlColumn, SqlSourceConfig, SqlTarget, TlsMode, redact_url,
-    spawn_read, sql_error,
+    Cell, ColType, PageConn, ReadPlan, SqlColumn, SqlSourceConfig, SqlTarget, TlsMode,
+    pinned_address, redact_url, spawn_read, sql_error, within_connect_timeout,
 };
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::BatchStream;
@@ -40,10 +40,25 @@ async fn connect(config: &SqlSourceConfig) -> Result<PgConnection, SourceError> 
             TlsMode::Require => PgSslMode::Require,
         });
     }
-    options
-        .connect()
-        .await
-        .map_err(|e| sql_error(&format!("connecting to {}", redact_url(&config.url)), e))
+    let pinned = pinned_address(
+        &config.egress,
+        options.get_host(),
+        options.get_port(),
+        options.get_socket().map(|p| p.as_path()),
+    )
+    .await?;
+    if let Some(addr) = pinned {
+        options = options.host(&addr.ip().to_string()).port(addr.port());
+    }
+    let statement_ms = config.timeouts.statement.as_millis().to_string();
+    options = options.options([("statement_timeout", statement_ms.as_str())]);
+    within_connect_timeout(config.timeouts, &config.url, async {
+        options
+            .connect()
+            .await
+            .map_err(|e| sql_error(&format!("connecting to {}", redact_url(&config.url)), e))
+    })
+    .await
 }
 
 fn col_type(name: &str, data_type: &str, scale: Option<i32>) -> Result<ColType, SourceError> {

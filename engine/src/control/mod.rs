@@ -11,7 +11,9 @@ pub use access::{
     AccessStore, ApiKeyRecord, AuditEntry, NewApiKey, Role, hash_key, key_prefix, same_hash,
 };
 pub use dead_letters::{DeadLetter, DeadLetterStore};
-pub use pipelines::{PipelineStore, ScheduledPipeline, StoredPipeline};
+pub use pipelines::{
+    PipelineChange, PipelineOrigin, PipelineStore, ScheduledPipeline, StoredPipeline,
+};
 pub(crate) use pipelines::{decode_secrets, no_master_key, secrets_context};
 
 use crate::warehouse::Warehouse;

@@ -24,6 +24,63 @@ pub struct StoredPipeline {
     pub secrets: Map<String, Value>,
     /// When it was last saved.
     pub updated_at: DateTime<Utc>,
+    /// Who defined it.
+    pub origin: PipelineOrigin,
+}
+
+/// Who defined a pipeline, and so how far its source may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineOrigin {
+    /// A tenant's admin through the API: its files and hosts are confined (SECURITY.md).
+    Api,
+    /// The user running sluice on their own pipeline file (`sluice trigger`, `sync`).
+    Shell,
+}
+
+impl PipelineOrigin {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineOrigin::Api => "api",
+            PipelineOrigin::Shell => "shell",
+        }
+    }
+
+    /// From its stored form; anything unknown is confined.
+    pub fn parse(s: &str) -> Self {
+        if s == "shell" {
+            PipelineOrigin::Shell
+        } else {
+            PipelineOrigin::Api
+        }
+    }
+}
+
+/// A change to a pipeline definition, recorded in the audit log in the same transaction
+/// as the change itself.
+#[derive(Debug, Clone)]
+pub struct PipelineChange {
+    /// Who made it: an API key's id, `cli`, or `sluice` for the program's own updates.
+    pub actor: String,
+    /// `pipeline.create`, `pipeline.update`, `pipeline.token_rotated`, ...
+    pub action: &'static str,
+    /// Who defines the pipeline from now on.
+    pub origin: PipelineOrigin,
+    /// The audit entry's detail (never a secret).
+    pub detail: Value,
+}
+
+impl PipelineChange {
+    /// The shell user registering their own pipeline file (`sluice trigger`, `sync`).
+    pub fn shell_register(detail: Value) -> Self {
+        PipelineChange {
+            actor: "cli".into(),
+            action: "pipeline.register",
+            origin: PipelineOrigin::Shell,
+            detail,
+        }
+    }
 }
 
 impl std::fmt::Debug for StoredPipeline {
@@ -51,13 +108,15 @@ pub struct ScheduledPipeline {
 
 /// Where pipeline definitions live.
 pub trait PipelineStore: Send + Sync {
-    /// Stores or replaces a pipeline; `secrets` are sealed before they are written.
+    /// Stores or replaces a pipeline and records `change` in the audit log, in one
+    /// transaction; `secrets` are sealed before they are written.
     fn save_pipeline(
         &self,
         tenant: &TenantSlug,
         name: &str,
         spec: &Value,
         secrets: &Map<String, Value>,
+        change: &PipelineChange,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// A stored pipeline with its secrets opened, if there is one.

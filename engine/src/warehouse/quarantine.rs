@@ -50,6 +50,14 @@ pub trait QuarantineStore: Send + Sync {
         tenant: &TenantSlug,
     ) -> impl Future<Output = Result<QuarantineStats>> + Send;
 
+    /// A run's quarantined errors per rule, counted in the database (a row with two
+    /// errors of one rule counts twice).
+    fn run_rule_counts(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+    ) -> impl Future<Output = Result<std::collections::BTreeMap<String, u64>>> + Send;
+
     /// Settles the quarantined rows of a replay run in one transaction: `replayed` rows
     /// (loaded by the run) are marked replayed by it; `failed` rows stay pending with their
     /// new errors and count in the run's ledger as read and quarantined. Rows no longer

@@ -23,6 +23,10 @@ pub(super) const CONTROL_MIGRATIONS: &[(i32, &str)] = &[
         3,
         include_str!("../../../../migrations/postgres/control/0003_uploads.sql"),
     ),
+    (
+        4,
+        include_str!("../../../../migrations/postgres/control/0004_pipeline_origin.sql"),
+    ),
 ];
 
 pub(super) const TENANT_MIGRATIONS: &[(i32, &str)] = &[

@@ -4,7 +4,8 @@
 use super::access::audit;
 use super::{PostgresWarehouse, control_error, db};
 use crate::control::{
-    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, secrets_context,
+    PipelineChange, PipelineOrigin, PipelineStore, ScheduledPipeline, StoredPipeline,
+    decode_secrets, secrets_context,
 };
 use crate::error::Result;
 use crate::tenant::TenantSlug;
@@ -18,6 +19,7 @@ impl PipelineStore for PostgresWarehouse {
         name: &str,
         spec: &Value,
         secrets: &serde_json::Map<String, Value>,
+        change: &PipelineChange,
     ) -> Result<()> {
         let sealed = if secrets.is_empty() {
             None
@@ -34,24 +36,24 @@ impl PipelineStore for PostgresWarehouse {
             .await
             .map_err(db("starting to store the pipeline"))?;
         sqlx::query(
-            "INSERT INTO sluice.pipelines (tenant, name, spec, secrets) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (tenant, name) DO UPDATE SET spec = EXCLUDED.spec, secrets = EXCLUDED.secrets, updated_at = now()",
+            "INSERT INTO sluice.pipelines (tenant, name, spec, secrets, origin) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tenant, name) DO UPDATE SET spec = EXCLUDED.spec, secrets = EXCLUDED.secrets, origin = EXCLUDED.origin, updated_at = now()",
         )
         .bind(tenant.as_str())
         .bind(name)
         .bind(sqlx::types::Json(spec))
         .bind(sealed)
+        .bind(change.origin.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db("storing the pipeline"))?;
-        let secret_names: Vec<&String> = secrets.keys().collect();
         audit(
             &mut tx,
-            "cli",
-            "pipeline.store",
+            &change.actor,
+            change.action,
             Some(tenant.as_str()),
             name,
-            serde_json::json!({ "secrets": secret_names }),
+            change.detail.clone(),
         )
         .await?;
         tx.commit().await.map_err(db("committing the pipeline"))
@@ -59,7 +61,7 @@ impl PipelineStore for PostgresWarehouse {
 
     async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
         let row = sqlx::query(
-            "SELECT spec, secrets, updated_at FROM sluice.pipelines WHERE tenant = $1 AND name = $2",
+            "SELECT spec, secrets, updated_at, origin FROM sluice.pipelines WHERE tenant = $1 AND name = $2",
         )
         .bind(tenant.as_str())
         .bind(name)
@@ -82,6 +84,7 @@ impl PipelineStore for PostgresWarehouse {
             spec: spec.0,
             secrets,
             updated_at: row.try_get("updated_at").map_err(db("updated_at"))?,
+            origin: PipelineOrigin::parse(row.try_get("origin").map_err(db("origin"))?),
         }))
     }
 

@@ -176,6 +176,26 @@ impl QuarantineStore for PostgresWarehouse {
         })
     }
 
+    async fn run_rule_counts(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        self.prepare_tenant(tenant).await?;
+        let q = table(tenant, "quarantine");
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT e->>'rule', COUNT(*) FROM {q} q, jsonb_array_elements(q.errors) e WHERE q.run_id = $1 GROUP BY 1"
+        )))
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting the run's quarantine"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, n)| (k.unwrap_or_default(), n as u64))
+            .collect())
+    }
+
     async fn settle_replay(
         &self,
         tenant: &TenantSlug,

@@ -27,6 +27,10 @@ pub(super) const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../../migrations/sqlite/tenant/0005_finance_state.sql"),
     ),
+    (
+        6,
+        include_str!("../../../../migrations/sqlite/tenant/0006_quarantine_by_run.sql"),
+    ),
 ];
 
 /// Migrations of the control database.
@@ -42,6 +46,10 @@ pub(super) const CONTROL_MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../../../migrations/sqlite/control/0003_uploads.sql"),
+    ),
+    (
+        4,
+        include_str!("../../../../migrations/sqlite/control/0004_pipeline_origin.sql"),
     ),
 ];
 

@@ -3,7 +3,8 @@
 
 use super::{SqliteWarehouse, now_text};
 use crate::control::{
-    PipelineStore, ScheduledPipeline, StoredPipeline, decode_secrets, secrets_context,
+    PipelineChange, PipelineOrigin, PipelineStore, ScheduledPipeline, StoredPipeline,
+    decode_secrets, secrets_context,
 };
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::tenant::TenantSlug;
@@ -17,6 +18,7 @@ impl PipelineStore for SqliteWarehouse {
         name: &str,
         spec: &Value,
         secrets: &serde_json::Map<String, Value>,
+        change: &PipelineChange,
     ) -> Result<()> {
         let sealed = if secrets.is_empty() {
             None
@@ -28,9 +30,15 @@ impl PipelineStore for SqliteWarehouse {
             ))
         };
         let now = now_text();
+        let mut tx = self
+            .control()
+            .await?
+            .begin()
+            .await
+            .map_err(|e| EngineError::from_sqlx("starting to store the pipeline", e))?;
         sqlx::query(
-            "INSERT INTO pipelines (tenant, name, spec, secrets, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (tenant, name) DO UPDATE SET spec = excluded.spec, secrets = excluded.secrets, updated_at = excluded.updated_at",
+            "INSERT INTO pipelines (tenant, name, spec, secrets, created_at, updated_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, name) DO UPDATE SET spec = excluded.spec, secrets = excluded.secrets, updated_at = excluded.updated_at, origin = excluded.origin",
         )
         .bind(tenant.as_str())
         .bind(name)
@@ -38,22 +46,37 @@ impl PipelineStore for SqliteWarehouse {
         .bind(sealed)
         .bind(&now)
         .bind(&now)
-        .execute(self.control().await?)
+        .bind(change.origin.as_str())
+        .execute(&mut *tx)
         .await
         .map_err(|e| EngineError::from_sqlx("storing the pipeline", e))?;
-        Ok(())
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, action, tenant, target, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&now)
+        .bind(&change.actor)
+        .bind(change.action)
+        .bind(tenant.as_str())
+        .bind(name)
+        .bind(change.detail.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| EngineError::from_sqlx("writing the audit log", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| EngineError::from_sqlx("committing the pipeline", e))
     }
 
     async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
-        let row: Option<(String, Option<Vec<u8>>, String)> = sqlx::query_as(
-            "SELECT spec, secrets, updated_at FROM pipelines WHERE tenant = ? AND name = ?",
+        let row: Option<(String, Option<Vec<u8>>, String, String)> = sqlx::query_as(
+            "SELECT spec, secrets, updated_at, origin FROM pipelines WHERE tenant = ? AND name = ?",
         )
         .bind(tenant.as_str())
         .bind(name)
         .fetch_optional(self.control().await?)
         .await
         .map_err(|e| EngineError::from_sqlx("reading the pipeline", e))?;
-        let Some((spec, sealed, updated_at)) = row else {
+        let Some((spec, sealed, updated_at, origin)) = row else {
             return Ok(None);
         };
         let secrets = match sealed {
@@ -72,6 +95,7 @@ impl PipelineStore for SqliteWarehouse {
             spec,
             secrets,
             updated_at: parse_instant(&updated_at)?,
+            origin: PipelineOrigin::parse(&origin),
         }))
     }
 

@@ -144,6 +144,25 @@ impl QuarantineStore for SqliteWarehouse {
         })
     }
 
+    async fn run_rule_counts(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        let pool = self.pool(tenant, false).await?;
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT json_extract(e.value, '$.rule'), COUNT(*) FROM quarantine q, json_each(q.errors) e WHERE q.run_id = ? GROUP BY 1",
+        )
+        .bind(run_id)
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("counting the run's quarantine", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, n)| (k.unwrap_or_default(), n as u64))
+            .collect())
+    }
+
     async fn settle_replay(
         &self,
         tenant: &TenantSlug,

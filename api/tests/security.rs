@@ -1,0 +1,290 @@
+//! What a tenant's admin must not reach through the API (SECURITY.md): the server's files,
+//! its network, another pipeline's idempotency keys; secrets that must never come back;
+//! key guessing that must cost the guesser.
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use serde_json::{Value, json};
+use sluice_engine::TenantSlug;
+use sluice_engine::control::{PipelineChange, PipelineOrigin, PipelineStore, Role};
+
+mod harness;
+use harness::*;
+
+fn detail(a: &Answer) -> String {
+    a.body["detail"].as_str().unwrap_or_default().to_string()
+}
+
+/// Stores a pipeline as an admin's API call would have before confinement existed, to
+/// prove the run-time check.
+async fn stored_by_api(api: &Api, spec: Value) {
+    let name = spec["name"].as_str().expect("name").to_string();
+    let mut spec = spec;
+    spec["tenant"] = json!("acme");
+    api.warehouse
+        .save_pipeline(
+            &TenantSlug::parse("acme").expect("slug"),
+            &name,
+            &spec,
+            &serde_json::Map::new(),
+            &PipelineChange {
+                actor: "key_old".into(),
+                action: "pipeline.create",
+                origin: PipelineOrigin::Api,
+                detail: json!({}),
+            },
+        )
+        .await
+        .expect("store");
+}
+
+/// The dead letter of `pipeline`'s sync, once the worker gave up on it.
+async fn dead_letter_of(api: &Api, key: &str, pipeline: &str) -> Value {
+    for _ in 0..200 {
+        let list = api
+            .call(Method::GET, "/v1/dead-letters", Some(key), None)
+            .await;
+        if let Some(letter) = list.body["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|l| l["pipeline"] == pipeline))
+        {
+            return letter.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no dead letter for {pipeline}");
+}
+
+#[tokio::test]
+async fn an_admin_cannot_read_server_files_through_a_pipeline() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    for path in [
+        "/etc/hostname",
+        "../../../../../../etc/hostname",
+        "/proc/self/environ",
+    ] {
+        let made = api
+            .call(
+                Method::POST,
+                "/v1/pipelines",
+                Some(&admin),
+                Some(pipeline("leak", path)),
+            )
+            .await;
+        assert_eq!(
+            made.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            made.body
+        );
+        assert!(
+            detail(&made).contains("outside the directories"),
+            "{}",
+            made.body
+        );
+    }
+    // A pipeline stored before the check existed is refused again when it runs, and
+    // nothing of the file reaches an error, a run or the quarantine.
+    stored_by_api(
+        &api,
+        json!({ "name": "old", "entity": "invoices",
+                "source": { "kind": "csv", "path": "/etc/hostname" } }),
+    )
+    .await;
+    let worker = api.start_worker().await;
+    let sync = api
+        .call(Method::POST, "/v1/pipelines/old/sync", Some(&admin), None)
+        .await;
+    assert_eq!(sync.status, StatusCode::ACCEPTED, "{}", sync.body);
+    let letter = dead_letter_of(&api, &admin, "old").await;
+    worker.stop().await;
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outside the directories"),
+        "{letter}"
+    );
+    let secret = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let secret = secret.trim();
+    let quarantine = api
+        .call(Method::GET, "/v1/quarantine", Some(&admin), None)
+        .await;
+    assert_eq!(quarantine.body["items"], json!([]), "{}", quarantine.body);
+    if !secret.is_empty() {
+        assert!(!letter.to_string().contains(secret), "{letter}");
+    }
+}
+
+#[tokio::test]
+async fn sources_may_not_reach_the_servers_network_without_an_allow_list() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let sql = |url: &str| {
+        json!({ "name": "db", "entity": "invoices",
+                "source": { "kind": "postgres", "url": url, "table": "invoices" } })
+    };
+    let refused = [
+        json!({ "name": "o", "entity": "invoices", "source": { "kind": "odoo",
+            "url": "http://169.254.169.254/latest/meta-data", "db": "d", "login": "l",
+            "api_key": "k", "stream": "invoices" } }),
+        json!({ "name": "q", "entity": "invoices", "source": { "kind": "quickbooks",
+            "realm_id": "1", "client_id": "c", "client_secret": "s", "refresh_token": "r",
+            "stream": "Invoice", "base_url": "http://10.0.0.5" } }),
+        json!({ "name": "q", "entity": "invoices", "source": { "kind": "quickbooks",
+            "realm_id": "1", "client_id": "c", "client_secret": "s", "refresh_token": "r",
+            "stream": "Invoice", "token_url": "http://[::1]:8080/token" } }),
+        sql("postgres://erp@127.0.0.1:5432/erp"),
+        sql("postgres://erp@localhost/erp"),
+        sql("postgres://erp@192.168.1.10/erp"),
+        sql("postgres://erp@db.example/erp?host=/var/run/postgresql"),
+        sql("postgres:///erp"),
+        json!({ "name": "m", "entity": "invoices", "source": { "kind": "mysql",
+            "url": "mysql://root@db.example/erp?socket=/run/mysqld/mysqld.sock",
+            "table": "invoices" } }),
+    ];
+    for body in refused {
+        let made = api
+            .call(
+                Method::POST,
+                "/v1/pipelines",
+                Some(&admin),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            made.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            made.body
+        );
+        assert!(
+            detail(&made).contains("--allow-source-hosts"),
+            "{body}: {}",
+            made.body
+        );
+    }
+
+    // A pipeline stored before the policy existed is refused when the worker connects
+    // (where every resolved address is checked too).
+    stored_by_api(&api, sql("postgres://erp@127.0.0.1:5432/erp")).await;
+    let worker = api.start_worker().await;
+    api.call(Method::POST, "/v1/pipelines/db/sync", Some(&admin), None)
+        .await;
+    let letter = dead_letter_of(&api, &admin, "db").await;
+    worker.stop().await;
+    assert!(
+        letter["reason"].as_str().unwrap_or("").contains("loopback"),
+        "{letter}"
+    );
+
+    // The operator opens what they choose.
+    let open = Api::build(|s| {
+        let egress = sluice_connectors::egress::EgressPolicy::allowing("127.0.0.0/8,10.0.0.0/8")
+            .expect("allow");
+        s.confinement =
+            sluice_pipelines::Confinement::new(None, &std::env::temp_dir().join("u"), egress)
+                .expect("confinement");
+    })
+    .await;
+    let admin = open.key(Some("acme"), Role::Admin).await;
+    let made = open
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&admin),
+            Some(sql("postgres://erp@127.0.0.1:5432/erp")),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let still = open
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&admin),
+            Some(
+                json!({ "name": "o", "entity": "invoices", "source": { "kind": "odoo",
+                "url": "http://169.254.169.254/", "db": "d", "login": "l", "api_key": "k",
+                "stream": "invoices" } }),
+            ),
+        )
+        .await;
+    assert_eq!(still.status, StatusCode::BAD_REQUEST, "{}", still.body);
+}
+
+#[tokio::test]
+async fn a_password_in_a_url_query_is_a_secret_and_never_comes_back() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let url = "postgres://erp@db.example/erp?sslmode=require&password=hunter2&sslpassword=k3y";
+    let made = api
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&admin),
+            Some(json!({ "name": "erp", "entity": "invoices",
+                "source": { "kind": "postgres", "url": url, "table": "invoices" } })),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    assert_eq!(made.body["secrets"], json!(["source.url"]));
+    assert_eq!(
+        made.body["pipeline"]["source"]["url"],
+        "postgres://erp@db.example/erp?sslmode=require"
+    );
+    for a in [
+        made,
+        api.call(Method::GET, "/v1/pipelines/erp", Some(&admin), None)
+            .await,
+        api.call(Method::GET, "/v1/pipelines", Some(&admin), None)
+            .await,
+        api.call(Method::GET, "/v1/audit", Some(&admin), None).await,
+        api.call(Method::GET, "/v1/pipelines/erp/health", Some(&admin), None)
+            .await,
+    ] {
+        let text = a.body.to_string();
+        assert!(!text.contains("hunter2") && !text.contains("k3y"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn batch_rows_has_an_upper_bound() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let mut body = pipeline("big", "x.csv");
+    body["batch_rows"] = json!(1_000_000_000u64);
+    let made = api
+        .call(Method::POST, "/v1/pipelines", Some(&admin), Some(body))
+        .await;
+    assert_eq!(made.status, StatusCode::BAD_REQUEST, "{}", made.body);
+    assert!(detail(&made).contains("batch_rows"), "{}", made.body);
+}
+
+#[tokio::test]
+async fn guessing_keys_is_rate_limited_per_address_before_any_lookup() {
+    let api = Api::new().await;
+    let mut limited = None;
+    for i in 0..40 {
+        let a = api
+            .call(
+                Method::GET,
+                "/v1/pipelines",
+                Some(&format!("slk_guess{i:04}_xxxxxxxxxxxxxxxxxxxxxxxx")),
+                None,
+            )
+            .await;
+        if a.status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some((i, a));
+            break;
+        }
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
+    }
+    let (i, a) = limited.expect("never limited");
+    assert!(i >= 20, "limited after {i} failures");
+    assert!(a.headers.get("retry-after").is_some());
+    // Requests without any key count too.
+    let none = api.call(Method::GET, "/v1/pipelines", None, None).await;
+    assert_eq!(none.status, StatusCode::TOO_MANY_REQUESTS);
+}
