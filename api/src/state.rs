@@ -25,6 +25,8 @@ pub struct AppState<W> {
     pub body_limit: usize,
     /// Largest uploaded file accepted (default 100 MB).
     pub upload_limit: usize,
+    /// Bytes of uploaded files a tenant may keep (default 10 GB).
+    pub upload_quota: u64,
     /// Where uploaded files are kept: `<dir>/<tenant>/<pipeline>/<sha256>.<ext>`.
     pub upload_dir: std::path::PathBuf,
     /// What pipelines defined through the API may reach (files, hosts).
@@ -74,6 +76,7 @@ impl<W> AppState<W> {
             auth_failures: Buckets::default(),
             body_limit: 1 << 20,
             upload_limit: 100_000_000,
+            upload_quota: 10_000_000_000,
             upload_dir: confinement.upload_dir().to_path_buf(),
             confinement,
             health: HealthCache::default(),

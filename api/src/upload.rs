@@ -25,6 +25,45 @@ use crate::request_id::RequestId;
 use crate::state::AppState;
 use sluice_engine::Store;
 
+/// A temporary upload, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Bytes of the files under `dir` (0 when it does not exist).
+async fn dir_size(dir: std::path::PathBuf) -> u64 {
+    tokio::task::spawn_blocking(move || {
+        let mut total = 0u64;
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                match entry.metadata() {
+                    Ok(m) if m.is_dir() => stack.push(entry.path()),
+                    Ok(m) => total += m.len(),
+                    Err(_) => {}
+                }
+            }
+        }
+        total
+    })
+    .await
+    .unwrap_or(0)
+}
+
+fn over_quota(quota: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the tenant's uploaded files would exceed its quota of {quota} bytes"),
+    )
+}
+
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -66,12 +105,22 @@ pub async fn upload_file<W: Store>(
     let kind = spec.source.file_kind().ok_or_else(|| {
         ApiError::bad_request(format!("pipeline '{name}' reads a database, not files"))
     })?;
-    let limit = s.upload_limit;
+    let used = dir_size(s.upload_dir.join(tenant.as_str())).await;
+    let room = s.upload_quota.saturating_sub(used);
+    let limit = s
+        .upload_limit
+        .min(usize::try_from(room).unwrap_or(usize::MAX));
+    if limit == 0 {
+        return Err(over_quota(s.upload_quota));
+    }
     let dir = s.upload_dir.join(tenant.as_str()).join(&name);
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(ApiError::internal)?;
-    let temp = dir.join(format!(".upload-{}", uuid::Uuid::now_v7()));
+    // Removed when the handler ends without keeping it, a client's disconnect included
+    // (the handler's future is dropped then).
+    let guard = TempFile(dir.join(format!(".upload-{}", uuid::Uuid::now_v7())));
+    let temp = guard.0.clone();
     let mut field = loop {
         let next = form
             .next_field()
@@ -95,7 +144,11 @@ pub async fn upload_file<W: Store>(
         {
             size += chunk.len();
             if size > limit {
-                return Err(too_large(limit));
+                return Err(if limit < s.upload_limit {
+                    over_quota(s.upload_quota)
+                } else {
+                    too_large(limit)
+                });
             }
             if head.len() < 8192 {
                 head.extend_from_slice(&chunk[..chunk.len().min(8192 - head.len())]);
@@ -107,28 +160,18 @@ pub async fn upload_file<W: Store>(
     }
     .await;
     drop(out);
-    let cleanup = |e: ApiError| {
-        let temp = temp.clone();
-        async move {
-            let _ = tokio::fs::remove_file(&temp).await;
-            e
-        }
-    };
-    if let Err(e) = written {
-        return Err(cleanup(e).await);
-    }
+    written?;
     if size == 0 {
-        return Err(cleanup(ApiError::bad_request("the file is empty")).await);
+        return Err(ApiError::bad_request("the file is empty"));
     }
     match sniff(&head) {
         Some(found) if found == kind => {}
         found => {
             let what = found.map_or("neither CSV text nor an XLSX workbook", |f| f);
-            return Err(cleanup(ApiError::new(
+            return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("pipeline '{name}' reads {kind} files; this file is {what}"),
-            ))
-            .await);
+            ));
         }
     }
     let sha: String = hasher
@@ -137,7 +180,7 @@ pub async fn upload_file<W: Store>(
         .map(|b| format!("{b:02x}"))
         .collect();
     if let Some(run) = s.warehouse.upload_run(&tenant, &name, &sha).await? {
-        let _ = tokio::fs::remove_file(&temp).await;
+        drop(guard);
         return Ok(Json(json!({
             "run_id": run, "url": format!("/v1/runs/{run}"), "sha256": sha, "duplicate": true,
         }))

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 use sluice_engine::TenantSlug;
@@ -287,4 +289,76 @@ async fn guessing_keys_is_rate_limited_per_address_before_any_lookup() {
     // Requests without any key count too.
     let none = api.call(Method::GET, "/v1/pipelines", None, None).await;
     assert_eq!(none.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn uploads_count_against_a_tenant_quota_and_an_abandoned_upload_leaves_nothing() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    let api = Api::build(|s| s.upload_quota = 80).await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let mut body = pipeline("up", "x.csv");
+    body["source"]
+        .as_object_mut()
+        .expect("source")
+        .remove("path");
+    let made = api
+        .call(Method::POST, "/v1/pipelines", Some(&admin), Some(body))
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let first = upload(
+        &api,
+        &admin,
+        "up",
+        "a.csv",
+        b"invoice_number,total\nA-1,10.00\nA-2,12.50\nA-3,1.00\n",
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    let second = upload(
+        &api,
+        &admin,
+        "up",
+        "b.csv",
+        b"invoice_number,total\nB-1,10.00\nB-2,12.50\nB-3,1.00\n",
+    )
+    .await;
+    assert_eq!(
+        second.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        second.body
+    );
+    assert!(detail(&second).contains("quota"), "{}", second.body);
+
+    // A client that stops sending mid-file: the request is dropped and so is its file.
+    let boundary = "b";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c.csv\"\r\nContent-Type: text/csv\r\n\r\nid\n1\n"
+    );
+    let stalled =
+        futures_util::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from(head))])
+            .chain(futures_util::stream::pending());
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/pipelines/up/files")
+        .header("authorization", format!("Bearer {admin}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Body::from_stream(stalled))
+        .expect("request");
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(500), api.app.clone().oneshot(req)).await;
+    assert!(abandoned.is_err(), "the stalled upload finished");
+    let dir = api._dir.path().join("uploads/acme/up");
+    let temps: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+        .collect();
+    assert!(temps.is_empty(), "left behind: {temps:?}");
 }

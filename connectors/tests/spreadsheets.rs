@@ -285,3 +285,124 @@ async fn ods_is_read_through_the_range_reader() {
     );
     assert!(rejected.is_empty());
 }
+
+/// A minimal XLSX workbook written by hand, with `sheet` as its one worksheet's XML and
+/// `shared` as its shared-strings part, deflated.
+fn raw_xlsx(dir: &Path, name: &str, sheet: &[u8], shared: Option<&str>) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).expect("create");
+    let mut zip = zip::ZipWriter::new(file);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    let mut part = |name: &str, body: &[u8]| {
+        zip.start_file(name, opts).expect("part");
+        zip.write_all(body).expect("write");
+    };
+    part(
+        "[Content_Types].xml",
+        br#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="xml" ContentType="application/xml"/><Override PartName="/xl/workbook.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/><Override PartName="/xl/worksheets/sheet1.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/></Types>"#,
+    );
+    part(
+        "_rels/.rels",
+        br#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument" Target="xl/workbook.xml"/></Relationships>"#,
+    );
+    part(
+        "xl/workbook.xml",
+        br#"<?xml version="1.0" encoding="UTF-8"?><workbook xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"><sheets><sheet name="S" sheetId="1" r:id="rId1"/></sheets></workbook>"#,
+    );
+    part(
+        "xl/_rels/workbook.xml.rels",
+        br#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet" Target="worksheets/sheet1.xml"/><Relationship Id="rId2" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/sharedStrings" Target="sharedStrings.xml"/></Relationships>"#,
+    );
+    if let Some(shared) = shared {
+        part("xl/sharedStrings.xml", shared.as_bytes());
+    }
+    part("xl/worksheets/sheet1.xml", sheet);
+    zip.finish().expect("finish");
+    path
+}
+
+fn sheet_xml(cells: &str) -> Vec<u8> {
+    format!(r#"<?xml version="1.0" encoding="UTF-8"?><worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData>{cells}</sheetData></worksheet>"#).into_bytes()
+}
+
+#[tokio::test]
+async fn hostile_workbooks_fail_their_run_naming_the_limit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A sane one reads.
+    let ok = raw_xlsx(
+        dir.path(),
+        "ok.xlsx",
+        &sheet_xml(
+            r#"<row r="1"><c r="A1" t="inlineStr"><is><t>id</t></is></c></row><row r="2"><c r="A2"><v>7</v></c></row>"#,
+        ),
+        None,
+    );
+    SpreadsheetSource::new(&ok, SheetRef::Index(0), 1)
+        .streams()
+        .await
+        .expect("a sane workbook reads");
+
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            raw_xlsx(
+                dir.path(),
+                "wide.xlsx",
+                &sheet_xml(
+                    r#"<row r="1"><c r="A1" t="inlineStr"><is><t>id</t></is></c><c r="ZZZZZZ1"><v>1</v></c></row>"#,
+                ),
+                None,
+            ),
+            "max_columns",
+        ),
+        (
+            raw_xlsx(
+                dir.path(),
+                "tall.xlsx",
+                &sheet_xml(
+                    r#"<row r="1"><c r="A1"><v>1</v></c></row><row r="99999999"><c r="A99999999"><v>1</v></c></row>"#,
+                ),
+                None,
+            ),
+            "max_rows",
+        ),
+        (
+            raw_xlsx(
+                dir.path(),
+                "strings.xlsx",
+                &sheet_xml(r#"<row r="1"><c r="A1" t="s"><v>0</v></c></row>"#),
+                Some(
+                    r#"<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="1" uniqueCount="4000000000"><si><t>id</t></si></sst>"#,
+                ),
+            ),
+            "max_shared_strings",
+        ),
+        (
+            // 64 MiB of whitespace inside the sheet: it deflates ~1000:1.
+            raw_xlsx(
+                dir.path(),
+                "bomb.xlsx",
+                &{
+                    let mut xml = sheet_xml(r#"<row r="1"><c r="A1"><v>1</v></c></row>"#);
+                    let at = xml.len() - "</sheetData></worksheet>".len();
+                    xml.splice(at..at, std::iter::repeat_n(b' ', 64 << 20));
+                    xml
+                },
+                None,
+            ),
+            "max_ratio",
+        ),
+    ];
+    for (path, limit) in cases {
+        let started = std::time::Instant::now();
+        let err = SpreadsheetSource::new(&path, SheetRef::Index(0), 1)
+            .streams()
+            .await
+            .expect_err("over a limit");
+        assert_eq!(err.kind(), SourceErrorKind::Format, "{err}");
+        assert!(err.to_string().contains(limit), "{}: {err}", path.display());
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+}

@@ -74,6 +74,9 @@ pub(super) struct ServeArgs {
     /// Largest file `POST /v1/pipelines/{name}/files` accepts, in bytes.
     #[arg(long, default_value_t = 100_000_000)]
     upload_limit: usize,
+    /// Bytes of uploaded files each tenant may keep.
+    #[arg(long, default_value_t = 10_000_000_000)]
+    upload_quota: u64,
     #[command(flatten)]
     worker: WorkerArgs,
     #[command(flatten)]
@@ -120,6 +123,7 @@ pub(super) async fn serve<W: sluice_engine::Store>(
         env.confinement.clone(),
     );
     state.upload_limit = args.upload_limit;
+    state.upload_quota = args.upload_quota;
     let state = Arc::new(state);
     let api = tokio::spawn(sluice_api::serve(state, args.listen, stopped()));
     let scheduler = tokio::spawn(

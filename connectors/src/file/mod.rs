@@ -3,6 +3,7 @@
 //! worker and memory stays at a few batches whatever the file size.
 
 mod csv;
+pub mod limits;
 mod spreadsheet;
 
 use std::fs::File;

@@ -13,6 +13,7 @@ use calamine::{Data, Reader, Xlsx, open_workbook_auto};
 use chrono::Timelike;
 use serde_json::{Value, json};
 
+use super::limits::{SpreadsheetLimits, check_workbook};
 use super::{BatchBuilder, check_file, fingerprint, normalise_headers, raw_record, spawn_reader};
 use crate::error::{SourceError, SourceErrorKind};
 use crate::source::{
@@ -35,6 +36,7 @@ pub struct SpreadsheetSource {
     path: PathBuf,
     sheet: SheetRef,
     header_row: u32,
+    limits: SpreadsheetLimits,
 }
 
 impl SpreadsheetSource {
@@ -45,7 +47,14 @@ impl SpreadsheetSource {
             path: path.into(),
             sheet,
             header_row: header_row.max(1),
+            limits: SpreadsheetLimits::default(),
         }
+    }
+
+    /// The same source under other limits.
+    pub fn with_limits(mut self, limits: SpreadsheetLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn is_xlsx(&self) -> bool {
@@ -91,6 +100,7 @@ impl SpreadsheetSource {
     /// file unusable surfaces here, before any batch.
     fn open_headers(&self) -> Result<(String, Vec<String>), SourceError> {
         check_file(&self.path)?;
+        check_workbook(&self.path, &self.limits)?;
         let mut header_cells: Vec<Option<String>> = Vec::new();
         let header_row = self.header_row;
         let sheet = self.scan(
@@ -149,6 +159,16 @@ impl SpreadsheetSource {
                 }
                 let entry = current.get_or_insert_with(|| (row, Vec::new()));
                 let value = cell_text(&Data::from(cell.get_value().clone()));
+                if c >= self.limits.max_columns {
+                    return Err(SourceError::new(
+                        SourceErrorKind::Format,
+                        format!(
+                            "{}: a cell is past column {} (limit max_columns)",
+                            self.path.display(),
+                            self.limits.max_columns
+                        ),
+                    ));
+                }
                 let c = c as usize;
                 if entry.1.len() <= c {
                     entry.1.resize(c + 1, None);
