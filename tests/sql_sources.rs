@@ -742,3 +742,90 @@ async fn a_full_refresh_reads_everything_each_run_and_finds_it_unchanged() {
     );
     assert_eq!(loaded(&w).await, (2_500, expected_sum(2_500), 2_500));
 }
+
+fn sleeping_pipeline(url: &str, extra: &str) -> PipelineSpec {
+    PipelineSpec::from_toml(&format!(
+        "name = \"slow\"\ntenant = \"acme\"\nentity = \"invoices\"\n[source]\nkind = \"postgres\"\nurl = \"{url}\"\n\
+         query = \"SELECT 'INV-1'::text AS external_id, 'C-1'::text AS customer_id, 'Acme'::text AS customer_name, \
+         date '2024-01-01' AS issue_date, date '2024-02-01' AS due_date, 'EUR'::text AS currency, 10.00::numeric(12,2) AS total, \
+         10.00::numeric(12,2) AS balance, s::text AS note FROM pg_sleep(1e9) s\"\n{extra}"
+    ))
+    .expect("spec")
+}
+
+#[tokio::test]
+async fn a_query_that_never_answers_is_stopped_by_the_statement_timeout() {
+    let db = TestDb::create().await;
+    let spec = sleeping_pipeline(&db.url, "statement_timeout_secs = 1\n");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = SqliteWarehouse::new(dir.path());
+    let started = std::time::Instant::now();
+    let err = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect_err("the statement is cancelled");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("statement timeout"), "{err}");
+}
+
+#[tokio::test]
+async fn a_job_attempt_past_the_job_timeout_fails_as_transient_and_is_retried_then_dead() {
+    use sluice_workers::jobs::{JobOutcome, SyncJob, continue_sync_job};
+    use sluice_workers::retry::RetryPolicy;
+    let db = TestDb::create().await;
+    let spec = sleeping_pipeline(&db.url, "");
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = SqliteWarehouse::new(dir.path());
+    let job = SyncJob {
+        tenant: "acme".into(),
+        pipeline: "slow".into(),
+        trigger: sluice_engine::RunTrigger::Api,
+        run_id: "run-slow".into(),
+        correlation_id: "c".into(),
+        lock_token: None,
+        file: None,
+    };
+    let policy = RetryPolicy {
+        attempts: 2,
+        attempt_timeout: std::time::Duration::from_secs(2),
+        jitter: false,
+        ..RetryPolicy::with_base(std::time::Duration::from_millis(10))
+    };
+    let started = std::time::Instant::now();
+    let outcome = continue_sync_job(&job, Vec::new(), &spec, &source, &w, &policy, &Quiet)
+        .await
+        .expect("job");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let JobOutcome::Dead { failed, reason, .. } = outcome else {
+        panic!("the job should be dead");
+    };
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed.iter().all(|a| a.transient), "{failed:?}");
+    assert!(reason.contains("job timeout"), "{reason}");
+    // Each attempt's ledger is closed as failed with the reason, not left running.
+    let tenant = TenantSlug::parse("acme").expect("slug");
+    for n in 1..=2 {
+        if let Some(run) = w.run(&tenant, &job.attempt_run_id(n)).await.expect("run") {
+            assert_eq!(run.status, sluice_engine::RunStatus::Failed, "{run:?}");
+        }
+    }
+}
