@@ -170,6 +170,34 @@ async fn ten_triggers_make_one_run(queues: Arc<Queues>) {
     assert_eq!(other.outcome, TriggerOutcome::Enqueued);
     assert_ne!(&other.run_id, run);
     assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 2);
+
+    // Keys are per pipeline and namespaced: a client key that spells the scheduler's key
+    // for a tick (or reuses another pipeline's key) never makes that tick skip.
+    let at = 1_764_000_000_000i64;
+    for key in [
+        format!("cron:reports:{at}"),
+        format!("cron:{at}"),
+        "nightly-2026-11-22".into(),
+    ] {
+        let spoof = TriggerRequest {
+            idempotency_key: Some(IdempotencyKey::Client(key)),
+            ..manual("bills")
+        };
+        assert_eq!(
+            queues.trigger(&spoof).await.expect("spoof").run_id,
+            other.run_id
+        );
+    }
+    let tick = TriggerRequest {
+        idempotency_key: Some(IdempotencyKey::CronTick(at)),
+        trigger: RunTrigger::Cron,
+        ..manual("reports")
+    };
+    let fired = queues.trigger(&tick).await.expect("tick");
+    assert_eq!(fired.outcome, TriggerOutcome::Enqueued, "{fired:?}");
+    let again = queues.trigger(&tick).await.expect("tick again");
+    assert_eq!(again.run_id, fired.run_id);
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 3);
 }
 
 #[tokio::test]
