@@ -1,13 +1,16 @@
 //! Secrets at rest: AES-256-GCM envelope encryption. Each tenant has a random 256-bit data
-//! key; it is stored only wrapped (encrypted) under the master key from `SLUICE_MASTER_KEY`.
+//! key; it is stored only wrapped (encrypted) under the master key from `SLUICE_MASTER_KEY`
+//! (or the file `SLUICE_MASTER_KEY_FILE` names: a systemd credential, a container secret).
 //! Pipeline secrets (passwords, OAuth tokens) are sealed under the tenant's data key, with
 //! the tenant and pipeline as associated data so a ciphertext cannot be moved to another
-//! owner. Keys and plaintexts never appear in `Debug` output, errors or logs.
+//! owner. Keys and plaintexts never appear in `Debug` output, errors or logs, and key bytes
+//! are zeroed when a key is dropped.
 
 use std::fmt;
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
+use zeroize::Zeroize;
 
 use crate::error::{EngineError, ErrorKind, Result};
 
@@ -18,6 +21,18 @@ pub struct MasterKey(Key<Aes256Gcm>);
 
 /// A tenant's data key, unwrapped in memory only while it is used.
 pub struct DataKey(Key<Aes256Gcm>);
+
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        self.0[..].zeroize();
+    }
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        self.0[..].zeroize();
+    }
+}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -34,24 +49,71 @@ impl fmt::Debug for DataKey {
 impl MasterKey {
     /// Parses 64 hex characters (32 bytes), e.g. the output of `openssl rand -hex 32`.
     pub fn from_hex(text: &str) -> Result<Self> {
-        let bytes = decode_hex(text.trim()).and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
+        let mut decoded = decode_hex(text.trim());
+        let key = decoded
+            .as_deref()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(|mut bytes| {
+                let key = Key::<Aes256Gcm>::from(bytes);
+                bytes.zeroize();
+                MasterKey(key)
+            });
+        if let Some(d) = decoded.as_mut() {
+            d.zeroize();
+        }
+        key.ok_or_else(|| {
             EngineError::new(
                 ErrorKind::Config,
                 "SLUICE_MASTER_KEY must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`",
             )
-        })?;
-        Ok(MasterKey(Key::<Aes256Gcm>::from(bytes)))
+        })
     }
 
-    /// The key from `SLUICE_MASTER_KEY`.
+    /// The key from `SLUICE_MASTER_KEY_FILE` (a file holding the hex key) or
+    /// `SLUICE_MASTER_KEY`; an error when neither is set.
     pub fn from_env() -> Result<Self> {
-        let text = std::env::var("SLUICE_MASTER_KEY").map_err(|_| {
+        Self::from_env_if_set()?.ok_or_else(|| {
             EngineError::new(
                 ErrorKind::Config,
-                "SLUICE_MASTER_KEY is not set; it encrypts tenant keys at rest (64 hex characters, e.g. `openssl rand -hex 32`)",
+                "SLUICE_MASTER_KEY (or SLUICE_MASTER_KEY_FILE) is not set; it encrypts tenant keys at rest (64 hex characters, e.g. `openssl rand -hex 32`)",
             )
-        })?;
-        Self::from_hex(&text)
+        })
+    }
+
+    /// The key from `SLUICE_MASTER_KEY_FILE` or `SLUICE_MASTER_KEY`, if one is set.
+    pub fn from_env_if_set() -> Result<Option<Self>> {
+        Self::from_sources(
+            std::env::var("SLUICE_MASTER_KEY").ok(),
+            std::env::var_os("SLUICE_MASTER_KEY_FILE").map(std::path::PathBuf::from),
+        )
+    }
+
+    /// The key given as `value` or in the file `file` (not both); `value` is zeroed.
+    pub fn from_sources(
+        value: Option<String>,
+        file: Option<std::path::PathBuf>,
+    ) -> Result<Option<Self>> {
+        let mut text = match (value, file) {
+            (Some(mut v), Some(_)) => {
+                v.zeroize();
+                return Err(EngineError::new(
+                    ErrorKind::Config,
+                    "set SLUICE_MASTER_KEY or SLUICE_MASTER_KEY_FILE, not both",
+                ));
+            }
+            (Some(v), None) => v,
+            (None, Some(path)) => std::fs::read_to_string(&path).map_err(|e| {
+                EngineError::new(
+                    ErrorKind::Config,
+                    format!("cannot read SLUICE_MASTER_KEY_FILE {}", path.display()),
+                )
+                .with_source(e)
+            })?,
+            (None, None) => return Ok(None),
+        };
+        let key = Self::from_hex(&text);
+        text.zeroize();
+        key.map(Some)
     }
 
     /// Encrypts a data key for storage, bound to `tenant`.
@@ -67,10 +129,16 @@ impl MasterKey {
                 format!("cannot unwrap the data key of tenant '{tenant}': wrong SLUICE_MASTER_KEY, or the stored key was altered"),
             )
         })?;
-        let bytes = <[u8; 32]>::try_from(bytes).map_err(|_| {
+        let mut bytes = bytes;
+        let key = <[u8; 32]>::try_from(bytes.as_slice()).map(|mut raw| {
+            let key = DataKey(Key::<Aes256Gcm>::from(raw));
+            raw.zeroize();
+            key
+        });
+        bytes.zeroize();
+        key.map_err(|_| {
             EngineError::new(ErrorKind::Config, "unwrapped data key has the wrong length")
-        })?;
-        Ok(DataKey(Key::<Aes256Gcm>::from(bytes)))
+        })
     }
 }
 
@@ -168,6 +236,27 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert!(again.open(&tampered, "acme/erp").is_err());
+    }
+
+    #[test]
+    fn the_master_key_comes_from_the_variable_or_a_file_not_both() {
+        let hex = "4f6e6520737472696e6720746f2072756c65207468656d20616c6c2c206f6e65";
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("master.key");
+        std::fs::write(&file, format!("{hex}\n")).expect("write");
+        let from_file = MasterKey::from_sources(None, Some(file.clone()))
+            .expect("file")
+            .expect("key");
+        let from_value = MasterKey::from_sources(Some(hex.into()), None)
+            .expect("value")
+            .expect("key");
+        let data = DataKey::generate();
+        let wrapped = from_file.wrap(&data, "acme");
+        assert!(from_value.unwrap_key(&wrapped, "acme").is_ok());
+        assert!(MasterKey::from_sources(Some(hex.into()), Some(file)).is_err());
+        assert!(MasterKey::from_sources(None, None).expect("none").is_none());
+        let missing = MasterKey::from_sources(None, Some(dir.path().join("nope")));
+        assert!(missing.is_err());
     }
 
     #[test]

@@ -236,10 +236,7 @@ impl Command {
 }
 
 pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let master = std::env::var("SLUICE_MASTER_KEY")
-        .ok()
-        .map(|k| MasterKey::from_hex(&k))
-        .transpose()?;
+    let master = MasterKey::from_env_if_set()?;
     let queue = cli.queue.settings(&cli.data_dir);
     let policy = cli.queue.policy();
     let confinement = cli.queue.confinement(&queue)?;

@@ -379,6 +379,74 @@ impl std::fmt::Debug for OdooSource {
 }
 
 /// A batch of a read that has reached `cursor` (the last `(write_date, id)`).
+/// One page of `search_read` records: the rows, their positions, and the records that
+/// are deletions (an entry reset to draft, a cancelled one).
+#[derive(Debug)]
+pub struct OdooPage {
+    /// The rows, as text columns.
+    pub records: arrow_array::RecordBatch,
+    /// Each row's position in the read.
+    pub positions: Vec<u64>,
+    /// Records that mark a loaded row deleted.
+    pub deletions: Vec<Deletion>,
+}
+
+impl OdooStream {
+    /// Maps one page of `search_read` records, advancing `position` and `cursor`.
+    fn page(
+        &self,
+        schema: &arrow_schema::SchemaRef,
+        records: &[Value],
+        position: &mut u64,
+        cursor: &mut Option<(String, i64)>,
+    ) -> Result<OdooPage, SourceError> {
+        let mut batch = TextBatch::new(schema.clone());
+        let mut positions = Vec::new();
+        let mut deletions = Vec::new();
+        for r in records {
+            *position += 1;
+            let id = r.get("id").and_then(Value::as_i64);
+            let at = r.get("write_date").and_then(Value::as_str);
+            match self.row(r) {
+                Some(row) => {
+                    positions.push(*position);
+                    batch.push(row);
+                }
+                None => deletions.push(Deletion {
+                    position: *position,
+                    external_id: id.map(|i| i.to_string()).unwrap_or_default(),
+                    deleted_at: odoo_micros(at),
+                }),
+            }
+            if let (Some(id), Some(at)) = (id, at) {
+                *cursor = Some((at.to_string(), id));
+            }
+        }
+        Ok(OdooPage {
+            records: batch.finish()?,
+            positions,
+            deletions,
+        })
+    }
+
+    /// Decodes the body of a JSON-RPC `search_read` answer as the reader does: an `error`
+    /// envelope becomes a classified failure, the `result` records a page. Public so the
+    /// wire parser can be fuzzed and tested on its own.
+    pub fn decode_search_read(&self, body: &str) -> Result<OdooPage, SourceError> {
+        let v: Value = serde_json::from_str(body)
+            .map_err(|_| unexpected("odoo /jsonrpc", unrecognised(body)))?;
+        if let Some(err) = v.get("error") {
+            return Err(envelope_error(err, "search_read"));
+        }
+        let records = v
+            .get("result")
+            .and_then(Value::as_array)
+            .ok_or_else(|| unexpected("odoo search_read", "not a list"))?;
+        let schema = text_schema(&self.columns()?);
+        self.page(&schema, records, &mut 0, &mut None)
+    }
+}
+
 fn odoo_batch(
     records: arrow_array::RecordBatch,
     positions: Vec<u64>,
@@ -410,6 +478,20 @@ fn odoo_micros(t: Option<&str>) -> i64 {
 }
 
 /// An Odoo error (`error.data.name` and message) as a classified failure.
+/// A JSON-RPC `error` envelope as a classified failure.
+fn envelope_error(err: &Value, what: &str) -> SourceError {
+    let name = err
+        .pointer("/data/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let message = err
+        .pointer("/data/message")
+        .or_else(|| err.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    odoo_error(name, message, what)
+}
+
 fn odoo_error(name: &str, message: &str, what: &str) -> SourceError {
     let kind = match name {
         "odoo.exceptions.AccessDenied" | "odoo.http.SessionExpiredException" => {
@@ -537,16 +619,7 @@ impl OdooSource {
         });
         let (status, v) = self.post("/jsonrpc", &body, false).await?;
         if let Some(err) = v.get("error") {
-            let name = err
-                .pointer("/data/name")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let message = err
-                .pointer("/data/message")
-                .or_else(|| err.get("message"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            return Err(odoo_error(name, message, &format!("{service}.{method}")));
+            return Err(envelope_error(err, &format!("{service}.{method}")));
         }
         if status != 200 {
             return Err(unexpected("odoo /jsonrpc", format!("HTTP {status}")));
@@ -651,31 +724,16 @@ impl OdooSource {
             let records = records
                 .as_array()
                 .ok_or_else(|| unexpected("odoo search_read", "not a list"))?;
-            let mut batch = TextBatch::new(schema.clone());
-            let mut positions = Vec::new();
-            let mut deletions = Vec::new();
-            for r in records {
-                position += 1;
-                let id = r.get("id").and_then(Value::as_i64);
-                let at = r.get("write_date").and_then(Value::as_str);
-                match stream.row(r) {
-                    Some(row) => {
-                        positions.push(position);
-                        batch.push(row);
-                    }
-                    None => deletions.push(Deletion {
-                        position,
-                        external_id: id.map(|i| i.to_string()).unwrap_or_default(),
-                        deleted_at: odoo_micros(at),
-                    }),
-                }
-                if let (Some(id), Some(at)) = (id, at) {
-                    cursor = Some((at.to_string(), id));
-                }
-            }
+            let page = stream.page(&schema, records, &mut position, &mut cursor)?;
             let fetched = records.len();
             if fetched > 0 {
-                let out = odoo_batch(batch.finish()?, positions, deletions, &cursor, &location);
+                let out = odoo_batch(
+                    page.records,
+                    page.positions,
+                    page.deletions,
+                    &cursor,
+                    &location,
+                );
                 if tx.send(Ok(out)).await.is_err() {
                     return Ok(());
                 }
@@ -788,5 +846,30 @@ impl Source for OdooSource {
         Ok(spawn_reader(self.location(), move |tx| {
             source.read_all(request.from, tx)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_read_answers_decode_to_rows_or_a_classified_error_without_the_body() {
+        let stream = OdooStream::parse("invoices").expect("stream");
+        let page = r#"{"jsonrpc":"2.0","id":1,"result":[{"id":5,"name":"INV/1","partner_id":[7,"Acme"],"invoice_date":"2024-01-02","invoice_date_due":"2024-02-01","amount_total":10.5,"amount_residual":10.5,"currency_id":[1,"USD"],"state":"posted","move_type":"out_invoice","write_date":"2024-01-02 10:00:00"}]}"#;
+        let decoded = stream.decode_search_read(page).expect("page");
+        assert_eq!(decoded.records.num_rows() + decoded.deletions.len(), 1);
+        let denied = r#"{"jsonrpc":"2.0","id":1,"error":{"code":200,"message":"Odoo Server Error","data":{"name":"odoo.exceptions.AccessDenied","message":"Access Denied"}}}"#;
+        assert_eq!(
+            stream
+                .decode_search_read(denied)
+                .expect_err("denied")
+                .kind(),
+            SourceErrorKind::Auth
+        );
+        let err = stream
+            .decode_search_read("<html>secret internal page</html>")
+            .expect_err("junk");
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

@@ -435,6 +435,55 @@ fn fault_text(body: &str) -> (String, Option<String>) {
     (unrecognised(body), None)
 }
 
+/// The records of one query answer (`QueryResponse.<entity>`; none when absent).
+fn page_items(v: &Value, entity: &str) -> Result<Vec<Value>, SourceError> {
+    let page = v
+        .get("QueryResponse")
+        .ok_or_else(|| unexpected("quickbooks query", "no QueryResponse"))?;
+    match page.get(entity) {
+        Some(Value::Array(a)) => Ok(a.clone()),
+        None => Ok(Vec::new()),
+        Some(other) => Err(unexpected(
+            "quickbooks query",
+            format!("{entity} is {}", json_kind(other)),
+        )),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl QboStream {
+    /// Decodes the body of a query answer as the reader does (a `Fault` in it is an error)
+    /// into the stream's rows. Public so the wire parser can be fuzzed on its own.
+    pub fn decode_query_answer(self, body: &str) -> Result<arrow_array::RecordBatch, SourceError> {
+        let v: Value = serde_json::from_str(body)
+            .map_err(|_| unexpected("quickbooks query", unrecognised(body)))?;
+        if let Some(e) = fault_in(&v) {
+            return Err(e);
+        }
+        let mut batch = TextBatch::new(text_schema(&self.columns()));
+        for item in page_items(&v, self.name())? {
+            batch.push(self.row(&item));
+        }
+        batch.finish()
+    }
+}
+
+/// An error answer's body as one line (the service's own fields, or its size when it
+/// has none). Public so the parser can be fuzzed on its own.
+pub fn error_summary(body: &str) -> String {
+    fault_text(body).0
+}
+
 /// A `Fault` (or lowercase `fault`) object as one line, with its first error's code.
 fn fault_line(fault: &Value) -> (String, Option<String>) {
     let errors = fault
@@ -873,19 +922,7 @@ impl QuickBooksSource {
                 run_started = v.get("time").and_then(Value::as_str).map(str::to_string);
                 cursor.started = run_started.clone();
             }
-            let page = v
-                .get("QueryResponse")
-                .ok_or_else(|| unexpected("quickbooks query", "no QueryResponse"))?;
-            let items = match page.get(entity) {
-                Some(Value::Array(a)) => a.clone(),
-                None => Vec::new(),
-                Some(other) => {
-                    return Err(unexpected(
-                        "quickbooks query",
-                        format!("{entity} is {other}"),
-                    ));
-                }
-            };
+            let items = page_items(&v, entity)?;
             let fetched = items.len();
             let mut batch = TextBatch::new(schema.clone());
             let mut positions = Vec::new();
@@ -1117,6 +1154,26 @@ impl Source for QuickBooksSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_answers_decode_to_rows_and_anything_else_to_an_error_without_its_body() {
+        let stream = QboStream::parse("Invoice").expect("stream");
+        let page = r#"{"QueryResponse":{"Invoice":[{"Id":"1","DocNumber":"1001","TxnDate":"2024-01-02","TotalAmt":10.5,"Balance":10.5,"CurrencyRef":{"value":"USD"},"CustomerRef":{"value":"7","name":"Acme"}}]},"time":"2024-01-03T00:00:00Z"}"#;
+        assert_eq!(
+            stream.decode_query_answer(page).expect("page").num_rows(),
+            1
+        );
+        let fault = r#"{"Fault":{"Error":[{"Message":"Invalid query","Detail":"bad","code":"4000"}],"type":"ValidationFault"}}"#;
+        assert!(stream.decode_query_answer(fault).is_err());
+        for junk in [
+            "<html>secret internal page</html>",
+            r#"{"QueryResponse":{"Invoice":"secret"}}"#,
+        ] {
+            let err = stream.decode_query_answer(junk).expect_err("junk");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+        assert!(!error_summary("<html>secret</html>").contains("secret"));
+    }
 
     #[test]
     fn fault_bodies_become_one_readable_line() {
