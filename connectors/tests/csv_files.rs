@@ -250,3 +250,46 @@ async fn resuming_from_a_batch_cursor_reads_exactly_the_rest() {
     let changed = read_all(&source, Some(full.cursors[2].clone()), 128).await;
     assert_eq!(changed.rows, vec![vec![s("9999"), s("y")]]);
 }
+
+#[tokio::test]
+async fn a_line_or_a_record_over_a_mebibyte_fails_naming_the_limit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut long_line = b"id,note\n1,".to_vec();
+    long_line.extend(std::iter::repeat_n(b'x', 2 << 20));
+    long_line.push(b'\n');
+    let p = file(dir.path(), "long.csv", &long_line);
+    let err = CsvSource::new(&p, CsvOptions::default())
+        .streams()
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), SourceErrorKind::Format);
+    assert!(err.to_string().contains("max_record_bytes"), "{err}");
+    assert!(err.to_string().contains("line 2"), "{err}");
+
+    // Short lines, but one quoted field spanning them all.
+    let mut many_lines = b"id,note\n1,\"".to_vec();
+    for _ in 0..30_000 {
+        many_lines.extend_from_slice(&[b'y'; 40]);
+        many_lines.push(b'\n');
+    }
+    many_lines.extend_from_slice(b"\"\n2,ok\n");
+    let p = file(dir.path(), "tall.csv", &many_lines);
+    let source = CsvSource::new(&p, CsvOptions::default());
+    let mut stream = source
+        .read(ReadRequest {
+            stream: "f".into(),
+            from: None,
+            batch_rows: 10,
+        })
+        .await
+        .expect("opens");
+    let mut failed = None;
+    while let Some(batch) = stream.next().await {
+        if let Err(e) = batch {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = failed.expect("the record is refused");
+    assert!(err.to_string().contains("max_record_bytes"), "{err}");
+}

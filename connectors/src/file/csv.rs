@@ -119,7 +119,12 @@ fn csv_error(path: &Path, e: ::csv::Error) -> SourceError {
     .with_source(e)
 }
 
-/// Reads the whole file once, in 1 MiB chunks, and fails on NUL bytes (binary), a UTF-16
+/// The longest line, and the largest record, a CSV file may hold: a record is one row of
+/// a batch held in memory, and no ledger row is a megabyte.
+pub(crate) const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Reads the whole file once, in 1 MiB chunks, and fails on a line over
+/// [`MAX_LINE_BYTES`], NUL bytes (binary), a UTF-16
 /// byte-order mark, a ZIP signature (a spreadsheet) or the first byte sequence that is not
 /// UTF-8, naming the line it is on.
 ///
@@ -133,6 +138,7 @@ fn check_utf8_text(path: &Path) -> Result<bool, SourceError> {
     let mut offset = 0u64;
     let mut first = true;
     let mut crlf = false;
+    let mut since_newline = 0usize;
     loop {
         let n = super::read_up_to(&mut file, &mut buf[carry..]).map_err(|e| io_error(path, e))?;
         let len = carry + n;
@@ -170,7 +176,23 @@ fn check_utf8_text(path: &Path) -> Result<bool, SourceError> {
             Err(e) if e.error_len().is_none() && n > 0 => (e.valid_up_to(), false),
             Err(e) => (e.valid_up_to(), true),
         };
-        line += chunk[..valid_up_to].iter().filter(|&&b| b == b'\n').count() as u64;
+        for &b in &chunk[..valid_up_to] {
+            if b == b'\n' {
+                line += 1;
+                since_newline = 0;
+            } else {
+                since_newline += 1;
+                if since_newline > MAX_LINE_BYTES {
+                    return Err(SourceError::new(
+                        SourceErrorKind::Format,
+                        format!(
+                            "{}: line {line} is longer than {MAX_LINE_BYTES} bytes (limit max_record_bytes); the file was refused before reading it",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        }
         if bad {
             return Err(SourceError::new(
                 SourceErrorKind::Format,
@@ -299,6 +321,17 @@ fn read_records(
                 let line = record
                     .position()
                     .map_or(0, |p| p.line() + if p.byte() > 0 { line_fix } else { 0 });
+                // A quoted field may span lines, each within the line limit: the record
+                // as a whole is held to it too.
+                if record.as_byte_record().as_slice().len() > MAX_LINE_BYTES {
+                    send(Err(SourceError::new(
+                        SourceErrorKind::Format,
+                        format!(
+                            "{location}: the record at line {line} is longer than {MAX_LINE_BYTES} bytes (limit max_record_bytes)"
+                        ),
+                    )));
+                    return;
+                }
                 if record.len() == width {
                     builder.push_row(line, record.iter().map(Some));
                 } else {
