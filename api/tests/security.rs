@@ -362,3 +362,126 @@ async fn uploads_count_against_a_tenant_quota_and_an_abandoned_upload_leaves_not
         .collect();
     assert!(temps.is_empty(), "left behind: {temps:?}");
 }
+
+/// A one-part workbook whose sheet inflates to just over 1 GiB of XML while the file is
+/// a few megabytes: a deflate stream of spaces made of one flushed block repeated (each
+/// repetition decodes to 1 MiB against a window of spaces), in a ZIP written by hand. Its
+/// CRC is not computed: nothing that reads it may get that far.
+fn gigabyte_bomb() -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress};
+    let mut deflate = Compress::new(Compression::best(), false);
+    let mut stream = Vec::new();
+    let mut step = |input: &[u8], flush: FlushCompress| {
+        let mut out = Vec::with_capacity(input.len() + 1024);
+        deflate
+            .compress_vec(input, &mut out, flush)
+            .expect("deflate");
+        out
+    };
+    let head = br#"<?xml version="1.0" encoding="UTF-8"?><worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData><row r="1"><c r="A1"><v>1</v></c></row>"#;
+    let spaces = vec![b' '; 1 << 20];
+    stream.extend(step(head, FlushCompress::Sync));
+    stream.extend(step(&spaces, FlushCompress::Sync));
+    let block = step(&spaces, FlushCompress::Sync);
+    for _ in 0..1023 {
+        stream.extend_from_slice(&block);
+    }
+    stream.extend(step(b"</sheetData></worksheet>", FlushCompress::Finish));
+    let inflated = (head.len() + (1024 << 20) + 24) as u32;
+    let name = b"xl/worksheets/sheet1.xml";
+    let mut zip = Vec::new();
+    let le16 = |v: &mut Vec<u8>, x: u16| v.extend_from_slice(&x.to_le_bytes());
+    let le32 = |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&x.to_le_bytes());
+    le32(&mut zip, 0x0403_4b50);
+    for x in [20u16, 0, 8, 0, 0] {
+        le16(&mut zip, x);
+    }
+    le32(&mut zip, 0);
+    le32(&mut zip, stream.len() as u32);
+    le32(&mut zip, inflated);
+    le16(&mut zip, name.len() as u16);
+    le16(&mut zip, 0);
+    zip.extend_from_slice(name);
+    zip.extend_from_slice(&stream);
+    let directory = zip.len() as u32;
+    le32(&mut zip, 0x0201_4b50);
+    for x in [20u16, 20, 0, 8, 0, 0] {
+        le16(&mut zip, x);
+    }
+    le32(&mut zip, 0);
+    le32(&mut zip, stream.len() as u32);
+    le32(&mut zip, inflated);
+    for x in [name.len() as u16, 0, 0, 0, 0] {
+        le16(&mut zip, x);
+    }
+    le32(&mut zip, 0);
+    le32(&mut zip, 0);
+    zip.extend_from_slice(name);
+    let directory_len = zip.len() as u32 - directory;
+    le32(&mut zip, 0x0605_4b50);
+    for x in [0u16, 0, 1, 1] {
+        le16(&mut zip, x);
+    }
+    le32(&mut zip, directory_len);
+    le32(&mut zip, directory);
+    le16(&mut zip, 0);
+    zip
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_workbook_fails_its_run_while_another_tenant_is_answered() {
+    let api = Api::new().await;
+    let op = api.key(Some("acme"), Role::Admin).await;
+    let other = api.key(Some("globex"), Role::Viewer).await;
+    let made = api
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&op),
+            Some(json!({ "name": "bills", "entity": "bills", "source": { "kind": "xlsx" } })),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let bomb = gigabyte_bomb();
+    assert!(bomb.len() < 16 << 20, "{} bytes", bomb.len());
+    let worker = api.start_worker().await;
+    let sent = upload(&api, &op, "bills", "bomb.xlsx", &bomb).await;
+    assert_eq!(sent.status, StatusCode::ACCEPTED, "{}", sent.body);
+    let run = sent.body["run_id"].as_str().expect("run").to_string();
+
+    // Another tenant keeps being answered while the workbook is refused.
+    let mut slowest = Duration::ZERO;
+    let mut answered = 0;
+    let ended = loop {
+        let asked = std::time::Instant::now();
+        let a = api
+            .call(Method::GET, "/v1/pipelines", Some(&other), None)
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        slowest = slowest.max(asked.elapsed());
+        answered += 1;
+        let r = api
+            .call(Method::GET, &format!("/v1/runs/{run}"), Some(&op), None)
+            .await;
+        if r.status == StatusCode::OK && r.body["status"] != "running" {
+            break r.body;
+        }
+        assert!(answered < 2000, "the run never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    worker.stop().await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    let error = ended["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("max_ratio") || error.contains("max_inflated_bytes"),
+        "{ended}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest answer {slowest:?}"
+    );
+    eprintln!(
+        "bomb of {} bytes refused ({error}); {answered} answers to the other tenant, slowest {slowest:?}",
+        bomb.len()
+    );
+}
