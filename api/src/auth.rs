@@ -55,17 +55,19 @@ impl<W: Store> FromRequestParts<Arc<AppState<W>>> for Caller {
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
+        // Failed authentications are counted per address; past the budget they get 429
+        // instead of 401. A valid key is never refused for what others at the same
+        // address (a NAT, a proxy) guessed.
         let failures = format!("auth-failures:{client}");
-        if let Some(secs) = state.auth_failures.empty_for(&failures, FAILED_AUTH) {
-            return Err(too_many(
-                secs,
-                "too many requests with a missing or invalid API key from this address",
-            ));
-        }
         let key = match authenticate(parts, state).await {
             Ok(key) => key,
             Err(e) if e.status == axum::http::StatusCode::UNAUTHORIZED => {
-                let _ = state.auth_failures.take(&failures, FAILED_AUTH);
+                if let Err(secs) = state.auth_failures.take(&failures, FAILED_AUTH) {
+                    return Err(too_many(
+                        secs,
+                        "too many requests with a missing or invalid API key from this address",
+                    ));
+                }
                 return Err(e);
             }
             Err(e) => return Err(e),

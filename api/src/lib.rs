@@ -129,11 +129,17 @@ pub fn openapi_document() -> serde_json::Value {
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
             .collect();
+        // Prometheus' text exposition format; everything else answers JSON.
+        let media = if r.path == "/metrics" {
+            "text/plain"
+        } else {
+            "application/json"
+        };
         let mut op = json!({
             "summary": r.summary,
             "description": format!("Least role: {}.", r.role),
             "responses": {
-                "2XX": { "description": "Success", "content": { "application/json": {} } },
+                "2XX": { "description": "Success", "content": { media: {} } },
                 "default": { "description": "An error", "content": {
                     "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } } } },
             },

@@ -1,7 +1,6 @@
 //! Request rates: a token bucket for every API key seen, and one per client address for
-//! failed authentications (a missing, unknown or revoked key), checked before any key is
-//! looked up, so guessing keys costs the guesser, not the database. Over the rate, a
-//! request gets 429 with `Retry-After`.
+//! failed authentications (a missing, unknown or revoked key), so guessing keys is slowed
+//! to a trickle. Over the rate, a request gets 429 with `Retry-After`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -39,18 +38,6 @@ pub const FAILED_AUTH: RateLimit = RateLimit {
 const MAX_BUCKETS: usize = 100_000;
 
 impl Buckets {
-    /// Seconds until `key` has a token again, if it has none now (nothing is taken).
-    pub fn empty_for(&self, key: &str, limit: RateLimit) -> Option<u64> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, at) = map.get(key)?;
-        let tokens = (tokens + at.elapsed().as_secs_f64() * limit.per_second).min(limit.burst);
-        (tokens < 1.0).then(|| {
-            ((1.0 - tokens) / limit.per_second.max(1e-9))
-                .ceil()
-                .max(1.0) as u64
-        })
-    }
-
     /// Takes a token for `key`, or says how many seconds until one is there.
     pub fn take(&self, key: &str, limit: RateLimit) -> Result<(), u64> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());

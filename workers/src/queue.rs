@@ -316,7 +316,13 @@ impl Queues {
             .dead_letter(tenant, id)
             .await
             .map_err(|e| {
-                WorkerError::new(WorkerErrorKind::Queue, "reading the dead letter").with_source(e)
+                // A tenant with no warehouse yet has no dead letters: not found, not down.
+                let kind = if e.kind() == sluice_engine::ErrorKind::NotFound {
+                    WorkerErrorKind::NotFound
+                } else {
+                    WorkerErrorKind::Queue
+                };
+                WorkerError::new(kind, "reading the dead letter").with_source(e)
             })?
             .ok_or_else(|| {
                 WorkerError::new(
