@@ -509,13 +509,11 @@ async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_fo
     let admin = api.key(Some("acme"), Role::Admin).await;
     let analyst = api.key(Some("acme"), Role::Analyst).await;
     let viewer = api.key(Some("acme"), Role::Viewer).await;
+    // Batches (and so replay pages) of two rows: a replay of seven reads four pages.
+    let mut inv = example_pipeline("inv");
+    inv["batch_rows"] = json!(2);
     let made = api
-        .call(
-            Method::POST,
-            "/v1/pipelines",
-            Some(&admin),
-            Some(example_pipeline("inv")),
-        )
+        .call(Method::POST, "/v1/pipelines", Some(&admin), Some(inv))
         .await;
     assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
     let sync = api
@@ -615,7 +613,8 @@ async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_fo
         .await;
     assert_eq!(shown.body["status"], "replayed");
 
-    // A batch retry by filter: the other seven fail again, stay pending, counted once each.
+    // A batch retry by filter: the other seven fail again, stay pending, counted once each
+    // (paged two at a time: none read twice, none missed).
     let batch = api
         .call(
             Method::POST,

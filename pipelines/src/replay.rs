@@ -33,6 +33,63 @@ pub async fn replay_quarantined<W: LoadStore + QuarantineStore>(
     rows: &[QuarantinedRow],
     options: &RunOptions,
 ) -> Result<RunReport, PipelineError> {
+    check_replayable(spec, rows)?;
+    let mut pages = vec![rows.to_vec()];
+    replay_quarantined_pages(
+        spec,
+        warehouse,
+        || std::future::ready(Ok(pages.pop().unwrap_or_default())),
+        options,
+    )
+    .await
+}
+
+/// Replays quarantined rows page by page as one run: `next_page` gives the next page
+/// (empty when there is no more), and each page is loaded and settled before the next is
+/// asked for, so memory holds one page however many rows the replay has. A page should
+/// not repeat rows an earlier page settled (page by id, after the last id seen).
+pub async fn replay_quarantined_pages<W, F, Fut>(
+    spec: &PipelineSpec,
+    warehouse: &W,
+    mut next_page: F,
+    options: &RunOptions,
+) -> Result<RunReport, PipelineError>
+where
+    W: LoadStore + QuarantineStore,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Vec<QuarantinedRow>, PipelineError>>,
+{
+    let started = Instant::now();
+    let tenant = TenantSlug::parse(&spec.tenant)?;
+    let rules = RuleSet::new(spec.entity, &spec.rules)?;
+    let run_id = begin_run(spec, warehouse, &tenant, &rules, options).await?;
+    let span =
+        tracing::info_span!("replay", tenant = %tenant, pipeline = %spec.name, run_id = %run_id);
+    tracing::Instrument::instrument(
+        async {
+            let outcome = async {
+                let mut totals = RowCounts::default();
+                loop {
+                    let page = next_page().await?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    check_replayable(spec, &page)?;
+                    let counts =
+                        replay_batches(spec, warehouse, &tenant, &run_id, &rules, &page).await?;
+                    totals.add(&counts);
+                }
+                Ok(totals)
+            }
+            .await;
+            end_run(warehouse, &tenant, &run_id, outcome, started).await
+        },
+        span,
+    )
+    .await
+}
+
+fn check_replayable(spec: &PipelineSpec, rows: &[QuarantinedRow]) -> Result<(), PipelineError> {
     if let Some(other) = rows.iter().find(|r| r.pipeline != spec.name) {
         return Err(PipelineError::config(format!(
             "quarantined row {} belongs to pipeline '{}', not '{}'",
@@ -51,19 +108,7 @@ pub async fn replay_quarantined<W: LoadStore + QuarantineStore>(
             done.status.as_str()
         )));
     }
-    let started = Instant::now();
-    let tenant = TenantSlug::parse(&spec.tenant)?;
-    let rules = RuleSet::new(spec.entity, &spec.rules)?;
-    let run_id = begin_run(spec, warehouse, &tenant, &rules, options).await?;
-    let span = tracing::info_span!("replay", tenant = %tenant, pipeline = %spec.name, run_id = %run_id, rows = rows.len());
-    tracing::Instrument::instrument(
-        async {
-            let outcome = replay_batches(spec, warehouse, &tenant, &run_id, rules, rows).await;
-            end_run(warehouse, &tenant, &run_id, outcome, started).await
-        },
-        span,
-    )
-    .await
+    Ok(())
 }
 
 /// The source columns a replay batch has: every raw key (in first-seen order), then the
@@ -102,7 +147,7 @@ async fn replay_batches<W: LoadStore + QuarantineStore>(
     warehouse: &W,
     tenant: &TenantSlug,
     run_id: &str,
-    rules: RuleSet,
+    rules: &RuleSet,
     rows: &[QuarantinedRow],
 ) -> Result<RowCounts, PipelineError> {
     let columns = replay_columns(spec, rows);
@@ -177,7 +222,7 @@ async fn replay_batches<W: LoadStore + QuarantineStore>(
             location: "quarantine".into(),
             sheet: None,
         };
-        let mut load = prepare_batch(&mapper, &rules, spec.entity, batch);
+        let mut load = prepare_batch(&mapper, rules, spec.entity, batch);
         let mut failed_rows = vec![false; chunk.len()];
         let failed: Vec<(String, Vec<sluice_engine::validate::CellError>)> =
             std::mem::take(&mut load.quarantine)

@@ -21,7 +21,7 @@ use chrono::Utc;
 use sluice_engine::control::{PipelineOrigin, PipelineStore};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunStatus, RunTrigger, TenantSlug, Warehouse};
-use sluice_pipelines::replay::replay_quarantined;
+use sluice_pipelines::replay::replay_quarantined_pages;
 use sluice_pipelines::{
     Confinement, PipelineError, PipelineErrorKind, PipelineSource, PipelineSpec, Quiet, RunOptions,
 };
@@ -29,7 +29,8 @@ use sluice_pipelines::{
 use crate::coord::Lease;
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::jobs::{
-    JobOutcome, ReplayJob, SyncJob, continue_sync_job, dead_letter, replay_dead_letter_record,
+    JobOutcome, ReplayJob, ReplaySelection, SyncJob, continue_sync_job, dead_letter,
+    replay_dead_letter_record,
 };
 use crate::metrics::metrics;
 use crate::queue::{JobResult, JobStatus, QueueName, Queues};
@@ -538,7 +539,15 @@ where
             |n| {
                 let spec = &spec;
                 async move {
-                    let rows = self.replay_rows(job).await?;
+                    let tenant = TenantSlug::parse(&job.tenant)?;
+                    let pages = Arc::new(tokio::sync::Mutex::new(ReplayPages::new(
+                        &job.selection,
+                        spec.batch_rows(),
+                    )));
+                    let next = || {
+                        let (pages, tenant) = (pages.clone(), tenant.clone());
+                        async move { pages.lock().await.next(&*self.warehouse, &tenant).await }
+                    };
                     let options = RunOptions {
                         trigger: RunTrigger::Replay,
                         run_id: Some(if n <= 1 {
@@ -547,7 +556,7 @@ where
                             format!("{}.{n}", job.run_id)
                         }),
                     };
-                    replay_quarantined(spec, &*self.warehouse, &rows, &options).await
+                    replay_quarantined_pages(spec, &*self.warehouse, next, &options).await
                 }
             },
             PipelineError::is_transient,
@@ -572,55 +581,6 @@ where
     }
 
     /// The pending or fixed rows the selection names.
-    async fn replay_rows(&self, job: &ReplayJob) -> Result<Vec<QuarantinedRow>, PipelineError> {
-        let tenant = TenantSlug::parse(&job.tenant)?;
-        let sel = &job.selection;
-        let open = |r: &QuarantinedRow| {
-            r.pipeline == sel.pipeline
-                && matches!(
-                    r.status,
-                    QuarantineStatus::Pending | QuarantineStatus::Fixed
-                )
-        };
-        let mut rows = Vec::new();
-        if sel.ids.is_empty() {
-            for status in [QuarantineStatus::Pending, QuarantineStatus::Fixed] {
-                let filter = QuarantineFilter {
-                    run_id: sel.run_id.clone(),
-                    status: Some(status),
-                    rule: sel.rule.clone(),
-                    limit: Some(u32::MAX),
-                    pipeline: Some(sel.pipeline.clone()),
-                    ..QuarantineFilter::default()
-                };
-                rows.extend(
-                    self.warehouse
-                        .quarantined(&tenant, &filter)
-                        .await?
-                        .into_iter()
-                        .filter(|r| open(r)),
-                );
-            }
-        } else {
-            for id in &sel.ids {
-                let row = self
-                    .warehouse
-                    .quarantined_row(&tenant, id)
-                    .await?
-                    .ok_or_else(|| {
-                        PipelineError::new(
-                            PipelineErrorKind::Config,
-                            format!("no quarantined row {id} in tenant {tenant}"),
-                        )
-                    })?;
-                if open(&row) {
-                    rows.push(row);
-                }
-            }
-        }
-        Ok(rows)
-    }
-
     async fn dead_replay(&self, job: &ReplayJob, failed: &[Attempt], reason: &str) -> JobResult {
         let mut attempts = failed.to_vec();
         if attempts.is_empty() {
@@ -682,6 +642,93 @@ where
 
 /// Renews the lease every third of its time to live until aborted. A lease that expired
 /// (Redis was unreachable for longer than the lease) is taken again when still free.
+/// The rows a replay job selects, a page at a time (selected again for each attempt, so
+/// an attempt never touches rows an earlier one settled): the listed ids, or the pipeline's
+/// pending then fixed rows (of a run, of a rule), by id after the last one read. Only the
+/// current page is in memory.
+struct ReplayPages {
+    selection: ReplaySelection,
+    page_rows: usize,
+    /// Ids still to read, when the job lists them.
+    ids: std::collections::VecDeque<String>,
+    /// 0: pending rows, 1: fixed rows, 2: done.
+    stage: usize,
+    after: Option<String>,
+}
+
+impl ReplayPages {
+    fn new(selection: &ReplaySelection, page_rows: usize) -> Self {
+        ReplayPages {
+            ids: selection.ids.iter().cloned().collect(),
+            selection: selection.clone(),
+            page_rows: page_rows.clamp(1, 10_000),
+            stage: 0,
+            after: None,
+        }
+    }
+
+    fn open(&self, r: &QuarantinedRow) -> bool {
+        r.pipeline == self.selection.pipeline
+            && matches!(
+                r.status,
+                QuarantineStatus::Pending | QuarantineStatus::Fixed
+            )
+    }
+
+    /// The next non-empty page, or an empty one when the selection is exhausted.
+    async fn next<W: Warehouse>(
+        &mut self,
+        warehouse: &W,
+        tenant: &TenantSlug,
+    ) -> Result<Vec<QuarantinedRow>, PipelineError> {
+        if !self.selection.ids.is_empty() {
+            let mut rows = Vec::new();
+            while rows.is_empty() && !self.ids.is_empty() {
+                let take = self.page_rows.min(self.ids.len());
+                for id in self.ids.drain(..take).collect::<Vec<_>>() {
+                    let row = warehouse
+                        .quarantined_row(tenant, &id)
+                        .await?
+                        .ok_or_else(|| {
+                            PipelineError::new(
+                                PipelineErrorKind::Config,
+                                format!("no quarantined row {id} in tenant {tenant}"),
+                            )
+                        })?;
+                    if self.open(&row) {
+                        rows.push(row);
+                    }
+                }
+            }
+            return Ok(rows);
+        }
+        while self.stage < 2 {
+            let status = [QuarantineStatus::Pending, QuarantineStatus::Fixed][self.stage];
+            let filter = QuarantineFilter {
+                run_id: self.selection.run_id.clone(),
+                status: Some(status),
+                rule: self.selection.rule.clone(),
+                limit: Some(self.page_rows as u32),
+                pipeline: Some(self.selection.pipeline.clone()),
+                after: self.after.clone(),
+                ..QuarantineFilter::default()
+            };
+            let page = warehouse.quarantined(tenant, &filter).await?;
+            let Some(last) = page.last() else {
+                self.stage += 1;
+                self.after = None;
+                continue;
+            };
+            self.after = Some(last.id.clone());
+            let rows: Vec<QuarantinedRow> = page.into_iter().filter(|r| self.open(r)).collect();
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
 async fn keep_renewed(
     coord: crate::coord::Coordinator,
     handed_over: Lease,
