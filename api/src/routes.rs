@@ -1124,7 +1124,18 @@ pub async fn anomalies<W: Store>(
         threshold: q.threshold.unwrap_or(defaults.threshold),
         min_history: q.min_history.unwrap_or(defaults.min_history),
     };
-    let found = sluice_finance::anomalies_report(&*s.warehouse, tenant, options)
+    // Every page is a slice of one computation over the tenant's current data: the
+    // newest run (its id, status and counts) stands for the data's version.
+    let newest = s.warehouse.runs(tenant, None, 1).await?;
+    let version = newest.first().map_or_else(String::new, |r| {
+        format!("{}:{}:{:?}", r.run_id, r.status.as_str(), r.counts)
+    });
+    let key = format!("{tenant}:{}:{}", options.threshold, options.min_history);
+    let found = s
+        .anomalies
+        .get_or_compute(&key, &version, || {
+            sluice_finance::anomalies_report(&*s.warehouse, tenant, options)
+        })
         .await
         .map_err(finance_error)?;
     let keyed: Vec<(String, &sluice_finance::Anomaly)> = found

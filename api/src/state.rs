@@ -33,6 +33,8 @@ pub struct AppState<W> {
     pub confinement: Confinement,
     /// Recent source checks.
     pub health: HealthCache,
+    /// Anomaly lists computed for a tenant's current data, paged from here.
+    pub anomalies: ComputedLists<sluice_finance::Anomaly>,
 }
 
 /// A pipeline's identity in the health cache: tenant, name, and when it was last saved (a
@@ -80,6 +82,93 @@ impl<W> AppState<W> {
             upload_dir: confinement.upload_dir().to_path_buf(),
             confinement,
             health: HealthCache::default(),
+            anomalies: ComputedLists::default(),
         }
+    }
+}
+
+/// Lists that are costly to compute (every anomaly of a tenant) kept with the version of
+/// the data they were computed from, so that each page of a list is a slice of one
+/// computation instead of a computation of its own. A new version (a run that changed
+/// the data) computes afresh. At most [`ComputedLists::KEPT`] lists are kept.
+pub struct ComputedLists<T>(Mutex<HashMap<String, ComputedList<T>>>);
+
+/// A list with the data version it was computed from and when.
+type ComputedList<T> = (String, Instant, Arc<Vec<T>>);
+
+impl<T> Default for ComputedLists<T> {
+    fn default() -> Self {
+        ComputedLists(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> ComputedLists<T> {
+    /// Lists kept at once (the least recently computed goes first).
+    pub const KEPT: usize = 64;
+
+    /// The list under `key` computed at `version`, computing it with `compute` when there is
+    /// none for that version.
+    pub async fn get_or_compute<E, F, Fut>(
+        &self,
+        key: &str,
+        version: &str,
+        compute: F,
+    ) -> Result<Arc<Vec<T>>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<T>, E>>,
+    {
+        if let Some((v, _, list)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(key)
+            && v == version
+        {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(compute().await?);
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::KEPT
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, (_, at, _))| *at)
+                .map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(
+            key.to_string(),
+            (version.to_string(), Instant::now(), list.clone()),
+        );
+        Ok(list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_list_is_computed_once_per_version_of_the_data() {
+        let lists = ComputedLists::<u32>::default();
+        let computed = std::sync::atomic::AtomicUsize::new(0);
+        let compute = || async {
+            computed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, ()>(vec![1, 2, 3])
+        };
+        for _ in 0..3 {
+            let list = lists
+                .get_or_compute("acme", "run-1", compute)
+                .await
+                .expect("list");
+            assert_eq!(*list, [1, 2, 3]);
+        }
+        assert_eq!(computed.load(std::sync::atomic::Ordering::SeqCst), 1);
+        lists
+            .get_or_compute("acme", "run-2", compute)
+            .await
+            .expect("list");
+        lists
+            .get_or_compute("globex", "run-2", compute)
+            .await
+            .expect("list");
+        assert_eq!(computed.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }
