@@ -1036,3 +1036,27 @@ async fn quickbooks_a_resumed_first_run_still_sees_deletions_made_while_it_was_i
     assert_eq!(next.ledger.counts.updated, 1, "{:?}", next.ledger.counts);
     assert_eq!(warehouse_invoices(&w).await, qbo_figures(&fake));
 }
+
+#[tokio::test]
+async fn a_health_read_does_not_refresh_the_quickbooks_token() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = FakeQbo::start(Books {
+        records: HashMap::from([("Invoice".to_string(), qbo_invoices(3, 1))]),
+        ..Books::default()
+    })
+    .await;
+    let w = embedded(dir.path());
+    let spec = qbo_pipeline(dir.path(), "qbo-health", &fake, "Invoice", "invoices", 100);
+    let source = || {
+        PipelineSource::for_pipeline(&spec, w.clone(), &SourceReach::unrestricted())
+            .expect("source")
+    };
+    // What the API's health route does: the service answers, no token is spent.
+    let read = source().for_health_read().check().await.expect("health");
+    assert!(read.detail.contains("HTTP 401"), "{}", read.detail);
+    assert_eq!(fake.with(|b| b.refreshes), 0);
+    // The CLI's `source check` tries the credentials: one refresh.
+    let full = source().check().await.expect("check");
+    assert!(full.detail.contains("3 Invoice records"), "{}", full.detail);
+    assert_eq!(fake.with(|b| b.refreshes), 1);
+}

@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Json, Router};
 use chrono::{DateTime, FixedOffset};
 use serde_json::{Value, json};
 
@@ -100,6 +100,7 @@ impl FakeQbo {
             .route("/oauth2/v1/tokens/bearer", post(token))
             .route("/v3/company/{realm}/query", get(query))
             .route("/v3/company/{realm}/cdc", get(cdc))
+            .route("/v3/company/{realm}/companyinfo/{id}", get(company_info))
             .with_state(books.clone());
         let (url, server) = super::serve(app).await;
         FakeQbo { url, books, server }
@@ -448,6 +449,24 @@ fn sort_key(r: &Value) -> (DateTime<FixedOffset>, u64) {
             .and_then(|i| i.parse().ok())
             .unwrap_or(0),
     )
+}
+
+/// `GET /v3/company/{realm}/companyinfo/{realm}`: the company's profile; like every API
+/// call, a 401 Fault without a valid access token.
+async fn company_info(
+    State(books): State<Shared>,
+    Path((realm, _id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = admitted(&books, &headers, &realm).await {
+        return *r;
+    }
+    done(&books);
+    Json(
+        json!({ "CompanyInfo": { "Id": "1", "CompanyName": "Sandbox Company", "Country": "US" },
+                 "time": now_pacific() }),
+    )
+    .into_response()
 }
 
 async fn query(
