@@ -409,4 +409,32 @@ mod tests {
                 .is_empty()
         );
     }
+
+    #[tokio::test]
+    async fn a_redirect_to_a_refused_address_is_not_followed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                let answer = "HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/latest/meta-data\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        // The operator opened this one address; the redirect leads elsewhere.
+        let policy = EgressPolicy::allowing("127.0.0.1").expect("allow");
+        let client = policy.http_client().build().expect("client");
+        let err = client
+            .get(format!("http://127.0.0.1:{port}/start"))
+            .send()
+            .await
+            .expect_err("the redirect is refused");
+        assert!(err.is_redirect(), "{err}");
+        assert!(format!("{err:?}").contains("link-local"), "{err:?}");
+        server.abort();
+    }
 }
