@@ -478,7 +478,9 @@ async fn a_gigabyte_workbook_fails_its_run_while_another_tenant_is_answered() {
     assert_eq!(ended["status"], "failed", "{ended}");
     let error = ended["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("max_ratio") || error.contains("max_inflated_bytes"),
+        error.contains("max_ratio")
+            || error.contains("max_inflated_bytes")
+            || error.contains("max_cell_bytes"),
         "{ended}"
     );
     assert!(

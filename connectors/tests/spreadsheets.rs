@@ -380,19 +380,32 @@ async fn hostile_workbooks_fail_their_run_naming_the_limit() {
             "max_shared_strings",
         ),
         (
-            // 64 MiB of whitespace inside the sheet: it deflates ~1000:1.
+            // 16 MiB of empty elements inside the sheet: they deflate ~1000:1.
             raw_xlsx(
                 dir.path(),
                 "bomb.xlsx",
                 &{
                     let mut xml = sheet_xml(r#"<row r="1"><c r="A1"><v>1</v></c></row>"#);
                     let at = xml.len() - "</sheetData></worksheet>".len();
-                    xml.splice(at..at, std::iter::repeat_n(b' ', 64 << 20));
+                    xml.splice(at..at, b"<x/>".iter().copied().cycle().take(16 << 20));
                     xml
                 },
                 None,
             ),
             "max_ratio",
+        ),
+        (
+            // One shared string of 2 MiB.
+            raw_xlsx(
+                dir.path(),
+                "cell.xlsx",
+                &sheet_xml(r#"<row r="1"><c r="A1" t="s"><v>0</v></c></row>"#),
+                Some(&format!(
+                    r#"<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="1" uniqueCount="1"><si><t>{}</t></si></sst>"#,
+                    "z".repeat(2 << 20)
+                )),
+            ),
+            "max_cell_bytes",
         ),
     ];
     for (path, limit) in cases {

@@ -25,6 +25,9 @@ pub struct SpreadsheetLimits {
     pub max_inflated_bytes: u64,
     /// How many times larger than its compressed size a part may inflate (past 1 MiB).
     pub max_ratio: u64,
+    /// Bytes of XML text between two tags of a sheet or the shared strings: a cell's
+    /// value (Excel holds at most 32,767 characters, up to 4 bytes each, escaped).
+    pub max_cell_bytes: u64,
 }
 
 impl Default for SpreadsheetLimits {
@@ -35,6 +38,7 @@ impl Default for SpreadsheetLimits {
             max_shared_strings: 5_000_000,
             max_inflated_bytes: 512 << 20,
             max_ratio: 200,
+            max_cell_bytes: 256 << 10,
         }
     }
 }
@@ -82,6 +86,8 @@ pub fn check_workbook(path: &Path, limits: &SpreadsheetLimits) -> Result<(), Sou
         };
         let mut counted = Counted {
             inner: entry,
+            since_tag: 0,
+            watch_text: kind != Part::Other,
             read: 0,
             budget: limits.max_inflated_bytes.saturating_sub(inflated_total),
             compressed,
@@ -124,6 +130,10 @@ enum Part {
 /// A part's inflated bytes, counted against the total budget and the ratio.
 struct Counted<'a, R> {
     inner: R,
+    /// Bytes since the last `<`, in a part whose text is cells (bounded before the XML
+    /// reader buffers a whole text node).
+    since_tag: u64,
+    watch_text: bool,
     read: u64,
     budget: u64,
     compressed: u64,
@@ -138,7 +148,20 @@ impl<R: Read> Read for Counted<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.read += n as u64;
-        let breach = if self.read > self.budget {
+        if self.watch_text {
+            // A run longer than the limit inside one read shows at its end or runs
+            // into the next read; reads are far shorter than the limit.
+            self.since_tag = match buf[..n].iter().rposition(|b| *b == b'<') {
+                Some(at) => (n - 1 - at) as u64,
+                None => self.since_tag + n as u64,
+            };
+        }
+        let breach = if self.watch_text && self.since_tag > self.limits.max_cell_bytes {
+            Some(format!(
+                "part {} holds a value longer than {} bytes (limit max_cell_bytes)",
+                self.name, self.limits.max_cell_bytes
+            ))
+        } else if self.read > self.budget {
             Some(format!(
                 "its parts inflate to more than {} bytes (limit max_inflated_bytes)",
                 self.limits.max_inflated_bytes
