@@ -217,8 +217,7 @@ pub async fn put_pipeline<W: Store>(
         )));
     }
     s.confinement.check_spec(&mut spec)?;
-    let secrets = carry_secrets(&before, &spec, &cleared)?;
-    let (fields, _) = spec.to_stored();
+    let (fields, secrets) = carry_secrets(&before, &spec, &cleared)?;
     PipelineSpec::from_stored(&fields, &secrets)?;
     let change = PipelineChange {
         actor: caller.key_id.clone(),

@@ -439,8 +439,6 @@ async fn syncs_join_and_honour_idempotency_keys_and_secrets_stay_write_only() {
         ]
     );
     // One entry per change, by the key that made it.
-    let admin_id = audit.body["items"][0]["actor"].as_str().expect("actor");
-    assert!(admin_id.starts_with("key_") || !admin_id.is_empty());
     assert!(
         audit.body["items"]
             .as_array()

@@ -84,8 +84,8 @@ impl SourceSpec {
     }
 }
 
-/// The secrets to store when `spec` replaces `before`: those the new definition carries,
-/// and each stored one it leaves out, kept only while the source still points where that
+/// The fields and secrets to store when `spec` replaces `before`: the secrets the new
+/// definition carries, and each stored one it leaves out, kept only while the source still points where that
 /// secret was meant to go (otherwise the caller must send it again). A secret field the
 /// body set to `null` (`cleared`) is removed. Rotated OAuth state (`oauth.`) follows the
 /// same rule.
@@ -93,7 +93,7 @@ pub fn carry_secrets(
     before: &StoredPipeline,
     spec: &PipelineSpec,
     cleared: &[String],
-) -> Result<Map<String, Value>, PipelineError> {
+) -> Result<(Value, Map<String, Value>), PipelineError> {
     let (fields, mut secrets) = spec.to_stored();
     let old = PipelineSpec::from_stored(&before.spec, &before.secrets)?;
     let same_place = old.source.secret_destination() == spec.source.secret_destination()
@@ -126,7 +126,7 @@ pub fn carry_secrets(
         }
         secrets.insert(key.clone(), value.clone());
     }
-    Ok(secrets)
+    Ok((fields, secrets))
 }
 
 /// Stores `spec` under its tenant, keeping the `oauth.` state of the stored pipeline.
