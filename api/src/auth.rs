@@ -1,4 +1,5 @@
-//! Who is calling: a bearer API key, looked up by its prefix and checked against its stored
+//! Who is calling: a bearer API key (or a console session's cookie, see
+//! [`crate::console::session`]), looked up by its prefix and checked against its stored
 //! hash; revoked and malformed keys get 401; a key over its rate (see [`crate::rate_limit`])
 //! gets 429 with `Retry-After`.
 
@@ -59,6 +60,16 @@ impl<W: Store> FromRequestParts<Arc<AppState<W>>> for Caller {
         // instead of 401. A valid key is never refused for what others at the same
         // address (a NAT, a proxy) guessed.
         let failures = format!("auth-failures:{client}");
+        // A browser signed in to the console calls the API with its session cookie (and,
+        // for changes, the session's CSRF token); a bearer key takes precedence.
+        if !parts.headers.contains_key(header::AUTHORIZATION)
+            && let Some(caller) = crate::console::session::api_caller(state, parts).await?
+        {
+            if let Err(secs) = state.buckets.take(&caller.key_id, state.rate) {
+                return Err(too_many(secs, "rate limit of this key exceeded"));
+            }
+            return Ok(caller);
+        }
         let key = match authenticate(parts, state).await {
             Ok(key) => key,
             Err(e) if e.status == axum::http::StatusCode::UNAUTHORIZED => {
@@ -110,6 +121,15 @@ async fn authenticate<W: Store>(
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| ApiError::unauthorized("send an API key: Authorization: Bearer slk_..."))?
         .trim();
+    verify_key(state, presented).await
+}
+
+/// The stored key `presented` is, if it is valid and not revoked (the API's bearer keys
+/// and the console's sign-in).
+pub async fn verify_key<W: Store>(
+    state: &AppState<W>,
+    presented: &str,
+) -> Result<sluice_engine::control::ApiKeyRecord, ApiError> {
     let invalid = || ApiError::unauthorized("the API key is not valid");
     let prefix = key_prefix(presented).ok_or_else(invalid)?;
     let key = state

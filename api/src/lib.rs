@@ -1,9 +1,11 @@
-//! The HTTP API (axum, JSON, under `/v1`): bearer API keys scoped to a tenant with a role,
+//! The HTTP API (axum, JSON, under `/v1`) and the web console (HTML, at `/`, see
+//! [`console`]): bearer API keys scoped to a tenant with a role,
 //! errors as `application/problem+json` with a correlation id, `X-Request-Id` on every
 //! response, per-key rate limits, body limits. Served by `sluice serve` next to the
 //! workers and the scheduler.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod metrics;
 pub mod rate_limit;
@@ -114,6 +116,7 @@ pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
     add_routes(Router::new())
         .layer(DefaultBodyLimit::max(body_limit))
         .merge(upload)
+        .merge(console::router(state.clone()))
         .route_layer(axum::middleware::from_fn(metrics::track))
         .layer(axum::middleware::from_fn(request_id::request_id))
         .with_state(state)

@@ -49,6 +49,14 @@ async fn as_problem(resp: Response, id: &str) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
+    // The console's error pages are for people: they stay pages.
+    if resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"))
+    {
+        return resp;
+    }
     let is_problem = resp
         .headers()
         .get(header::CONTENT_TYPE)

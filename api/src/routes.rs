@@ -303,6 +303,41 @@ async fn source_health<W: Store>(
     checked
 }
 
+/// Queues a sync of pipeline `name` (joining a running one; an idempotency `key` names an
+/// earlier trigger's run); audits a new one. The API's and the console's `Sync now`.
+pub async fn queue_sync<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    name: &str,
+    key: Option<String>,
+    request_id: String,
+) -> Result<sluice_workers::Triggered, ApiError> {
+    let tenant = caller.tenant_with(Role::Operator)?;
+    stored(s, tenant, name).await?;
+    let triggered = s
+        .queues
+        .trigger(&TriggerRequest {
+            tenant: tenant.to_string(),
+            pipeline: name.to_string(),
+            trigger: RunTrigger::Api,
+            idempotency_key: key.clone().map(IdempotencyKey::Client),
+            correlation_id: Some(request_id),
+            file: None,
+        })
+        .await?;
+    if triggered.outcome == TriggerOutcome::Enqueued {
+        audit(
+            s,
+            caller,
+            "pipeline.sync",
+            name,
+            json!({ "run_id": triggered.run_id, "idempotency_key": key }),
+        )
+        .await?;
+    }
+    Ok(triggered)
+}
+
 /// `POST /v1/pipelines/{name}/sync`: 202 with the run; honours `Idempotency-Key`; joins a
 /// running sync of the pipeline.
 pub async fn sync_pipeline<W: Store>(
@@ -312,8 +347,6 @@ pub async fn sync_pipeline<W: Store>(
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
     headers: HeaderMap,
 ) -> Reply {
-    let tenant = caller.tenant_with(Role::Operator)?;
-    stored(&s, tenant, &name).await?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -327,27 +360,7 @@ pub async fn sync_pipeline<W: Store>(
             Some(k.to_string())
         }
     };
-    let triggered = s
-        .queues
-        .trigger(&TriggerRequest {
-            tenant: tenant.to_string(),
-            pipeline: name.clone(),
-            trigger: RunTrigger::Api,
-            idempotency_key: key.clone().map(IdempotencyKey::Client),
-            correlation_id: Some(request_id),
-            file: None,
-        })
-        .await?;
-    if triggered.outcome == TriggerOutcome::Enqueued {
-        audit(
-            &s,
-            &caller,
-            "pipeline.sync",
-            &name,
-            json!({ "run_id": triggered.run_id, "idempotency_key": key }),
-        )
-        .await?;
-    }
+    let triggered = queue_sync(&s, &caller, &name, key, request_id).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
@@ -362,29 +375,42 @@ pub async fn sync_pipeline<W: Store>(
 /// `GET /v1/runs/{id}`: the accounting and quarantine counts per rule.
 pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<String>) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
+    ok(run_json(&s, tenant, &id).await?)
+}
+
+/// A run as `GET /v1/runs/{id}` shows it: the ledger's JSON and `quarantined_by_rule`.
+pub async fn run_json<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+    id: &str,
+) -> Result<Value, ApiError> {
     let run = s
         .warehouse
-        .run(tenant, &id)
+        .run(tenant, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("run {id}")))?;
-    let by_rule = s.warehouse.run_rule_counts(tenant, &id).await?;
+    let by_rule = s.warehouse.run_rule_counts(tenant, id).await?;
     let mut v = run.to_json();
     v["quarantined_by_rule"] = json!(by_rule);
-    ok(v)
+    Ok(v)
 }
 
 /// Query of `GET /v1/runs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunsQuery {
-    pipeline: Option<String>,
-    status: Option<String>,
+    /// Only this pipeline's runs.
+    pub pipeline: Option<String>,
+    /// Only runs in this state.
+    pub status: Option<String>,
     /// Runs started at or after (RFC 3339).
-    from: Option<chrono::DateTime<chrono::Utc>>,
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
     /// Runs started before (RFC 3339).
-    to: Option<chrono::DateTime<chrono::Utc>>,
-    limit: Option<u32>,
-    cursor: Option<String>,
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Page size.
+    pub limit: Option<u32>,
+    /// The last run id of the previous page.
+    pub cursor: Option<String>,
 }
 
 /// How far back `GET /v1/runs` looks (newest runs first).
@@ -397,6 +423,19 @@ pub async fn list_runs<W: Store>(
     Query(q): Query<RunsQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
+    let (page, next) = runs_page(&s, tenant, &q).await?;
+    ok(json!({
+        "items": page.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+/// One page of runs matching `q`, newest first, and the next page's cursor.
+pub async fn runs_page<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+    q: &RunsQuery,
+) -> Result<(Vec<RunLedger>, Option<String>), ApiError> {
     let status = q
         .status
         .as_deref()
@@ -420,14 +459,11 @@ pub async fn list_runs<W: Store>(
         .filter(|r| q.to.is_none_or(|t| r.started_at < t))
         .skip_while(|r| q.cursor.as_deref().is_some_and(|c| r.run_id != c))
         .skip(usize::from(q.cursor.is_some()));
-    let page: Vec<&RunLedger> = items.by_ref().take(limit).collect();
+    let page: Vec<RunLedger> = items.by_ref().take(limit).cloned().collect();
     let next = (items.next().is_some())
         .then(|| page.last().map(|r| r.run_id.clone()))
         .flatten();
-    ok(json!({
-        "items": page.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
-        "next_cursor": next,
-    }))
+    Ok((page, next))
 }
 
 /// How far back `GET /v1/dead-letters` looks (newest first).
@@ -468,36 +504,47 @@ pub async fn replay_dead_letter<W: Store>(
     Path(id): Path<String>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
 ) -> Reply {
+    let run_id = replay_dead(&s, &caller, &id, request_id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "run_id": run_id, "url": format!("/v1/runs/{run_id}") })),
+    )
+        .into_response())
+}
+
+/// Queues dead letter `id` again, once, and audits it; the run's id.
+pub async fn replay_dead<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    id: &str,
+    request_id: String,
+) -> Result<String, ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
     let triggered = s
         .queues
-        .replay_dead_letter(&*s.warehouse, tenant, &id, Some(request_id))
+        .replay_dead_letter(&*s.warehouse, tenant, id, Some(request_id))
         .await?;
     audit(
-        &s,
-        &caller,
+        s,
+        caller,
         "dead_letter.replay",
-        &id,
+        id,
         json!({ "run_id": triggered.run_id }),
     )
     .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(
-            json!({ "run_id": triggered.run_id, "url": format!("/v1/runs/{}", triggered.run_id) }),
-        ),
-    )
-        .into_response())
+    Ok(triggered.run_id)
 }
 
 /// Body of `POST /v1/keys`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewKeyBody {
-    role: Role,
+    /// What the key may do.
+    pub role: Role,
     /// A platform key names the tenant; a tenant admin's key may only name its own.
-    tenant: Option<String>,
-    name: Option<String>,
+    pub tenant: Option<String>,
+    /// A label.
+    pub name: Option<String>,
 }
 
 /// `POST /v1/keys`: the key is in the answer, once.
@@ -506,6 +553,18 @@ pub async fn create_key<W: Store>(
     caller: Caller,
     Json(body): Json<NewKeyBody>,
 ) -> Reply {
+    let made = make_key(&s, &caller, body).await?;
+    let mut v = json!(made.record);
+    v["key"] = Value::String(made.secret);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// Makes and stores a key as `caller` may (audited); the secret is in the answer, once.
+pub async fn make_key<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    body: NewKeyBody,
+) -> Result<NewApiKey, ApiError> {
     let tenant = match (&caller.tenant, caller.role) {
         (None, Role::Platform) => body
             .tenant
@@ -539,9 +598,7 @@ pub async fn create_key<W: Store>(
             &json!({ "role": made.record.role, "prefix": made.record.prefix }),
         )
         .await?;
-    let mut v = json!(made.record);
-    v["key"] = Value::String(made.secret);
-    Ok((StatusCode::CREATED, Json(v)).into_response())
+    Ok(made)
 }
 
 /// `GET /v1/keys`: the tenant's keys (a platform key: platform keys), never their secrets;
@@ -566,11 +623,17 @@ pub async fn revoke_key<W: Store>(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Reply {
+    revoke(&s, &caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Revokes key `id` as `caller` may (audited).
+pub async fn revoke<W: Store>(s: &AppState<W>, caller: &Caller, id: &str) -> Result<(), ApiError> {
     let tenant = match caller.role {
         Role::Platform => None,
         _ => Some(caller.tenant_with(Role::Admin)?.clone()),
     };
-    if !s.warehouse.revoke_key(tenant.as_ref(), &id).await? {
+    if !s.warehouse.revoke_key(tenant.as_ref(), id).await? {
         return Err(ApiError::not_found(format!("key {id}")));
     }
     s.warehouse
@@ -578,11 +641,11 @@ pub async fn revoke_key<W: Store>(
             &caller.key_id,
             "key.revoke",
             tenant.as_ref(),
-            &id,
+            id,
             &json!({}),
         )
         .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(())
 }
 
 /// Query of `GET /v1/audit`.
@@ -609,17 +672,25 @@ pub async fn audit_log<W: Store>(
 }
 
 /// Query of `GET /v1/quarantine`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuarantineQuery {
-    run_id: Option<String>,
-    pipeline: Option<String>,
-    entity: Option<String>,
-    rule: Option<String>,
-    field: Option<String>,
-    status: Option<String>,
-    limit: Option<u32>,
-    cursor: Option<String>,
+    /// Only rows read by this run.
+    pub run_id: Option<String>,
+    /// Only rows of this pipeline.
+    pub pipeline: Option<String>,
+    /// Only rows meant to become this entity.
+    pub entity: Option<String>,
+    /// Only rows that failed this rule.
+    pub rule: Option<String>,
+    /// Only rows with an error on this field.
+    pub field: Option<String>,
+    /// Only rows in this state.
+    pub status: Option<String>,
+    /// Page size.
+    pub limit: Option<u32>,
+    /// The last row id of the previous page.
+    pub cursor: Option<String>,
 }
 
 fn row_json(r: &QuarantinedRow) -> Value {
@@ -637,6 +708,16 @@ pub async fn list_quarantine<W: Store>(
     Query(q): Query<QuarantineQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
+    let (rows, next) = quarantine_page(&s, tenant, q).await?;
+    ok(json!({ "items": rows.iter().map(row_json).collect::<Vec<_>>(), "next_cursor": next }))
+}
+
+/// One page of quarantined rows matching `q`, oldest first, and the next page's cursor.
+pub async fn quarantine_page<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+    q: QuarantineQuery,
+) -> Result<(Vec<QuarantinedRow>, Option<String>), ApiError> {
     let status = q
         .status
         .as_deref()
@@ -668,7 +749,7 @@ pub async fn list_quarantine<W: Store>(
     let next = (rows.len() == limit as usize)
         .then(|| rows.last().map(|r| r.id.clone()))
         .flatten();
-    ok(json!({ "items": rows.iter().map(row_json).collect::<Vec<_>>(), "next_cursor": next }))
+    Ok((rows, next))
 }
 
 /// `GET /v1/quarantine/stats`
@@ -713,20 +794,31 @@ pub async fn fix_quarantined<W: Store>(
     Path(id): Path<String>,
     Json(body): Json<FixBody>,
 ) -> Reply {
+    ok(row_json(&fix_row(&s, &caller, &id, body.raw).await?))
+}
+
+/// Replaces the raw values of quarantined row `id` named in `changes` (the others stay)
+/// and marks it fixed; audited with before and after.
+pub async fn fix_row<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    id: &str,
+    changes: serde_json::Map<String, Value>,
+) -> Result<QuarantinedRow, ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
-    let current = quarantined(&s, tenant, &id).await?;
-    if let Some((k, _)) = body.raw.iter().find(|(_, v)| v.is_object() || v.is_array()) {
+    let current = quarantined(s, tenant, id).await?;
+    if let Some((k, _)) = changes.iter().find(|(_, v)| v.is_object() || v.is_array()) {
         return Err(ApiError::bad_request(format!(
             "raw value of {k:?} must be a string, number, boolean or null"
         )));
     }
     let mut raw = current.raw.clone();
-    for (k, v) in body.raw {
+    for (k, v) in changes {
         raw.insert(k, v);
     }
     let before = s
         .warehouse
-        .fix_quarantined(tenant, &id, &raw)
+        .fix_quarantined(tenant, id, &raw)
         .await?
         .ok_or_else(|| {
             ApiError::new(
@@ -738,14 +830,14 @@ pub async fn fix_quarantined<W: Store>(
             )
         })?;
     audit(
-        &s,
-        &caller,
+        s,
+        caller,
         "quarantine.fix",
-        &id,
+        id,
         json!({ "before": before.raw, "after": raw }),
     )
     .await?;
-    ok(row_json(&quarantined(&s, tenant, &id).await?))
+    quarantined(s, tenant, id).await
 }
 
 /// Body of `POST /v1/quarantine/{id}/ignore`.
@@ -762,13 +854,23 @@ pub async fn ignore_quarantined<W: Store>(
     Path(id): Path<String>,
     Json(body): Json<IgnoreBody>,
 ) -> Reply {
+    ok(row_json(&ignore_row(&s, &caller, &id, &body.reason).await?))
+}
+
+/// Sets quarantined row `id` aside for `reason`; audited.
+pub async fn ignore_row<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    id: &str,
+    reason: &str,
+) -> Result<QuarantinedRow, ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
-    if body.reason.trim().is_empty() {
+    if reason.trim().is_empty() {
         return Err(ApiError::bad_request("give a reason"));
     }
-    let current = quarantined(&s, tenant, &id).await?;
+    let current = quarantined(s, tenant, id).await?;
     s.warehouse
-        .ignore_quarantined(tenant, &id, &body.reason)
+        .ignore_quarantined(tenant, id, reason)
         .await?
         .ok_or_else(|| {
             ApiError::new(
@@ -780,14 +882,14 @@ pub async fn ignore_quarantined<W: Store>(
             )
         })?;
     audit(
-        &s,
-        &caller,
+        s,
+        caller,
         "quarantine.ignore",
-        &id,
-        json!({ "before": current.status, "after": "ignored", "reason": body.reason }),
+        id,
+        json!({ "before": current.status, "after": "ignored", "reason": reason }),
     )
     .await?;
-    ok(row_json(&quarantined(&s, tenant, &id).await?))
+    quarantined(s, tenant, id).await
 }
 
 async fn queue_replay<W: Store>(
@@ -796,7 +898,7 @@ async fn queue_replay<W: Store>(
     tenant: &TenantSlug,
     selection: ReplaySelection,
     request_id: String,
-) -> Reply {
+) -> Result<String, ApiError> {
     s.warehouse
         .pipeline(tenant, &selection.pipeline)
         .await?
@@ -818,9 +920,13 @@ async fn queue_replay<W: Store>(
         json!({ "selection": selection }),
     )
     .await?;
+    Ok(queued.run_id)
+}
+
+fn replay_queued(run_id: &str) -> Reply {
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "run_id": queued.run_id, "url": format!("/v1/runs/{}", queued.run_id) })),
+        Json(json!({ "run_id": run_id, "url": format!("/v1/runs/{run_id}") })),
     )
         .into_response())
 }
@@ -832,27 +938,33 @@ pub async fn retry_quarantined<W: Store>(
     Path(id): Path<String>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
 ) -> Reply {
-    let tenant = caller.tenant_with(Role::Admin)?;
-    let row = quarantined(&s, tenant, &id).await?;
-    let selection = ReplaySelection {
-        pipeline: row.pipeline,
-        ids: vec![id],
-        run_id: None,
-        rule: None,
-    };
-    queue_replay(&s, &caller, tenant, selection, request_id).await
+    let run_id = retry_rows(
+        &s,
+        &caller,
+        RetryBody {
+            ids: vec![id],
+            ..RetryBody::default()
+        },
+        request_id,
+    )
+    .await?;
+    replay_queued(&run_id)
 }
 
 /// Body of `POST /v1/quarantine/retry`: rows by id, or every pending/fixed row of a
 /// pipeline matching a filter.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBody {
+    /// These rows (of one pipeline).
     #[serde(default)]
-    ids: Vec<String>,
-    pipeline: Option<String>,
-    run_id: Option<String>,
-    rule: Option<String>,
+    pub ids: Vec<String>,
+    /// Or every pending or fixed row of this pipeline...
+    pub pipeline: Option<String>,
+    /// ...read by this run...
+    pub run_id: Option<String>,
+    /// ...that failed this rule.
+    pub rule: Option<String>,
 }
 
 /// `POST /v1/quarantine/retry`: one replay run for a batch.
@@ -862,6 +974,17 @@ pub async fn retry_batch<W: Store>(
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
     Json(body): Json<RetryBody>,
 ) -> Reply {
+    let run_id = retry_rows(&s, &caller, body, request_id).await?;
+    replay_queued(&run_id)
+}
+
+/// Queues one replay run of the rows `body` selects; the run's id.
+pub async fn retry_rows<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    body: RetryBody,
+    request_id: String,
+) -> Result<String, ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
     let selection = if body.ids.is_empty() {
         let pipeline = body.pipeline.ok_or_else(|| {
@@ -876,7 +999,7 @@ pub async fn retry_batch<W: Store>(
     } else {
         let mut pipeline: Option<String> = None;
         for id in &body.ids {
-            let row = quarantined(&s, tenant, id).await?;
+            let row = quarantined(s, tenant, id).await?;
             match &pipeline {
                 Some(p) if *p != row.pipeline => {
                     return Err(ApiError::bad_request(
@@ -893,7 +1016,7 @@ pub async fn retry_batch<W: Store>(
             rule: None,
         }
     };
-    queue_replay(&s, &caller, tenant, selection, request_id).await
+    queue_replay(s, caller, tenant, selection, request_id).await
 }
 
 /// Body of `POST /v1/tenants`.
@@ -944,9 +1067,18 @@ pub async fn create_tenant<W: Store>(
 /// next scheduled run. Sources are checked concurrently, each within 5 s.
 pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
+    ok(json!({ "items": pipeline_statuses(&s, tenant).await? }))
+}
+
+/// Every pipeline's source health, last run, last success and next scheduled run, as
+/// `GET /v1/connectors/status` lists them.
+pub async fn pipeline_statuses<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+) -> Result<Vec<Value>, ApiError> {
     let pipelines = s.warehouse.pipelines(tenant).await?;
     let now = chrono::Utc::now();
-    let checks = pipelines.iter().map(|p| source_health(&s, p));
+    let checks = pipelines.iter().map(|p| source_health(s, p));
     let health = futures_util::future::join_all(checks).await;
     let mut items = Vec::with_capacity(pipelines.len());
     for (p, h) in pipelines.iter().zip(health) {
@@ -973,7 +1105,7 @@ pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Re
             "next_run": next,
         }));
     }
-    ok(json!({ "items": items }))
+    Ok(items)
 }
 
 /// Query of the finance reports over a period.
@@ -984,7 +1116,8 @@ pub struct PeriodQuery {
     to: chrono::NaiveDate,
 }
 
-fn finance_error(e: sluice_finance::FinanceError) -> ApiError {
+/// A finance report's error as the API answers it.
+pub fn finance_error(e: sluice_finance::FinanceError) -> ApiError {
     match e {
         sluice_finance::FinanceError::Warehouse(e) => e.into(),
         e @ sluice_finance::FinanceError::Period { .. } => ApiError::bad_request(e.to_string()),
@@ -1123,6 +1256,29 @@ pub async fn anomalies<W: Store>(
         threshold: q.threshold.unwrap_or(defaults.threshold),
         min_history: q.min_history.unwrap_or(defaults.min_history),
     };
+    let found = anomaly_list(&s, tenant, options).await?;
+    let keyed: Vec<(String, &sluice_finance::Anomaly)> = found
+        .iter()
+        .map(|a| (format!("{}:{}:{}", a.kind, a.side, a.document), a))
+        .collect();
+    let page = Page {
+        limit: q.limit,
+        cursor: q.cursor,
+    };
+    let (items, next) = page_of(&keyed, |(k, _)| k.as_str(), &page, 100);
+    ok(json!({
+        "items": items.iter().map(|(_, a)| a).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+/// Every anomaly of the tenant's current data under `options`, computed once per version
+/// of the data (see [`crate::state::ComputedLists`]).
+pub async fn anomaly_list<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+    options: sluice_finance::AnomalyOptions,
+) -> Result<Arc<Vec<sluice_finance::Anomaly>>, ApiError> {
     // Every page is a slice of one computation over the tenant's current data: the
     // newest run (its id, status and counts) stands for the data's version.
     let newest = s.warehouse.runs(tenant, None, 1).await?;
@@ -1137,17 +1293,5 @@ pub async fn anomalies<W: Store>(
         })
         .await
         .map_err(finance_error)?;
-    let keyed: Vec<(String, &sluice_finance::Anomaly)> = found
-        .iter()
-        .map(|a| (format!("{}:{}:{}", a.kind, a.side, a.document), a))
-        .collect();
-    let page = Page {
-        limit: q.limit,
-        cursor: q.cursor,
-    };
-    let (items, next) = page_of(&keyed, |(k, _)| k.as_str(), &page, 100);
-    ok(json!({
-        "items": items.iter().map(|(_, a)| a).collect::<Vec<_>>(),
-        "next_cursor": next,
-    }))
+    Ok(found)
 }

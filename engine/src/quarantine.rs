@@ -124,6 +124,9 @@ pub struct QuarantineStats {
     pub by_field: std::collections::BTreeMap<String, u64>,
     /// Rows per status.
     pub by_status: std::collections::BTreeMap<String, u64>,
+    /// Rows still open (pending or fixed) per pipeline.
+    #[serde(default)]
+    pub open_by_pipeline: std::collections::BTreeMap<String, u64>,
 }
 
 /// The stored form of raw values: their JSON text (source column order) and its hash.

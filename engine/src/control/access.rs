@@ -119,7 +119,9 @@ pub fn same_hash(a: &str, b: &str) -> bool {
             == 0
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes as hex, from the operating system's generator (through v4 UUIDs):
+/// API keys, console session ids.
+pub fn random_hex(bytes: usize) -> String {
     let mut out = String::with_capacity(bytes * 2);
     while out.len() < bytes * 2 {
         out.push_str(&uuid::Uuid::new_v4().simple().to_string());
@@ -175,7 +177,22 @@ pub struct AuditEntry {
     pub detail: Value,
 }
 
-/// API keys, tenants and the audit log.
+/// A console session: a key that signed in through the browser. Its id lives only in the
+/// browser's cookie; the store keeps the id's hash, so a leaked table opens no session.
+/// The key is found again on every request, so revoking it ends its sessions at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// SHA-256 of the session id, hex.
+    pub id_hash: String,
+    /// The prefix of the key that signed in.
+    pub key_prefix: String,
+    /// When it signed in (the absolute expiry counts from here).
+    pub created_at: DateTime<Utc>,
+    /// When it was last used (the idle expiry counts from here).
+    pub last_seen_at: DateTime<Utc>,
+}
+
+/// API keys, console sessions, tenants and the audit log.
 pub trait AccessStore: Send + Sync {
     /// Creates a tenant's store; false when the tenant exists already.
     fn provision_tenant(
@@ -206,6 +223,27 @@ pub trait AccessStore: Send + Sync {
         tenant: Option<&TenantSlug>,
         id: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Stores a new console session, first deleting sessions unused since `idle_before`.
+    fn start_session(
+        &self,
+        session: &ConsoleSession,
+        idle_before: DateTime<Utc>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The session whose id hashes to `id_hash`.
+    fn session(&self, id_hash: &str)
+    -> impl Future<Output = Result<Option<ConsoleSession>>> + Send;
+
+    /// Records that the session was used at `at`.
+    fn touch_session(
+        &self,
+        id_hash: &str,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Ends a session (signing out).
+    fn end_session(&self, id_hash: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// Appends to the audit log.
     fn record_audit(

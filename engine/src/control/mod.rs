@@ -8,7 +8,8 @@ mod dead_letters;
 mod pipelines;
 
 pub use access::{
-    AccessStore, ApiKeyRecord, AuditEntry, NewApiKey, Role, hash_key, key_prefix, same_hash,
+    AccessStore, ApiKeyRecord, AuditEntry, ConsoleSession, NewApiKey, Role, hash_key, key_prefix,
+    random_hex, same_hash,
 };
 pub use dead_letters::{DeadLetter, DeadLetterStore};
 pub use pipelines::{

@@ -139,4 +139,13 @@ pub trait FinanceStore: Send + Sync {
 
     /// Every loaded payment of the tenant, ordered by source and external id.
     fn payments(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Payment>>> + Send;
+
+    /// The loaded `kind` (`invoice`, `bill` or `payment`) documents whose external id is
+    /// `external_id`, from every source, as JSON (amounts as decimal strings).
+    fn finance_document(
+        &self,
+        tenant: &TenantSlug,
+        kind: &str,
+        external_id: &str,
+    ) -> impl Future<Output = Result<Vec<serde_json::Value>>> + Send;
 }

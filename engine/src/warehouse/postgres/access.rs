@@ -2,11 +2,13 @@
 
 use super::rows::get;
 use super::{PostgresWarehouse, control_error, db};
-use crate::control::{AccessStore, ApiKeyRecord, AuditEntry, no_master_key};
+use crate::control::{AccessStore, ApiKeyRecord, AuditEntry, ConsoleSession, no_master_key};
 use crate::error::Result;
 use crate::tenant::TenantSlug;
 use crate::warehouse::rows::key_from_row;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::Row;
 use sqlx::{Postgres, Transaction};
 
 pub(super) async fn audit(
@@ -87,6 +89,66 @@ impl AccessStore for PostgresWarehouse {
         .map_err(|e| control_error("revoking the API key", e))?
         .rows_affected();
         Ok(n == 1)
+    }
+
+    async fn start_session(
+        &self,
+        session: &ConsoleSession,
+        idle_before: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query("DELETE FROM sluice.console_sessions WHERE last_seen_at < $1")
+            .bind(idle_before)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| control_error("deleting idle console sessions", e))?;
+        sqlx::query(
+            "INSERT INTO sluice.console_sessions (id_hash, key_prefix, created_at, last_seen_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&session.id_hash)
+        .bind(&session.key_prefix)
+        .bind(session.created_at)
+        .bind(session.last_seen_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| control_error("storing the console session", e))?;
+        Ok(())
+    }
+
+    async fn session(&self, id_hash: &str) -> Result<Option<ConsoleSession>> {
+        let row = sqlx::query("SELECT * FROM sluice.console_sessions WHERE id_hash = $1")
+            .bind(id_hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| control_error("reading the console session", e))?;
+        row.map(|r| {
+            let read = |e| control_error("reading the console session", e);
+            Ok(ConsoleSession {
+                id_hash: r.try_get("id_hash").map_err(read)?,
+                key_prefix: r.try_get("key_prefix").map_err(read)?,
+                created_at: r.try_get("created_at").map_err(read)?,
+                last_seen_at: r.try_get("last_seen_at").map_err(read)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn touch_session(&self, id_hash: &str, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE sluice.console_sessions SET last_seen_at = $1 WHERE id_hash = $2")
+            .bind(at)
+            .bind(id_hash)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| control_error("touching the console session", e))?;
+        Ok(())
+    }
+
+    async fn end_session(&self, id_hash: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sluice.console_sessions WHERE id_hash = $1")
+            .bind(id_hash)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| control_error("ending the console session", e))?;
+        Ok(())
     }
 
     async fn record_audit(

@@ -22,15 +22,93 @@ use std::collections::BTreeMap;
 
 impl PostgresWarehouse {
     /// Every row of an entity table that the source has not deleted, in key order.
-    async fn live_rows(&self, tenant: &TenantSlug, entity_table: &str) -> Result<Vec<PgRow>> {
+    async fn live_rows(
+        &self,
+        tenant: &TenantSlug,
+        entity_table: &str,
+        only: Option<&str>,
+    ) -> Result<Vec<PgRow>> {
         self.prepare_tenant(tenant).await?;
         sqlx::query(AssertSqlSafe(format!(
-            "SELECT * FROM {} WHERE deleted_at IS NULL ORDER BY source, external_id",
+            "SELECT * FROM {} WHERE deleted_at IS NULL AND ($1::text IS NULL OR external_id = $1) ORDER BY source, external_id",
             table(tenant, entity_table)
         )))
+        .bind(only)
         .fetch_all(&self.pool)
         .await
         .map_err(db(format!("reading {entity_table}")))
+    }
+
+    async fn invoices_matching(
+        &self,
+        tenant: &TenantSlug,
+        only: Option<&str>,
+    ) -> Result<Vec<Invoice>> {
+        let rows = self.live_rows(tenant, "invoices", only).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Invoice {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    customer_id: get(r, "customer_id")?,
+                    customer_name: get(r, "customer_name")?,
+                    issue_date: get(r, "issue_date")?,
+                    due_date: get(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: normalize(get(r, "total")?)?,
+                    balance: normalize(get(r, "balance")?)?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn bills_matching(&self, tenant: &TenantSlug, only: Option<&str>) -> Result<Vec<Bill>> {
+        let rows = self.live_rows(tenant, "bills", only).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Bill {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    vendor_id: get(r, "vendor_id")?,
+                    vendor_name: get(r, "vendor_name")?,
+                    issue_date: get(r, "issue_date")?,
+                    due_date: get(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: normalize(get(r, "total")?)?,
+                    balance: normalize(get(r, "balance")?)?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    category: get(r, "category")?,
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn payments_matching(
+        &self,
+        tenant: &TenantSlug,
+        only: Option<&str>,
+    ) -> Result<Vec<Payment>> {
+        let rows = self.live_rows(tenant, "payments", only).await?;
+        rows.iter()
+            .map(|r| {
+                let applied: Option<sqlx::types::Json<Vec<String>>> = get(r, "applied_to")?;
+                Ok(Payment {
+                    external_id: get(r, "external_id")?,
+                    direction: get(r, "direction")?,
+                    counterparty_id: get(r, "counterparty_id")?,
+                    date: get(r, "date")?,
+                    amount: normalize(get(r, "amount")?)?,
+                    currency: get(r, "currency")?,
+                    applied_to: applied.map(|a| a.0).unwrap_or_default(),
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -268,66 +346,45 @@ impl FinanceStore for PostgresWarehouse {
     }
 
     async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
-        let rows = self.live_rows(tenant, "invoices").await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Invoice {
-                    external_id: get(r, "external_id")?,
-                    doc_number: get(r, "doc_number")?,
-                    customer_id: get(r, "customer_id")?,
-                    customer_name: get(r, "customer_name")?,
-                    issue_date: get(r, "issue_date")?,
-                    due_date: get(r, "due_date")?,
-                    currency: get(r, "currency")?,
-                    total: normalize(get(r, "total")?)?,
-                    balance: normalize(get(r, "balance")?)?,
-                    status: get(r, "status")?,
-                    kind: get(r, "kind")?,
-                    updated_at: get(r, "updated_at")?,
-                })
-            })
-            .collect()
+        self.invoices_matching(tenant, None).await
+    }
+
+    async fn finance_document(
+        &self,
+        tenant: &TenantSlug,
+        kind: &str,
+        external_id: &str,
+    ) -> Result<Vec<serde_json::Value>> {
+        let json = |e: serde_json::Error| {
+            EngineError::new(ErrorKind::Warehouse, "a document does not serialise").with_source(e)
+        };
+        let docs = match kind {
+            "invoice" => {
+                serde_json::to_value(self.invoices_matching(tenant, Some(external_id)).await?)
+            }
+            "bill" => serde_json::to_value(self.bills_matching(tenant, Some(external_id)).await?),
+            "payment" => {
+                serde_json::to_value(self.payments_matching(tenant, Some(external_id)).await?)
+            }
+            _ => {
+                return Err(EngineError::new(
+                    ErrorKind::Input,
+                    format!("no documents of kind {kind:?}: invoice, bill or payment"),
+                ));
+            }
+        }
+        .map_err(json)?;
+        Ok(match docs {
+            serde_json::Value::Array(items) => items,
+            _ => Vec::new(),
+        })
     }
 
     async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
-        let rows = self.live_rows(tenant, "bills").await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Bill {
-                    external_id: get(r, "external_id")?,
-                    doc_number: get(r, "doc_number")?,
-                    vendor_id: get(r, "vendor_id")?,
-                    vendor_name: get(r, "vendor_name")?,
-                    issue_date: get(r, "issue_date")?,
-                    due_date: get(r, "due_date")?,
-                    currency: get(r, "currency")?,
-                    total: normalize(get(r, "total")?)?,
-                    balance: normalize(get(r, "balance")?)?,
-                    status: get(r, "status")?,
-                    kind: get(r, "kind")?,
-                    category: get(r, "category")?,
-                    updated_at: get(r, "updated_at")?,
-                })
-            })
-            .collect()
+        self.bills_matching(tenant, None).await
     }
 
     async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
-        let rows = self.live_rows(tenant, "payments").await?;
-        rows.iter()
-            .map(|r| {
-                let applied: Option<sqlx::types::Json<Vec<String>>> = get(r, "applied_to")?;
-                Ok(Payment {
-                    external_id: get(r, "external_id")?,
-                    direction: get(r, "direction")?,
-                    counterparty_id: get(r, "counterparty_id")?,
-                    date: get(r, "date")?,
-                    amount: normalize(get(r, "amount")?)?,
-                    currency: get(r, "currency")?,
-                    applied_to: applied.map(|a| a.0).unwrap_or_default(),
-                    updated_at: get(r, "updated_at")?,
-                })
-            })
-            .collect()
+        self.payments_matching(tenant, None).await
     }
 }

@@ -27,6 +27,10 @@ pub(super) const CONTROL_MIGRATIONS: &[(i32, &str)] = &[
         4,
         include_str!("../../../../migrations/postgres/control/0004_pipeline_origin.sql"),
     ),
+    (
+        5,
+        include_str!("../../../../migrations/postgres/control/0005_console_sessions.sql"),
+    ),
 ];
 
 pub(super) const TENANT_MIGRATIONS: &[(i32, &str)] = &[

@@ -173,6 +173,10 @@ impl QuarantineStore for PostgresWarehouse {
             ))
             .await?,
             by_status: counts(format!("SELECT status, COUNT(*) FROM {q} GROUP BY status")).await?,
+            open_by_pipeline: counts(format!(
+                "SELECT pipeline, COUNT(*) FROM {q} WHERE status IN ('pending', 'fixed') GROUP BY pipeline"
+            ))
+            .await?,
         })
     }
 

@@ -2,11 +2,12 @@
 
 use super::rows::get;
 use super::{SqliteWarehouse, now_text};
-use crate::control::{AccessStore, ApiKeyRecord, AuditEntry};
+use crate::control::{AccessStore, ApiKeyRecord, AuditEntry, ConsoleSession};
 use crate::error::{EngineError, Result};
 use crate::tenant::TenantSlug;
 use crate::warehouse::LoadStore;
 use crate::warehouse::rows::{key_from_row, parse_instant};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 impl AccessStore for SqliteWarehouse {
@@ -69,6 +70,68 @@ impl AccessStore for SqliteWarehouse {
         Ok(n == 1)
     }
 
+    async fn start_session(
+        &self,
+        session: &ConsoleSession,
+        idle_before: DateTime<Utc>,
+    ) -> Result<()> {
+        let pool = self.control().await?;
+        sqlx::query("DELETE FROM console_sessions WHERE last_seen_at < ?")
+            .bind(instant_text(idle_before))
+            .execute(pool)
+            .await
+            .map_err(|e| EngineError::from_sqlx("deleting idle console sessions", e))?;
+        sqlx::query(
+            "INSERT INTO console_sessions (id_hash, key_prefix, created_at, last_seen_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&session.id_hash)
+        .bind(&session.key_prefix)
+        .bind(instant_text(session.created_at))
+        .bind(instant_text(session.last_seen_at))
+        .execute(pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx("storing the console session", e))?;
+        Ok(())
+    }
+
+    async fn session(&self, id_hash: &str) -> Result<Option<ConsoleSession>> {
+        let row = sqlx::query("SELECT * FROM console_sessions WHERE id_hash = ?")
+            .bind(id_hash)
+            .fetch_optional(self.control().await?)
+            .await
+            .map_err(|e| EngineError::from_sqlx("reading the console session", e))?;
+        row.map(|r| {
+            let created: String = get(&r, "created_at")?;
+            let seen: String = get(&r, "last_seen_at")?;
+            Ok(ConsoleSession {
+                id_hash: get(&r, "id_hash")?,
+                key_prefix: get(&r, "key_prefix")?,
+                created_at: parse_instant(&created)?,
+                last_seen_at: parse_instant(&seen)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn touch_session(&self, id_hash: &str, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE console_sessions SET last_seen_at = ? WHERE id_hash = ?")
+            .bind(instant_text(at))
+            .bind(id_hash)
+            .execute(self.control().await?)
+            .await
+            .map_err(|e| EngineError::from_sqlx("touching the console session", e))?;
+        Ok(())
+    }
+
+    async fn end_session(&self, id_hash: &str) -> Result<()> {
+        sqlx::query("DELETE FROM console_sessions WHERE id_hash = ?")
+            .bind(id_hash)
+            .execute(self.control().await?)
+            .await
+            .map_err(|e| EngineError::from_sqlx("ending the console session", e))?;
+        Ok(())
+    }
+
     async fn record_audit(
         &self,
         actor: &str,
@@ -126,4 +189,9 @@ impl AccessStore for SqliteWarehouse {
             })
             .collect()
     }
+}
+
+/// An instant as the control database stores it (sortable text, microseconds, UTC).
+fn instant_text(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }

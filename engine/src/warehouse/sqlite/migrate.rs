@@ -51,6 +51,10 @@ pub(super) const CONTROL_MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../../../migrations/sqlite/control/0004_pipeline_origin.sql"),
     ),
+    (
+        5,
+        include_str!("../../../../migrations/sqlite/control/0005_console_sessions.sql"),
+    ),
 ];
 
 pub(super) async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {

@@ -141,6 +141,10 @@ impl QuarantineStore for SqliteWarehouse {
             )
             .await?,
             by_status: counts("SELECT status, COUNT(*) FROM quarantine GROUP BY status").await?,
+            open_by_pipeline: counts(
+                "SELECT pipeline, COUNT(*) FROM quarantine WHERE status IN ('pending', 'fixed') GROUP BY pipeline",
+            )
+            .await?,
         })
     }
 
