@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, html};
@@ -86,12 +86,20 @@ fn same_origin(headers: &HeaderMap) -> bool {
 }
 
 /// `POST /sign-in`: checks the key, starts a session, sets the cookie.
-pub async fn submit<W: Store>(
-    State(state): State<Arc<AppState<W>>>,
-    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+pub async fn submit<W: Store>(State(state): State<Arc<AppState<W>>>, req: Request) -> Response {
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let Ok(body) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return PageError(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the form is too large",
+        ))
+        .into_response();
+    };
     let pairs = form_pairs(&body);
     let field = |name: &str| {
         pairs
@@ -108,7 +116,7 @@ pub async fn submit<W: Store>(
         .into_response();
     }
     let presented = field("key").unwrap_or_default();
-    let failures = format!("auth-failures:{}", addr.ip());
+    let failures = format!("auth-failures:{client}");
     let key = match crate::auth::verify_key(&state, &presented).await {
         Ok(key) => key,
         Err(e) if e.status == StatusCode::UNAUTHORIZED => {
@@ -121,7 +129,7 @@ pub async fn submit<W: Store>(
                     StatusCode::TOO_MANY_REQUESTS,
                 );
             }
-            tracing::info!(client = %addr.ip(), "console sign-in with an invalid key");
+            tracing::info!(%client, "console sign-in with an invalid key");
             return sign_in_page(
                 &next,
                 Some("That key is not valid (or was revoked)."),
@@ -130,12 +138,21 @@ pub async fn submit<W: Store>(
         }
         Err(e) => return PageError(e).into_response(),
     };
-    if key.tenant.is_none() {
+    let Some(tenant) = key
+        .tenant
+        .as_deref()
+        .and_then(|t| sluice_engine::TenantSlug::parse(t).ok())
+    else {
         return sign_in_page(
             &next,
             Some("A platform key provisions tenants; sign in with a key of a tenant."),
             StatusCode::FORBIDDEN,
         );
+    };
+    // A tenant exists by its keys; the embedded warehouse makes its file on first use, and
+    // the console reads it from the first page on (a no-op where it exists).
+    if let Err(e) = state.warehouse.provision_tenant(&tenant, tenant.as_str()).await {
+        return PageError(e.into()).into_response();
     }
     let id = match session::start(&state, &key.prefix).await {
         Ok(id) => id,
