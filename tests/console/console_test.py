@@ -54,7 +54,7 @@ class Server:
             self.cli("migrate")
             self.cli("tenant", "create", "acme")
         self.proc = subprocess.Popen(
-            [binary, "serve", "--listen", f"127.0.0.1:{self.port}"],
+            [binary, "--retry-base-ms", "20", "serve", "--listen", f"127.0.0.1:{self.port}"],
             env=self.env,
             stdout=open(os.path.join(self.dir, "serve.log"), "w"),
             stderr=subprocess.STDOUT,
@@ -125,11 +125,24 @@ def wait_for_run(server, key, run_id, timeout=60):
     raise AssertionError(f"run {run_id} still running after {timeout} s")
 
 
+def accessible(page, name, axe):
+    """axe-core's WCAG 2 A and AA rules (contrast, labels, names, landmarks) on the page."""
+    page.add_script_tag(path=axe)
+    result = page.evaluate(
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21aa']}})"
+    )
+    problems = [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in result["violations"]
+    ]
+    assert not problems, f"{name}: " + "; ".join(problems)
+
+
 def step(name):
     print(f"  - {name}", flush=True)
 
 
-def run(binary, warehouse, shots, chromium):
+def run(binary, warehouse, shots, chromium, axe):
     server = Server(binary, warehouse)
     try:
         admin = server.cli("key", "create", "--tenant", "acme", "--role", "admin", "--name", "console admin")
@@ -139,9 +152,20 @@ def run(binary, warehouse, shots, chromium):
         server.cli("trigger", os.path.join(ROOT, "examples/bills.toml"), "--wait", "--json")
         server.cli("trigger", os.path.join(ROOT, "examples/payments.toml"), "--wait", "--json")
         assert first["quarantined"] == 8, first
+        # A pipeline whose file is not there yet: its job dies after its attempts.
+        missing = os.path.join(server.dir, "missing.toml")
+        with open(missing, "w") as f:
+            f.write(open(os.path.join(ROOT, "examples/invoices.toml")).read()
+                    .replace("acme-invoices", "acme-missing").replace("invoices.csv", "missing.csv"))
+        server.cli("trigger", missing)
+        deadline = time.time() + 60
+        while not api(server, admin, "/v1/dead-letters")["items"]:
+            assert time.time() < deadline, "no dead letter: " + server.log()
+            time.sleep(0.3)
 
         def shot(page, name):
             page.screenshot(path=os.path.join(shots, f"{warehouse}-{name}.png"), full_page=True)
+            accessible(page, name, axe)
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
@@ -161,8 +185,10 @@ def run(binary, warehouse, shots, chromium):
             cookie = [c for c in ctx.cookies() if c["name"] == "sluice_session"][0]
             assert cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
 
-            step("the overview shows the synced pipeline and its last run")
+            step("the overview shows the synced pipeline and its last run; the keyboard starts at a skip link")
             page.goto(server.base + "/")
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.textContent") == "Skip to content"
             row = page.get_by_role("row").filter(has_text="acme-invoices")
             expect(row).to_contain_text("succeeded")
             expect(row).to_contain_text("csv")
@@ -223,14 +249,35 @@ def run(binary, warehouse, shots, chromium):
             batch = wait_for_run(server, admin, page.url.split("/runs/")[1].split("?")[0])
             assert batch["rows_read"] == 2 and batch["quarantined"] == 2, batch
 
+            step("every open row matching a filter retried as one replay run")
+            page.goto(server.base + "/quarantine?pipeline=acme-bills")
+            page.get_by_role("button", name="Retry everything matching the filter").click()
+            page.wait_for_url(re.compile(r"/runs/[^/?]+\?notice=retried$"))
+            matching = wait_for_run(server, admin, page.url.split("/runs/")[1].split("?")[0])
+            assert matching["rows_read"] == 3 and matching["quarantined"] == 3, matching
+
             step("a form without the session's CSRF token is refused")
             forged = page.request.post(server.base + f"/quarantine/{row_id}/ignore", form={"reason": "x"})
             assert forged.status == 403, forged.status
 
             step("dead letters, audit log and keys pages; a key is shown once and revoked")
             page.goto(server.base + "/dead-letters")
-            expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
+            letter = page.get_by_role("row").filter(has_text="acme-missing")
+            expect(letter).to_have_count(1)
             shot(page, "dead-letters")
+            letter.get_by_role("link").first.click()
+            # Not found is permanent: one attempt, then the dead letter.
+            expect(page.locator("table.data tbody tr")).to_have_count(1)
+            expect(page.locator("table.data")).to_contain_text("missing.csv")
+            shot(page, "dead-letter")
+            with open(os.path.join(server.dir, "missing.csv"), "w") as f:
+                f.write(open(os.path.join(ROOT, "examples/invoices.csv")).read())
+            page.get_by_role("button", name="Replay").click()
+            page.wait_for_url(re.compile(r"/runs/[^/?]+\?notice=replayed$"))
+            again = wait_for_run(server, admin, page.url.split("/runs/")[1].split("?")[0])
+            assert again["status"] == "succeeded" and again["rows_read"] == 26, again
+            page.goto(server.base + "/dead-letters")
+            expect(page.get_by_role("row").filter(has_text="acme-missing").get_by_role("link", name="run")).to_be_visible()
             page.goto(server.base + "/audit")
             expect(page.get_by_role("cell", name="quarantine.fix").first).to_be_visible()
             shot(page, "audit")
@@ -288,6 +335,11 @@ def run(binary, warehouse, shots, chromium):
             page.get_by_role("button", name=re.compile("theme")).click()
             assert page.evaluate("document.documentElement.dataset.theme") == "dark"
             shot(page, "overview-dark")
+            page.goto(server.base + "/finance?" + q)
+            shot(page, "finance-dark")
+            page.goto(row_url)
+            shot(page, "row-dark")
+            page.goto(server.base + "/")
             page.get_by_role("button", name=re.compile("theme")).click()
 
             step("sign out ends the session")
@@ -343,10 +395,11 @@ def run(binary, warehouse, shots, chromium):
             page.get_by_role("button", name="Upload and sync").click()
             page.wait_for_url(re.compile(r"/runs/[^/?]+$"), timeout=30000)
             upload_run = page.url.rsplit("/", 1)[1]
+            # The page follows the run by itself (queued, running, then its counts).
+            expect(page.locator('[data-field="inserted"]')).to_have_text("2", timeout=30000)
+            expect(page.locator('[data-field="status"]')).to_contain_text("succeeded")
             done = wait_for_run(server, admin, upload_run)
             assert done["status"] == "succeeded" and done["rows_read"] == 2 and done["inserted"] == 2, done
-            page.reload()
-            expect(page.locator('[data-field="inserted"]')).to_have_text("2")
             page.goto(server.base + "/")
             expect(page.get_by_role("row").filter(has_text="acme-invoices").get_by_role("button", name=re.compile("Sync"))).to_have_count(1)
             ctx.close()
@@ -364,11 +417,12 @@ def main():
     parser.add_argument("--warehouse", choices=["sqlite", "postgres"], action="append", required=True)
     parser.add_argument("--shots", required=True)
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    parser.add_argument("--axe", required=True, help="axe-core's axe.min.js")
     args = parser.parse_args()
     os.makedirs(args.shots, exist_ok=True)
     for w in args.warehouse:
         print(f"console in a browser, {w} warehouse:", flush=True)
-        run(args.binary, w, args.shots, args.chromium)
+        run(args.binary, w, args.shots, args.chromium, args.axe)
     print(f"console: all steps passed; screenshots in {args.shots}")
 
 
