@@ -371,6 +371,22 @@ pub fn when(at: &chrono::DateTime<chrono::Utc>) -> Markup {
     html! { time datetime=(at.to_rfc3339()) { (at.format("%Y-%m-%d %H:%M:%S")) } }
 }
 
+/// A UUIDv7's distinguishing end (its start is the time, shared by rows of one run).
+pub fn short_id(id: &str) -> String {
+    match id.len().checked_sub(12) {
+        Some(start) if id.is_char_boundary(start) && start > 0 => format!("…{}", &id[start..]),
+        _ => id.to_string(),
+    }
+}
+
+/// An instant given as RFC 3339 text (as the JSON shapes carry it), as [`when`] shows it.
+pub fn when_text(text: &str) -> Markup {
+    match chrono::DateTime::parse_from_rfc3339(text) {
+        Ok(at) => when(&at.with_timezone(&chrono::Utc)),
+        Err(_) => html! { (text) },
+    }
+}
+
 /// Whether `user` may use the page or form at `path` with `method` (to hide what it may not).
 pub fn may(user: &SignedIn, method: &str, path: &str) -> bool {
     PAGES

@@ -78,12 +78,11 @@ pub struct KeysQuery {
     notice: Option<String>,
 }
 
-fn keys_page<W>(
+fn keys_page(
     user: &SignedIn,
     keys: &[sluice_engine::control::ApiKeyRecord],
     made: Option<(&str, &str)>,
     notice: Option<&str>,
-    _s: &AppState<W>,
 ) -> axum::response::Response {
     let body = html! {
         h1 { "API keys" }
@@ -138,7 +137,7 @@ pub async fn keys<W: Store>(
     Query(q): Query<KeysQuery>,
 ) -> PageResult {
     let keys = s.warehouse.keys(Some(&user.tenant)).await?;
-    Ok(keys_page(&user, &keys, None, q.notice.as_deref(), &s))
+    Ok(keys_page(&user, &keys, None, q.notice.as_deref()))
 }
 
 /// `POST /keys`: makes a key and shows it, once (this answer is not cached or redirected).
@@ -180,7 +179,6 @@ pub async fn create_key<W: Store>(
         &keys,
         Some((&made.secret, role.as_str())),
         None,
-        &s,
     ))
 }
 

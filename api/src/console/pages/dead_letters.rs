@@ -12,7 +12,7 @@ use serde_json::Value;
 use sluice_engine::Store;
 
 use crate::console::session::SignedIn;
-use crate::console::{PageResult, csrf_field, layout, may, url_encode, when};
+use crate::console::{PageResult, csrf_field, layout, may, short_id, url_encode, when, when_text};
 use crate::error::ApiError;
 use crate::request_id::RequestId;
 use crate::routes::replay_dead;
@@ -39,7 +39,7 @@ pub async fn list<W: Store>(
                 tbody {
                     @for d in &letters {
                         tr {
-                            td { a class="mono" href={ "/dead-letters/" (url_encode(&d.id)) } { (d.id.get(..13).unwrap_or(&d.id)) "…" } }
+                            td { a class="mono" href={ "/dead-letters/" (url_encode(&d.id)) } { (short_id(&d.id)) } }
                             td { (d.pipeline) }
                             td { (d.job_kind) }
                             td class="num" { (d.attempts.as_array().map_or(0, Vec::len)) }
@@ -105,7 +105,7 @@ pub async fn show<W: Store>(
                 @for a in &attempts {
                     tr {
                         td { (text(&a["number"])) }
-                        td class="small" { (text(&a["at"])) }
+                        td class="small" { (when_text(&text(&a["at"]))) }
                         td { (text(&a["transient"])) }
                         td class="error-text" { (text(&a["error"])) }
                     }

@@ -16,8 +16,8 @@ use sluice_engine::quarantine::QuarantinedRow;
 
 use crate::console::session::SignedIn;
 use crate::console::{
-    PageError, PageResult, badge, csrf_field, form_pairs, layout, may, query_string, url_encode,
-    when,
+    PageError, PageResult, badge, csrf_field, form_pairs, layout, may, query_string, short_id,
+    url_encode, when,
 };
 use crate::error::ApiError;
 use crate::request_id::RequestId;
@@ -144,7 +144,7 @@ pub async fn list<W: Store>(
                         @for r in &rows {
                             tr {
                                 @if can_retry { td { input type="checkbox" name="ids" value=(r.id) aria-label={ "Select row " (r.id) }; } }
-                                td { a class="mono" href={ "/quarantine/" (url_encode(&r.id)) } { (r.id.get(..13).unwrap_or(&r.id)) "…" } }
+                                td { a class="mono" href={ "/quarantine/" (url_encode(&r.id)) } { (short_id(&r.id)) } }
                                 td { (badge(r.status.as_str())) }
                                 td { (r.pipeline) }
                                 td class="small" { (position(r)) }

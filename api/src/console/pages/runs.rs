@@ -11,7 +11,7 @@ use serde::Deserialize;
 use sluice_engine::{RunLedger, RunStatus, Store};
 
 use crate::console::session::SignedIn;
-use crate::console::{PageResult, badge, layout, query_string, url_encode, when};
+use crate::console::{PageResult, badge, layout, query_string, url_encode, when, when_text};
 use crate::routes::{RunsQuery, run_json, runs_page};
 use crate::state::AppState;
 
@@ -192,8 +192,8 @@ pub async fn show<W: Store>(
                 dt { "Entity" } dd { (field("entity")) }
                 dt { "Trigger" } dd { (field("trigger")) }
                 dt { "Status" } dd data-field="status" { (badge(&status)) }
-                dt { "Started" } dd { (field("started_at")) }
-                dt { "Finished" } dd data-field="finished_at" { (field("finished_at")) }
+                dt { "Started" } dd { (when_text(&field("started_at"))) }
+                dt { "Finished" } dd { (when_text(&field("finished_at"))) }
             }
             h2 { "Accounting" }
             p class="muted small" { "rows_read = loaded + quarantined + deduplicated; loaded = inserted + updated + unchanged." }

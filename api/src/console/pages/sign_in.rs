@@ -151,7 +151,11 @@ pub async fn submit<W: Store>(State(state): State<Arc<AppState<W>>>, req: Reques
     };
     // A tenant exists by its keys; the embedded warehouse makes its file on first use, and
     // the console reads it from the first page on (a no-op where it exists).
-    if let Err(e) = state.warehouse.provision_tenant(&tenant, tenant.as_str()).await {
+    if let Err(e) = state
+        .warehouse
+        .provision_tenant(&tenant, tenant.as_str())
+        .await
+    {
         return PageError(e.into()).into_response();
     }
     let id = match session::start(&state, &key.prefix).await {
