@@ -146,10 +146,7 @@ async fn guard<W: Store>(
             ))
             .into_response();
         };
-        let token = form_pairs(&bytes)
-            .into_iter()
-            .find(|(k, _)| k == "csrf")
-            .map(|(_, v)| v);
+        let token = form_value(&form_pairs(&bytes), "csrf");
         if let Err(e) = user.check_csrf(token.as_deref()) {
             tracing::warn!(path = %parts.uri.path(), "console form without the session's CSRF token");
             return PageError(e).into_response();
@@ -180,6 +177,28 @@ pub fn form_pairs(bytes: &[u8]) -> Vec<(String, String)> {
             None => (url_decode(p), String::new()),
         })
         .collect()
+}
+
+/// The first value of field `name` in a form, trimmed; none when absent or blank.
+pub fn form_value(pairs: &[(String, String)], name: &str) -> Option<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The names of the tenant's pipelines (for the filters' choices).
+pub async fn pipeline_names<W: Store>(
+    s: &AppState<W>,
+    tenant: &sluice_engine::TenantSlug,
+) -> Result<Vec<String>, PageError> {
+    Ok(s.warehouse
+        .pipelines(tenant)
+        .await?
+        .into_iter()
+        .map(|p| p.name)
+        .collect())
 }
 
 fn url_decode(bytes: &[u8]) -> String {

@@ -131,14 +131,42 @@ pub trait FinanceStore: Send + Sync {
         counts: &BTreeMap<String, u64>,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// The loaded invoices of the tenant (only those whose external id is `only`, when
+    /// given), ordered by source and external id.
+    fn invoices_matching(
+        &self,
+        tenant: &TenantSlug,
+        only: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<Invoice>>> + Send;
+
+    /// The loaded bills, as [`FinanceStore::invoices_matching`].
+    fn bills_matching(
+        &self,
+        tenant: &TenantSlug,
+        only: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<Bill>>> + Send;
+
+    /// The loaded payments, as [`FinanceStore::invoices_matching`].
+    fn payments_matching(
+        &self,
+        tenant: &TenantSlug,
+        only: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<Payment>>> + Send;
+
     /// Every loaded invoice of the tenant, ordered by source and external id.
-    fn invoices(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Invoice>>> + Send;
+    fn invoices(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Invoice>>> + Send {
+        self.invoices_matching(tenant, None)
+    }
 
     /// Every loaded bill of the tenant, ordered by source and external id.
-    fn bills(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Bill>>> + Send;
+    fn bills(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Bill>>> + Send {
+        self.bills_matching(tenant, None)
+    }
 
     /// Every loaded payment of the tenant, ordered by source and external id.
-    fn payments(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Payment>>> + Send;
+    fn payments(&self, tenant: &TenantSlug) -> impl Future<Output = Result<Vec<Payment>>> + Send {
+        self.payments_matching(tenant, None)
+    }
 
     /// The loaded `kind` (`invoice`, `bill` or `payment`) documents whose external id is
     /// `external_id`, from every source, as JSON (amounts as decimal strings).
@@ -147,5 +175,31 @@ pub trait FinanceStore: Send + Sync {
         tenant: &TenantSlug,
         kind: &str,
         external_id: &str,
-    ) -> impl Future<Output = Result<Vec<serde_json::Value>>> + Send;
+    ) -> impl Future<Output = Result<Vec<serde_json::Value>>> + Send {
+        async move {
+            let only = Some(external_id);
+            let docs = match kind {
+                "invoice" => serde_json::to_value(self.invoices_matching(tenant, only).await?),
+                "bill" => serde_json::to_value(self.bills_matching(tenant, only).await?),
+                "payment" => serde_json::to_value(self.payments_matching(tenant, only).await?),
+                _ => {
+                    return Err(crate::EngineError::new(
+                        crate::ErrorKind::Input,
+                        format!("no documents of kind {kind:?}: invoice, bill or payment"),
+                    ));
+                }
+            }
+            .map_err(|e| {
+                crate::EngineError::new(
+                    crate::ErrorKind::Warehouse,
+                    "a document does not serialise",
+                )
+                .with_source(e)
+            })?;
+            Ok(match docs {
+                serde_json::Value::Array(items) => items,
+                _ => Vec::new(),
+            })
+        }
+    }
 }

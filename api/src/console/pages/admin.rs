@@ -11,7 +11,9 @@ use sluice_engine::Store;
 use sluice_engine::control::Role;
 
 use crate::console::session::SignedIn;
-use crate::console::{PageError, PageResult, csrf_field, form_pairs, layout, url_encode, when};
+use crate::console::{
+    PageError, PageResult, csrf_field, form_pairs, form_value, layout, url_encode, when,
+};
 use crate::error::ApiError;
 use crate::routes::{NewKeyBody, make_key, revoke};
 use crate::state::AppState;
@@ -147,13 +149,7 @@ pub async fn create_key<W: Store>(
     body: axum::body::Bytes,
 ) -> PageResult {
     let pairs = form_pairs(&body);
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |k: &str| form_value(&pairs, k);
     let role = get("role")
         .as_deref()
         .and_then(Role::parse)

@@ -16,8 +16,8 @@ use sluice_engine::quarantine::QuarantinedRow;
 
 use crate::console::session::SignedIn;
 use crate::console::{
-    PageError, PageResult, badge, csrf_field, form_pairs, layout, may, query_string, short_id,
-    url_encode, when,
+    PageError, PageResult, badge, csrf_field, form_pairs, form_value, layout, may, pipeline_names,
+    query_string, short_id, url_encode, when,
 };
 use crate::error::ApiError;
 use crate::request_id::RequestId;
@@ -81,13 +81,7 @@ pub async fn list<W: Store>(
     Query(f): Query<RowFilter>,
 ) -> PageResult {
     let (rows, next) = quarantine_page(&s, &user.tenant, f.query(50, some(&f.cursor))).await?;
-    let names: Vec<String> = s
-        .warehouse
-        .pipelines(&user.tenant)
-        .await?
-        .into_iter()
-        .map(|p| p.name)
-        .collect();
+    let names = pipeline_names(&s, &user.tenant).await?;
     let stats = s.warehouse.quarantine_stats(&user.tenant).await?;
     let can_retry = may(&user, "post", "/quarantine/retry");
     let pairs = f.pairs();
@@ -200,13 +194,7 @@ pub async fn retry_many<W: Store>(
     body: axum::body::Bytes,
 ) -> PageResult {
     let pairs = form_pairs(&body);
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |k: &str| form_value(&pairs, k);
     let retry = if get("scope").as_deref() == Some("matching") {
         let f = RowFilter {
             pipeline: get("filter.pipeline"),
@@ -446,11 +434,7 @@ pub async fn ignore<W: Store>(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> PageResult {
-    let reason = form_pairs(&body)
-        .into_iter()
-        .find(|(k, _)| k == "reason")
-        .map(|(_, v)| v)
-        .unwrap_or_default();
+    let reason = form_value(&form_pairs(&body), "reason").unwrap_or_default();
     ignore_row(&s, &user.caller, &id, &reason).await?;
     Ok(Redirect::to(&format!("/quarantine/{}?notice=ignored", url_encode(&id))).into_response())
 }

@@ -11,7 +11,9 @@ use serde::Deserialize;
 use sluice_engine::{RunLedger, RunStatus, Store};
 
 use crate::console::session::SignedIn;
-use crate::console::{PageResult, badge, layout, query_string, url_encode, when, when_text};
+use crate::console::{
+    PageResult, badge, layout, pipeline_names, query_string, url_encode, when, when_text,
+};
 use crate::routes::{RunsQuery, run_json, runs_page};
 use crate::state::AppState;
 
@@ -39,13 +41,7 @@ pub async fn list<W: Store>(
         ..RunsQuery::default()
     };
     let (runs, next) = runs_page(&s, &user.tenant, &q).await?;
-    let names: Vec<String> = s
-        .warehouse
-        .pipelines(&user.tenant)
-        .await?
-        .into_iter()
-        .map(|p| p.name)
-        .collect();
+    let names = pipeline_names(&s, &user.tenant).await?;
     let body = html! {
         h1 { "Runs" }
         form method="get" action="/runs" class="filters" {

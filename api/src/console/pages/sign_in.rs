@@ -12,7 +12,7 @@ use serde::Deserialize;
 use sluice_engine::Store;
 
 use crate::console::session;
-use crate::console::{PageError, form_pairs, head_tags};
+use crate::console::{PageError, form_pairs, form_value, head_tags};
 use crate::error::ApiError;
 use crate::rate_limit::FAILED_AUTH;
 use crate::state::AppState;
@@ -101,12 +101,7 @@ pub async fn submit<W: Store>(State(state): State<Arc<AppState<W>>>, req: Reques
         .into_response();
     };
     let pairs = form_pairs(&body);
-    let field = |name: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.trim().to_string())
-    };
+    let field = |name: &str| form_value(&pairs, name);
     let next = field("next");
     let next = safe_next(next.as_deref()).to_string();
     if !same_origin(&headers) {
@@ -181,10 +176,7 @@ pub async fn sign_out<W: Store>(
         Ok(None) => return Redirect::to("/sign-in").into_response(),
         Err(e) => return PageError(e).into_response(),
     };
-    let token = form_pairs(&body)
-        .into_iter()
-        .find(|(k, _)| k == "csrf")
-        .map(|(_, v)| v);
+    let token = form_value(&form_pairs(&body), "csrf");
     if let Err(e) = user.check_csrf(token.as_deref()) {
         return PageError(e).into_response();
     }

@@ -38,78 +38,6 @@ impl PostgresWarehouse {
         .await
         .map_err(db(format!("reading {entity_table}")))
     }
-
-    async fn invoices_matching(
-        &self,
-        tenant: &TenantSlug,
-        only: Option<&str>,
-    ) -> Result<Vec<Invoice>> {
-        let rows = self.live_rows(tenant, "invoices", only).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Invoice {
-                    external_id: get(r, "external_id")?,
-                    doc_number: get(r, "doc_number")?,
-                    customer_id: get(r, "customer_id")?,
-                    customer_name: get(r, "customer_name")?,
-                    issue_date: get(r, "issue_date")?,
-                    due_date: get(r, "due_date")?,
-                    currency: get(r, "currency")?,
-                    total: normalize(get(r, "total")?)?,
-                    balance: normalize(get(r, "balance")?)?,
-                    status: get(r, "status")?,
-                    kind: get(r, "kind")?,
-                    updated_at: get(r, "updated_at")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn bills_matching(&self, tenant: &TenantSlug, only: Option<&str>) -> Result<Vec<Bill>> {
-        let rows = self.live_rows(tenant, "bills", only).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Bill {
-                    external_id: get(r, "external_id")?,
-                    doc_number: get(r, "doc_number")?,
-                    vendor_id: get(r, "vendor_id")?,
-                    vendor_name: get(r, "vendor_name")?,
-                    issue_date: get(r, "issue_date")?,
-                    due_date: get(r, "due_date")?,
-                    currency: get(r, "currency")?,
-                    total: normalize(get(r, "total")?)?,
-                    balance: normalize(get(r, "balance")?)?,
-                    status: get(r, "status")?,
-                    kind: get(r, "kind")?,
-                    category: get(r, "category")?,
-                    updated_at: get(r, "updated_at")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn payments_matching(
-        &self,
-        tenant: &TenantSlug,
-        only: Option<&str>,
-    ) -> Result<Vec<Payment>> {
-        let rows = self.live_rows(tenant, "payments", only).await?;
-        rows.iter()
-            .map(|r| {
-                let applied: Option<sqlx::types::Json<Vec<String>>> = get(r, "applied_to")?;
-                Ok(Payment {
-                    external_id: get(r, "external_id")?,
-                    direction: get(r, "direction")?,
-                    counterparty_id: get(r, "counterparty_id")?,
-                    date: get(r, "date")?,
-                    amount: normalize(get(r, "amount")?)?,
-                    currency: get(r, "currency")?,
-                    applied_to: applied.map(|a| a.0).unwrap_or_default(),
-                    updated_at: get(r, "updated_at")?,
-                })
-            })
-            .collect()
-    }
 }
 
 impl FinanceStore for PostgresWarehouse {
@@ -345,46 +273,75 @@ impl FinanceStore for PostgresWarehouse {
             .collect()
     }
 
-    async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
-        self.invoices_matching(tenant, None).await
-    }
-
-    async fn finance_document(
+    async fn invoices_matching(
         &self,
         tenant: &TenantSlug,
-        kind: &str,
-        external_id: &str,
-    ) -> Result<Vec<serde_json::Value>> {
-        let json = |e: serde_json::Error| {
-            EngineError::new(ErrorKind::Warehouse, "a document does not serialise").with_source(e)
-        };
-        let docs = match kind {
-            "invoice" => {
-                serde_json::to_value(self.invoices_matching(tenant, Some(external_id)).await?)
-            }
-            "bill" => serde_json::to_value(self.bills_matching(tenant, Some(external_id)).await?),
-            "payment" => {
-                serde_json::to_value(self.payments_matching(tenant, Some(external_id)).await?)
-            }
-            _ => {
-                return Err(EngineError::new(
-                    ErrorKind::Input,
-                    format!("no documents of kind {kind:?}: invoice, bill or payment"),
-                ));
-            }
-        }
-        .map_err(json)?;
-        Ok(match docs {
-            serde_json::Value::Array(items) => items,
-            _ => Vec::new(),
-        })
+        only: Option<&str>,
+    ) -> Result<Vec<Invoice>> {
+        let rows = self.live_rows(tenant, "invoices", only).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Invoice {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    customer_id: get(r, "customer_id")?,
+                    customer_name: get(r, "customer_name")?,
+                    issue_date: get(r, "issue_date")?,
+                    due_date: get(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: normalize(get(r, "total")?)?,
+                    balance: normalize(get(r, "balance")?)?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
     }
 
-    async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
-        self.bills_matching(tenant, None).await
+    async fn bills_matching(&self, tenant: &TenantSlug, only: Option<&str>) -> Result<Vec<Bill>> {
+        let rows = self.live_rows(tenant, "bills", only).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Bill {
+                    external_id: get(r, "external_id")?,
+                    doc_number: get(r, "doc_number")?,
+                    vendor_id: get(r, "vendor_id")?,
+                    vendor_name: get(r, "vendor_name")?,
+                    issue_date: get(r, "issue_date")?,
+                    due_date: get(r, "due_date")?,
+                    currency: get(r, "currency")?,
+                    total: normalize(get(r, "total")?)?,
+                    balance: normalize(get(r, "balance")?)?,
+                    status: get(r, "status")?,
+                    kind: get(r, "kind")?,
+                    category: get(r, "category")?,
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
     }
 
-    async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
-        self.payments_matching(tenant, None).await
+    async fn payments_matching(
+        &self,
+        tenant: &TenantSlug,
+        only: Option<&str>,
+    ) -> Result<Vec<Payment>> {
+        let rows = self.live_rows(tenant, "payments", only).await?;
+        rows.iter()
+            .map(|r| {
+                let applied: Option<sqlx::types::Json<Vec<String>>> = get(r, "applied_to")?;
+                Ok(Payment {
+                    external_id: get(r, "external_id")?,
+                    direction: get(r, "direction")?,
+                    counterparty_id: get(r, "counterparty_id")?,
+                    date: get(r, "date")?,
+                    amount: normalize(get(r, "amount")?)?,
+                    currency: get(r, "currency")?,
+                    applied_to: applied.map(|a| a.0).unwrap_or_default(),
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect()
     }
 }

@@ -203,69 +203,6 @@ impl FinanceStore for SqliteWarehouse {
             .collect()
     }
 
-    async fn invoices(&self, tenant: &TenantSlug) -> Result<Vec<Invoice>> {
-        self.invoices_matching(tenant, None).await
-    }
-
-    async fn finance_document(
-        &self,
-        tenant: &TenantSlug,
-        kind: &str,
-        external_id: &str,
-    ) -> Result<Vec<serde_json::Value>> {
-        let json = |e: serde_json::Error| {
-            EngineError::new(ErrorKind::Warehouse, "a document does not serialise").with_source(e)
-        };
-        let docs = match kind {
-            "invoice" => {
-                serde_json::to_value(self.invoices_matching(tenant, Some(external_id)).await?)
-            }
-            "bill" => serde_json::to_value(self.bills_matching(tenant, Some(external_id)).await?),
-            "payment" => {
-                serde_json::to_value(self.payments_matching(tenant, Some(external_id)).await?)
-            }
-            _ => {
-                return Err(EngineError::new(
-                    ErrorKind::Input,
-                    format!("no documents of kind {kind:?}: invoice, bill or payment"),
-                ));
-            }
-        }
-        .map_err(json)?;
-        Ok(match docs {
-            serde_json::Value::Array(items) => items,
-            _ => Vec::new(),
-        })
-    }
-
-    async fn payments(&self, tenant: &TenantSlug) -> Result<Vec<Payment>> {
-        self.payments_matching(tenant, None).await
-    }
-
-    async fn bills(&self, tenant: &TenantSlug) -> Result<Vec<Bill>> {
-        self.bills_matching(tenant, None).await
-    }
-}
-
-impl SqliteWarehouse {
-    /// Every row of an entity table that the source has not deleted, in key order.
-    async fn live_rows(
-        &self,
-        tenant: &TenantSlug,
-        table: &str,
-        only: Option<&str>,
-    ) -> Result<Vec<SqliteRow>> {
-        let pool = self.pool(tenant, false).await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "SELECT * FROM {} WHERE deleted_at IS NULL AND (?1 IS NULL OR external_id = ?1) ORDER BY source, external_id",
-            quote_ident(table)
-        )))
-        .bind(only)
-        .fetch_all(&pool)
-        .await
-        .map_err(|e| EngineError::from_sqlx(format!("reading {table}"), e))
-    }
-
     async fn invoices_matching(
         &self,
         tenant: &TenantSlug,
@@ -342,5 +279,25 @@ impl SqliteWarehouse {
                 })
             })
             .collect()
+    }
+}
+
+impl SqliteWarehouse {
+    /// Every row of an entity table that the source has not deleted, in key order.
+    async fn live_rows(
+        &self,
+        tenant: &TenantSlug,
+        table: &str,
+        only: Option<&str>,
+    ) -> Result<Vec<SqliteRow>> {
+        let pool = self.pool(tenant, false).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {} WHERE deleted_at IS NULL AND (?1 IS NULL OR external_id = ?1) ORDER BY source, external_id",
+            quote_ident(table)
+        )))
+        .bind(only)
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| EngineError::from_sqlx(format!("reading {table}"), e))
     }
 }
