@@ -432,14 +432,18 @@ fn trigger_queues_a_sync_joins_it_and_waits_for_it_on_the_embedded_queue() {
     let other = tempfile::tempdir().expect("tmp");
     let synced = stdout_json(&sluice(other.path(), &["sync", file, "--json"]));
 
-    // --wait runs the job (no worker is running) and prints what `sync --json` prints.
+    // --wait runs the job (no worker is running) and prints what `sync --json` prints,
+    // the job whole, with its attempts beneath.
     let waited = stdout_json(&sluice(data.path(), &["trigger", file, "--wait", "--json"]));
     let keys = |v: &Value| {
         let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        k.retain(|k| k != "attempts");
         k.sort();
         k
     };
     assert_eq!(keys(&waited), keys(&synced));
+    assert_eq!(waited["attempts"].as_array().map(Vec::len), Some(1));
+    assert_eq!(waited["attempts"][0]["run_id"], waited["run_id"]);
     assert_eq!(waited["status"], "succeeded");
     assert_eq!(waited["inserted"], 16);
     assert_eq!(waited["quarantined"], 8);

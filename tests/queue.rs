@@ -811,6 +811,35 @@ async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
     let read: u64 = runs.iter().map(|r| r.counts.rows_read).sum();
     assert_eq!(read, exp.rows_read);
     assert_loaded_exactly(&w, &exp).await;
+
+    // What the user is told is the job whole: every record of the file read once across
+    // both attempts, each attempt beneath with its own ledger and error.
+    let shown = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("SLUICE_DATABASE_URL")
+        .args(["runs", "show", &run.run_id, "--json"])
+        .output()
+        .expect("runs show");
+    assert!(shown.status.success(), "{shown:?}");
+    let job: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON");
+    assert_eq!(job["run_id"], run.run_id.as_str());
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["rows_read"], exp.rows_read);
+    assert_eq!(
+        job["loaded"].as_u64().expect("loaded")
+            + job["quarantined"].as_u64().expect("quarantined")
+            + job["deduplicated"].as_u64().expect("deduplicated"),
+        exp.rows_read
+    );
+    let attempts = job["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["status"], "failed");
+    assert!(
+        attempts[0]["error"].as_str().unwrap_or("").contains("stopped"),
+        "{job}"
+    );
+    assert_eq!(attempts[1]["run_id"], format!("{}.2", run.run_id));
 }
 
 #[tokio::test]

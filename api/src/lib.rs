@@ -77,7 +77,7 @@ api_routes! {
     post "/v1/pipelines/{name}/sync" => sync_pipeline [ "operator" ] "Queue a sync: 202 with the run; Idempotency-Key honoured; joins a running sync";
     get "/v1/connectors/status" => connectors_status [ "viewer" ] "Every pipeline's health, last run, last success and next scheduled run";
     get "/v1/runs" => list_runs [ "viewer" ] "List runs (pipeline, status, from, to; paged by cursor)";
-    get "/v1/runs/{id}" => get_run [ "viewer" ] "A run's accounting and quarantine counts per rule";
+    get "/v1/runs/{id}" => get_run [ "viewer" ] "A run's accounting and quarantine counts per rule; for a job's id, the job whole (counts over its attempts) with each attempt beneath";
     get "/v1/quarantine" => list_quarantine [ "analyst" ] "List quarantined rows (run_id, pipeline, entity, rule, field, status; paged by cursor)";
     get "/v1/quarantine/stats" => quarantine_stats [ "analyst" ] "Quarantined rows by rule, field and status";
     post "/v1/quarantine/retry" => retry_batch [ "admin" ] "Replay rows by ids or by filter as one run: 202";

@@ -378,19 +378,39 @@ pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<
     ok(run_json(&s, tenant, &id).await?)
 }
 
-/// A run as `GET /v1/runs/{id}` shows it: the ledger's JSON and `quarantined_by_rule`.
+/// A run as `GET /v1/runs/{id}` shows it. A job's id (attempt 1's) gives the job as a whole:
+/// counts summed over its attempts, the last attempt's status, each attempt beneath
+/// (`attempts`). An attempt's id (`<job>.<n>`) gives that attempt alone, with `job_id`.
+/// Both carry `quarantined_by_rule` over what they cover.
 pub async fn run_json<W: Store>(
     s: &AppState<W>,
     tenant: &TenantSlug,
     id: &str,
 ) -> Result<Value, ApiError> {
-    let run = s
-        .warehouse
-        .run(tenant, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("run {id}")))?;
-    let by_rule = s.warehouse.run_rule_counts(tenant, id).await?;
-    let mut v = run.to_json();
+    let missing = || ApiError::not_found(format!("run {id}"));
+    let job = s.warehouse.job(tenant, id).await?.ok_or_else(missing)?;
+    let job_id = sluice_engine::JobLedger::job_id(id);
+    let (mut v, covered): (Value, Vec<&str>) = if job_id == id {
+        (
+            job.to_json(),
+            job.attempts.iter().map(|a| a.run_id.as_str()).collect(),
+        )
+    } else {
+        let one = job
+            .attempts
+            .iter()
+            .find(|a| a.run_id == id)
+            .ok_or_else(missing)?;
+        let mut v = one.to_json();
+        v["job_id"] = json!(job_id);
+        (v, vec![id])
+    };
+    let mut by_rule = std::collections::BTreeMap::<String, u64>::new();
+    for run in covered {
+        for (rule, n) in s.warehouse.run_rule_counts(tenant, run).await? {
+            *by_rule.entry(rule).or_default() += n;
+        }
+    }
     v["quarantined_by_rule"] = json!(by_rule);
     Ok(v)
 }

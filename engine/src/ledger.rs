@@ -165,6 +165,65 @@ pub struct RunLedger {
     pub error: Option<String>,
 }
 
+/// A queued job as a whole: the ledgers of its attempts, in order. Attempt 1's run id is
+/// the job's; attempt `n` is `<job>.<n>`. An attempt that resumed after an earlier one's
+/// committed batches read only the rest, so the job's counts are the attempts' sums: what
+/// the source held, read once, each row loaded, quarantined or deduplicated once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobLedger {
+    /// The attempts, first to last (never empty).
+    pub attempts: Vec<RunLedger>,
+}
+
+impl JobLedger {
+    /// The job's id of a run id: `<job>.<n>` is attempt `n` of `<job>`.
+    pub fn job_id(run_id: &str) -> &str {
+        match run_id.rsplit_once('.') {
+            Some((job, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => job,
+            _ => run_id,
+        }
+    }
+
+    /// The job as one ledger: the job's id, the first attempt's start, the last attempt's
+    /// end, status and error, and the counts summed over the attempts.
+    pub fn whole(&self) -> RunLedger {
+        let first = &self.attempts[0];
+        let last = &self.attempts[self.attempts.len() - 1];
+        let mut counts = RowCounts::default();
+        for a in &self.attempts {
+            counts.add(&a.counts);
+        }
+        RunLedger {
+            run_id: first.run_id.clone(),
+            counts,
+            started_at: first.started_at,
+            finished_at: last.finished_at,
+            status: last.status,
+            error: last.error.clone(),
+            rules_hash: last.rules_hash.clone(),
+            ..first.clone()
+        }
+    }
+
+    /// The job's JSON: [`RunLedger::to_json`] of [`JobLedger::whole`], with `attempts`, each
+    /// attempt's own ledger (`attempt`: its number).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = self.whole().to_json();
+        v["attempts"] = serde_json::Value::Array(
+            self.attempts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let mut one = a.to_json();
+                    one["attempt"] = serde_json::json!(i + 1);
+                    one
+                })
+                .collect(),
+        );
+        v
+    }
+}
+
 impl RunLedger {
     /// The one JSON shape of a run, shared by `sluice ... --json` and the HTTP API: the
     /// ledger's fields with its counts flattened and `loaded` (inserted + updated +
@@ -179,5 +238,58 @@ impl RunLedger {
             "updated": c.updated, "unchanged": c.unchanged, "quarantined": c.quarantined,
             "deduplicated": c.deduplicated, "rules_hash": self.rules_hash, "error": self.error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(id: &str, status: RunStatus, read: u64, error: Option<&str>) -> RunLedger {
+        RunLedger {
+            run_id: id.into(),
+            tenant: "acme".into(),
+            pipeline: "invoices".into(),
+            entity: "invoices".into(),
+            trigger: RunTrigger::Api,
+            started_at: Utc::now(),
+            finished_at: Some(Utc::now()),
+            status,
+            counts: RowCounts {
+                rows_read: read,
+                inserted: read - 2,
+                quarantined: 1,
+                deduplicated: 1,
+                ..RowCounts::default()
+            },
+            rules_hash: "h".into(),
+            error: error.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_job_reports_every_attempts_rows_and_its_last_attempts_outcome() {
+        let job = JobLedger {
+            attempts: vec![
+                attempt("j", RunStatus::Failed, 8_192, Some("the worker stopped")),
+                attempt("j.2", RunStatus::Succeeded, 1_491_808, None),
+            ],
+        };
+        let whole = job.whole();
+        assert_eq!(whole.run_id, "j");
+        assert_eq!(whole.counts.rows_read, 1_500_000);
+        assert_eq!(whole.counts.quarantined, 2);
+        assert_eq!(whole.status, RunStatus::Succeeded);
+        assert_eq!(whole.error, None);
+        whole.counts.check().expect("the sums balance");
+        let v = job.to_json();
+        assert_eq!(v["rows_read"], 1_500_000);
+        assert_eq!(v["attempts"][0]["error"], "the worker stopped");
+        assert_eq!(v["attempts"][1]["run_id"], "j.2");
+        assert_eq!(v["attempts"][1]["attempt"], 2);
+        assert_eq!(JobLedger::job_id("j.2"), "j");
+        assert_eq!(JobLedger::job_id("j.12"), "j");
+        assert_eq!(JobLedger::job_id("0192-abc"), "0192-abc");
+        assert_eq!(JobLedger::job_id("j."), "j.");
     }
 }

@@ -148,11 +148,12 @@ pub(super) async fn dead_letters_command<W: Store>(
             }
             let (result, ledger) = wait_for_job(env, &tenant, &queued.run_id).await?;
             match (result.status, ledger) {
-                (JobStatus::Succeeded, Some(ledger)) => {
+                (JobStatus::Succeeded, Some(job)) => {
+                    let ledger = job.whole();
                     if json {
                         println!(
                             "{}",
-                            json!({ "dead_letter": id, "status": "replayed", "run": ledger.to_json() })
+                            json!({ "dead_letter": id, "status": "replayed", "run": job.to_json() })
                         );
                     } else {
                         println!(

@@ -1,13 +1,13 @@
 //! The queued commands: `trigger`, `worker`, `scheduler` and `serve` (API, workers and
 //! scheduler in one process).
 
-use super::sync::print_report;
+use super::sync::print_job_report;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use sluice_engine::RunTrigger;
 use sluice_engine::control::PipelineStore;
-use sluice_engine::{RunLedger, TenantSlug, Warehouse};
+use sluice_engine::{JobLedger, TenantSlug, Warehouse};
 use sluice_pipelines::{PipelineSpec, RunReport};
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers, shutdown_signal};
@@ -210,7 +210,7 @@ pub(super) async fn wait_for_job<W: Warehouse + PipelineStore + 'static>(
     env: Arc<WorkerEnv<W>>,
     tenant: &TenantSlug,
     run_id: &str,
-) -> Result<(JobResult, Option<RunLedger>)> {
+) -> Result<(JobResult, Option<JobLedger>)> {
     // With the embedded queue there may be no worker: run one here until the run ends.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let local = (!env.queues.is_redis()).then(|| {
@@ -232,15 +232,16 @@ pub(super) async fn wait_for_job<W: Warehouse + PipelineStore + 'static>(
         worker.await??;
     }
     let result = waited?;
+    // The job as a whole: an attempt that took over read only what its predecessors left.
     let ledger = match &result.final_run_id {
-        Some(run) => env.warehouse.run(tenant, run).await?,
+        Some(_) => env.warehouse.job(tenant, run_id).await?,
         None => None,
     };
     Ok((result, ledger))
 }
 
-/// Waits for the job of `run_id` (see [`wait_for_job`]) and prints its final run as `sync`
-/// does.
+/// Waits for the job of `run_id` (see [`wait_for_job`]) and prints it as `sync` prints a run:
+/// the job whole (counts over its attempts), each attempt beneath.
 pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
     env: Arc<WorkerEnv<W>>,
     tenant: &TenantSlug,
@@ -250,12 +251,13 @@ pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
     let (result, ledger) = wait_for_job(env, tenant, run_id).await?;
     let final_run = result.final_run_id.clone();
     match (result.status, ledger) {
-        (JobStatus::Succeeded, Some(ledger)) => {
+        (JobStatus::Succeeded, Some(job)) => {
+            let ledger = job.whole();
             let duration = ledger
                 .finished_at
                 .and_then(|f| (f - ledger.started_at).to_std().ok())
                 .unwrap_or_default();
-            print_report(&RunReport { ledger, duration }, json_out);
+            print_job_report(&job, &RunReport { ledger, duration }, json_out);
             Ok(ExitCode::SUCCESS)
         }
         _ => {

@@ -95,16 +95,30 @@ pub(super) async fn runs_command<W: Warehouse>(
         RunsCommand::Show { id, tenant, json } => {
             let mut found = None;
             for t in tenants_to_search(warehouse, tenant.as_deref()).await? {
-                if let Some(run) = warehouse.run(&t, &id).await? {
-                    found = Some(run);
+                if let Some(job) = warehouse.job(&t, &id).await? {
+                    found = Some(job);
                     break;
                 }
             }
-            let Some(l) = found else {
+            let Some(job) = found else {
                 bail!("no run with id {id}")
             };
+            // A job's id shows the job whole; an attempt's id, that attempt.
+            let whole = sluice_engine::JobLedger::job_id(&id) == id;
+            let l = if whole {
+                job.whole()
+            } else {
+                match job.attempts.iter().find(|a| a.run_id == id) {
+                    Some(a) => a.clone(),
+                    None => bail!("no run with id {id}"),
+                }
+            };
             if json {
-                println!("{}", l.to_json());
+                if whole {
+                    println!("{}", job.to_json());
+                } else {
+                    println!("{}", l.to_json());
+                }
             } else {
                 let c = &l.counts;
                 println!(
@@ -134,6 +148,9 @@ pub(super) async fn runs_command<W: Warehouse>(
                 );
                 if let Some(e) = &l.error {
                     println!("  error: {e}");
+                }
+                if whole {
+                    super::sync::print_attempts(&job);
                 }
             }
         }

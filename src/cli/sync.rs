@@ -105,6 +105,42 @@ pub(super) async fn sync<W: Warehouse + PipelineStore + 'static>(
     }
 }
 
+/// A finished job's accounting: the job whole as [`print_report`] prints a run, with its
+/// attempts (`attempts` in JSON; a line each in text when there were several).
+pub(super) fn print_job_report(job: &sluice_engine::JobLedger, report: &RunReport, as_json: bool) {
+    if as_json {
+        let mut out = job.to_json();
+        out["duration_ms"] = json!(report.duration.as_millis() as u64);
+        println!("{out}");
+        return;
+    }
+    print_report(report, false);
+    print_attempts(job);
+}
+
+/// A job's attempts, a line each, when there was more than one.
+pub(super) fn print_attempts(job: &sluice_engine::JobLedger) {
+    if job.attempts.len() < 2 {
+        return;
+    }
+    println!("  attempts (the counts above are their sums):");
+    for (n, a) in job.attempts.iter().enumerate() {
+        println!(
+            "    {} {} {}: read {}, loaded {}, quarantined {}{}",
+            n + 1,
+            a.run_id,
+            a.status.as_str(),
+            a.counts.rows_read,
+            a.counts.loaded(),
+            a.counts.quarantined,
+            a.error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// A finished run's accounting, as `sync` prints it (`--json`: one object).
 pub(super) fn print_report(report: &RunReport, as_json: bool) {
     let l = &report.ledger;

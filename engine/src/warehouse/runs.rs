@@ -4,7 +4,7 @@
 use std::future::Future;
 
 use crate::error::Result;
-use crate::ledger::RunLedger;
+use crate::ledger::{JobLedger, RunLedger};
 use crate::tenant::TenantSlug;
 
 /// The runs a warehouse has recorded.
@@ -18,6 +18,30 @@ pub trait RunHistory: Send + Sync {
         tenant: &TenantSlug,
         run_id: &str,
     ) -> impl Future<Output = Result<Option<RunLedger>>> + Send;
+
+    /// The job that `run_id` (the job's id or one attempt's) belongs to, with every
+    /// attempt recorded so far.
+    fn job(
+        &self,
+        tenant: &TenantSlug,
+        run_id: &str,
+    ) -> impl Future<Output = Result<Option<JobLedger>>> + Send {
+        async move {
+            let job = JobLedger::job_id(run_id);
+            let Some(first) = self.run(tenant, job).await? else {
+                return Ok(None);
+            };
+            let mut attempts = vec![first];
+            // Attempts are numbered without gaps; no policy makes a hundred.
+            for n in 2..=100 {
+                match self.run(tenant, &format!("{job}.{n}")).await? {
+                    Some(a) => attempts.push(a),
+                    None => break,
+                }
+            }
+            Ok(Some(JobLedger { attempts }))
+        }
+    }
 
     /// The tenant's runs, newest first, optionally of one pipeline.
     fn runs(

@@ -159,16 +159,9 @@ pub async fn show<W: Store>(
         Err(e) => return Err(e.into()),
     };
     let pipeline = run["pipeline"].as_str().unwrap_or_default().to_string();
-    // The job's attempts: its own run id, then `<id>.2`, `<id>.3`, ...
-    let job = id.split('.').next().unwrap_or(&id).to_string();
-    let mut attempts: Vec<RunLedger> = s
-        .warehouse
-        .runs(&user.tenant, Some(&pipeline), 500)
-        .await?
-        .into_iter()
-        .filter(|r| r.run_id == job || r.run_id.starts_with(&format!("{job}.")))
-        .collect();
-    attempts.sort_by_key(|a| a.started_at);
+    // A job's page lists its attempts; an attempt's page links to its job.
+    let attempts: Vec<serde_json::Value> = run["attempts"].as_array().cloned().unwrap_or_default();
+    let job_id = run["job_id"].as_str().map(str::to_string);
     let status = run["status"].as_str().unwrap_or_default().to_string();
     let running = status == RunStatus::Running.as_str();
     let by_rule = run["quarantined_by_rule"]
@@ -217,25 +210,29 @@ pub async fn show<W: Store>(
                     }
                 }
             }
-            h2 { "Attempts" }
-            @if attempts.is_empty() { p class="empty" { "No attempt recorded." } }
-            @else {
+            @if let Some(job) = &job_id {
+                p { "One attempt of job " a class="mono" href={ "/runs/" (url_encode(job)) } { (job) } ", which reports the whole." }
+            } @else {
+                h2 { "Attempts" }
+                p class="muted small" { "The job's counts above are these attempts' sums: an attempt that takes over resumes after the batches its predecessor committed." }
                 table class="data" {
                     thead { tr {
                         th scope="col" { "#" } th scope="col" { "Run" } th scope="col" { "Status" }
                         th scope="col" { "Started" } th scope="col" class="num" { "Read" }
-                        th scope="col" class="num" { "Loaded" } th scope="col" { "Error" }
+                        th scope="col" class="num" { "Loaded" } th scope="col" class="num" { "Quarantined" } th scope="col" { "Error" }
                     } }
                     tbody {
-                        @for (n, a) in attempts.iter().enumerate() {
+                        @for a in &attempts {
+                            @let id = a["run_id"].as_str().unwrap_or_default();
                             tr {
-                                td { (n + 1) }
-                                td { a class="mono" href={ "/runs/" (url_encode(&a.run_id)) } { (a.run_id) } }
-                                td { (badge(a.status.as_str())) }
-                                td class="small" { (when(&a.started_at)) }
-                                td class="num" { (a.counts.rows_read) }
-                                td class="num" { (a.counts.loaded()) }
-                                td class="small error-text" { (a.error.clone().unwrap_or_default()) }
+                                td { (a["attempt"]) }
+                                td { a class="mono" href={ "/runs/" (url_encode(id)) } { (id) } }
+                                td { (badge(a["status"].as_str().unwrap_or_default())) }
+                                td class="small" { (when_text(a["started_at"].as_str().unwrap_or_default())) }
+                                td class="num" { (a["rows_read"]) }
+                                td class="num" { (a["loaded"]) }
+                                td class="num" { (a["quarantined"]) }
+                                td class="small error-text" { (a["error"].as_str().unwrap_or_default()) }
                             }
                         }
                     }
