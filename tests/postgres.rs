@@ -739,3 +739,141 @@ async fn migrated_tables_have_exactly_the_entity_columns() {
         assert_eq!(stored, expected, "table {entity}");
     }
 }
+
+/// A replay killed at any of its commits leaves every row either loaded and marked
+/// replayed, or neither: the rows and their quarantine entries commit together.
+#[tokio::test]
+async fn a_replay_killed_at_any_commit_never_loads_a_row_it_leaves_open() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = db.url.clone();
+    // 0: disarmed; k: terminate the backend at the k-th commit point from now on.
+    let kill_at = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(AtomicU64::new(0));
+    let (k, n) = (kill_at.clone(), seen.clone());
+    let hook: FaultHook = Arc::new(move |p: FaultPoint| {
+        let (url, k, n) = (url.clone(), k.clone(), n.clone());
+        Box::pin(async move {
+            let armed = k.load(Ordering::SeqCst);
+            if armed == 0 || p.name != "before_commit" {
+                return;
+            }
+            if n.fetch_add(1, Ordering::SeqCst) + 1 == armed {
+                let mut admin = PgConnection::connect(&url).await.expect("admin connection");
+                let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                    .bind(p.backend_pid)
+                    .fetch_one(&mut admin)
+                    .await
+                    .expect("terminate");
+            }
+        })
+    });
+    let w = warehouse_with(&db, &["acme"]).await.with_fault_hook(hook);
+    let (csv, _) = messy_invoices(3_000, 23);
+    let mut spec = pipeline(dir.path(), "acme", "replayed", &csv, 1000);
+    let source = PipelineSource::from_spec(
+        &spec.source,
+        None,
+        &sluice_pipelines::SourceReach::unrestricted(),
+    )
+    .expect("source");
+    run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect("first run");
+    let tenant = slug("acme");
+    let bad_currency = w
+        .quarantined(
+            &tenant,
+            &QuarantineFilter {
+                rule: Some("currency_code".into()),
+                limit: Some(1000),
+                ..QuarantineFilter::default()
+            },
+        )
+        .await
+        .expect("quarantine");
+    assert!(bad_currency.len() > 4, "{}", bad_currency.len());
+    for row in &bad_currency {
+        let mut raw = row.raw.clone();
+        raw.insert("currency".into(), "USD".into());
+        w.fix_quarantined(&tenant, &row.id, &raw)
+            .await
+            .expect("fix")
+            .expect("open");
+    }
+    // Several replay batches, so that commits come one after another.
+    spec.batch_rows = Some(2);
+    for (_, loaded) in replay_states(&w, &tenant, &bad_currency).await {
+        assert!(!loaded, "a fixed row is not loaded before its replay");
+    }
+    for point in 1..=3 {
+        let open: Vec<_> = replay_states(&w, &tenant, &bad_currency)
+            .await
+            .into_iter()
+            .filter(|(r, _)| r.status.as_str() == "fixed")
+            .map(|(r, _)| r)
+            .collect();
+        seen.store(0, Ordering::SeqCst);
+        kill_at.store(point, Ordering::SeqCst);
+        let killed =
+            sluice_pipelines::replay::replay_quarantined(&spec, &w, &open, &RunOptions::default())
+                .await;
+        kill_at.store(0, Ordering::SeqCst);
+        assert!(
+            killed.is_err(),
+            "commit point {point} was reached and killed"
+        );
+        for (row, loaded) in replay_states(&w, &tenant, &bad_currency).await {
+            assert_eq!(
+                loaded,
+                row.status.as_str() == "replayed",
+                "after a kill at commit point {point}, row {} is {} and {}loaded",
+                row.id,
+                row.status.as_str(),
+                if loaded { "" } else { "not " }
+            );
+        }
+    }
+    let open: Vec<_> = replay_states(&w, &tenant, &bad_currency)
+        .await
+        .into_iter()
+        .filter(|(r, _)| r.status.as_str() == "fixed")
+        .map(|(r, _)| r)
+        .collect();
+    sluice_pipelines::replay::replay_quarantined(&spec, &w, &open, &RunOptions::default())
+        .await
+        .expect("the replay without a fault");
+    for (row, loaded) in replay_states(&w, &tenant, &bad_currency).await {
+        assert!(loaded && row.status.as_str() == "replayed", "{}", row.id);
+    }
+}
+
+/// Per quarantined row: its state now, and whether its external id is loaded.
+async fn replay_states(
+    w: &PostgresWarehouse,
+    tenant: &TenantSlug,
+    rows: &[sluice_engine::quarantine::QuarantinedRow],
+) -> Vec<(sluice_engine::quarantine::QuarantinedRow, bool)> {
+    let ids: std::collections::HashSet<String> = w
+        .invoices(tenant)
+        .await
+        .expect("invoices")
+        .into_iter()
+        .map(|i| i.external_id)
+        .collect();
+    let mut out = Vec::new();
+    for r in rows {
+        let now = w
+            .quarantined_row(tenant, &r.id)
+            .await
+            .expect("row")
+            .expect("row");
+        let id = r.raw["external_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        out.push((now, ids.contains(&id)));
+    }
+    out
+}

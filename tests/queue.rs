@@ -836,7 +836,10 @@ async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
     assert_eq!(attempts.len(), 2, "{job}");
     assert_eq!(attempts[0]["status"], "failed");
     assert!(
-        attempts[0]["error"].as_str().unwrap_or("").contains("stopped"),
+        attempts[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stopped"),
         "{job}"
     );
     assert_eq!(attempts[1]["run_id"], format!("{}.2", run.run_id));

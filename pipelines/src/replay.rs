@@ -13,7 +13,7 @@ use serde_json::Value;
 use sluice_connectors::SourceBatch;
 use sluice_engine::quarantine::{QuarantineStatus, QuarantinedRow};
 use sluice_engine::validate::RuleSet;
-use sluice_engine::warehouse::{LoadStore, QuarantineStore, RunScope};
+use sluice_engine::warehouse::{LoadStore, QuarantineStore, ReplaySettlement, RunScope};
 use sluice_engine::{ErrorKind, RowCounts, TenantSlug};
 
 use crate::error::{PipelineError, PipelineErrorKind};
@@ -241,17 +241,17 @@ async fn replay_batches<W: LoadStore + QuarantineStore>(
             .collect();
         load.rows_read -= failed.len() as u64;
         load.cursor = None;
+        let (n_replayed, n_failed) = (replayed.len(), failed.len());
+        // The rows and their quarantine entries' new state commit together.
+        load.settles = Some(ReplaySettlement { replayed, failed });
         let committed = warehouse.commit_batch(&scope, &load, version).await?;
         version = committed.version;
         totals.add(&committed.counts);
-        warehouse
-            .settle_replay(tenant, run_id, &replayed, &failed)
-            .await?;
-        totals.rows_read += failed.len() as u64;
-        totals.quarantined += failed.len() as u64;
+        totals.rows_read += n_failed as u64;
+        totals.quarantined += n_failed as u64;
         tracing::info!(
-            replayed = replayed.len(),
-            failed = failed.len(),
+            replayed = n_replayed,
+            failed = n_failed,
             "replay batch committed"
         );
     }

@@ -74,6 +74,7 @@ pub fn prepare_batch(
         cursor: Some(batch.cursor),
         deleted_at: mapped.deleted_at,
         tombstones,
+        settles: None,
     }
 }
 

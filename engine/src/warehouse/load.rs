@@ -64,6 +64,19 @@ pub struct LoadBatch {
     /// the warehouse's live copy is marked deleted (counted updated), or nothing happens
     /// when there is none (counted unchanged).
     pub tombstones: Vec<(String, i64)>,
+    /// For a replay batch: the quarantined rows it settles, in the batch's transaction
+    /// (see [`crate::warehouse::QuarantineStore::settle_replay`]), so rows are never loaded
+    /// and still pending, nor replayed and not loaded.
+    pub settles: Option<ReplaySettlement>,
+}
+
+/// The quarantined rows a replay batch settles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplaySettlement {
+    /// Rows the batch loads: marked replayed by the run.
+    pub replayed: Vec<String>,
+    /// Rows that failed again: pending with their new errors, counted read and quarantined.
+    pub failed: Vec<(String, Vec<crate::validate::CellError>)>,
 }
 
 impl LoadBatch {

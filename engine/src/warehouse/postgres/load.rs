@@ -429,6 +429,17 @@ impl LoadStore for PostgresWarehouse {
         .execute(&mut *tx)
         .await
         .map_err(db("updating the run ledger"))?;
+        if let Some(settles) = &batch.settles {
+            super::quarantine::settle_in(
+                &mut tx,
+                tenant,
+                &scope.run_id,
+                &settles.replayed,
+                &settles.failed,
+            )
+            .await?;
+        }
+        self.fire("before_commit", &mut tx, commit).await?;
         tx.commit().await.map_err(db("committing the batch"))?;
         Ok(BatchCommitted { counts, version })
     }

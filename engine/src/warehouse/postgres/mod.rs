@@ -37,7 +37,9 @@ mod runs;
 /// stall), in the spirit of the `fail` crate's failpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct FaultPoint {
-    /// `after_copy`: the batch's rows are staged, nothing is upserted yet.
+    /// `after_copy`: the batch's rows are staged, nothing is upserted yet; `before_commit`:
+    /// everything of the batch (rows, quarantine, ledger, a replay's settlement) is
+    /// written, not yet committed.
     pub name: &'static str,
     /// The PostgreSQL backend running the batch's transaction.
     pub backend_pid: i32,

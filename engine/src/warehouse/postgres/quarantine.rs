@@ -213,44 +213,59 @@ impl QuarantineStore for PostgresWarehouse {
             .begin()
             .await
             .map_err(db("starting to settle the replay"))?;
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET status = 'replayed', replay_run = $1, replayed_at = now() \
-             WHERE id = ANY($2) AND status IN ('pending', 'fixed')",
-            table(tenant, "quarantine")
-        )))
-        .bind(run_id)
-        .bind(replayed)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("marking quarantined rows replayed"))?;
-        let ids: Vec<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
-        let errors: Vec<String> = failed
-            .iter()
-            .map(|(_, e)| serde_json::to_string(e).unwrap_or_else(|_| "[]".into()))
-            .collect();
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {0} AS q SET status = 'pending', errors = f.errors::jsonb \
-             FROM UNNEST($1::text[], $2::text[]) AS f(id, errors) \
-             WHERE q.id = f.id AND q.status IN ('pending', 'fixed')",
-            table(tenant, "quarantine")
-        )))
-        .bind(&ids)
-        .bind(&errors)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording replayed rows' errors"))?;
-        let n = failed.len() as i64;
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET rows_read = rows_read + $1, quarantined = quarantined + $1 WHERE run_id = $2",
-            table(tenant, "runs")
-        )))
-        .bind(n)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("updating the run ledger"))?;
+        settle_in(&mut tx, tenant, run_id, replayed, failed).await?;
+        let commit = self.commits.load(std::sync::atomic::Ordering::SeqCst);
+        self.fire("before_commit", &mut tx, commit).await?;
         tx.commit()
             .await
             .map_err(db("committing the replay's quarantine"))
     }
+}
+
+/// Settles a replay's quarantined rows inside `tx` (see
+/// [`QuarantineStore::settle_replay`]); a replay batch does it in its own commit.
+pub(super) async fn settle_in(
+    tx: &mut Transaction<'static, Postgres>,
+    tenant: &TenantSlug,
+    run_id: &str,
+    replayed: &[String],
+    failed: &[(String, Vec<CellError>)],
+) -> Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET status = 'replayed', replay_run = $1, replayed_at = now() \
+         WHERE id = ANY($2) AND status IN ('pending', 'fixed')",
+        table(tenant, "quarantine")
+    )))
+    .bind(run_id)
+    .bind(replayed)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("marking quarantined rows replayed"))?;
+    let ids: Vec<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
+    let errors: Vec<String> = failed
+        .iter()
+        .map(|(_, e)| serde_json::to_string(e).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {0} AS q SET status = 'pending', errors = f.errors::jsonb \
+         FROM UNNEST($1::text[], $2::text[]) AS f(id, errors) \
+         WHERE q.id = f.id AND q.status IN ('pending', 'fixed')",
+        table(tenant, "quarantine")
+    )))
+    .bind(&ids)
+    .bind(&errors)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("recording replayed rows' errors"))?;
+    let n = failed.len() as i64;
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET rows_read = rows_read + $1, quarantined = quarantined + $1 WHERE run_id = $2",
+        table(tenant, "runs")
+    )))
+    .bind(n)
+    .bind(run_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("updating the run ledger"))?;
+    Ok(())
 }

@@ -326,6 +326,15 @@ impl LoadStore for SqliteWarehouse {
         }
 
         add_to_ledger(&mut tx, &scope.run_id, &counts).await?;
+        if let Some(settles) = &batch.settles {
+            super::quarantine::settle_in(
+                &mut tx,
+                &scope.run_id,
+                &settles.replayed,
+                &settles.failed,
+            )
+            .await?;
+        }
         tx.commit()
             .await
             .map_err(|e| EngineError::from_sqlx("committing the batch", e))?;

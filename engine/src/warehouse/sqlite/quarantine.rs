@@ -179,40 +179,7 @@ impl QuarantineStore for SqliteWarehouse {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| EngineError::from_sqlx("starting to settle the replay", e))?;
-        let now = now_text();
-        for id in replayed {
-            sqlx::query(
-                "UPDATE quarantine SET status = 'replayed', replay_run = ?, replayed_at = ? \
-                 WHERE id = ? AND status IN ('pending', 'fixed')",
-            )
-            .bind(run_id)
-            .bind(&now)
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| EngineError::from_sqlx("marking a quarantined row replayed", e))?;
-        }
-        for (id, errors) in failed {
-            sqlx::query(
-                "UPDATE quarantine SET status = 'pending', errors = ? WHERE id = ? AND status IN ('pending', 'fixed')",
-            )
-            .bind(serde_json::to_string(errors).unwrap_or_else(|_| "[]".into()))
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| EngineError::from_sqlx("recording a replayed row's errors", e))?;
-        }
-        let n = failed.len() as u64;
-        add_to_ledger(
-            &mut tx,
-            run_id,
-            &RowCounts {
-                rows_read: n,
-                quarantined: n,
-                ..RowCounts::default()
-            },
-        )
-        .await?;
+        settle_in(&mut tx, run_id, replayed, failed).await?;
         tx.commit()
             .await
             .map_err(|e| EngineError::from_sqlx("committing the replay's quarantine", e))
@@ -246,4 +213,49 @@ pub(super) fn same_values_error(e: sqlx::Error, context: &str) -> EngineError {
     } else {
         EngineError::from_sqlx(context.to_string(), e)
     }
+}
+
+/// Settles a replay's quarantined rows inside `tx` (see
+/// [`QuarantineStore::settle_replay`]); a replay batch does it in its own commit.
+pub(super) async fn settle_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    run_id: &str,
+    replayed: &[String],
+    failed: &[(String, Vec<CellError>)],
+) -> Result<()> {
+    let now = now_text();
+    for id in replayed {
+        sqlx::query(
+            "UPDATE quarantine SET status = 'replayed', replay_run = ?, replayed_at = ? \
+             WHERE id = ? AND status IN ('pending', 'fixed')",
+        )
+        .bind(run_id)
+        .bind(&now)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| EngineError::from_sqlx("marking a quarantined row replayed", e))?;
+    }
+    for (id, errors) in failed {
+        sqlx::query(
+            "UPDATE quarantine SET status = 'pending', errors = ? WHERE id = ? AND status IN ('pending', 'fixed')",
+        )
+        .bind(serde_json::to_string(errors).unwrap_or_else(|_| "[]".into()))
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| EngineError::from_sqlx("recording a replayed row's errors", e))?;
+    }
+    let n = failed.len() as u64;
+    add_to_ledger(
+        tx,
+        run_id,
+        &RowCounts {
+            rows_read: n,
+            quarantined: n,
+            ..RowCounts::default()
+        },
+    )
+    .await?;
+    Ok(())
 }
