@@ -219,6 +219,85 @@ async fn ten_concurrent_triggers_make_one_run_in_the_embedded_queue() {
     ten_triggers_make_one_run(Arc::new(queues)).await;
 }
 
+/// A trigger while a run is running never joins it (the run may have read past what the
+/// trigger asks to see): it queues one run behind it, which later triggers (and the same
+/// cron tick from another scheduler) join, and which the running run's release puts in
+/// the queue.
+async fn a_trigger_during_a_running_run_queues_one_behind_it(queues: Arc<Queues>) {
+    let coord = queues.coordinator();
+    let ttl = Duration::from_secs(30);
+    let sluice_workers::coord::Acquired::Held(queued) = coord
+        .acquire("acme", "invoices", "run-a", ttl)
+        .await
+        .expect("acquire")
+    else {
+        panic!("a free lock is taken")
+    };
+    let running = coord
+        .claim(&queued, "worker-1", ttl)
+        .await
+        .expect("claim")
+        .expect("the worker takes its run's lock");
+
+    let first = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(first.outcome, TriggerOutcome::Enqueued, "{first:?}");
+    assert_ne!(first.run_id, "run-a", "a started run is never joined");
+    assert_eq!(
+        queues.depth(QueueName::Sync).await.expect("depth"),
+        0,
+        "it waits behind the running run, not in the queue"
+    );
+    let second = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(second.outcome, TriggerOutcome::Joined);
+    assert_eq!(second.run_id, first.run_id);
+    let at = 1_800_000_000_000i64;
+    let tick = TriggerRequest {
+        idempotency_key: Some(IdempotencyKey::CronTick(at)),
+        trigger: RunTrigger::Cron,
+        ..manual("invoices")
+    };
+    let (a, b) = tokio::join!(queues.trigger(&tick), queues.trigger(&tick));
+    let (a, b) = (a.expect("tick"), b.expect("tick"));
+    assert_eq!(a.run_id, first.run_id, "{a:?}");
+    assert_eq!(b.run_id, first.run_id, "{b:?}");
+
+    // The running run ends: the lock goes to the run behind it, whose job is queued.
+    assert!(queues.release(&running).await.expect("release"));
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 1);
+    assert!(
+        !queues.release(&running).await.expect("release again"),
+        "released once"
+    );
+    let third = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(third.outcome, TriggerOutcome::Joined, "{third:?}");
+    assert_eq!(third.run_id, first.run_id, "queued and not started: joined");
+    // The same tick fired again is still that run.
+    assert_eq!(
+        queues.trigger(&tick).await.expect("tick").run_id,
+        first.run_id
+    );
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 1);
+}
+
+#[tokio::test]
+async fn a_trigger_during_a_running_run_queues_one_behind_it_in_redis() {
+    let p = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let queues = Queues::connect(settings(Some((&p.url, &p.prefix)), dir.path()))
+        .await
+        .expect("Redis must be reachable");
+    a_trigger_during_a_running_run_queues_one_behind_it(Arc::new(queues)).await;
+}
+
+#[tokio::test]
+async fn a_trigger_during_a_running_run_queues_one_behind_it_in_the_embedded_queue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let queues = Queues::connect(settings(None, dir.path()))
+        .await
+        .expect("embedded queue");
+    a_trigger_during_a_running_run_queues_one_behind_it(Arc::new(queues)).await;
+}
+
 /// Polls until `check` holds or `limit` passes.
 async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
@@ -519,6 +598,49 @@ async fn a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled()
         first.counts.rows_read + retried.counts.rows_read,
         exp.rows_read
     );
+    assert_loaded_exactly(&w, &exp).await;
+}
+
+#[tokio::test]
+async fn a_sync_asked_for_while_one_runs_starts_when_it_ends_and_reads_everything() {
+    let Fixture {
+        db,
+        redis,
+        dir,
+        w,
+        exp,
+        queues,
+    } = Fixture::new(20_000, 15).await;
+    let _workers = Reaper(vec![spawn_worker(&db, &redis, &dir.path().join("data"))]);
+    let first = queues.trigger(&manual("invoices")).await.expect("trigger");
+    first_batches_committed(&w, &first.run_id).await;
+    let second = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(second.outcome, TriggerOutcome::Enqueued, "{second:?}");
+    assert_ne!(second.run_id, first.run_id);
+    for run in [&first.run_id, &second.run_id] {
+        let result = tokio::time::timeout(
+            Duration::from_secs(120),
+            queues.wait(run, Duration::from_millis(100)),
+        )
+        .await
+        .expect("the job ends")
+        .expect("result");
+        assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    }
+    let (a, b) = (
+        w.run(&slug("acme"), &first.run_id).await.expect("ledger"),
+        w.run(&slug("acme"), &second.run_id).await.expect("ledger"),
+    );
+    let (a, b) = (a.expect("first run"), b.expect("second run"));
+    assert!(
+        b.started_at >= a.finished_at.expect("first finished"),
+        "{a:?} {b:?}"
+    );
+    assert_eq!(
+        b.counts.rows_read, exp.rows_read,
+        "the second run reads the whole source"
+    );
+    assert_eq!(b.counts.inserted, 0, "{b:?}");
     assert_loaded_exactly(&w, &exp).await;
 }
 

@@ -74,7 +74,7 @@ api_routes! {
     put "/v1/pipelines/{name}" => put_pipeline [ "admin" ] "Replace a pipeline; secrets left out keep their values";
     delete "/v1/pipelines/{name}" => delete_pipeline [ "admin" ] "Delete a pipeline";
     get "/v1/pipelines/{name}/health" => pipeline_health [ "viewer" ] "Check the pipeline's source";
-    post "/v1/pipelines/{name}/sync" => sync_pipeline [ "operator" ] "Queue a sync: 202 with the run; Idempotency-Key honoured; joins a running sync";
+    post "/v1/pipelines/{name}/sync" => sync_pipeline [ "operator" ] "Queue a sync: 202 with the run; Idempotency-Key honoured; joins a queued sync, or queues one behind a running sync";
     get "/v1/connectors/status" => connectors_status [ "viewer" ] "Every pipeline's health, last run, last success and next scheduled run";
     get "/v1/runs" => list_runs [ "viewer" ] "List runs (pipeline, status, from, to; paged by cursor)";
     get "/v1/runs/{id}" => get_run [ "viewer" ] "A run's accounting and quarantine counts per rule; for a job's id, the job whole (counts over its attempts) with each attempt beneath";

@@ -303,8 +303,9 @@ async fn source_health<W: Store>(
     checked
 }
 
-/// Queues a sync of pipeline `name` (joining a running one; an idempotency `key` names an
-/// earlier trigger's run); audits a new one. The API's and the console's `Sync now`.
+/// Queues a sync of pipeline `name` (behind a running one; joining one queued and not
+/// started; an idempotency `key` names an earlier trigger's run); audits a new one. The
+/// API's and the console's `Sync now`.
 pub async fn queue_sync<W: Store>(
     s: &AppState<W>,
     caller: &Caller,
@@ -339,7 +340,7 @@ pub async fn queue_sync<W: Store>(
 }
 
 /// `POST /v1/pipelines/{name}/sync`: 202 with the run; honours `Idempotency-Key`; joins a
-/// running sync of the pipeline.
+/// sync of the pipeline queued and not started, or queues one behind a running one.
 pub async fn sync_pipeline<W: Store>(
     State(s): Api<W>,
     caller: Caller,

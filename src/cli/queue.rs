@@ -194,7 +194,7 @@ pub(super) async fn trigger<W: Warehouse + PipelineStore + 'static>(
         } else {
             let how = match triggered.outcome {
                 TriggerOutcome::Enqueued => "queued",
-                TriggerOutcome::Joined => "joined the run already queued or running",
+                TriggerOutcome::Joined => "joined the run already queued and not started",
                 TriggerOutcome::Repeated => "idempotency key seen before; its run",
             };
             println!("{how}: {}", triggered.run_id);

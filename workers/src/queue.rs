@@ -20,7 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sluice_engine::TenantSlug;
 use sluice_engine::control::DeadLetterStore;
 
-use crate::coord::{Acquired, RedisLocks};
+use crate::coord::{Acquired, Behind, Lease, RedisLocks, Released};
 use crate::coord::{Coordinator, SqliteCoord};
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::jobs::{ReplayJob, ReplaySelection, SyncJob};
@@ -157,9 +157,12 @@ impl IdempotencyKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerOutcome {
-    /// A new run was queued.
+    /// A new run was queued: at once, or to start when the running run of the pipeline
+    /// ends (a trigger never joins a run that has started reading, since it may have read
+    /// past what the trigger asks to see).
     Enqueued,
-    /// A run of the pipeline was already queued or running: this is its id.
+    /// A run of the pipeline was already queued and not started (first in the queue, or
+    /// behind the running one): this is its id.
     Joined,
     /// The idempotency key was seen before: this is the run it produced.
     Repeated,
@@ -429,8 +432,8 @@ impl Queues {
         }
     }
 
-    /// Queues a sync of a pipeline, or joins the run already queued or running, or returns
-    /// the run an idempotency key produced before.
+    /// Queues a sync of a pipeline (behind its running run, if any), or joins the run already
+    /// queued and not started, or returns the run an idempotency key produced before.
     pub async fn trigger(&self, req: &TriggerRequest) -> Result<Triggered, WorkerError> {
         let run_id = uuid::Uuid::now_v7().to_string();
         let correlation_id = req
@@ -454,63 +457,123 @@ impl Queues {
             });
         }
         let coord = &self.coord;
-        let acquired = coord
-            .acquire(
-                &req.tenant,
-                &req.pipeline,
-                &run_id,
-                self.settings.queued_ttl,
-            )
-            .await?;
-        match acquired {
-            Acquired::Held(lease) => {
-                if let Some(key) = &req.idempotency_key {
-                    let key = key.scoped(&req.pipeline);
-                    let mapped = coord.remember(&req.tenant, &key, &run_id).await?;
-                    if mapped != run_id {
-                        coord.release(&lease).await?;
-                        return Ok(Triggered {
-                            run_id: mapped,
-                            outcome: TriggerOutcome::Repeated,
-                        });
+        let key = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| k.scoped(&req.pipeline));
+        let job = |lease: &Lease| SyncJob {
+            tenant: req.tenant.clone(),
+            pipeline: req.pipeline.clone(),
+            trigger: req.trigger,
+            run_id: run_id.clone(),
+            correlation_id: correlation_id.clone(),
+            lock_token: Some(lease.token.clone()),
+            file: None,
+        };
+        // The lock is taken, or found taken; it may be released between the two steps, so
+        // a few rounds (each one a single atomic step).
+        for _ in 0..8 {
+            let acquired = coord
+                .acquire(
+                    &req.tenant,
+                    &req.pipeline,
+                    &run_id,
+                    self.settings.queued_ttl,
+                )
+                .await?;
+            match acquired {
+                Acquired::Held(lease) => {
+                    if let Some(key) = &key {
+                        let mapped = coord.remember(&req.tenant, key, &run_id).await?;
+                        if mapped != run_id {
+                            self.release(&lease).await?;
+                            return Ok(Triggered {
+                                run_id: mapped,
+                                outcome: TriggerOutcome::Repeated,
+                            });
+                        }
                     }
-                }
-                let job = SyncJob {
-                    tenant: req.tenant.clone(),
-                    pipeline: req.pipeline.clone(),
-                    trigger: req.trigger,
-                    run_id: run_id.clone(),
-                    correlation_id,
-                    lock_token: Some(lease.token.clone()),
-                    file: None,
-                };
-                if let Err(e) = self.push_sync(job).await {
-                    coord.release(&lease).await.ok();
-                    return Err(e);
-                }
-                tracing::info!(tenant = %req.tenant, pipeline = %req.pipeline, %run_id, trigger = req.trigger.as_str(), "sync queued");
-                Ok(Triggered {
-                    run_id,
-                    outcome: TriggerOutcome::Enqueued,
-                })
-            }
-            Acquired::Busy { run_id: running } => {
-                if let Some(key) = &req.idempotency_key {
-                    let key = key.scoped(&req.pipeline);
-                    let mapped = coord.remember(&req.tenant, &key, &running).await?;
-                    if mapped != running {
-                        return Ok(Triggered {
-                            run_id: mapped,
-                            outcome: TriggerOutcome::Repeated,
-                        });
+                    if let Err(e) = self.push_sync(job(&lease)).await {
+                        self.release(&lease).await.ok();
+                        return Err(e);
                     }
+                    tracing::info!(tenant = %req.tenant, pipeline = %req.pipeline, %run_id, trigger = req.trigger.as_str(), "sync queued");
+                    return Ok(Triggered {
+                        run_id,
+                        outcome: TriggerOutcome::Enqueued,
+                    });
                 }
-                Ok(Triggered {
-                    run_id: running,
-                    outcome: TriggerOutcome::Joined,
-                })
+                Acquired::Busy { run_id: running } => {
+                    let lease = coord.lease(
+                        &req.tenant,
+                        &req.pipeline,
+                        &run_id,
+                        &uuid::Uuid::new_v4().simple().to_string(),
+                    );
+                    let text = serde_json::to_string(&job(&lease))
+                        .map_err(|e| queue_error("encoding the job", e))?;
+                    let behind = coord
+                        .queue_behind(
+                            &lease,
+                            &text,
+                            key.as_deref().map(|k| (req.tenant.as_str(), k)),
+                        )
+                        .await?;
+                    let (run_id, outcome) = match behind {
+                        Behind::Free => continue,
+                        Behind::Queued => {
+                            tracing::info!(tenant = %req.tenant, pipeline = %req.pipeline, %run_id, %running, trigger = req.trigger.as_str(), "sync queued behind the running one");
+                            (run_id, TriggerOutcome::Enqueued)
+                        }
+                        Behind::Joined(run) => (run, TriggerOutcome::Joined),
+                        Behind::Repeated(run) => (run, TriggerOutcome::Repeated),
+                    };
+                    return Ok(Triggered { run_id, outcome });
+                }
             }
         }
+        Err(WorkerError::new(
+            WorkerErrorKind::Queue,
+            format!(
+                "the lock of pipeline {} kept changing hands; try again",
+                req.pipeline
+            ),
+        ))
+    }
+
+    /// Releases a run's lease: the lock is free, or handed over to the run queued behind
+    /// this one, whose job is then pushed (retried for about a minute while the queue is
+    /// unreachable; until it is pushed, every later release hands it over again). False
+    /// when the lease was not ours any more.
+    pub async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+        let text = match self.coord.release(lease, self.settings.queued_ttl).await? {
+            Released::NotOurs => return Ok(false),
+            Released::Free => return Ok(true),
+            Released::HandedOver(text) => text,
+        };
+        let job: SyncJob =
+            serde_json::from_str(&text).map_err(|e| queue_error("reading a queued job", e))?;
+        let next = self.coord.lease(
+            &job.tenant,
+            &job.pipeline,
+            &job.run_id,
+            job.lock_token.as_deref().unwrap_or_default(),
+        );
+        let mut delay = Duration::from_millis(250);
+        for attempt in 1.. {
+            match self.push_sync(job.clone()).await {
+                Ok(()) => break,
+                Err(e) if attempt < 8 => {
+                    tracing::warn!(error = %e, run_id = %job.run_id, "queueing the run that waited behind this one; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.coord.followed(&next).await?;
+        tracing::info!(tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, "the run that waited behind this one is queued");
+        Ok(true)
     }
 
     /// Waits until the job of `run_id` has ended (polling every `every`).

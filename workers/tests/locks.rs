@@ -59,11 +59,11 @@ async fn one_holder_at_a_time_and_a_second_trigger_joins_its_run() {
         ..lease.clone()
     };
     assert!(
-        !l.release(&forged).await.expect("release"),
+        !l.release(&forged, ttl).await.expect("release").was_ours(),
         "only the holder can release"
     );
     assert!(l.renew(&lease, ttl).await.expect("renew"));
-    assert!(l.release(&lease).await.expect("release"));
+    assert!(l.release(&lease, ttl).await.expect("release").was_ours());
     assert!(matches!(
         l.acquire("acme", "invoices", "run-5", ttl)
             .await
@@ -92,7 +92,12 @@ async fn an_expired_lease_cannot_be_renewed_or_released_by_its_old_holder() {
         panic!("expired lock not taken")
     };
     assert!(!l.renew(&old, Duration::from_secs(10)).await.expect("renew"));
-    assert!(!l.release(&old).await.expect("release"));
+    assert!(
+        !l.release(&old, Duration::from_secs(1))
+            .await
+            .expect("release")
+            .was_ours()
+    );
     assert_eq!(
         l.acquire("acme", "invoices", "run-3", Duration::from_secs(10))
             .await

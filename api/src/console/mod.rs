@@ -314,7 +314,7 @@ pub fn notice_text(code: &str) -> Option<&'static str> {
         "retried" => "Queued: the replay run is below.",
         "ignored" => "The row is set aside as ignored.",
         "synced" => "Sync queued.",
-        "joined" => "A sync of this pipeline was already running: this is it.",
+        "joined" => "A sync of this pipeline was already waiting to start: this is it.",
         "replayed" => "Queued again: the run is below.",
         "revoked" => "The key is revoked; its sessions have ended.",
         _ => return None,

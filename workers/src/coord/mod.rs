@@ -81,11 +81,42 @@ impl Coordinator {
         }
     }
 
-    /// Releases our lease; false when it was not ours any more.
-    pub async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+    /// Releases our lease, handing the lock over to the run queued behind ours (for
+    /// `queued_ttl`) when there is one.
+    pub async fn release(
+        &self,
+        lease: &Lease,
+        queued_ttl: Duration,
+    ) -> Result<Released, WorkerError> {
         match self {
-            Coordinator::Redis(r) => r.release(lease).await,
-            Coordinator::Sqlite(s) => s.release(lease).await,
+            Coordinator::Redis(r) => r.release(lease, queued_ttl).await,
+            Coordinator::Sqlite(s) => s.release(lease, queued_ttl).await,
+        }
+    }
+
+    /// For a trigger that found the lock taken by `lease`'s pipeline: joins the queued run
+    /// holding it, or the run already waiting behind the running one, or queues `job` (the
+    /// sync of `lease`'s run, as JSON) to start when the running run releases the lock.
+    /// With an idempotency `key` (already scoped), records the run it obtains, or returns
+    /// the run the key produced before. One atomic step.
+    pub async fn queue_behind(
+        &self,
+        lease: &Lease,
+        job: &str,
+        key: Option<(&str, &str)>,
+    ) -> Result<Behind, WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.queue_behind(lease, job, key).await,
+            Coordinator::Sqlite(s) => s.queue_behind(lease, job, key).await,
+        }
+    }
+
+    /// Forgets the run queued behind another once its job (the lease's run) is in the
+    /// queue; until then a later release hands it over again.
+    pub async fn followed(&self, lease: &Lease) -> Result<(), WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.followed(lease).await,
+            Coordinator::Sqlite(s) => s.followed(lease).await,
         }
     }
 
@@ -173,12 +204,70 @@ impl Lease {
     }
 }
 
+/// What releasing a lease did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// The lock was not ours any more (expired and taken, or gone).
+    NotOurs,
+    /// The lock is free.
+    Free,
+    /// The lock now belongs to the run queued behind ours: its job (JSON) must be pushed.
+    HandedOver(String),
+}
+
+impl Released {
+    /// Whether the lease was ours until now.
+    pub fn was_ours(&self) -> bool {
+        !matches!(self, Released::NotOurs)
+    }
+}
+
+/// What a trigger that found a pipeline's lock taken obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Behind {
+    /// The lock was released meanwhile: take it.
+    Free,
+    /// A run that has not started yet: the queued run holding the lock, or the run already
+    /// waiting behind the running one.
+    Joined(String),
+    /// The trigger's own run now waits behind the running one.
+    Queued,
+    /// The idempotency key produced this run before.
+    Repeated(String),
+}
+
+impl Behind {
+    fn parse(kind: &str, run: String) -> Result<Self, WorkerError> {
+        match kind {
+            "free" => Ok(Behind::Free),
+            "joined" => Ok(Behind::Joined(run)),
+            "queued" => Ok(Behind::Queued),
+            "repeated" => Ok(Behind::Repeated(run)),
+            other => Err(WorkerError::new(
+                crate::error::WorkerErrorKind::Queue,
+                format!("unexpected answer {other:?} from the lock script"),
+            )),
+        }
+    }
+}
+
+/// Whether a lock value names a run a worker has started (`run|token|holder`), not one
+/// still waiting in the queue (`run|token`).
+fn started(value: &str) -> bool {
+    value.matches('|').count() >= 2
+}
+
+/// The run a lock value names.
+fn run_of(value: &str) -> String {
+    value.split('|').next().unwrap_or_default().to_string()
+}
+
 /// Outcome of trying to take a pipeline's lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquired {
     /// The lock is ours.
     Held(Lease),
-    /// Another run holds it: join that run.
+    /// Another run holds it (queued or running): see [`Coordinator::queue_behind`].
     Busy {
         /// The run that holds the lock.
         run_id: String,

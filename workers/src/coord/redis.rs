@@ -3,8 +3,10 @@
 //! A lock per (tenant, pipeline) keeps two syncs of one pipeline from running at once: `SET
 //! key value NX PX ttl` with a random token, renewed while the run lasts, released by
 //! compare-and-delete so a worker can only ever release its own lease. The lock's value
-//! names the run, so a trigger arriving meanwhile joins it. Correctness never rests on the
-//! lock alone: the warehouse's commit fence stops a worker whose lease expired.
+//! names the run: a trigger arriving while it is still queued joins it; one arriving while
+//! it runs queues one run behind it (`next`), which later triggers join and to which the
+//! release hands the lock over. Correctness never rests on the lock alone: the warehouse's
+//! commit fence stops a worker whose lease expired.
 //!
 //! Idempotency keys map a caller's key to the run it started, for 24 hours.
 
@@ -15,7 +17,7 @@ use redis::aio::ConnectionManager;
 
 use crate::error::{WorkerError, WorkerErrorKind};
 
-use super::{Acquired, IDEMPOTENCY_TTL, Lease};
+use super::{Acquired, Behind, IDEMPOTENCY_TTL, Lease, Released};
 
 /// Redis-backed locks and idempotency keys, all under one key prefix (tests use their own).
 #[derive(Clone)]
@@ -32,8 +34,49 @@ const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis
 const CLAIM: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] or v == ARGV[2] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return '' end return v";
 /// Moves a pipeline's last fired tick forward, never back.
 const ADVANCE_TICK: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or tonumber(v) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
-/// Releases only our own lease.
-const RELEASE: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+/// Releases only our own lease (ARGV[1]); hands the lock (KEYS[1]) over, for ARGV[2] ms, to
+/// the run queued behind ours (KEYS[2]) and returns its job, which stays there until pushed
+/// (one that is our own run was pushed and has now ended: it is forgotten).
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'not-ours'} end
+local lease = redis.call('HGET', KEYS[2], 'lease')
+if lease and string.match(lease, '^[^|]*') ~= string.match(ARGV[1], '^[^|]*') then
+  redis.call('SET', KEYS[1], lease, 'PX', ARGV[2])
+  return {'handed-over', redis.call('HGET', KEYS[2], 'job')}
+end
+if lease then redis.call('DEL', KEYS[2]) end
+redis.call('DEL', KEYS[1])
+return {'free'}";
+/// A trigger finding the lock (KEYS[1]) taken: joins the run holding it while that run is
+/// queued (`run|token`), or the run already queued behind a running one (KEYS[2]), or
+/// queues its own (lease ARGV[1], job ARGV[2], run ARGV[3]) behind it. With a key
+/// (ARGV[4] = '1'), the idempotency key KEYS[3] keeps (ARGV[5] s) the run obtained, or
+/// names the run it produced before.
+const QUEUE_BEHIND: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return {'free', ''} end
+local target = nil
+local _, bars = string.gsub(v, '|', '|')
+if bars < 2 then
+  target = string.match(v, '^[^|]*')
+else
+  local n = redis.call('HGET', KEYS[2], 'lease')
+  if n then target = string.match(n, '^[^|]*') end
+end
+if ARGV[4] == '1' then
+  local m = redis.call('GET', KEYS[3])
+  if m then return {'repeated', m} end
+end
+local kind = 'joined'
+if not target then
+  redis.call('HSET', KEYS[2], 'lease', ARGV[1], 'job', ARGV[2])
+  target = ARGV[3]
+  kind = 'queued'
+end
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], target, 'EX', ARGV[5]) end
+return {kind, target}";
+/// Forgets the run queued behind (KEYS[1]) once its job is pushed, if it is still ARGV[1].
+const FOLLOWED: &str = r"if redis.call('HGET', KEYS[1], 'lease') == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 fn redis_error(context: &str, e: redis::RedisError) -> WorkerError {
     WorkerError::new(WorkerErrorKind::Queue, context).with_source(e)
@@ -55,6 +98,15 @@ impl RedisLocks {
 
     fn lock_key(&self, tenant: &str, pipeline: &str) -> String {
         format!("{}:lock:{tenant}:{pipeline}", self.prefix)
+    }
+
+    /// Where the run queued behind the holder of `lock_key` waits.
+    fn next_key(lock_key: &str) -> String {
+        format!("{lock_key}:next")
+    }
+
+    fn idempotency_key(&self, tenant: &str, key: &str) -> String {
+        format!("{}:idem:{tenant}:{key}", self.prefix)
     }
 
     /// The lease a trigger handed over with a job.
@@ -205,16 +257,68 @@ impl RedisLocks {
         Ok(n == 1)
     }
 
-    /// Releases our lease; false when it was not ours any more.
-    pub async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+    /// Releases our lease, handing the lock over to the run queued behind ours (for
+    /// `queued_ttl`) when there is one.
+    pub async fn release(
+        &self,
+        lease: &Lease,
+        queued_ttl: Duration,
+    ) -> Result<Released, WorkerError> {
         let mut conn = self.conn.clone();
-        let n: i64 = redis::Script::new(RELEASE)
+        let answer: Vec<String> = redis::Script::new(RELEASE)
             .key(&lease.key)
+            .key(Self::next_key(&lease.key))
             .arg(lease.value())
+            .arg(queued_ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error("releasing the pipeline lock", e))?;
-        Ok(n == 1)
+        Ok(match (answer.first().map(String::as_str), answer.get(1)) {
+            (Some("handed-over"), Some(job)) => Released::HandedOver(job.clone()),
+            (Some("free"), _) => Released::Free,
+            _ => Released::NotOurs,
+        })
+    }
+
+    /// See [`super::Coordinator::queue_behind`]; `key` is (tenant, scoped key).
+    pub async fn queue_behind(
+        &self,
+        lease: &Lease,
+        job: &str,
+        key: Option<(&str, &str)>,
+    ) -> Result<Behind, WorkerError> {
+        let mut conn = self.conn.clone();
+        let idem = key.map(|(tenant, key)| self.idempotency_key(tenant, key));
+        let answer: Vec<String> = redis::Script::new(QUEUE_BEHIND)
+            .key(&lease.key)
+            .key(Self::next_key(&lease.key))
+            .key(
+                idem.clone()
+                    .unwrap_or_else(|| format!("{}:idem:-", self.prefix)),
+            )
+            .arg(lease.value())
+            .arg(job)
+            .arg(&lease.run_id)
+            .arg(if idem.is_some() { "1" } else { "0" })
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("queueing a run behind the running one", e))?;
+        let mut answer = answer.into_iter();
+        let kind = answer.next().unwrap_or_default();
+        Behind::parse(&kind, answer.next().unwrap_or_default())
+    }
+
+    /// See [`super::Coordinator::followed`].
+    pub async fn followed(&self, lease: &Lease) -> Result<(), WorkerError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::Script::new(FOLLOWED)
+            .key(Self::next_key(&lease.key))
+            .arg(lease.value())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("forgetting the run queued behind", e))?;
+        Ok(())
     }
 
     /// Records `key` -> `run_id` unless the key is known; returns the run the key maps to.
@@ -224,7 +328,7 @@ impl RedisLocks {
         key: &str,
         run_id: &str,
     ) -> Result<String, WorkerError> {
-        let k = format!("{}:idem:{tenant}:{key}", self.prefix);
+        let k = self.idempotency_key(tenant, key);
         let mut conn = self.conn.clone();
         let set: Option<String> = redis::cmd("SET")
             .arg(&k)

@@ -1,7 +1,7 @@
 //! The embedded coordinator: locks, idempotency keys, job results and scheduler ticks in
 //! the embedded queue's SQLite file, each operation one atomic statement.
 
-use super::{Acquired, IDEMPOTENCY_TTL, Lease};
+use super::{Acquired, Behind, IDEMPOTENCY_TTL, Lease, Released, run_of, started};
 use crate::error::{WorkerError, WorkerErrorKind};
 use chrono::Utc;
 use sqlx::SqlitePool;
@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS sluice_locks (key TEXT PRIMARY KEY, value TEXT NOT NU
 CREATE TABLE IF NOT EXISTS sluice_idempotency (key TEXT PRIMARY KEY, run_id TEXT NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sluice_job_results (run_id TEXT PRIMARY KEY, result TEXT NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sluice_ticks (pipeline TEXT PRIMARY KEY, tick INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sluice_next (key TEXT PRIMARY KEY, lease TEXT NOT NULL, job TEXT NOT NULL);
 ";
 
 fn db_error(context: &str, e: sqlx::Error) -> WorkerError {
@@ -135,15 +136,148 @@ impl SqliteCoord {
         Ok(n == 1)
     }
 
-    pub(super) async fn release(&self, lease: &Lease) -> Result<bool, WorkerError> {
+    /// A write transaction taken at its start, so that two processes' read-then-write
+    /// steps never interleave.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, WorkerError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db_error("starting a lock transaction", e))
+    }
+
+    pub(super) async fn release(
+        &self,
+        lease: &Lease,
+        queued_ttl: Duration,
+    ) -> Result<Released, WorkerError> {
+        let fail = |e| db_error("releasing the pipeline lock", e);
+        let mut tx = self.write_tx().await?;
         let n = sqlx::query("DELETE FROM sluice_locks WHERE key = ? AND value = ?")
+            .bind(&lease.key)
+            .bind(lease.value())
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?
+            .rows_affected();
+        if n != 1 {
+            return Ok(Released::NotOurs);
+        }
+        let next: Option<(String, String)> =
+            sqlx::query_as("SELECT lease, job FROM sluice_next WHERE key = ?")
+                .bind(&lease.key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(fail)?;
+        let released = match next {
+            // Our own run, pushed and now ended (its entry outlived a failed clean-up).
+            Some((next, _)) if run_of(&next) == lease.run_id => {
+                sqlx::query("DELETE FROM sluice_next WHERE key = ?")
+                    .bind(&lease.key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
+                Released::Free
+            }
+            Some((next, job)) => {
+                sqlx::query("INSERT INTO sluice_locks (key, value, expires_at) VALUES (?, ?, ?)")
+                    .bind(&lease.key)
+                    .bind(next)
+                    .bind(now_ms() + ms(queued_ttl))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
+                Released::HandedOver(job)
+            }
+            None => Released::Free,
+        };
+        tx.commit().await.map_err(fail)?;
+        Ok(released)
+    }
+
+    pub(super) async fn queue_behind(
+        &self,
+        lease: &Lease,
+        job: &str,
+        key: Option<(&str, &str)>,
+    ) -> Result<Behind, WorkerError> {
+        let fail = |e| db_error("queueing a run behind the running one", e);
+        let now = now_ms();
+        let mut tx = self.write_tx().await?;
+        let holder: Option<String> =
+            sqlx::query_scalar("SELECT value FROM sluice_locks WHERE key = ? AND expires_at > ?")
+                .bind(&lease.key)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(fail)?;
+        let Some(holder) = holder else {
+            return Ok(Behind::Free);
+        };
+        let mut target = if started(&holder) {
+            sqlx::query_scalar::<_, String>("SELECT lease FROM sluice_next WHERE key = ?")
+                .bind(&lease.key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(fail)?
+                .map(|v| run_of(&v))
+        } else {
+            Some(run_of(&holder))
+        };
+        let idem = key.map(|(tenant, key)| format!("{tenant}:{key}"));
+        if let Some(k) = &idem {
+            let seen: Option<String> = sqlx::query_scalar(
+                "SELECT run_id FROM sluice_idempotency WHERE key = ? AND expires_at > ?",
+            )
+            .bind(k)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(fail)?;
+            if let Some(run) = seen {
+                return Ok(Behind::Repeated(run));
+            }
+        }
+        let behind = match target.take() {
+            Some(run) => Behind::Joined(run),
+            None => {
+                sqlx::query("INSERT INTO sluice_next (key, lease, job) VALUES (?, ?, ?)")
+                    .bind(&lease.key)
+                    .bind(lease.value())
+                    .bind(job)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
+                Behind::Queued
+            }
+        };
+        if let Some(k) = &idem {
+            let run = match &behind {
+                Behind::Joined(run) => run.clone(),
+                _ => lease.run_id.clone(),
+            };
+            sqlx::query(
+                "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at",
+            )
+            .bind(k)
+            .bind(run)
+            .bind(now + ms(IDEMPOTENCY_TTL))
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(behind)
+    }
+
+    pub(super) async fn followed(&self, lease: &Lease) -> Result<(), WorkerError> {
+        sqlx::query("DELETE FROM sluice_next WHERE key = ? AND lease = ?")
             .bind(&lease.key)
             .bind(lease.value())
             .execute(&self.pool)
             .await
-            .map_err(|e| db_error("releasing the pipeline lock", e))?
-            .rows_affected();
-        Ok(n == 1)
+            .map_err(|e| db_error("forgetting the run queued behind", e))?;
+        Ok(())
     }
 
     pub(super) async fn remember(
