@@ -6,6 +6,7 @@ pub mod coord;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
+pub mod poll;
 pub mod queue;
 pub mod rate_gate;
 pub mod retry;

@@ -33,6 +33,7 @@ use crate::jobs::{
     replay_dead_letter_record,
 };
 use crate::metrics::metrics;
+use crate::poll::EveryInterval;
 use crate::queue::{JobResult, JobStatus, QueueName, Queues};
 use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
 
@@ -160,7 +161,7 @@ where
                 let storage = q
                     .$storage::<$job>($queue)
                     .unwrap_or_else(|| unreachable!("the queue's backend was checked"))
-                    .poll_with_interval(q.settings().poll_interval);
+                    .poll_with_strategy(EveryInterval::new(q.settings().poll_interval));
                 WorkerBuilder::new(worker_name($queue, index, restarts))
                     .backend(storage)
                     .concurrency(1)
