@@ -6,129 +6,25 @@
 mod support;
 
 use sluice_engine::prelude::*;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use rust_decimal::Decimal;
 use sluice_engine::RunTrigger;
-use sluice_engine::control::PipelineStore;
-use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
-use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug, Warehouse};
-use sluice_pipelines::PipelineSpec;
+use sluice_engine::{RunStatus, SqliteWarehouse, Warehouse};
 use sluice_workers::retry::RetryPolicy;
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
-use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers};
+use sluice_workers::worker::{WorkerEnv, WorkerOptions};
 use sluice_workers::{
-    IdempotencyKey, JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome, TriggerRequest,
+    IdempotencyKey, JobStatus, QueueName, Queues, TriggerOutcome, TriggerRequest,
 };
+use support::jobs::*;
 use support::messy_invoices;
-use support::pg::{MASTER_KEY_HEX, TestDb};
+use support::pg::TestDb;
 use support::redis::{Prefix, PrivateRedis};
-
-fn slug(s: &str) -> TenantSlug {
-    TenantSlug::parse(s).expect("slug")
-}
-
-fn settings(redis: Option<(&str, &str)>, dir: &Path) -> QueueSettings {
-    let mut s = QueueSettings::new(redis.map(|(url, _)| url.to_string()), dir.to_path_buf());
-    if let Some((_, prefix)) = redis {
-        s.prefix = prefix.to_string();
-    }
-    s.heartbeat = Duration::from_secs(1);
-    s.lease_ttl = Duration::from_secs(3);
-    s.poll_interval = Duration::from_millis(50);
-    s
-}
-
-/// Writes a pipeline file (and its CSV) and returns the spec.
-fn write_pipeline(
-    dir: &Path,
-    name: &str,
-    csv: &str,
-    batch_rows: usize,
-    cron: Option<&str>,
-) -> PipelineSpec {
-    let file = dir.join(format!("{name}.csv"));
-    std::fs::write(&file, csv).expect("csv");
-    let schedule = cron
-        .map(|c| format!("[schedule]\ncron = \"{c}\"\n"))
-        .unwrap_or_default();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "name = \"{name}\"\ntenant = \"acme\"\nentity = \"invoices\"\nbatch_rows = {batch_rows}\n[source]\nkind = \"csv\"\npath = \"{name}.csv\"\n{schedule}"
-        ),
-    )
-    .expect("toml");
-    PipelineSpec::from_file(&path).expect("spec")
-}
-
-async fn register<S: PipelineStore>(store: &S, spec: &PipelineSpec) {
-    let (fields, secrets) = spec.to_stored();
-    store
-        .save_pipeline(
-            &slug(&spec.tenant),
-            &spec.name,
-            &fields,
-            &secrets,
-            &support::shell_change(),
-        )
-        .await
-        .expect("register pipeline");
-}
-
-/// Workers running in this test until [`stop_workers`].
-struct RunningWorkers {
-    stop: tokio::sync::oneshot::Sender<()>,
-    handle: tokio::task::JoinHandle<Result<(), sluice_workers::WorkerError>>,
-}
-
-fn start_workers<W>(env: Arc<WorkerEnv<W>>, options: WorkerOptions) -> RunningWorkers
-where
-    W: Warehouse + PipelineStore + 'static,
-{
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        run_workers(env, &options, async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    RunningWorkers { stop, handle }
-}
-
-async fn stop_workers(workers: RunningWorkers) {
-    let _ = workers.stop.send(());
-    workers.handle.await.expect("join").expect("workers");
-}
-
-/// The result of the job of `run`, within a minute.
-async fn job_result(queues: &Queues, run: &str) -> sluice_workers::JobResult {
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        queues.wait(run, Duration::from_millis(50)),
-    )
-    .await
-    .expect("the job ends")
-    .expect("result")
-}
-
-fn manual(pipeline: &str) -> TriggerRequest {
-    TriggerRequest {
-        tenant: "acme".into(),
-        pipeline: pipeline.into(),
-        trigger: RunTrigger::Manual,
-        idempotency_key: None,
-        correlation_id: None,
-        file: None,
-    }
-}
 
 /// Ten triggers at once: one run queued, nine joined; a keyed trigger joins too and its key
 /// keeps returning that run.
@@ -298,19 +194,6 @@ async fn a_trigger_during_a_running_run_queues_one_behind_it_in_the_embedded_que
     a_trigger_during_a_running_run_queues_one_behind_it(Arc::new(queues)).await;
 }
 
-/// Polls until `check` holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn finished_runs<W: Warehouse>(w: &W, pipeline: &str) -> Vec<sluice_engine::RunLedger> {
     w.runs(&slug("acme"), Some(pipeline), 100)
         .await
@@ -402,10 +285,6 @@ async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
     stop_workers(workers).await;
 }
 
-fn master() -> MasterKey {
-    MasterKey::from_hex(MASTER_KEY_HEX).expect("key")
-}
-
 async fn pg_warehouse(db: &TestDb) -> PostgresWarehouse {
     let w = PostgresWarehouse::connect(&db.url)
         .await
@@ -415,22 +294,6 @@ async fn pg_warehouse(db: &TestDb) -> PostgresWarehouse {
         .await
         .expect("tenant");
     w
-}
-
-async fn totals<W: Warehouse>(w: &W) -> (usize, HashMap<String, Decimal>) {
-    let invoices = w.invoices(&slug("acme")).await.expect("invoices");
-    let mut by = HashMap::new();
-    for i in &invoices {
-        *by.entry(i.currency.clone()).or_insert(Decimal::ZERO) += i.total;
-    }
-    (invoices.len(), by)
-}
-
-fn expected_sums(exp: &support::Expected) -> HashMap<String, Decimal> {
-    exp.sum_of_totals()
-        .into_iter()
-        .map(|(c, v)| (c.to_string(), v))
-        .collect()
 }
 
 /// PostgreSQL, a Redis prefix and a registered pipeline over a generated file.
@@ -469,33 +332,6 @@ impl Fixture {
     }
 }
 
-/// Waits until the run has committed at least one batch.
-async fn first_batches_committed<W: Warehouse>(w: &W, run_id: &str) {
-    eventually(Duration::from_secs(60), "the first batches", || async {
-        w.run(&slug("acme"), run_id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|l| l.counts.rows_read > 0)
-    })
-    .await;
-}
-
-/// The warehouse holds exactly the generator's winning rows: count and per-currency sums.
-async fn assert_loaded_exactly<W: Warehouse>(w: &W, exp: &support::Expected) {
-    let (count, sums) = totals(w).await;
-    assert_eq!(count, exp.winners.len());
-    assert_eq!(sums, expected_sums(exp));
-}
-
-fn kill_9(child: &mut Child) {
-    Command::new("kill")
-        .args(["-9", &child.id().to_string()])
-        .status()
-        .expect("kill -9");
-    let _ = child.wait();
-}
-
 /// A `sluice worker` process.
 fn spawn_worker(db: &TestDb, redis: &Prefix, data: &Path) -> Child {
     worker_command(Some((db, redis)), data)
@@ -504,35 +340,14 @@ fn spawn_worker(db: &TestDb, redis: &Prefix, data: &Path) -> Child {
 /// A `sluice worker` process on PostgreSQL and Redis, or on the embedded warehouse and
 /// queue of `data`.
 fn worker_command(services: Option<(&TestDb, &Prefix)>, data: &Path) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.arg("--data-dir").arg(data);
-    if let Some((db, redis)) = services {
-        cmd.args(["--database-url", &db.url])
-            .args(["--redis-url", &redis.url])
-            .args(["--queue-prefix", &redis.prefix]);
-    }
-    cmd.env_remove("SLUICE_DATABASE_URL")
-        .env_remove("SLUICE_REDIS_URL")
-        .args(["--heartbeat-ms", "1000", "--lease-ms", "3000"])
-        .args(["--retry-base-ms", "100"])
-        .args(["worker", "--concurrency", "1"])
-        .env("SLUICE_MASTER_KEY", MASTER_KEY_HEX)
-        .env("SLUICE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a worker")
-}
-
-struct Reaper(Vec<Child>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    sluice_worker(
+        &WorkerProcess {
+            database_url: services.map(|(db, _)| db.url.clone()),
+            redis: services.map(|(_, r)| (r.url.clone(), r.prefix.clone())),
+            retry_base_ms: 100,
+        },
+        data,
+    )
 }
 
 #[tokio::test]

@@ -3,9 +3,11 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod jobs;
 pub mod mysql;
 pub mod odoo;
 pub mod pg;
+pub mod private;
 pub mod qbo;
 pub mod redis;
 
