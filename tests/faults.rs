@@ -5,6 +5,8 @@
 //! | fault | test |
 //! |---|---|
 //! | the warehouse PostgreSQL crashes and restarts mid-run | `the_warehouse_postgres_crashing_mid_run_loses_nothing` |
+//! | the source PostgreSQL crashes and restarts mid-read | `a_source_postgres_crashing_mid_read_loses_nothing` |
+//! | the source MariaDB is killed and restarted mid-read | `a_source_mariadb_crashing_mid_read_loses_nothing` |
 //!
 //! Rows covered elsewhere: a worker killed with `kill -9` mid-sync
 //! (`queue::a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled`, and in
@@ -13,8 +15,12 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use rust_decimal::Decimal;
+use sqlx::{AssertSqlSafe, Connection};
 
 use sluice_engine::RunStatus;
 use sluice_engine::warehouse::PostgresWarehouse;
@@ -22,7 +28,8 @@ use sluice_engine::warehouse::RunHistory;
 use sluice_workers::{JobStatus, Queues};
 use support::jobs::*;
 use support::messy_invoices;
-use support::private::PrivatePg;
+use support::pg::TestDb;
+use support::private::{PrivateMariadb, PrivatePg};
 use support::redis::Prefix;
 
 /// The whole job of `run`: its result within `limit`, then its ledger over all attempts.
@@ -106,4 +113,165 @@ async fn the_warehouse_postgres_crashing_mid_run_loses_nothing() {
         whole.counts.loaded() + whole.counts.quarantined + whole.counts.deduplicated
     );
     assert_loaded_exactly(&w, &exp).await;
+}
+
+const CURRENCIES: [&str; 3] = ["USD", "EUR", "GBP"];
+
+/// `n` invoices as SQL values for `src_invoices`, and their totals per currency.
+fn source_rows(n: usize) -> (Vec<String>, HashMap<String, Decimal>) {
+    let mut sums: HashMap<String, Decimal> = HashMap::new();
+    let rows = (1..=n)
+        .map(|i| {
+            let currency = CURRENCIES[i % 3];
+            let total = Decimal::new(10_000 + (i as i64 * 7919) % 900_000, 2);
+            *sums.entry(currency.to_string()).or_default() += total;
+            format!(
+                "({i}, 'INV-{i:06}', 'C-{}', '2024-04-01', '2024-05-01', '{currency}', {total}, {total}, \
+                 '2024-05-01 10:{:02}:{:02}')",
+                i % 500,
+                (i / 60) % 60,
+                i % 60
+            )
+        })
+        .collect();
+    (rows, sums)
+}
+
+const SOURCE_TABLE: &str = "CREATE TABLE src_invoices (id bigint PRIMARY KEY, external_id varchar(40) NOT NULL, \
+    customer_id varchar(40) NOT NULL, issue_date date NOT NULL, due_date date NOT NULL, currency char(3) NOT NULL, \
+    total decimal(12,2) NOT NULL, balance decimal(12,2) NOT NULL, updated_at timestamp NOT NULL)";
+
+/// A source database restarted while a worker process reads it: the attempt that lost
+/// its connection fails as transient and says so, the next resumes after the last
+/// committed batch, and the warehouse ends with every source row once.
+async fn source_restarted_mid_read(kind: &str, url: &str, crash: impl FnOnce(), rows: usize) {
+    let db = TestDb::create().await;
+    let w = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let data: PathBuf = dir.path().join("data");
+    let path = dir.path().join("erp.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"invoices\"\ntenant = \"acme\"\nentity = \"invoices\"\nbatch_rows = 250\n\
+             [source]\nkind = \"{kind}\"\nurl = \"{url}\"\ntable = \"src_invoices\"\ncursor = [\"updated_at\", \"id\"]\n"
+        ),
+    )
+    .expect("toml");
+    let spec = sluice_pipelines::PipelineSpec::from_file(&path).expect("spec");
+    register(&w, &spec).await;
+    let queues = Queues::connect(settings(Some((&redis.url, &redis.prefix)), &data))
+        .await
+        .expect("queues");
+    let _workers = Reaper(vec![sluice_worker(
+        &WorkerProcess {
+            database_url: Some(db.url.clone()),
+            redis: Some((redis.url.clone(), redis.prefix.clone())),
+            retry_base_ms: 1000,
+        },
+        &data,
+    )]);
+
+    let run = queues.trigger(&manual("invoices")).await.expect("trigger");
+    first_batches_committed(&w, &run.run_id).await;
+    let before = w
+        .run(&slug("acme"), &run.run_id)
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(
+        before.status,
+        RunStatus::Running,
+        "the source must go down while the run reads it"
+    );
+    crash();
+
+    let (result, job) = finished_job(&queues, &w, &run.run_id, Duration::from_secs(180)).await;
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert!(
+        job.attempts.len() >= 2,
+        "the crash failed an attempt: {job:?}"
+    );
+    let told = job.attempts[0].error.as_deref().unwrap_or_default();
+    assert!(
+        told.starts_with("source unavailable"),
+        "the failed attempt says why: {job:?}"
+    );
+    let whole = job.whole();
+    assert_eq!(
+        whole.counts.rows_read, rows as u64,
+        "every source row read once: {job:?}"
+    );
+    assert_eq!(whole.counts.inserted, rows as u64, "{job:?}");
+    let (_, expected) = source_rows(rows);
+    assert_eq!(totals(&w).await, (rows, expected));
+}
+
+#[tokio::test]
+async fn a_source_postgres_crashing_mid_read_loses_nothing() {
+    let pg = PrivatePg::start();
+    let url = pg.url("postgres");
+    let rows = 60_000;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("source");
+    sqlx::raw_sql(SOURCE_TABLE)
+        .execute(&mut conn)
+        .await
+        .expect("table");
+    for chunk in source_rows(rows).0.chunks(2000) {
+        let insert = format!("INSERT INTO src_invoices VALUES {}", chunk.join(", "));
+        sqlx::raw_sql(AssertSqlSafe(insert))
+            .execute(&mut conn)
+            .await
+            .expect("rows");
+    }
+    drop(conn);
+    source_restarted_mid_read(
+        "postgres",
+        &url,
+        || {
+            pg.crash();
+            std::thread::sleep(Duration::from_secs(2));
+            pg.start_again();
+        },
+        rows,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_source_mariadb_crashing_mid_read_loses_nothing() {
+    let mut db = PrivateMariadb::start();
+    let url = db.url();
+    let rows = 60_000;
+    let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("source");
+    sqlx::raw_sql(SOURCE_TABLE)
+        .execute(&mut conn)
+        .await
+        .expect("table");
+    for chunk in source_rows(rows).0.chunks(2000) {
+        let insert = format!("INSERT INTO src_invoices VALUES {}", chunk.join(", "));
+        sqlx::raw_sql(AssertSqlSafe(insert))
+            .execute(&mut conn)
+            .await
+            .expect("rows");
+    }
+    drop(conn);
+    source_restarted_mid_read(
+        "mysql",
+        &url,
+        || {
+            db.crash();
+            std::thread::sleep(Duration::from_secs(2));
+            db.start_again();
+        },
+        rows,
+    )
+    .await;
 }

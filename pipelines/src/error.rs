@@ -108,7 +108,14 @@ impl From<EngineError> for PipelineError {
 }
 
 impl From<SourceError> for PipelineError {
+    /// A failure that may pass says so first, as the warehouse's does, so that a reader of
+    /// a failed attempt knows which side went away.
     fn from(e: SourceError) -> Self {
-        PipelineError::new(PipelineErrorKind::Source(e.kind()), "").with_source(e)
+        let message = match e.kind() {
+            SourceErrorKind::Transient => "source unavailable",
+            SourceErrorKind::RateLimited => "source asked to slow down",
+            _ => "",
+        };
+        PipelineError::new(PipelineErrorKind::Source(e.kind()), message).with_source(e)
     }
 }
