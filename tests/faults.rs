@@ -7,6 +7,7 @@
 //! | the warehouse PostgreSQL crashes and restarts mid-run | `the_warehouse_postgres_crashing_mid_run_loses_nothing` |
 //! | the source PostgreSQL crashes and restarts mid-read | `a_source_postgres_crashing_mid_read_loses_nothing` |
 //! | the source MariaDB is killed and restarted mid-read | `a_source_mariadb_crashing_mid_read_loses_nothing` |
+//! | the source connection stalls (no reset, no data) | `a_source_connection_that_stalls_is_given_up_and_the_job_resumes` |
 //!
 //! Rows covered elsewhere: a worker killed with `kill -9` mid-sync
 //! (`queue::a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled`, and in
@@ -30,6 +31,7 @@ use support::jobs::*;
 use support::messy_invoices;
 use support::pg::TestDb;
 use support::private::{PrivateMariadb, PrivatePg};
+use support::proxy::StallProxy;
 use support::redis::Prefix;
 
 /// The whole job of `run`: its result within `limit`, then its ledger over all attempts.
@@ -144,7 +146,13 @@ const SOURCE_TABLE: &str = "CREATE TABLE src_invoices (id bigint PRIMARY KEY, ex
 /// A source database restarted while a worker process reads it: the attempt that lost
 /// its connection fails as transient and says so, the next resumes after the last
 /// committed batch, and the warehouse ends with every source row once.
-async fn source_restarted_mid_read(kind: &str, url: &str, crash: impl FnOnce(), rows: usize) {
+async fn source_fault_mid_read<F: std::future::Future<Output = ()>>(
+    kind: &str,
+    url: &str,
+    extra: &str,
+    fault: impl FnOnce() -> F,
+    rows: usize,
+) -> sluice_engine::JobLedger {
     let db = TestDb::create().await;
     let w = PostgresWarehouse::connect(&db.url)
         .await
@@ -161,7 +169,7 @@ async fn source_restarted_mid_read(kind: &str, url: &str, crash: impl FnOnce(), 
         &path,
         format!(
             "name = \"invoices\"\ntenant = \"acme\"\nentity = \"invoices\"\nbatch_rows = 250\n\
-             [source]\nkind = \"{kind}\"\nurl = \"{url}\"\ntable = \"src_invoices\"\ncursor = [\"updated_at\", \"id\"]\n"
+             [source]\nkind = \"{kind}\"\nurl = \"{url}\"\ntable = \"src_invoices\"\ncursor = [\"updated_at\", \"id\"]\n{extra}"
         ),
     )
     .expect("toml");
@@ -191,7 +199,7 @@ async fn source_restarted_mid_read(kind: &str, url: &str, crash: impl FnOnce(), 
         RunStatus::Running,
         "the source must go down while the run reads it"
     );
-    crash();
+    fault().await;
 
     let (result, job) = finished_job(&queues, &w, &run.run_id, Duration::from_secs(180)).await;
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
@@ -212,6 +220,7 @@ async fn source_restarted_mid_read(kind: &str, url: &str, crash: impl FnOnce(), 
     assert_eq!(whole.counts.inserted, rows as u64, "{job:?}");
     let (_, expected) = source_rows(rows);
     assert_eq!(totals(&w).await, (rows, expected));
+    job
 }
 
 #[tokio::test]
@@ -232,10 +241,11 @@ async fn a_source_postgres_crashing_mid_read_loses_nothing() {
             .expect("rows");
     }
     drop(conn);
-    source_restarted_mid_read(
+    source_fault_mid_read(
         "postgres",
         &url,
-        || {
+        "",
+        || async {
             pg.crash();
             std::thread::sleep(Duration::from_secs(2));
             pg.start_again();
@@ -263,10 +273,11 @@ async fn a_source_mariadb_crashing_mid_read_loses_nothing() {
             .expect("rows");
     }
     drop(conn);
-    source_restarted_mid_read(
+    source_fault_mid_read(
         "mysql",
         &url,
-        || {
+        "",
+        || async {
             db.crash();
             std::thread::sleep(Duration::from_secs(2));
             db.start_again();
@@ -274,4 +285,39 @@ async fn a_source_mariadb_crashing_mid_read_loses_nothing() {
         rows,
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_source_connection_that_stalls_is_given_up_and_the_job_resumes() {
+    let db = TestDb::create().await;
+    let rows = 60_000;
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(SOURCE_TABLE)
+        .execute(&mut conn)
+        .await
+        .expect("table");
+    for chunk in source_rows(rows).0.chunks(2000) {
+        let insert = format!("INSERT INTO src_invoices VALUES {}", chunk.join(", "));
+        sqlx::raw_sql(AssertSqlSafe(insert))
+            .execute(&mut conn)
+            .await
+            .expect("rows");
+    }
+    drop(conn);
+    // postgres://user@host:port/db
+    let (head, rest) = db.url.rsplit_once(':').expect("a port in the URL");
+    let (port, name) = rest.split_once('/').expect("a database in the URL");
+    let port: u16 = port.parse().expect("port");
+    let proxy = StallProxy::start(([127, 0, 0, 1], port).into()).await;
+    let through = format!("{head}:{}/{name}", proxy.port);
+    let job = source_fault_mid_read(
+        "postgres",
+        &through,
+        "statement_timeout_secs = 1\n",
+        || proxy.stall_for(Duration::from_secs(10)),
+        rows,
+    )
+    .await;
+    let told = job.attempts[0].error.as_deref().unwrap_or_default();
+    assert!(told.contains("stalled"), "{job:?}");
 }

@@ -196,7 +196,8 @@ pub struct SqlSpec {
     #[serde(default)]
     pub soft_delete: Option<String>,
     /// Seconds any one statement may run (default 1800, at most 86400); past it the run
-    /// fails and is retried.
+    /// fails and is retried. A connection that answers nothing for that long and 5 s more
+    /// has stalled: the attempt fails as transient and is retried too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement_timeout_secs: Option<u64>,
 }

@@ -8,6 +8,7 @@ pub mod mysql;
 pub mod odoo;
 pub mod pg;
 pub mod private;
+pub mod proxy;
 pub mod qbo;
 pub mod redis;
 

@@ -94,6 +94,14 @@ pub struct SqlTimeouts {
     pub statement: Duration,
 }
 
+impl SqlTimeouts {
+    /// The longest a single wait on the server may last: the statement timeout and
+    /// [`STALL_GRACE`].
+    pub fn stall_limit(&self) -> Duration {
+        self.statement + STALL_GRACE
+    }
+}
+
 impl Default for SqlTimeouts {
     fn default() -> Self {
         SqlTimeouts {
@@ -838,6 +846,87 @@ pub(crate) trait PageConn: Send {
     ) -> impl std::future::Future<Output = Result<Vec<Vec<Cell>>, SourceError>> + Send;
 }
 
+/// A source connection whose every wait is bounded. The server stops any statement at
+/// the statement timeout, so a wait longer than that (plus [`STALL_GRACE`]) is a
+/// connection that stalled: a peer gone without a reset, a middlebox holding the bytes.
+/// Without the bound such a read waits until the job timeout, hours later, holding the
+/// pipeline; with it the attempt fails as transient and is retried.
+pub(crate) struct Bounded<C> {
+    inner: C,
+    limit: Duration,
+}
+
+/// What a stalled wait fails with.
+fn stalled(limit: Duration, what: &str) -> SourceError {
+    SourceError::new(
+        SourceErrorKind::Transient,
+        format!(
+            "{what}: no answer in {} s (the statement timeout and a grace period); the connection stalled",
+            limit.as_secs()
+        ),
+    )
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(stalled(limit, what)))
+}
+
+impl<C: PageConn> PageConn for Bounded<C> {
+    fn quote(name: &str) -> String {
+        C::quote(name)
+    }
+    fn placeholder(n: usize) -> String {
+        C::placeholder(n)
+    }
+    const ROW_VALUES: bool = C::ROW_VALUES;
+    fn begin_page(&mut self) -> impl std::future::Future<Output = Result<(), SourceError>> + Send {
+        bounded(self.limit, "starting a page", self.inner.begin_page())
+    }
+    fn end_page(&mut self) -> impl std::future::Future<Output = Result<(), SourceError>> + Send {
+        bounded(self.limit, "ending a page", self.inner.end_page())
+    }
+    fn stream_rows<'a>(
+        &'a mut self,
+        sql: String,
+        columns: &'a [SqlColumn],
+    ) -> futures_util::stream::BoxStream<'a, Result<Vec<Cell>, SourceError>> {
+        use futures_util::StreamExt;
+        let limit = self.limit;
+        let rows = self.inner.stream_rows(sql, columns);
+        // Each row within the limit; after a stall the stream ends with its error.
+        futures_util::stream::unfold(Some(rows), move |rows| async move {
+            let mut rows = rows?;
+            match tokio::time::timeout(limit, rows.next()).await {
+                Ok(Some(row)) => Some((row, Some(rows))),
+                Ok(None) => None,
+                Err(_) => Some((Err(stalled(limit, "reading rows")), None)),
+            }
+        })
+        .boxed()
+    }
+    fn fetch_rows(
+        &mut self,
+        sql: String,
+        args: Vec<(Cell, ColType)>,
+        columns: &[SqlColumn],
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<Cell>>, SourceError>> + Send {
+        bounded(
+            self.limit,
+            "reading a page",
+            self.inner.fetch_rows(sql, args, columns),
+        )
+    }
+}
+
+/// How long past the statement timeout a wait may last before it counts as a stall.
+pub const STALL_GRACE: Duration = Duration::from_secs(5);
+
 pub(crate) type BatchSender = tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>;
 
 /// Reads the whole stream in one snapshot, streamed into batches of `batch_rows`.
@@ -895,7 +984,10 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tokio::spawn(async move {
         let result = async {
-            let mut conn = connect(plan.config.clone()).await?;
+            let mut conn = Bounded {
+                limit: plan.config.timeouts.stall_limit(),
+                inner: connect(plan.config.clone()).await?,
+            };
             if plan.config.cursor.is_empty() {
                 read_full_refresh(&plan, &mut conn, &tx).await
             } else {
