@@ -8,6 +8,7 @@
 //! | the source PostgreSQL crashes and restarts mid-read | `a_source_postgres_crashing_mid_read_loses_nothing` |
 //! | the source MariaDB is killed and restarted mid-read | `a_source_mariadb_crashing_mid_read_loses_nothing` |
 //! | the source connection stalls (no reset, no data) | `a_source_connection_that_stalls_is_given_up_and_the_job_resumes` |
+//! | the SQLite warehouse is full (`max_page_count`) | `a_full_sqlite_warehouse_keeps_what_it_committed_and_the_rerun_finishes` |
 //!
 //! Rows covered elsewhere: a worker killed with `kill -9` mid-sync
 //! (`queue::a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled`, and in
@@ -320,4 +321,48 @@ async fn a_source_connection_that_stalls_is_given_up_and_the_job_resumes() {
     .await;
     let told = job.attempts[0].error.as_deref().unwrap_or_default();
     assert!(told.contains("stalled"), "{job:?}");
+}
+
+#[tokio::test]
+async fn a_full_sqlite_warehouse_keeps_what_it_committed_and_the_rerun_finishes() {
+    use sluice_engine::SqliteWarehouse;
+    use sluice_engine::prelude::*;
+    use sluice_pipelines::{PipelineSource, Quiet, RunOptions, SourceReach, run_pipeline};
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let (csv, exp) = messy_invoices(40_000, 23);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+    let source = PipelineSource::from_spec(&spec.source, None, &SourceReach::unrestricted())
+        .expect("source");
+    // 3 MiB holds the schema and some batches, not the whole file.
+    let full = SqliteWarehouse::new(&data).with_size_limit(3 << 20);
+    let err = run_pipeline(&spec, &source, &full, &RunOptions::default(), &Quiet)
+        .await
+        .expect_err("the warehouse fills up");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("full"), "the user is told: {err}");
+    let failed = full
+        .run(&slug("acme"), err.run_id().expect("run id"))
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(failed.status, RunStatus::Failed);
+    let c = &failed.counts;
+    assert!(c.rows_read > 0 && c.rows_read < exp.rows_read, "{c:?}");
+    assert_eq!(
+        c.rows_read,
+        c.loaded() + c.quarantined + c.deduplicated,
+        "{c:?}"
+    );
+    let kept = full.invoices(&slug("acme")).await.expect("invoices").len() as u64;
+    assert_eq!(kept, c.inserted, "exactly the committed batches are kept");
+    drop(full);
+
+    // Space freed: the rerun resumes after the last committed batch.
+    let w = SqliteWarehouse::new(&data);
+    let rerun = run_pipeline(&spec, &source, &w, &RunOptions::default(), &Quiet)
+        .await
+        .expect("rerun");
+    assert_eq!(c.rows_read + rerun.ledger.counts.rows_read, exp.rows_read);
+    assert_loaded_exactly(&w, &exp).await;
 }

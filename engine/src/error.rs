@@ -94,10 +94,20 @@ impl EngineError {
     }
 }
 
-/// SQLite's BUSY/LOCKED and PostgreSQL's connection-class and serialization codes.
+/// SQLite's BUSY/LOCKED/FULL and PostgreSQL's connection-class, serialization and
+/// disk-full codes: failures that may pass (a full disk once space is freed; until then
+/// the job's retries end in a dead letter that can be replayed).
 fn is_busy(code: Option<&str>) -> bool {
     match code {
-        Some(c) => c == "5" || c == "6" || c.starts_with("08") || c == "40001" || c == "57P01",
+        Some(c) => {
+            c == "5"
+                || c == "6"
+                || c == "13"
+                || c.starts_with("08")
+                || c == "40001"
+                || c == "57P01"
+                || c == "53100"
+        }
         None => false,
     }
 }

@@ -40,7 +40,11 @@ pub struct SqliteWarehouse {
     upsert_sql: Mutex<HashMap<(Entity, usize), Arc<str>>>,
     control: tokio::sync::OnceCell<SqlitePool>,
     master: Option<Arc<MasterKey>>,
+    max_pages: Option<u64>,
 }
+
+/// SQLite's page size for new databases.
+const PAGE_BYTES: u64 = 4096;
 
 impl SqliteWarehouse {
     /// A warehouse rooted at `data_dir` (created on first write).
@@ -51,7 +55,16 @@ impl SqliteWarehouse {
             upsert_sql: Mutex::new(HashMap::new()),
             control: tokio::sync::OnceCell::new(),
             master: None,
+            max_pages: None,
         }
+    }
+
+    /// Caps each tenant's database file at about `bytes` (`PRAGMA max_page_count`): a load
+    /// that would grow it further fails as a full disk does, with nothing of the failed
+    /// batch kept. Keeps one tenant from filling the server's disk.
+    pub fn with_size_limit(mut self, bytes: u64) -> Self {
+        self.max_pages = Some((bytes / PAGE_BYTES).max(1));
+        self
     }
 
     /// Uses `master` to wrap tenants' data keys (needed to store or read pipeline secrets).
@@ -164,6 +177,10 @@ impl SqliteWarehouse {
             // took 7.4-7.6 s instead of 8.6-9.6 s with SQLite's defaults (2 MiB, 4 MiB).
             .pragma("cache_size", "-65536")
             .pragma("wal_autocheckpoint", "16384");
+        let options = match self.max_pages {
+            Some(pages) => options.pragma("max_page_count", pages.to_string()),
+            None => options,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
