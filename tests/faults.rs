@@ -8,6 +8,7 @@
 //! | the source PostgreSQL crashes and restarts mid-read | `a_source_postgres_crashing_mid_read_loses_nothing` |
 //! | the source MariaDB is killed and restarted mid-read | `a_source_mariadb_crashing_mid_read_loses_nothing` |
 //! | the source connection stalls (no reset, no data) | `a_source_connection_that_stalls_is_given_up_and_the_job_resumes` |
+//! | `kill -9` of a worker mid-batch of a replay job | `a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_once` |
 //! | the SQLite warehouse is full (`max_page_count`) | `a_full_sqlite_warehouse_keeps_what_it_committed_and_the_rerun_finishes` |
 //!
 //! Rows covered elsewhere: a worker killed with `kill -9` mid-sync
@@ -365,4 +366,155 @@ async fn a_full_sqlite_warehouse_keeps_what_it_committed_and_the_rerun_finishes(
         .expect("rerun");
     assert_eq!(c.rows_read + rerun.ledger.counts.rows_read, exp.rows_read);
     assert_loaded_exactly(&w, &exp).await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_once() {
+    use sluice_engine::prelude::*;
+    use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus};
+    use sluice_workers::jobs::ReplaySelection;
+    let db = TestDb::create().await;
+    let w = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let data: PathBuf = dir.path().join("data");
+    let (csv, exp) = messy_invoices(40_000, 24);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 100, None);
+    register(&w, &spec).await;
+    let queues = Queues::connect(settings(Some((&redis.url, &redis.prefix)), &data))
+        .await
+        .expect("queues");
+    let process = WorkerProcess {
+        database_url: Some(db.url.clone()),
+        redis: Some((redis.url.clone(), redis.prefix.clone())),
+        retry_base_ms: 100,
+    };
+    let mut workers = Reaper(vec![sluice_worker(&process, &data)]);
+    let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
+    let (result, _) = finished_job(&queues, &w, &sync.run_id, Duration::from_secs(120)).await;
+    assert_eq!(result.status, JobStatus::Succeeded);
+
+    // Fix every row whose only error is its currency, as an admin's PATCH would.
+    let tenant = slug("acme");
+    let all = QuarantineFilter {
+        limit: Some(100_000),
+        ..QuarantineFilter::default()
+    };
+    let quarantined = w.quarantined(&tenant, &all).await.expect("quarantine");
+    let fixable: Vec<String> = quarantined
+        .iter()
+        .filter(|r| r.errors.len() == 1 && r.errors[0].rule == "currency_code")
+        .map(|r| r.id.clone())
+        .collect();
+    let by_rule = quarantined
+        .iter()
+        .filter(|r| r.errors.iter().any(|e| e.rule == "currency_code"))
+        .count();
+    assert!(
+        fixable.len() > 200,
+        "two pages of rows to replay: {}",
+        fixable.len()
+    );
+    let mut conn = db.connect().await;
+    sqlx::query(
+        "UPDATE tenant_acme.quarantine SET raw = jsonb_set(raw, '{currency}', '\"USD\"'), \
+         raw_text = replace(raw_text, '\"currency\":\"XYZ\"', '\"currency\":\"USD\"'), status = 'fixed' WHERE id = ANY($1)",
+    )
+    .bind(&fixable)
+    .execute(&mut conn)
+    .await
+    .expect("fix");
+    let before = w.invoices(&tenant).await.expect("invoices").len();
+
+    // Hold the last row of the replay (pages go in quarantine order) so that the replay
+    // stops inside a later batch's transaction, after earlier batches committed.
+    let last: String = sqlx::query_scalar(
+        "SELECT id FROM tenant_acme.quarantine WHERE errors @> '[{\"rule\": \"currency_code\"}]' \
+         ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("last row");
+    let mut holder = db.connect().await;
+    let mut held = sqlx::Connection::begin(&mut holder).await.expect("tx");
+    sqlx::query("SELECT id FROM tenant_acme.quarantine WHERE id = $1 FOR UPDATE")
+        .bind(&last)
+        .execute(&mut *held)
+        .await
+        .expect("hold the row");
+    let replay = queues
+        .replay(
+            "acme",
+            ReplaySelection {
+                pipeline: "invoices".into(),
+                ids: Vec::new(),
+                run_id: None,
+                rule: Some("currency_code".into()),
+            },
+            None,
+        )
+        .await
+        .expect("replay");
+    eventually(Duration::from_secs(60), "a replay batch waiting on the held row", || async {
+        let committed = w
+            .run(&tenant, &replay.run_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.counts.rows_read > 0);
+        let mut c = db.connect().await;
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .expect("activity");
+        committed && waiting > 0
+    })
+    .await;
+    kill_9(&mut workers.0[0]);
+    held.rollback().await.expect("release the row");
+    workers.0.push(sluice_worker(&process, &data));
+
+    let (result, job) = finished_job(&queues, &w, &replay.run_id, Duration::from_secs(120)).await;
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert!(
+        job.attempts.len() >= 2,
+        "the killed attempt and its takeover: {job:?}"
+    );
+    let whole = job.whole();
+    assert_eq!(
+        whole.counts.rows_read, by_rule as u64,
+        "each selected row read once: {job:?}"
+    );
+    assert_eq!(
+        whole.counts.quarantined,
+        (by_rule - fixable.len()) as u64,
+        "{job:?}"
+    );
+    let after = w.invoices(&tenant).await.expect("invoices").len();
+    assert_eq!(
+        (after - before) as u64
+            + whole.counts.updated
+            + whole.counts.unchanged
+            + whole.counts.deduplicated,
+        fixable.len() as u64
+    );
+    let now = w.quarantined(&tenant, &all).await.expect("quarantine");
+    let replayed = now
+        .iter()
+        .filter(|r| r.status == QuarantineStatus::Replayed)
+        .count();
+    assert_eq!(replayed, fixable.len(), "every fixed row replayed, once");
+    assert_eq!(
+        now.len() as u64,
+        exp.quarantined,
+        "no row lost from the quarantine"
+    );
 }

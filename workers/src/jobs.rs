@@ -56,11 +56,16 @@ impl SyncJob {
 
     /// The run id of attempt `n`: the job's own for the first, then `<run_id>.<n>`.
     pub fn attempt_run_id(&self, n: u32) -> String {
-        if n <= 1 {
-            self.run_id.clone()
-        } else {
-            format!("{}.{n}", self.run_id)
-        }
+        attempt_run_id(&self.run_id, n)
+    }
+}
+
+/// The run id of attempt `n` of the job of `run_id`: the job's id, then `<id>.2`, ...
+pub fn attempt_run_id(run_id: &str, n: u32) -> String {
+    if n <= 1 {
+        run_id.to_string()
+    } else {
+        format!("{run_id}.{n}")
     }
 }
 

@@ -29,8 +29,8 @@ use sluice_pipelines::{
 use crate::coord::Lease;
 use crate::error::{WorkerError, WorkerErrorKind};
 use crate::jobs::{
-    JobOutcome, ReplayJob, ReplaySelection, SyncJob, continue_sync_job, dead_letter,
-    replay_dead_letter_record,
+    JobOutcome, ReplayJob, ReplaySelection, SyncJob, attempt_run_id, continue_sync_job,
+    dead_letter, replay_dead_letter_record,
 };
 use crate::metrics::metrics;
 use crate::poll::EveryInterval;
@@ -396,7 +396,7 @@ where
         {
             return self.dead(job, &[], &e.to_string()).await;
         }
-        let prior = match self.earlier_attempts(job).await {
+        let prior = match self.earlier_attempts(&job.tenant, &job.run_id).await {
             Ok(Ok(prior)) => prior,
             Ok(Err(done)) => return done,
             Err(e) => return self.dead(job, &[], &e).await,
@@ -484,18 +484,21 @@ where
     /// run left `running` belonged to a worker that died: it is closed as failed. When an
     /// earlier attempt succeeded (the worker died after the run, before acknowledging the
     /// job), the job is done: `Err(result)`.
+    /// The attempts an earlier delivery of the job of `job_run` made (a running one, whose
+    /// worker died, is closed as failed), or how the job ended if one succeeded.
     async fn earlier_attempts(
         &self,
-        job: &SyncJob,
+        tenant: &str,
+        job_run: &str,
     ) -> Result<Result<Vec<Attempt>, JobResult>, String> {
-        let tenant = TenantSlug::parse(&job.tenant).map_err(|e| e.to_string())?;
+        let tenant = TenantSlug::parse(tenant).map_err(|e| e.to_string())?;
         self.warehouse
             .prepare_tenant(&tenant)
             .await
             .map_err(|e| e.to_string())?;
         let mut prior = Vec::new();
         for number in 1..=self.policy.attempts.max(1) as u32 + 1 {
-            let run_id = job.attempt_run_id(number);
+            let run_id = attempt_run_id(job_run, number);
             let Some(ledger) = self
                 .warehouse
                 .run(&tenant, &run_id)
@@ -548,9 +551,15 @@ where
             Ok((spec, _)) => spec,
             Err(reason) => return self.dead_replay(job, &[], &reason).await,
         };
+        // A delivery after a worker died continues the attempts of the one before.
+        let prior = match self.earlier_attempts(&job.tenant, &job.run_id).await {
+            Ok(Ok(prior)) => prior,
+            Ok(Err(done)) => return done,
+            Err(e) => return self.dead_replay(job, &[], &e).await,
+        };
         let (outcome, _) = continue_with_retries(
             &self.policy,
-            Vec::new(),
+            prior,
             |n| {
                 let spec = &spec;
                 async move {
@@ -565,11 +574,7 @@ where
                     };
                     let options = RunOptions {
                         trigger: RunTrigger::Replay,
-                        run_id: Some(if n <= 1 {
-                            job.run_id.clone()
-                        } else {
-                            format!("{}.{n}", job.run_id)
-                        }),
+                        run_id: Some(attempt_run_id(&job.run_id, n)),
                     };
                     replay_quarantined_pages(spec, &*self.warehouse, next, &options).await
                 }
