@@ -9,6 +9,7 @@
 //! | the source MariaDB is killed and restarted mid-read | `a_source_mariadb_crashing_mid_read_loses_nothing` |
 //! | the source connection stalls (no reset, no data) | `a_source_connection_that_stalls_is_given_up_and_the_job_resumes` |
 //! | `kill -9` of a worker mid-batch of a replay job | `a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_once` |
+//! | two schedulers and three workers, one of each killed | `schedulers_and_workers_killed_leave_every_cron_tick_run_once` |
 //! | the SQLite warehouse is full (`max_page_count`) | `a_full_sqlite_warehouse_keeps_what_it_committed_and_the_rerun_finishes` |
 //!
 //! Rows covered elsewhere: a worker killed with `kill -9` mid-sync
@@ -517,4 +518,106 @@ async fn a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_onc
         exp.quarantined,
         "no row lost from the quarantine"
     );
+}
+
+#[tokio::test]
+async fn schedulers_and_workers_killed_leave_every_cron_tick_run_once() {
+    use redis::AsyncCommands;
+    let db = TestDb::create().await;
+    let w = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let data: PathBuf = dir.path().join("data");
+    let (csv, exp) = messy_invoices(3_000, 25);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 250, Some("*/2 * * * * *"));
+    register(&w, &spec).await;
+    let queues = Queues::connect(settings(Some((&redis.url, &redis.prefix)), &data))
+        .await
+        .expect("queues");
+    let process = WorkerProcess {
+        database_url: Some(db.url.clone()),
+        redis: Some((redis.url.clone(), redis.prefix.clone())),
+        retry_base_ms: 200,
+    };
+    let mut schedulers = Reaper(vec![
+        sluice_scheduler(&process, &data),
+        sluice_scheduler(&process, &data),
+    ]);
+    let mut workers = Reaper((0..3).map(|_| sluice_worker(&process, &data)).collect());
+
+    let ticks_fired = || async {
+        let mut conn = redis::Client::open(redis.url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let keys: Vec<String> = conn
+            .keys(format!("{}:idem:acme:invoices/cron:*", redis.prefix))
+            .await
+            .expect("keys");
+        let mut ticks = Vec::new();
+        for key in keys {
+            let run: String = conn.get(&key).await.expect("run");
+            let at: i64 = key
+                .rsplit(':')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .expect("tick");
+            ticks.push((at, run));
+        }
+        ticks.sort();
+        ticks
+    };
+    eventually(Duration::from_secs(60), "two ticks fired", || async {
+        ticks_fired().await.len() >= 2
+    })
+    .await;
+    kill_9(&mut schedulers.0[0]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kill_9(&mut workers.0[0]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    kill_9(&mut schedulers.0[1]);
+    let ticks = ticks_fired().await;
+
+    // Every tick from the first to the last fired, none lost when a scheduler died.
+    assert!(ticks.len() >= 6, "{ticks:?}");
+    for pair in ticks.windows(2) {
+        assert_eq!(
+            pair[1].0 - pair[0].0,
+            2_000,
+            "a tick was skipped: {ticks:?}"
+        );
+    }
+    // Each tick has one run, which started after it and succeeded (a run that took over
+    // from the killed worker included).
+    let mut runs = std::collections::BTreeSet::new();
+    for (at, run) in &ticks {
+        let (result, job) = finished_job(&queues, &w, run, Duration::from_secs(120)).await;
+        assert_eq!(result.status, JobStatus::Succeeded, "tick {at}: {result:?}");
+        let whole = job.whole();
+        assert!(
+            whole.started_at.timestamp_millis() >= *at,
+            "tick {at} joined a run that started before it: {whole:?}"
+        );
+        runs.insert(run.clone());
+    }
+    // ... and no run came from anything but a tick: no tick fired twice.
+    let cron_jobs: std::collections::BTreeSet<String> = w
+        .runs(&slug("acme"), Some("invoices"), 1000)
+        .await
+        .expect("runs")
+        .into_iter()
+        .map(|r| sluice_engine::JobLedger::job_id(&r.run_id).to_string())
+        .collect();
+    assert_eq!(
+        cron_jobs, runs,
+        "runs without a tick, or ticks without their run"
+    );
+    assert_loaded_exactly(&w, &exp).await;
 }

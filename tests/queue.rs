@@ -239,7 +239,12 @@ async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
     assert_eq!(b.pass(at(t0)).await.expect("pass").0, 0);
     for k in 1..=3 {
         let t = at(t0 + 2 * k);
-        let (ra, rb) = tokio::join!(a.pass(t), b.pass(t));
+        // The replicas pass at different instants within the tick's second.
+        let later = t + chrono::Duration::milliseconds(370);
+        let (ra, rb) = tokio::join!(
+            a.pass(t + chrono::Duration::milliseconds(120)),
+            b.pass(later)
+        );
         assert_eq!(ra.expect("a").0, 1, "replica a sees tick {k} due");
         assert_eq!(rb.expect("b").0, 1, "replica b sees tick {k} due");
         eventually(Duration::from_secs(30), "the tick's run", || async {

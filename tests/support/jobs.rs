@@ -31,6 +31,16 @@ pub struct WorkerProcess {
 
 /// A `sluice worker` process (heartbeat 1 s, lease 3 s, one sync at a time).
 pub fn sluice_worker(p: &WorkerProcess, data: &Path) -> Child {
+    sluice_process(p, data, &["worker", "--concurrency", "1"])
+}
+
+/// A `sluice scheduler` process.
+pub fn sluice_scheduler(p: &WorkerProcess, data: &Path) -> Child {
+    sluice_process(p, data, &["scheduler"])
+}
+
+/// A `sluice` process running `command` on the services of `p`.
+pub fn sluice_process(p: &WorkerProcess, data: &Path, command: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.arg("--data-dir").arg(data);
     if let Some(url) = &p.database_url {
@@ -44,7 +54,7 @@ pub fn sluice_worker(p: &WorkerProcess, data: &Path) -> Child {
         .env_remove("SLUICE_REDIS_URL")
         .args(["--heartbeat-ms", "1000", "--lease-ms", "3000"])
         .args(["--retry-base-ms", &p.retry_base_ms.to_string()])
-        .args(["worker", "--concurrency", "1"])
+        .args(command)
         .env("SLUICE_MASTER_KEY", MASTER_KEY_HEX)
         .env("SLUICE_LOG", "warn")
         .stdout(Stdio::null())

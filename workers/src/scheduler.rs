@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Timelike, Utc};
 use futures_util::StreamExt;
 use sluice_engine::control::{PipelineStore, ScheduledPipeline};
 
@@ -216,6 +216,12 @@ impl<S: PipelineStore> Scheduler<S> {
             }
             let Some(cron) = &entry.cron else { continue };
             let Ok(tick) = cron.find_previous_occurrence(&now, true) else {
+                continue;
+            };
+            // croner keeps `now`'s fraction of a second: without this, replicas passing at
+            // different instants of the same second named one tick differently, and each
+            // fired it under its own idempotency key.
+            let Some(tick) = tick.with_nanosecond(0) else {
                 continue;
             };
             if tick.timestamp_millis() > entry.last {
