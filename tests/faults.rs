@@ -10,6 +10,7 @@
 //! | the source connection stalls (no reset, no data) | `a_source_connection_that_stalls_is_given_up_and_the_job_resumes` |
 //! | `kill -9` of a worker mid-batch of a replay job | `a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_once` |
 //! | two schedulers and three workers, one of each killed | `schedulers_and_workers_killed_leave_every_cron_tick_run_once` |
+//! | Redis restarted with jobs queued, running and scheduled | `a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none` |
 //! | the SQLite warehouse is full (`max_page_count`) | `a_full_sqlite_warehouse_keeps_what_it_committed_and_the_rerun_finishes` |
 //!
 //! Rows covered elsewhere: a worker killed with `kill -9` mid-sync
@@ -35,7 +36,7 @@ use support::messy_invoices;
 use support::pg::TestDb;
 use support::private::{PrivateMariadb, PrivatePg};
 use support::proxy::StallProxy;
-use support::redis::Prefix;
+use support::redis::{Prefix, PrivateRedis};
 
 /// The whole job of `run`: its result within `limit`, then its ledger over all attempts.
 async fn finished_job(
@@ -620,4 +621,142 @@ async fn schedulers_and_workers_killed_leave_every_cron_tick_run_once() {
         "runs without a tick, or ticks without their run"
     );
     assert_loaded_exactly(&w, &exp).await;
+}
+
+/// The runs each cron tick of `pipeline` produced, by tick, from the idempotency keys.
+async fn cron_ticks(redis_url: &str, prefix: &str, pipeline: &str) -> Vec<(i64, String)> {
+    use redis::AsyncCommands;
+    let Ok(mut conn) = redis::Client::open(redis_url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+    else {
+        return Vec::new();
+    };
+    let keys: Vec<String> = conn
+        .keys(format!("{prefix}:idem:acme:{pipeline}/cron:*"))
+        .await
+        .unwrap_or_default();
+    let mut ticks = Vec::new();
+    for key in keys {
+        let run: String = conn.get(&key).await.expect("run");
+        let at: i64 = key
+            .rsplit(':')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .expect("tick");
+        ticks.push((at, run));
+    }
+    ticks.sort();
+    ticks
+}
+
+#[tokio::test]
+async fn a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none() {
+    let db = TestDb::create().await;
+    let w = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    let dir = tempfile::tempdir().expect("tmp");
+    let redis_dir = dir.path().join("redis");
+    std::fs::create_dir_all(&redis_dir).expect("dir");
+    let mut redis = PrivateRedis::start(&redis_dir);
+    let prefix = "sluice";
+    let data: PathBuf = dir.path().join("data");
+    let (csv, exp) = messy_invoices(30_000, 26);
+    // The same file under three pipelines: one running, one queued behind it (one worker,
+    // one job at a time), one on a 2-second schedule.
+    for (name, cron) in [
+        ("running", None),
+        ("queued", None),
+        ("scheduled", Some("*/2 * * * * *")),
+    ] {
+        let spec = write_pipeline(dir.path(), name, &csv, 500, cron);
+        register(&w, &spec).await;
+    }
+    let queues = Queues::connect(settings(Some((&redis.url(), prefix)), &data))
+        .await
+        .expect("queues");
+    let process = WorkerProcess {
+        database_url: Some(db.url.clone()),
+        redis: Some((redis.url(), prefix.to_string())),
+        retry_base_ms: 500,
+    };
+    let _procs = Reaper(vec![
+        sluice_worker(&process, &data),
+        sluice_scheduler(&process, &data),
+    ]);
+    eventually(Duration::from_secs(30), "a scheduled tick", || async {
+        !cron_ticks(&redis.url(), prefix, "scheduled")
+            .await
+            .is_empty()
+    })
+    .await;
+    let running = queues.trigger(&manual("running")).await.expect("trigger");
+    let queued = queues.trigger(&manual("queued")).await.expect("trigger");
+    first_batches_committed(&w, &running.run_id).await;
+    let before = w
+        .run(&slug("acme"), &running.run_id)
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(
+        before.status,
+        RunStatus::Running,
+        "Redis must stop under a running job"
+    );
+    redis.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart();
+
+    for run in [&running.run_id, &queued.run_id] {
+        let (result, job) = finished_job(&queues, &w, run, Duration::from_secs(180)).await;
+        assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+        assert_eq!(job.whole().counts.rows_read, exp.rows_read, "{job:?}");
+    }
+    // The schedule goes on after the restart, each tick with one run; none fired twice.
+    let before = cron_ticks(&redis.url(), prefix, "scheduled").await.len();
+    eventually(
+        Duration::from_secs(60),
+        "ticks after the restart",
+        || async { cron_ticks(&redis.url(), prefix, "scheduled").await.len() >= before + 2 },
+    )
+    .await;
+    let ticks = cron_ticks(&redis.url(), prefix, "scheduled").await;
+    let mut runs = std::collections::BTreeSet::new();
+    for (at, run) in &ticks {
+        let (result, _) = finished_job(&queues, &w, run, Duration::from_secs(120)).await;
+        assert_eq!(result.status, JobStatus::Succeeded, "tick {at}: {result:?}");
+        runs.insert(run.clone());
+    }
+    let jobs: std::collections::BTreeSet<String> = w
+        .runs(&slug("acme"), Some("scheduled"), 1000)
+        .await
+        .expect("runs")
+        .into_iter()
+        .map(|r| sluice_engine::JobLedger::job_id(&r.run_id).to_string())
+        .collect();
+    // Ticks fired since the first reading have runs too: read the keys again.
+    let keyed: std::collections::BTreeSet<String> = cron_ticks(&redis.url(), prefix, "scheduled")
+        .await
+        .into_iter()
+        .map(|(_, run)| run)
+        .chain(runs)
+        .collect();
+    assert!(
+        jobs.is_subset(&keyed),
+        "a run without its tick: {jobs:?} {keyed:?}"
+    );
+    // Each pipeline keeps its own copy of the file's rows: three times the file, once each.
+    let (count, sums) = totals(&w).await;
+    assert_eq!(count, 3 * exp.winners.len());
+    let thrice: HashMap<String, Decimal> = expected_sums(&exp)
+        .into_iter()
+        .map(|(c, v)| (c, v * Decimal::from(3)))
+        .collect();
+    assert_eq!(sums, thrice);
 }
