@@ -424,6 +424,57 @@ async fn quickbooks_throttling_and_server_errors_are_retried_within_the_limits()
     );
 }
 
+/// Bursts of every failure QuickBooks answers with (a run of 503 Faults, a run of 429s,
+/// requests that hang past the client's timeout), while a source reads: every record once.
+#[tokio::test]
+async fn quickbooks_bursts_of_5xx_429_and_timeouts_lose_no_record() {
+    let fake = FakeQbo::start(Books {
+        records: HashMap::from([("Invoice".to_string(), qbo_invoices(300, 5))]),
+        latency: Duration::from_millis(5),
+        ..Books::default()
+    })
+    .await;
+    let mut c = QuickBooksConfig::new(
+        qbo::REALM,
+        qbo::CLIENT_ID,
+        qbo::CLIENT_SECRET,
+        qbo::FIRST_REFRESH,
+        QboStream::Invoice,
+    );
+    c.base_url = fake.url.clone();
+    c.token_url = fake.token_url();
+    c.page_size = 20;
+    c.request_timeout = Duration::from_millis(500);
+    c.retry = RequestRetry {
+        // Enough for both bursts meeting one request back to back.
+        attempts: 12,
+        base: Duration::from_millis(1),
+    };
+    let source = QuickBooksSource::new(c, Arc::new(MemoryTokens::default())).expect("source");
+    // A burst at the start, then more while the read pages.
+    fake.with(|b| {
+        b.fail_next = 2;
+        b.throttle_next = 2;
+        b.stall_next = 1;
+        b.stall = Duration::from_secs(3);
+        b.after_first_page = None;
+    });
+    let first = tokio::spawn({
+        let s = source.clone();
+        async move { read_invoices(&s).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.with(|b| {
+        b.fail_next += 2;
+        b.throttle_next += 2;
+        b.stall_next += 1;
+    });
+    assert_eq!(first.await.expect("read"), 300, "every record once");
+    let (stalled, throttled) = fake.with(|b| (b.stalled, b.throttled));
+    assert!(stalled >= 2, "the held requests were met: {stalled}");
+    assert!(throttled >= 4, "the 429 bursts were met: {throttled}");
+}
+
 #[tokio::test]
 async fn quickbooks_lists_include_inactive_records_and_payments_keep_what_they_pay() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -736,6 +736,16 @@ async fn a_worker_killed_mid_sync_is_taken_over_in_the_embedded_queue_too() {
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
     first_batches_committed(&w, &run.run_id).await;
     kill_9(&mut workers.0[0]);
+    let at_kill = w
+        .run(&slug("acme"), &run.run_id)
+        .await
+        .expect("ledger")
+        .expect("run");
+    assert_eq!(
+        at_kill.status,
+        RunStatus::Running,
+        "the sync must still be running when its worker dies"
+    );
     workers.0.push(worker_command(None, &data));
     let result = tokio::time::timeout(
         Duration::from_secs(120),

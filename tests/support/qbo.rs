@@ -47,6 +47,14 @@ pub struct Books {
     pub fail_next: usize,
     /// Answer every Nth API request with a 429 (XML body).
     pub throttle_every: Option<usize>,
+    /// Answer the next N API requests with a 429 (a burst).
+    pub throttle_next: usize,
+    /// Hold the next N API requests for `stall` before answering (a client with a
+    /// shorter timeout has given up by then).
+    pub stall_next: usize,
+    pub stall: Duration,
+    /// Requests held so.
+    pub stalled: usize,
     /// Run this after the first query page is served (a change while the read pages).
     pub after_first_page: Option<Hook>,
     /// How long each API answer takes (so that concurrent requests overlap).
@@ -274,6 +282,11 @@ fn admit(books: &Shared, headers: &HeaderMap, realm: &str) -> Result<(), Box<Res
             "10000",
         )));
     }
+    if b.throttle_next > 0 {
+        b.throttle_next -= 1;
+        b.throttled += 1;
+        return Err(Box::new(throttle()));
+    }
     if let Some(every) = b.throttle_every
         && b.requests.is_multiple_of(every)
     {
@@ -287,7 +300,16 @@ fn admit(books: &Shared, headers: &HeaderMap, realm: &str) -> Result<(), Box<Res
 /// [`admit`], then the answer's latency.
 async fn admitted(books: &Shared, headers: &HeaderMap, realm: &str) -> Result<(), Box<Response>> {
     admit(books, headers, realm)?;
-    let latency = books.lock().expect("books").latency;
+    let latency = {
+        let mut b = books.lock().expect("books");
+        if b.stall_next > 0 {
+            b.stall_next -= 1;
+            b.stalled += 1;
+            b.latency + b.stall
+        } else {
+            b.latency
+        }
+    };
     tokio::time::sleep(latency).await;
     Ok(())
 }

@@ -145,6 +145,10 @@ pub async fn continue_sync_job<S: Source, W: Warehouse>(
     observer: &dyn RunObserver,
 ) -> Result<JobOutcome, WorkerError> {
     let span = tracing::info_span!("job", tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
+    // The last attempt's error, for closing its ledger if the attempt could not (the
+    // warehouse was down when it failed).
+    let last_error = std::sync::Mutex::new(None::<String>);
+    let last_error = &last_error;
     let (outcome, _) = continue_with_retries(
         policy,
         prior,
@@ -154,11 +158,19 @@ pub async fn continue_sync_job<S: Source, W: Warehouse>(
                 run_id: Some(job.attempt_run_id(n)),
             };
             async move {
+                if n > 1 {
+                    let said = last_error.lock().ok().and_then(|mut e| e.take());
+                    close_if_open(job, n - 1, said, warehouse).await;
+                }
                 let run = run_pipeline(spec, source, warehouse, &options, observer);
-                match tokio::time::timeout(policy.attempt_timeout, run).await {
+                let result = match tokio::time::timeout(policy.attempt_timeout, run).await {
                     Ok(result) => result,
                     Err(_) => Err(attempt_timed_out(job, n, policy, warehouse).await),
+                };
+                if let (Err(e), Ok(mut last)) = (&result, last_error.lock()) {
+                    *last = Some(e.to_string());
                 }
+                result
             }
         },
         PipelineError::is_transient,
@@ -185,6 +197,26 @@ pub async fn continue_sync_job<S: Source, W: Warehouse>(
                 failed,
                 reason,
             })
+        }
+    }
+}
+
+/// Closes attempt `n`'s ledger as failed if it still says running: an attempt that failed
+/// because the warehouse went away could not record its own end.
+async fn close_if_open<W: Warehouse>(job: &SyncJob, n: u32, said: Option<String>, warehouse: &W) {
+    let Ok(tenant) = TenantSlug::parse(&job.tenant) else {
+        return;
+    };
+    let run_id = job.attempt_run_id(n);
+    if let Ok(Some(ledger)) = warehouse.run(&tenant, &run_id).await
+        && ledger.status == RunStatus::Running
+    {
+        let error = said.unwrap_or_else(|| "the attempt failed and could not say why".into());
+        if let Err(e) = warehouse
+            .finish_run(&tenant, &run_id, RunStatus::Failed, Some(&error))
+            .await
+        {
+            tracing::warn!(error = %e, run = %run_id, "closing the failed attempt's ledger");
         }
     }
 }

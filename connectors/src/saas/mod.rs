@@ -206,10 +206,24 @@ impl Default for RequestRetry {
     }
 }
 
+/// The longest wait between two tries of a request: past the twelfth doubling of a
+/// one-second base the wait grew past an hour.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The longest a service's `Retry-After` is obeyed.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 impl RequestRetry {
-    /// The wait before try `attempt + 1` (1-based `attempt`), or what the server asked.
+    /// The wait before try `attempt + 1` (1-based `attempt`), or what the server asked:
+    /// doubling from `base`, at most [`MAX_BACKOFF`]; a `Retry-After` at most
+    /// [`MAX_RETRY_AFTER`].
     pub fn wait(&self, attempt: u32, asked: Option<Duration>) -> Duration {
-        asked.unwrap_or_else(|| self.base * 2u32.saturating_pow(attempt.saturating_sub(1)))
+        match asked {
+            Some(asked) => asked.min(MAX_RETRY_AFTER),
+            None => self
+                .base
+                .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+                .min(MAX_BACKOFF),
+        }
     }
 }
 
@@ -430,5 +444,34 @@ impl TextBatch {
         self.rows = 0;
         RecordBatch::try_new(self.schema.clone(), columns)
             .map_err(|e| SourceError::new(SourceErrorKind::Format, e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn waits_double_up_to_a_minute_and_retry_after_is_obeyed_up_to_five() {
+        let r = RequestRetry {
+            attempts: 40,
+            base: Duration::from_secs(1),
+        };
+        assert_eq!(r.wait(1, None), Duration::from_secs(1));
+        assert_eq!(r.wait(4, None), Duration::from_secs(8));
+        assert_eq!(
+            r.wait(13, None),
+            MAX_BACKOFF,
+            "2^12 s would be over an hour"
+        );
+        assert_eq!(r.wait(40, None), MAX_BACKOFF);
+        assert_eq!(
+            r.wait(2, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            r.wait(2, Some(Duration::from_secs(86_400))),
+            MAX_RETRY_AFTER
+        );
     }
 }

@@ -313,6 +313,9 @@ pub struct QuickBooksConfig {
     /// refresh spends the company's request budget and may rotate its refresh token, so
     /// the API's health reads turn it off: they check that the service answers.
     pub check_credentials: bool,
+    /// How long one request may take, answer included (60 s); past it the request counts
+    /// as a transient failure and is retried as [`Self::retry`] says.
+    pub request_timeout: Duration,
 }
 
 impl std::fmt::Debug for QuickBooksConfig {
@@ -352,6 +355,7 @@ impl QuickBooksConfig {
             retry: RequestRetry::default(),
             egress: EgressPolicy::unrestricted(),
             check_credentials: true,
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -636,8 +640,8 @@ impl QuickBooksSource {
             .egress
             .http_client()
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
-            .timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(10))
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(10).min(config.request_timeout))
             .build()
             .map_err(|e| SourceError::new(SourceErrorKind::Config, format!("http client: {e}")))?;
         Ok(QuickBooksSource {

@@ -67,6 +67,17 @@ pub(super) async fn migrate_with(
     migrations: &[(i64, &'static str)],
 ) -> Result<()> {
     let ctx = |step: &str| format!("migrating {what}: {step}");
+    // Up to date (the common case): no write lock. `BEGIN IMMEDIATE` on every first open
+    // made a reader (the API, `runs show`, a test watching a run) wait behind a running
+    // load's writes until it ended.
+    let latest = migrations.iter().map(|(v, _)| *v).max().unwrap_or(0);
+    let applied: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(None);
+    if applied.is_some_and(|v| v >= latest) {
+        return Ok(());
+    }
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
