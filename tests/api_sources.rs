@@ -874,6 +874,52 @@ async fn odoo_refused_credentials_are_permanent_and_unavailability_is_retried() 
     }
 }
 
+/// Bursts of a 503, a 429 and a request held past the client's timeout, on both
+/// transports: the synced figures equal those of a sync that met no fault.
+#[tokio::test]
+async fn odoo_bursts_of_5xx_429_and_timeouts_lose_no_record() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = FakeOdoo::start(Database {
+        records: HashMap::from([("account.move".to_string(), odoo_moves(150, 8))]),
+        stall: Duration::from_secs(3),
+        ..Database::default()
+    })
+    .await;
+    let clean = embedded(&dir.path().join("clean"));
+    let spec = odoo_pipeline(dir.path(), "odoo", &fake, "invoices", "invoices", "");
+    succeeded(&sync(&spec, &clean).await.expect("clean sync"));
+    let expected = warehouse_invoices(&clean).await;
+    assert!(expected.0 > 0);
+    for transport in ["jsonrpc", "json2"] {
+        let w = embedded(&dir.path().join(transport));
+        let spec = odoo_pipeline(
+            dir.path(),
+            "odoo",
+            &fake,
+            "invoices",
+            "invoices",
+            &format!("transport = \"{transport}\"\nrequest_timeout_secs = 1\n"),
+        );
+        fake.with(|d| {
+            d.fail_next = 1;
+            d.throttle_next = 1;
+            d.stall_next = 1;
+        });
+        let report = sync(&spec, &w).await.expect("the bursts are retried");
+        succeeded(&report);
+        assert_eq!(warehouse_invoices(&w).await, expected, "{transport}");
+        let (stalled, throttled, failing) = fake.with(|d| {
+            (
+                d.stalled,
+                d.throttled,
+                d.fail_next + d.throttle_next + d.stall_next,
+            )
+        });
+        assert_eq!(failing, 0, "{transport}: every injected fault was met");
+        assert!(stalled >= 1 && throttled >= 1);
+    }
+}
+
 #[tokio::test]
 async fn odoo_payments_cancelled_later_are_deleted_and_archived_partners_are_read() {
     let dir = tempfile::tempdir().expect("tmp");

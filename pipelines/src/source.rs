@@ -196,6 +196,9 @@ fn odoo_source(spec: &OdooSpec, reach: &SourceReach) -> Result<OdooSource, Pipel
         page_size: spec.page_size.unwrap_or(500),
         retry: Default::default(),
         egress: reach.egress().clone(),
+        request_timeout: std::time::Duration::from_secs(
+            spec.request_timeout_secs.unwrap_or(120).clamp(1, 600),
+        ),
     })
     .map_err(source_config)
 }

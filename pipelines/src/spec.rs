@@ -123,6 +123,10 @@ pub struct OdooSpec {
     /// Records per page (default 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<usize>,
+    /// Seconds one request may take, answer included (default 120, 1 to 600); past it
+    /// the request is retried like a 5xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for OdooSpec {

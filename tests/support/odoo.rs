@@ -28,6 +28,13 @@ pub struct Database {
     pub records: HashMap<String, Vec<Value>>,
     /// Answer the next N requests with a 503 from the proxy.
     pub fail_next: usize,
+    /// Answer the next N requests with a 429 (the hosting's rate limit).
+    pub throttle_next: usize,
+    /// Hold the next N requests for `stall` before answering.
+    pub stall_next: usize,
+    pub stall: std::time::Duration,
+    pub stalled: usize,
+    pub throttled: usize,
     /// Every record returned by search_read, as (model, id, state).
     pub served: Vec<(String, i64, Option<String>)>,
     pub requests: usize,
@@ -84,9 +91,38 @@ fn rpc_error(id: &Value, name: &str, message: &str) -> Response {
     .into_response()
 }
 
+/// Holds a request when told to (a server that hangs past the client's timeout).
+async fn maybe_stall(db: &Shared) {
+    let stall = {
+        let mut d = db.lock().expect("db");
+        if d.stall_next > 0 {
+            d.stall_next -= 1;
+            d.stalled += 1;
+            Some(d.stall)
+        } else {
+            None
+        }
+    };
+    if let Some(s) = stall {
+        tokio::time::sleep(s).await;
+    }
+}
+
 fn unavailable(db: &Shared) -> Option<Response> {
     let mut d = db.lock().expect("db");
     d.requests += 1;
+    if d.throttle_next > 0 {
+        d.throttle_next -= 1;
+        d.throttled += 1;
+        return Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::CONTENT_TYPE, "text/html")],
+                "<html><body><h1>429 Too Many Requests</h1></body></html>",
+            )
+                .into_response(),
+        );
+    }
     if d.fail_next > 0 {
         d.fail_next -= 1;
         return Some(
@@ -102,6 +138,7 @@ fn unavailable(db: &Shared) -> Option<Response> {
 }
 
 async fn jsonrpc(State(db): State<Shared>, Json(body): Json<Value>) -> Response {
+    maybe_stall(&db).await;
     if let Some(r) = unavailable(&db) {
         return r;
     }
@@ -158,6 +195,7 @@ async fn json2(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    maybe_stall(&db).await;
     if let Some(r) = unavailable(&db) {
         return r;
     }

@@ -346,6 +346,9 @@ pub struct OdooConfig {
     pub retry: RequestRetry,
     /// Which hosts the requests may reach.
     pub egress: EgressPolicy,
+    /// How long one request may take, answer included; past it the request counts as a
+    /// transient failure and is retried as [`Self::retry`] says.
+    pub request_timeout: Duration,
 }
 
 impl std::fmt::Debug for OdooConfig {
@@ -534,8 +537,8 @@ impl OdooSource {
             .egress
             .http_client()
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
-            .timeout(Duration::from_secs(120))
-            .connect_timeout(Duration::from_secs(10))
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(10).min(config.request_timeout))
             .build()
             .map_err(|e| SourceError::new(SourceErrorKind::Config, format!("http client: {e}")))?;
         Ok(OdooSource {
