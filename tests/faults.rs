@@ -38,6 +38,18 @@ use support::private::{PrivateMariadb, PrivatePg};
 use support::proxy::StallProxy;
 use support::redis::{Prefix, PrivateRedis};
 
+/// A PostgreSQL warehouse at `url` with the tenant `acme`.
+async fn acme_warehouse(url: &str) -> PostgresWarehouse {
+    let w = PostgresWarehouse::connect(url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    w
+}
+
 /// The whole job of `run`: its result within `limit`, then its ledger over all attempts.
 async fn finished_job(
     queues: &Queues,
@@ -67,13 +79,7 @@ async fn finished_job(
 async fn the_warehouse_postgres_crashing_mid_run_loses_nothing() {
     let pg = PrivatePg::start();
     let url = pg.url("postgres");
-    let w = PostgresWarehouse::connect(&url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
+    let w = acme_warehouse(&url).await;
     let redis = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
     let data: PathBuf = dir.path().join("data");
@@ -158,13 +164,7 @@ async fn source_fault_mid_read<F: std::future::Future<Output = ()>>(
     rows: usize,
 ) -> sluice_engine::JobLedger {
     let db = TestDb::create().await;
-    let w = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
+    let w = acme_warehouse(&db.url).await;
     let redis = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
     let data: PathBuf = dir.path().join("data");
@@ -376,13 +376,7 @@ async fn a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_onc
     use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus};
     use sluice_workers::jobs::ReplaySelection;
     let db = TestDb::create().await;
-    let w = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
+    let w = acme_warehouse(&db.url).await;
     let redis = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
     let data: PathBuf = dir.path().join("data");
@@ -523,15 +517,8 @@ async fn a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_onc
 
 #[tokio::test]
 async fn schedulers_and_workers_killed_leave_every_cron_tick_run_once() {
-    use redis::AsyncCommands;
     let db = TestDb::create().await;
-    let w = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
+    let w = acme_warehouse(&db.url).await;
     let redis = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
     let data: PathBuf = dir.path().join("data");
@@ -552,29 +539,7 @@ async fn schedulers_and_workers_killed_leave_every_cron_tick_run_once() {
     ]);
     let mut workers = Reaper((0..3).map(|_| sluice_worker(&process, &data)).collect());
 
-    let ticks_fired = || async {
-        let mut conn = redis::Client::open(redis.url.as_str())
-            .expect("url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
-        let keys: Vec<String> = conn
-            .keys(format!("{}:idem:acme:invoices/cron:*", redis.prefix))
-            .await
-            .expect("keys");
-        let mut ticks = Vec::new();
-        for key in keys {
-            let run: String = conn.get(&key).await.expect("run");
-            let at: i64 = key
-                .rsplit(':')
-                .next()
-                .and_then(|t| t.parse().ok())
-                .expect("tick");
-            ticks.push((at, run));
-        }
-        ticks.sort();
-        ticks
-    };
+    let ticks_fired = || cron_ticks(&redis.url, &redis.prefix, "invoices");
     eventually(Duration::from_secs(60), "two ticks fired", || async {
         ticks_fired().await.len() >= 2
     })
@@ -654,13 +619,7 @@ async fn cron_ticks(redis_url: &str, prefix: &str, pipeline: &str) -> Vec<(i64, 
 #[tokio::test]
 async fn a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none() {
     let db = TestDb::create().await;
-    let w = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
+    let w = acme_warehouse(&db.url).await;
     let dir = tempfile::tempdir().expect("tmp");
     let redis_dir = dir.path().join("redis");
     std::fs::create_dir_all(&redis_dir).expect("dir");
