@@ -153,6 +153,17 @@ const SOURCE_TABLE: &str = "CREATE TABLE src_invoices (id bigint PRIMARY KEY, ex
     customer_id varchar(40) NOT NULL, issue_date date NOT NULL, due_date date NOT NULL, currency char(3) NOT NULL, \
     total decimal(12,2) NOT NULL, balance decimal(12,2) NOT NULL, updated_at timestamp NOT NULL)";
 
+/// The statements that make `src_invoices` with `n` rows (see [`source_rows`]).
+fn source_statements(n: usize) -> Vec<String> {
+    let (rows, _) = source_rows(n);
+    std::iter::once(SOURCE_TABLE.to_string())
+        .chain(
+            rows.chunks(2000)
+                .map(|c| format!("INSERT INTO src_invoices VALUES {}", c.join(", "))),
+        )
+        .collect()
+}
+
 /// A source database restarted while a worker process reads it: the attempt that lost
 /// its connection fails as transient and says so, the next resumes after the last
 /// committed batch, and the warehouse ends with every source row once.
@@ -233,16 +244,11 @@ async fn a_source_postgres_crashing_mid_read_loses_nothing() {
     let url = pg.url("postgres");
     let rows = 60_000;
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("source");
-    sqlx::raw_sql(SOURCE_TABLE)
-        .execute(&mut conn)
-        .await
-        .expect("table");
-    for chunk in source_rows(rows).0.chunks(2000) {
-        let insert = format!("INSERT INTO src_invoices VALUES {}", chunk.join(", "));
-        sqlx::raw_sql(AssertSqlSafe(insert))
+    for sql in source_statements(rows) {
+        sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
-            .expect("rows");
+            .expect("source");
     }
     drop(conn);
     source_fault_mid_read(
@@ -265,16 +271,11 @@ async fn a_source_mariadb_crashing_mid_read_loses_nothing() {
     let url = db.url();
     let rows = 60_000;
     let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("source");
-    sqlx::raw_sql(SOURCE_TABLE)
-        .execute(&mut conn)
-        .await
-        .expect("table");
-    for chunk in source_rows(rows).0.chunks(2000) {
-        let insert = format!("INSERT INTO src_invoices VALUES {}", chunk.join(", "));
-        sqlx::raw_sql(AssertSqlSafe(insert))
+    for sql in source_statements(rows) {
+        sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
-            .expect("rows");
+            .expect("source");
     }
     drop(conn);
     source_fault_mid_read(
@@ -296,16 +297,11 @@ async fn a_source_connection_that_stalls_is_given_up_and_the_job_resumes() {
     let db = TestDb::create().await;
     let rows = 60_000;
     let mut conn = db.connect().await;
-    sqlx::raw_sql(SOURCE_TABLE)
-        .execute(&mut conn)
-        .await
-        .expect("table");
-    for chunk in source_rows(rows).0.chunks(2000) {
-        let insert = format!("INSERT INTO src_invoices VALUES {}", chunk.join(", "));
-        sqlx::raw_sql(AssertSqlSafe(insert))
+    for sql in source_statements(rows) {
+        sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
-            .expect("rows");
+            .expect("source");
     }
     drop(conn);
     // postgres://user@host:port/db
@@ -418,14 +414,7 @@ async fn a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_onc
         fixable.len()
     );
     let mut conn = db.connect().await;
-    sqlx::query(
-        "UPDATE tenant_acme.quarantine SET raw = jsonb_set(raw, '{currency}', '\"USD\"'), \
-         raw_text = replace(raw_text, '\"currency\":\"XYZ\"', '\"currency\":\"USD\"'), status = 'fixed' WHERE id = ANY($1)",
-    )
-    .bind(&fixable)
-    .execute(&mut conn)
-    .await
-    .expect("fix");
+    fix_currencies(&mut conn, &fixable).await;
     let before = w.invoices(&tenant).await.expect("invoices").len();
 
     // Hold the last row of the replay (pages go in quarantine order) so that the replay

@@ -662,14 +662,7 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
         .collect();
     assert!(!bad.is_empty(), "the generator makes bad currencies");
     let mut conn = db.connect().await;
-    sqlx::query(
-        "UPDATE tenant_acme.quarantine SET raw = jsonb_set(raw, '{currency}', '\"USD\"'), \
-         raw_text = replace(raw_text, '\"currency\":\"XYZ\"', '\"currency\":\"USD\"'), status = 'fixed' WHERE id = ANY($1)",
-    )
-    .bind(&bad)
-    .execute(&mut conn)
-    .await
-    .expect("fix");
+    fix_currencies(&mut conn, &bad).await;
     let before = w.invoices(&tenant).await.expect("invoices").len();
     let fixed = queues
         .replay(

@@ -85,7 +85,7 @@ impl EngineError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => ErrorKind::WarehouseUnavailable,
-            sqlx::Error::Database(db) if is_busy(db.code().as_deref()) => {
+            sqlx::Error::Database(db) if may_pass(db.code().as_deref()) => {
                 ErrorKind::WarehouseUnavailable
             }
             _ => ErrorKind::Warehouse,
@@ -97,7 +97,7 @@ impl EngineError {
 /// SQLite's BUSY/LOCKED/FULL and PostgreSQL's connection-class, serialization and
 /// disk-full codes: failures that may pass (a full disk once space is freed; until then
 /// the job's retries end in a dead letter that can be replayed).
-fn is_busy(code: Option<&str>) -> bool {
+fn may_pass(code: Option<&str>) -> bool {
     match code {
         Some(c) => {
             c == "5"

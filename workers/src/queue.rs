@@ -189,6 +189,27 @@ pub struct Queues {
     coord: Coordinator,
 }
 
+/// Runs `step` until it succeeds, up to 8 tries waiting 250 ms, 500 ms, ... (about a
+/// minute in all, long enough for a Redis restart); the last failure is returned.
+pub(crate) async fn with_backoff<T, F, Fut>(what: &str, mut step: F) -> Result<T, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, WorkerError>>,
+{
+    let mut delay = Duration::from_millis(250);
+    for _ in 1..8 {
+        match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what}; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    step().await
+}
+
 fn queue_error(context: &str, e: impl std::error::Error + Send + Sync + 'static) -> WorkerError {
     WorkerError::new(WorkerErrorKind::Queue, context).with_source(e)
 }
@@ -559,18 +580,10 @@ impl Queues {
             &job.run_id,
             job.lock_token.as_deref().unwrap_or_default(),
         );
-        let mut delay = Duration::from_millis(250);
-        for attempt in 1.. {
-            match self.push_sync(job.clone()).await {
-                Ok(()) => break,
-                Err(e) if attempt < 8 => {
-                    tracing::warn!(error = %e, run_id = %job.run_id, "queueing the run that waited behind this one; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        with_backoff("queueing the run that waited behind this one", || {
+            self.push_sync(job.clone())
+        })
+        .await?;
         self.coord.followed(&next).await?;
         tracing::info!(tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, "the run that waited behind this one is queued");
         Ok(true)

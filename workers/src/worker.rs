@@ -368,20 +368,12 @@ where
         renewer.abort();
         // A run queued behind this one starts when the lock is handed over, so a release
         // that fails (the queue's store unreachable) is retried before the lease lapses.
-        let mut delay = Duration::from_millis(250);
-        for attempt in 1.. {
-            match self.queues.release(&lease).await {
-                Ok(_) => break,
-                Err(e) if attempt < 8 => {
-                    tracing::warn!(error = %e, "releasing the pipeline lock; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "could not release the pipeline lock; it lapses by itself and a run queued behind this one is handed over at the next release");
-                    break;
-                }
-            }
+        if let Err(e) = crate::queue::with_backoff("releasing the pipeline lock", || {
+            self.queues.release(&lease)
+        })
+        .await
+        {
+            tracing::error!(error = %e, "could not release the pipeline lock; it lapses by itself and a run queued behind this one is handed over at the next release");
         }
         result
     }

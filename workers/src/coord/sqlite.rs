@@ -213,7 +213,7 @@ impl SqliteCoord {
         let Some(holder) = holder else {
             return Ok(Behind::Free);
         };
-        let mut target = if started(&holder) {
+        let target = if started(&holder) {
             sqlx::query_scalar::<_, String>("SELECT lease FROM sluice_next WHERE key = ?")
                 .bind(&lease.key)
                 .fetch_optional(&mut *tx)
@@ -237,7 +237,7 @@ impl SqliteCoord {
                 return Ok(Behind::Repeated(run));
             }
         }
-        let behind = match target.take() {
+        let behind = match target {
             Some(run) => Behind::Joined(run),
             None => {
                 sqlx::query("INSERT INTO sluice_next (key, lease, job) VALUES (?, ?, ?)")
