@@ -194,6 +194,100 @@ async fn a_trigger_during_a_running_run_queues_one_behind_it_in_the_embedded_que
     a_trigger_during_a_running_run_queues_one_behind_it(Arc::new(queues)).await;
 }
 
+/// A trigger that took a free lock and recorded its tick (one step), then died (or lost
+/// its queue) before pushing the job: the next trigger finds the run waiting and pushes it,
+/// instead of joining a run no job will ever start. And a run handed the lock by a release whose
+/// worker died before pushing: a worker waiting for the lock pushes it.
+async fn a_run_whose_push_never_happened_is_pushed_by_the_next_comer(queues: Arc<Queues>) {
+    let coord = queues.coordinator();
+    let ttl = Duration::from_secs(30);
+    let job = |run: &str, token: &str| sluice_workers::jobs::SyncJob {
+        tenant: "acme".into(),
+        pipeline: "invoices".into(),
+        trigger: RunTrigger::Cron,
+        run_id: run.into(),
+        correlation_id: "c".into(),
+        lock_token: Some(token.into()),
+        file: None,
+    };
+    let lease = coord.lease("acme", "invoices", "run-dead", "t0");
+    let text = serde_json::to_string(&job("run-dead", "t0")).expect("json");
+    let at = 1_800_000_000_000i64;
+    let key = IdempotencyKey::CronTick(at).scoped("invoices");
+    assert!(matches!(
+        coord
+            .acquire_queued(&lease, &text, ttl, Some(("acme", &key)))
+            .await
+            .expect("acquire"),
+        sluice_workers::coord::Acquired::Held(_)
+    ));
+    // ... and the trigger died here, before pushing the job.
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 0);
+    let tick = TriggerRequest {
+        idempotency_key: Some(IdempotencyKey::CronTick(at)),
+        trigger: RunTrigger::Cron,
+        ..manual("invoices")
+    };
+    let again = queues.trigger(&tick).await.expect("the tick again");
+    assert_eq!(again.run_id, "run-dead");
+    assert_eq!(
+        queues.depth(QueueName::Sync).await.expect("depth"),
+        1,
+        "the waiting run's job is pushed"
+    );
+    let later = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(later.run_id, "run-dead", "a later trigger joins it");
+    assert_eq!(
+        queues.depth(QueueName::Sync).await.expect("depth"),
+        1,
+        "pushed once"
+    );
+
+    // The run starts; one is queued behind it; the release hands the lock over and the
+    // releaser dies before pushing.
+    let running = coord
+        .claim(&lease, "worker-1", ttl)
+        .await
+        .expect("claim")
+        .expect("taken");
+    let behind = queues.trigger(&manual("invoices")).await.expect("trigger");
+    assert_eq!(behind.outcome, TriggerOutcome::Enqueued);
+    let handed = coord.release(&running, ttl).await.expect("release");
+    assert!(matches!(
+        handed,
+        sluice_workers::coord::Released::HandedOver(_)
+    ));
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 1);
+    assert!(
+        queues.push_pending(&lease.key).await.expect("push"),
+        "a worker waiting for the lock pushes the handed-over run"
+    );
+    assert_eq!(queues.depth(QueueName::Sync).await.expect("depth"), 2);
+    assert!(
+        !queues.push_pending(&lease.key).await.expect("push"),
+        "once"
+    );
+}
+
+#[tokio::test]
+async fn a_run_whose_push_never_happened_is_pushed_by_the_next_comer_in_redis() {
+    let p = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let queues = Queues::connect(settings(Some((&p.url, &p.prefix)), dir.path()))
+        .await
+        .expect("Redis must be reachable");
+    a_run_whose_push_never_happened_is_pushed_by_the_next_comer(Arc::new(queues)).await;
+}
+
+#[tokio::test]
+async fn a_run_whose_push_never_happened_is_pushed_by_the_next_comer_in_the_embedded_queue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let queues = Queues::connect(settings(None, dir.path()))
+        .await
+        .expect("embedded queue");
+    a_run_whose_push_never_happened_is_pushed_by_the_next_comer(Arc::new(queues)).await;
+}
+
 async fn finished_runs<W: Warehouse>(w: &W, pipeline: &str) -> Vec<sluice_engine::RunLedger> {
     w.runs(&slug("acme"), Some(pipeline), 100)
         .await
@@ -350,6 +444,7 @@ fn worker_command(services: Option<(&TestDb, &Prefix)>, data: &Path) -> Child {
             database_url: services.map(|(db, _)| db.url.clone()),
             redis: services.map(|(_, r)| (r.url.clone(), r.prefix.clone())),
             retry_base_ms: 100,
+            lease_ms: 3000,
         },
         data,
     )

@@ -494,29 +494,36 @@ impl Queues {
         // The lock is taken, or found taken; it may be released between the two steps, so
         // a few rounds (each one a single atomic step).
         for _ in 0..8 {
+            let lease = coord.lease(
+                &req.tenant,
+                &req.pipeline,
+                &run_id,
+                &uuid::Uuid::new_v4().simple().to_string(),
+            );
+            let text = serde_json::to_string(&job(&lease))
+                .map_err(|e| queue_error("encoding the job", e))?;
             let acquired = coord
-                .acquire(
-                    &req.tenant,
-                    &req.pipeline,
-                    &run_id,
+                .acquire_queued(
+                    &lease,
+                    &text,
                     self.settings.queued_ttl,
+                    key.as_deref().map(|k| (req.tenant.as_str(), k)),
                 )
                 .await?;
             match acquired {
+                Acquired::Repeated(run_id) => {
+                    self.push_pending(&lease.key).await?;
+                    return Ok(Triggered {
+                        run_id,
+                        outcome: TriggerOutcome::Repeated,
+                    });
+                }
                 Acquired::Held(lease) => {
-                    if let Some(key) = &key {
-                        let mapped = coord.remember(&req.tenant, key, &run_id).await?;
-                        if mapped != run_id {
-                            self.release(&lease).await?;
-                            return Ok(Triggered {
-                                run_id: mapped,
-                                outcome: TriggerOutcome::Repeated,
-                            });
-                        }
-                    }
-                    if let Err(e) = self.push_sync(job(&lease)).await {
-                        self.release(&lease).await.ok();
-                        return Err(e);
+                    // Until `followed`, the job is recorded as waiting: if this push fails
+                    // (or this process dies first), the next trigger pushes it.
+                    self.push_sync(job(&lease)).await?;
+                    if let Err(e) = coord.followed(&lease).await {
+                        tracing::warn!(error = %e, "the queued run stays recorded as waiting; a later trigger pushes it again, harmlessly");
                     }
                     tracing::info!(tenant = %req.tenant, pipeline = %req.pipeline, %run_id, trigger = req.trigger.as_str(), "sync queued");
                     return Ok(Triggered {
@@ -525,14 +532,6 @@ impl Queues {
                     });
                 }
                 Acquired::Busy { run_id: running } => {
-                    let lease = coord.lease(
-                        &req.tenant,
-                        &req.pipeline,
-                        &run_id,
-                        &uuid::Uuid::new_v4().simple().to_string(),
-                    );
-                    let text = serde_json::to_string(&job(&lease))
-                        .map_err(|e| queue_error("encoding the job", e))?;
                     let behind = coord
                         .queue_behind(
                             &lease,
@@ -549,6 +548,9 @@ impl Queues {
                         Behind::Joined(run) => (run, TriggerOutcome::Joined),
                         Behind::Repeated(run) => (run, TriggerOutcome::Repeated),
                     };
+                    if outcome != TriggerOutcome::Enqueued {
+                        self.push_pending(&lease.key).await?;
+                    }
                     return Ok(Triggered { run_id, outcome });
                 }
             }
@@ -586,6 +588,27 @@ impl Queues {
         .await?;
         self.coord.followed(&next).await?;
         tracing::info!(tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, "the run that waited behind this one is queued");
+        Ok(true)
+    }
+
+    /// Pushes the job of the queued run holding the lock `lock_key` if it is still recorded
+    /// as waiting (its trigger or the run before it may have died before pushing it); true
+    /// when there was one.
+    pub async fn push_pending(&self, lock_key: &str) -> Result<bool, WorkerError> {
+        let Some(text) = self.coord.pending(lock_key).await? else {
+            return Ok(false);
+        };
+        let job: SyncJob =
+            serde_json::from_str(&text).map_err(|e| queue_error("reading a queued job", e))?;
+        let lease = self.coord.lease(
+            &job.tenant,
+            &job.pipeline,
+            &job.run_id,
+            job.lock_token.as_deref().unwrap_or_default(),
+        );
+        self.push_sync(job.clone()).await?;
+        self.coord.followed(&lease).await?;
+        tracing::info!(tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, "a queued run whose job may not have been pushed is pushed");
         Ok(true)
     }
 

@@ -55,6 +55,41 @@ impl Coordinator {
         Ok(got)
     }
 
+    /// Takes a free lock for the queued `lease` and records `job` (its sync, as JSON) as
+    /// waiting until [`Coordinator::followed`] says it is pushed: a trigger that dies (or
+    /// whose push fails) between the two leaves the job where the next trigger or a waiting
+    /// worker finds it ([`Coordinator::pending`]), never a lock every trigger joins and no
+    /// job runs. A run already waiting for a lock nobody holds takes the lock instead:
+    /// `Busy` names it.
+    /// With an idempotency `key` (already scoped), the key is recorded in the same step, or
+    /// `Repeated` names the run it produced before (nothing taken).
+    pub async fn acquire_queued(
+        &self,
+        lease: &Lease,
+        job: &str,
+        ttl: Duration,
+        key: Option<(&str, &str)>,
+    ) -> Result<Acquired, WorkerError> {
+        let got = match self {
+            Coordinator::Redis(r) => r.acquire_queued(lease, Some(job), ttl, key).await?,
+            Coordinator::Sqlite(s) => s.acquire_queued(lease, Some(job), ttl, key).await?,
+        };
+        if matches!(got, Acquired::Busy { .. }) {
+            metrics().lock_contention.inc();
+        }
+        Ok(got)
+    }
+
+    /// The job (JSON) of the queued run holding the lock `lock_key` while it is still
+    /// recorded as waiting: handed over, or taken by a trigger, and perhaps never pushed.
+    /// Pushing it again is harmless (a second copy of a run finds it ended).
+    pub async fn pending(&self, lock_key: &str) -> Result<Option<String>, WorkerError> {
+        match self {
+            Coordinator::Redis(r) => r.pending(lock_key).await,
+            Coordinator::Sqlite(s) => s.pending(lock_key).await,
+        }
+    }
+
     /// Takes over a lease handed over with a job for the worker `holder`: `Ok` with the
     /// worker's own lease, or `Err` naming the run whose live worker holds the lock.
     pub async fn claim(
@@ -258,7 +293,7 @@ fn started(value: &str) -> bool {
 }
 
 /// The run a lock value names.
-fn run_of(value: &str) -> String {
+pub(crate) fn run_of(value: &str) -> String {
     value.split('|').next().unwrap_or_default().to_string()
 }
 
@@ -272,4 +307,22 @@ pub enum Acquired {
         /// The run that holds the lock.
         run_id: String,
     },
+    /// The idempotency key produced this run before; nothing was taken.
+    Repeated(String),
+}
+
+impl Acquired {
+    fn parse(lease: &Lease, answer: &[String]) -> Result<Self, WorkerError> {
+        match (answer.first().map(String::as_str), answer.get(1)) {
+            (Some("held"), _) => Ok(Acquired::Held(lease.clone())),
+            (Some("busy"), Some(holder)) => Ok(Acquired::Busy {
+                run_id: run_of(holder),
+            }),
+            (Some("repeated"), Some(run)) => Ok(Acquired::Repeated(run.clone())),
+            other => Err(WorkerError::new(
+                crate::error::WorkerErrorKind::Queue,
+                format!("unexpected answer {other:?} from the lock script"),
+            )),
+        }
+    }
 }

@@ -31,7 +31,36 @@ const RENEW: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis
 /// Takes the lock over for a lease handed over with a job: when it is free, still holds
 /// the queued value (ARGV[1]) or already holds this worker's value (ARGV[2]); otherwise
 /// returns the holder's value.
-const CLAIM: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] or v == ARGV[2] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return '' end return v";
+/// A run that starts is no longer waiting: its entry in KEYS[2] goes.
+const CLAIM: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] or v == ARGV[2] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) if redis.call('HGET', KEYS[2], 'lease') == ARGV[1] then redis.call('DEL', KEYS[2]) end return '' end return v";
+/// Takes a free lock (KEYS[1]) for a queued lease (ARGV[1]) and records its job (ARGV[2])
+/// as waiting (KEYS[2]) until it is pushed, so that whoever finds it there can push it if
+/// the trigger dies first; with an idempotency key (ARGV[4] = '1'), records KEYS[3] -> the
+/// run (ARGV[5], for ARGV[6] s) in the same step, or answers the run the key produced
+/// before. A run already waiting for a lock nobody holds (its predecessor died before
+/// handing over) takes the lock instead. Answers {kind, value}.
+const ACQUIRE: &str = r"
+if ARGV[4] == '1' then
+  local m = redis.call('GET', KEYS[3])
+  if m then return {'repeated', m} end
+end
+local v = redis.call('GET', KEYS[1])
+if v then return {'busy', v} end
+local n = redis.call('HGET', KEYS[2], 'lease')
+if n then
+  redis.call('SET', KEYS[1], n, 'PX', ARGV[3])
+  return {'busy', n}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'lease', ARGV[1], 'job', ARGV[2]) end
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
+return {'held', ''}";
+/// The job of the queued run holding the lock (KEYS[1]) while it is still recorded as
+/// waiting (KEYS[2]): its push may not have happened.
+const PENDING: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and redis.call('HGET', KEYS[2], 'lease') == v then return redis.call('HGET', KEYS[2], 'job') end
+return ''";
 /// Moves a pipeline's last fired tick forward, never back.
 const ADVANCE_TICK: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or tonumber(v) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
 /// Releases only our own lease (ARGV[1]); hands the lock (KEYS[1]) over, for ARGV[2] ms, to
@@ -61,7 +90,7 @@ if bars < 2 then
   target = string.match(v, '^[^|]*')
 else
   local n = redis.call('HGET', KEYS[2], 'lease')
-  if n then target = string.match(n, '^[^|]*') end
+  if n and string.match(n, '^[^|]*') ~= string.match(v, '^[^|]*') then target = string.match(n, '^[^|]*') end
 end
 if ARGV[4] == '1' then
   local m = redis.call('GET', KEYS[3])
@@ -131,30 +160,48 @@ impl RedisLocks {
             run_id: run_id.to_string(),
             token: uuid::Uuid::new_v4().simple().to_string(),
         };
+        self.acquire_queued(&lease, None, ttl, None).await
+    }
+
+    /// See [`super::Coordinator::acquire_queued`]; `key` is (tenant, scoped key).
+    pub async fn acquire_queued(
+        &self,
+        lease: &Lease,
+        job: Option<&str>,
+        ttl: Duration,
+        key: Option<(&str, &str)>,
+    ) -> Result<Acquired, WorkerError> {
         let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&lease.key)
+        let idem = key.map(|(tenant, key)| self.idempotency_key(tenant, key));
+        let answer: Vec<String> = redis::Script::new(ACQUIRE)
+            .key(&lease.key)
+            .key(Self::next_key(&lease.key))
+            .key(
+                idem.clone()
+                    .unwrap_or_else(|| format!("{}:idem:-", self.prefix)),
+            )
             .arg(lease.value())
-            .arg("NX")
-            .arg("PX")
+            .arg(job.unwrap_or_default())
             .arg(ttl.as_millis() as u64)
-            .query_async(&mut conn)
+            .arg(if idem.is_some() { "1" } else { "0" })
+            .arg(&lease.run_id)
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error("taking the pipeline lock", e))?;
-        if set.is_some() {
-            return Ok(Acquired::Held(lease));
-        }
-        let holder: Option<String> = conn
-            .get(&lease.key)
+        Acquired::parse(lease, &answer)
+    }
+
+    /// See [`super::Coordinator::pending`].
+    pub async fn pending(&self, lock_key: &str) -> Result<Option<String>, WorkerError> {
+        let mut conn = self.conn.clone();
+        let job: String = redis::Script::new(PENDING)
+            .key(lock_key)
+            .key(Self::next_key(lock_key))
+            .invoke_async(&mut conn)
             .await
-            .map_err(|e| redis_error("reading the pipeline lock", e))?;
-        match holder {
-            Some(v) => Ok(Acquired::Busy {
-                run_id: v.split('|').next().unwrap_or_default().to_string(),
-            }),
-            // Released between our SET and GET: try once more.
-            None => Box::pin(self.acquire(tenant, pipeline, run_id, ttl)).await,
-        }
+            .map_err(|e| redis_error("reading the run waiting for the lock", e))?;
+        Ok(Some(job).filter(|j| !j.is_empty()))
     }
 
     /// Takes over `lease` (handed over with a queued job) for the worker `holder`, for
@@ -170,6 +217,7 @@ impl RedisLocks {
         let mut conn = self.conn.clone();
         let current: String = redis::Script::new(CLAIM)
             .key(&lease.key)
+            .key(Self::next_key(&lease.key))
             .arg(lease.value())
             .arg(held.value())
             .arg(ttl.as_millis() as u64)

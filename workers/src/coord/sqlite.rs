@@ -59,10 +59,104 @@ impl SqliteCoord {
             run_id: run_id.to_string(),
             token: uuid::Uuid::new_v4().simple().to_string(),
         };
-        match self.take(&lease, None, ttl).await? {
-            None => Ok(Acquired::Held(lease)),
-            Some(run_id) => Ok(Acquired::Busy { run_id }),
+        self.acquire_queued(&lease, None, ttl, None).await
+    }
+
+    /// See [`super::Coordinator::acquire_queued`]: one transaction.
+    pub(super) async fn acquire_queued(
+        &self,
+        lease: &Lease,
+        job: Option<&str>,
+        ttl: Duration,
+        key: Option<(&str, &str)>,
+    ) -> Result<Acquired, WorkerError> {
+        let fail = |e| db_error("taking the pipeline lock", e);
+        let now = now_ms();
+        let mut tx = self.write_tx().await?;
+        let idem = key.map(|(tenant, key)| format!("{tenant}:{key}"));
+        if let Some(k) = &idem {
+            let seen: Option<String> = sqlx::query_scalar(
+                "SELECT run_id FROM sluice_idempotency WHERE key = ? AND expires_at > ?",
+            )
+            .bind(k)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(fail)?;
+            if let Some(run) = seen {
+                return Ok(Acquired::Repeated(run));
+            }
         }
+        let holder: Option<String> =
+            sqlx::query_scalar("SELECT value FROM sluice_locks WHERE key = ? AND expires_at > ?")
+                .bind(&lease.key)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(fail)?;
+        if let Some(holder) = holder {
+            return Ok(Acquired::Busy {
+                run_id: run_of(&holder),
+            });
+        }
+        let waiting: Option<String> =
+            sqlx::query_scalar("SELECT lease FROM sluice_next WHERE key = ?")
+                .bind(&lease.key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(fail)?;
+        let value = waiting.clone().unwrap_or_else(|| lease.value());
+        sqlx::query(
+            "INSERT INTO sluice_locks (key, value, expires_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+        )
+        .bind(&lease.key)
+        .bind(&value)
+        .bind(now + ms(ttl))
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+        if waiting.is_none() {
+            if let Some(job) = job {
+                sqlx::query("INSERT INTO sluice_next (key, lease, job) VALUES (?, ?, ?)")
+                    .bind(&lease.key)
+                    .bind(&value)
+                    .bind(job)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
+            }
+            if let Some(k) = &idem {
+                sqlx::query(
+                    "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at",
+                )
+                .bind(k)
+                .bind(&lease.run_id)
+                .bind(now + ms(IDEMPOTENCY_TTL))
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            }
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(match waiting {
+            Some(w) => Acquired::Busy { run_id: run_of(&w) },
+            None => Acquired::Held(lease.clone()),
+        })
+    }
+
+    /// See [`super::Coordinator::pending`].
+    pub(super) async fn pending(&self, lock_key: &str) -> Result<Option<String>, WorkerError> {
+        sqlx::query_scalar(
+            "SELECT n.job FROM sluice_next n JOIN sluice_locks l ON l.key = n.key AND l.value = n.lease \
+             WHERE n.key = ? AND l.expires_at > ?",
+        )
+        .bind(lock_key)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_error("reading the run waiting for the lock", e))
     }
 
     pub(super) async fn claim(
@@ -73,7 +167,16 @@ impl SqliteCoord {
     ) -> Result<Result<Lease, String>, WorkerError> {
         let held = lease.held_by(holder);
         Ok(match self.take(&held, Some(lease), ttl).await? {
-            None => Ok(held),
+            None => {
+                // A run that starts is no longer waiting.
+                sqlx::query("DELETE FROM sluice_next WHERE key = ? AND lease = ?")
+                    .bind(&lease.key)
+                    .bind(lease.value())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| db_error("taking the pipeline lock", e))?;
+                Ok(held)
+            }
             Some(run) => Err(run),
         })
     }
@@ -220,6 +323,7 @@ impl SqliteCoord {
                 .await
                 .map_err(fail)?
                 .map(|v| run_of(&v))
+                .filter(|run| *run != run_of(&holder))
         } else {
             Some(run_of(&holder))
         };
@@ -240,13 +344,15 @@ impl SqliteCoord {
         let behind = match target {
             Some(run) => Behind::Joined(run),
             None => {
-                sqlx::query("INSERT INTO sluice_next (key, lease, job) VALUES (?, ?, ?)")
-                    .bind(&lease.key)
-                    .bind(lease.value())
-                    .bind(job)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(fail)?;
+                sqlx::query(
+                    "INSERT OR REPLACE INTO sluice_next (key, lease, job) VALUES (?, ?, ?)",
+                )
+                .bind(&lease.key)
+                .bind(lease.value())
+                .bind(job)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
                 Behind::Queued
             }
         };
