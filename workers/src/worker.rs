@@ -344,6 +344,18 @@ where
                     if waited == 0 {
                         tracing::info!(running = %other, "another run of the pipeline holds its lock; waiting");
                     }
+                    // A second copy of this job (pushed again by a recovery) whose run has
+                    // ended meanwhile has nothing left to do.
+                    if let Ok(Some(text)) = coord.result(&job.run_id).await
+                        && let Ok(ended) = serde_json::from_str::<JobResult>(&text)
+                    {
+                        return ended;
+                    }
+                    // The run holding the lock may be a queued one whose job its trigger
+                    // (or the run before it) died before pushing.
+                    if let Err(e) = self.queues.push_pending(&handed_over.key).await {
+                        tracing::warn!(error = %e, "pushing the job of the run that holds the lock");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot take the pipeline lock; retrying");
@@ -355,7 +367,13 @@ where
                 }
             }
             waited += 1;
-            tokio::time::sleep((settings.lease_ttl / 4).min(Duration::from_secs(5))).await;
+            // The lock is often handed over within moments (a release in progress).
+            let pause = if waited <= 10 {
+                Duration::from_millis(100)
+            } else {
+                (settings.lease_ttl / 4).min(Duration::from_secs(5))
+            };
+            tokio::time::sleep(pause).await;
         };
         let renewer = tokio::spawn(keep_renewed(
             coord.clone(),
@@ -379,7 +397,7 @@ where
     }
 
     async fn run_job(&self, job: &SyncJob) -> JobResult {
-        let (mut spec, origin) = match self.load_spec(job).await {
+        let (mut spec, origin) = match self.patiently(|| self.load_spec(job)).await {
             Ok(loaded) => loaded,
             Err(reason) => return self.dead(job, &[], &reason).await,
         };
@@ -388,7 +406,10 @@ where
         {
             return self.dead(job, &[], &e.to_string()).await;
         }
-        let prior = match self.earlier_attempts(&job.tenant, &job.run_id).await {
+        let prior = match self
+            .patiently(|| self.earlier_attempts(&job.tenant, &job.run_id))
+            .await
+        {
             Ok(Ok(prior)) => prior,
             Ok(Err(done)) => return done,
             Err(e) => return self.dead(job, &[], &e).await,
@@ -447,7 +468,30 @@ where
         }
     }
 
-    async fn load_spec(&self, job: &SyncJob) -> Result<(PipelineSpec, PipelineOrigin), String> {
+    /// A job's preparation (its pipeline and earlier attempts, read from the warehouse),
+    /// retried with the policy's waits while the warehouse is unavailable: a warehouse
+    /// restarting as a job starts is no reason for a dead letter.
+    async fn patiently<T, F, Fut>(&self, mut prepare: F) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Unready>>,
+    {
+        let mut waits = self.policy.planned_waits().into_iter();
+        loop {
+            match prepare().await {
+                Ok(v) => return Ok(v),
+                Err(e) => match waits.next() {
+                    Some(wait) if e.transient => {
+                        tracing::warn!(reason = %e.reason, "preparing the job; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                    _ => return Err(e.reason),
+                },
+            }
+        }
+    }
+
+    async fn load_spec(&self, job: &SyncJob) -> Result<(PipelineSpec, PipelineOrigin), Unready> {
         self.stored_spec(&job.tenant, &job.pipeline).await
     }
 
@@ -455,13 +499,12 @@ where
         &self,
         tenant: &str,
         pipeline: &str,
-    ) -> Result<(PipelineSpec, PipelineOrigin), String> {
+    ) -> Result<(PipelineSpec, PipelineOrigin), Unready> {
         let tenant = TenantSlug::parse(tenant).map_err(|e| e.to_string())?;
         let stored = self
             .warehouse
             .pipeline(&tenant, pipeline)
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .ok_or_else(|| {
                 format!(
                     "pipeline '{pipeline}' of tenant '{tenant}' is not registered (run `sluice trigger <pipeline.toml>` to register it)"
@@ -482,21 +525,13 @@ where
         &self,
         tenant: &str,
         job_run: &str,
-    ) -> Result<Result<Vec<Attempt>, JobResult>, String> {
+    ) -> Result<Result<Vec<Attempt>, JobResult>, Unready> {
         let tenant = TenantSlug::parse(tenant).map_err(|e| e.to_string())?;
-        self.warehouse
-            .prepare_tenant(&tenant)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.warehouse.prepare_tenant(&tenant).await?;
         let mut prior = Vec::new();
         for number in 1..=self.policy.attempts.max(1) as u32 + 1 {
             let run_id = attempt_run_id(job_run, number);
-            let Some(ledger) = self
-                .warehouse
-                .run(&tenant, &run_id)
-                .await
-                .map_err(|e| e.to_string())?
-            else {
+            let Some(ledger) = self.warehouse.run(&tenant, &run_id).await? else {
                 break;
             };
             let error = match ledger.status {
@@ -512,8 +547,7 @@ where
                     let msg = "the worker running this attempt stopped (no heartbeat); the job was taken over by another worker";
                     self.warehouse
                         .finish_run(&tenant, &run_id, RunStatus::Failed, Some(msg))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                        .await?;
                     tracing::warn!(attempt = number, run = %run_id, "took over a job whose worker died");
                     msg.to_string()
                 }
@@ -539,12 +573,18 @@ where
     }
 
     async fn run_replay(&self, job: &ReplayJob) -> JobResult {
-        let spec = match self.stored_spec(&job.tenant, &job.selection.pipeline).await {
+        let spec = match self
+            .patiently(|| self.stored_spec(&job.tenant, &job.selection.pipeline))
+            .await
+        {
             Ok((spec, _)) => spec,
             Err(reason) => return self.dead_replay(job, &[], &reason).await,
         };
         // A delivery after a worker died continues the attempts of the one before.
-        let prior = match self.earlier_attempts(&job.tenant, &job.run_id).await {
+        let prior = match self
+            .patiently(|| self.earlier_attempts(&job.tenant, &job.run_id))
+            .await
+        {
             Ok(Ok(prior)) => prior,
             Ok(Err(done)) => return done,
             Err(e) => return self.dead_replay(job, &[], &e).await,
@@ -762,6 +802,30 @@ async fn keep_renewed(
                 Err(e) => tracing::warn!(error = %e, "taking the pipeline lock again"),
             },
             Err(e) => tracing::warn!(error = %e, "renewing the pipeline lock"),
+        }
+    }
+}
+
+/// Why a job could not be prepared, and whether that may pass.
+struct Unready {
+    reason: String,
+    transient: bool,
+}
+
+impl From<sluice_engine::EngineError> for Unready {
+    fn from(e: sluice_engine::EngineError) -> Self {
+        Unready {
+            transient: e.kind().is_transient(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<String> for Unready {
+    fn from(reason: String) -> Self {
+        Unready {
+            reason,
+            transient: false,
         }
     }
 }
