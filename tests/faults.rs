@@ -94,6 +94,7 @@ async fn the_warehouse_postgres_crashing_mid_run_loses_nothing() {
             database_url: Some(url.clone()),
             redis: Some((redis.url.clone(), redis.prefix.clone())),
             retry_base_ms: 1000,
+            lease_ms: 3000,
         },
         &data,
     )]);
@@ -198,6 +199,7 @@ async fn source_fault_mid_read<F: std::future::Future<Output = ()>>(
             database_url: Some(db.url.clone()),
             redis: Some((redis.url.clone(), redis.prefix.clone())),
             retry_base_ms: 1000,
+            lease_ms: 3000,
         },
         &data,
     )]);
@@ -386,6 +388,7 @@ async fn a_worker_killed_mid_replay_batch_is_taken_over_and_each_row_replays_onc
         database_url: Some(db.url.clone()),
         redis: Some((redis.url.clone(), redis.prefix.clone())),
         retry_base_ms: 100,
+        lease_ms: 3000,
     };
     let mut workers = Reaper(vec![sluice_worker(&process, &data)]);
     let sync = queues.trigger(&manual("invoices")).await.expect("trigger");
@@ -521,6 +524,7 @@ async fn schedulers_and_workers_killed_leave_every_cron_tick_run_once() {
         database_url: Some(db.url.clone()),
         redis: Some((redis.url.clone(), redis.prefix.clone())),
         retry_base_ms: 200,
+        lease_ms: 3000,
     };
     let mut schedulers = Reaper(vec![
         sluice_scheduler(&process, &data),
@@ -528,7 +532,7 @@ async fn schedulers_and_workers_killed_leave_every_cron_tick_run_once() {
     ]);
     let mut workers = Reaper((0..3).map(|_| sluice_worker(&process, &data)).collect());
 
-    let ticks_fired = || cron_ticks(&redis.url, &redis.prefix, "invoices");
+    let ticks_fired = || cron_ticks(&redis.url, &redis.prefix, "acme", "invoices");
     eventually(Duration::from_secs(60), "two ticks fired", || async {
         ticks_fired().await.len() >= 2
     })
@@ -577,34 +581,6 @@ async fn schedulers_and_workers_killed_leave_every_cron_tick_run_once() {
     assert_loaded_exactly(&w, &exp).await;
 }
 
-/// The runs each cron tick of `pipeline` produced, by tick, from the idempotency keys.
-async fn cron_ticks(redis_url: &str, prefix: &str, pipeline: &str) -> Vec<(i64, String)> {
-    use redis::AsyncCommands;
-    let Ok(mut conn) = redis::Client::open(redis_url)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-    else {
-        return Vec::new();
-    };
-    let keys: Vec<String> = conn
-        .keys(format!("{prefix}:idem:acme:{pipeline}/cron:*"))
-        .await
-        .unwrap_or_default();
-    let mut ticks = Vec::new();
-    for key in keys {
-        let run: String = conn.get(&key).await.expect("run");
-        let at: i64 = key
-            .rsplit(':')
-            .next()
-            .and_then(|t| t.parse().ok())
-            .expect("tick");
-        ticks.push((at, run));
-    }
-    ticks.sort();
-    ticks
-}
-
 #[tokio::test]
 async fn a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none() {
     let db = TestDb::create().await;
@@ -633,13 +609,14 @@ async fn a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none() {
         database_url: Some(db.url.clone()),
         redis: Some((redis.url(), prefix.to_string())),
         retry_base_ms: 500,
+        lease_ms: 3000,
     };
     let _procs = Reaper(vec![
         sluice_worker(&process, &data),
         sluice_scheduler(&process, &data),
     ]);
     eventually(Duration::from_secs(30), "a scheduled tick", || async {
-        !cron_ticks(&redis.url(), prefix, "scheduled")
+        !cron_ticks(&redis.url(), prefix, "acme", "scheduled")
             .await
             .is_empty()
     })
@@ -667,14 +644,21 @@ async fn a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none() {
         assert_eq!(job.whole().counts.rows_read, exp.rows_read, "{job:?}");
     }
     // The schedule goes on after the restart, each tick with one run; none fired twice.
-    let before = cron_ticks(&redis.url(), prefix, "scheduled").await.len();
+    let before = cron_ticks(&redis.url(), prefix, "acme", "scheduled")
+        .await
+        .len();
     eventually(
         Duration::from_secs(60),
         "ticks after the restart",
-        || async { cron_ticks(&redis.url(), prefix, "scheduled").await.len() >= before + 2 },
+        || async {
+            cron_ticks(&redis.url(), prefix, "acme", "scheduled")
+                .await
+                .len()
+                >= before + 2
+        },
     )
     .await;
-    let ticks = cron_ticks(&redis.url(), prefix, "scheduled").await;
+    let ticks = cron_ticks(&redis.url(), prefix, "acme", "scheduled").await;
     let mut runs = std::collections::BTreeSet::new();
     for (at, run) in &ticks {
         let (result, _) = finished_job(&queues, &w, run, Duration::from_secs(120)).await;
@@ -689,12 +673,13 @@ async fn a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none() {
         .map(|r| sluice_engine::JobLedger::job_id(&r.run_id).to_string())
         .collect();
     // Ticks fired since the first reading have runs too: read the keys again.
-    let keyed: std::collections::BTreeSet<String> = cron_ticks(&redis.url(), prefix, "scheduled")
-        .await
-        .into_iter()
-        .map(|(_, run)| run)
-        .chain(runs)
-        .collect();
+    let keyed: std::collections::BTreeSet<String> =
+        cron_ticks(&redis.url(), prefix, "acme", "scheduled")
+            .await
+            .into_iter()
+            .map(|(_, run)| run)
+            .chain(runs)
+            .collect();
     assert!(
         jobs.is_subset(&keyed),
         "a run without its tick: {jobs:?} {keyed:?}"

@@ -27,9 +27,11 @@ pub struct WorkerProcess {
     pub redis: Option<(String, String)>,
     /// The retry policy's first delay.
     pub retry_base_ms: u64,
+    /// How long a running job's pipeline lock lasts without renewal.
+    pub lease_ms: u64,
 }
 
-/// A `sluice worker` process (heartbeat 1 s, lease 3 s, one sync at a time).
+/// A `sluice worker` process (heartbeat 1 s, one sync at a time).
 pub fn sluice_worker(p: &WorkerProcess, data: &Path) -> Child {
     sluice_process(p, data, &["worker", "--concurrency", "1"])
 }
@@ -41,6 +43,26 @@ pub fn sluice_scheduler(p: &WorkerProcess, data: &Path) -> Child {
 
 /// A `sluice` process running `command` on the services of `p`.
 pub fn sluice_process(p: &WorkerProcess, data: &Path, command: &[&str]) -> Child {
+    sluice_process_logged(p, data, command, None)
+}
+
+/// As [`sluice_process`], its warnings and errors appended to `log` when given.
+pub fn sluice_process_logged(
+    p: &WorkerProcess,
+    data: &Path,
+    command: &[&str],
+    log: Option<&Path>,
+) -> Child {
+    let stderr = match log {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("log file"),
+        ),
+        None => Stdio::null(),
+    };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.arg("--data-dir").arg(data);
     if let Some(url) = &p.database_url {
@@ -52,13 +74,14 @@ pub fn sluice_process(p: &WorkerProcess, data: &Path, command: &[&str]) -> Child
     }
     cmd.env_remove("SLUICE_DATABASE_URL")
         .env_remove("SLUICE_REDIS_URL")
-        .args(["--heartbeat-ms", "1000", "--lease-ms", "3000"])
+        .args(["--heartbeat-ms", "1000"])
+        .args(["--lease-ms", &p.lease_ms.to_string()])
         .args(["--retry-base-ms", &p.retry_base_ms.to_string()])
         .args(command)
         .env("SLUICE_MASTER_KEY", MASTER_KEY_HEX)
-        .env("SLUICE_LOG", "warn")
+        .env("SLUICE_LOG", if log.is_some() { "info" } else { "warn" })
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start a worker")
 }
@@ -246,4 +269,38 @@ pub async fn fix_currencies(conn: &mut sqlx::PgConnection, ids: &[String]) {
     .execute(conn)
     .await
     .expect("fix");
+}
+
+/// The runs each cron tick of `tenant`'s `pipeline` produced, by tick (epoch ms), from the
+/// scheduler's idempotency keys in Redis.
+pub async fn cron_ticks(
+    redis_url: &str,
+    prefix: &str,
+    tenant: &str,
+    pipeline: &str,
+) -> Vec<(i64, String)> {
+    use redis::AsyncCommands;
+    let Ok(mut conn) = redis::Client::open(redis_url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+    else {
+        return Vec::new();
+    };
+    let keys: Vec<String> = conn
+        .keys(format!("{prefix}:idem:{tenant}:{pipeline}/cron:*"))
+        .await
+        .unwrap_or_default();
+    let mut ticks = Vec::new();
+    for key in keys {
+        let run: String = conn.get(&key).await.expect("run");
+        let at: i64 = key
+            .rsplit(':')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .expect("tick");
+        ticks.push((at, run));
+    }
+    ticks.sort();
+    ticks
 }

@@ -120,6 +120,13 @@ impl PrivateRedis {
         self.stop();
         self.spawn();
     }
+
+    /// Starts the stopped server again on its port, with its append-only file.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
 }
 
 impl Drop for PrivateRedis {
