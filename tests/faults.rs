@@ -12,6 +12,7 @@
 //! | two schedulers and three workers, one of each killed | `schedulers_and_workers_killed_leave_every_cron_tick_run_once` |
 //! | Redis restarted with jobs queued, running and scheduled | `a_redis_restart_with_jobs_queued_running_and_scheduled_loses_none` |
 //! | the SQLite warehouse is full (`max_page_count`) | `a_full_sqlite_warehouse_keeps_what_it_committed_and_the_rerun_finishes` |
+//! | the warehouse down as a job starts | `a_warehouse_down_as_a_job_starts_is_waited_for` |
 //!
 //! Rows covered elsewhere: a worker killed with `kill -9` mid-sync
 //! (`queue::a_worker_killed_mid_sync_is_taken_over_and_nothing_is_lost_or_doubled`, and in
@@ -29,7 +30,7 @@ use sqlx::{AssertSqlSafe, Connection};
 
 use sluice_engine::RunStatus;
 use sluice_engine::warehouse::PostgresWarehouse;
-use sluice_engine::warehouse::RunHistory;
+use sluice_engine::warehouse::{DeadLetterStore, RunHistory};
 use sluice_workers::{JobStatus, Queues};
 use support::jobs::*;
 use support::messy_invoices;
@@ -124,6 +125,50 @@ async fn the_warehouse_postgres_crashing_mid_run_loses_nothing() {
     assert_eq!(
         whole.counts.rows_read,
         whole.counts.loaded() + whole.counts.quarantined + whole.counts.deduplicated
+    );
+    assert_loaded_exactly(&w, &exp).await;
+}
+
+/// The warehouse down as a job is taken: the worker waits for it (the policy's waits) to
+/// read the pipeline and its earlier attempts, instead of making the job a dead letter.
+#[tokio::test]
+async fn a_warehouse_down_as_a_job_starts_is_waited_for() {
+    let pg = PrivatePg::start();
+    let url = pg.url("postgres");
+    let w = acme_warehouse(&url).await;
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let data: PathBuf = dir.path().join("data");
+    let (csv, exp) = messy_invoices(2_000, 27);
+    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+    register(&w, &spec).await;
+    let queues = Queues::connect(settings(Some((&redis.url, &redis.prefix)), &data))
+        .await
+        .expect("queues");
+    let _workers = Reaper(vec![sluice_worker(
+        &WorkerProcess {
+            database_url: Some(url.clone()),
+            redis: Some((redis.url.clone(), redis.prefix.clone())),
+            retry_base_ms: 1000,
+            lease_ms: 3000,
+        },
+        &data,
+    )]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.crash();
+    let run = queues.trigger(&manual("invoices")).await.expect("trigger");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.start_again();
+
+    let (result, job) = finished_job(&queues, &w, &run.run_id, Duration::from_secs(120)).await;
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert_eq!(job.whole().status, RunStatus::Succeeded, "{job:?}");
+    assert!(
+        w.dead_letters(&slug("acme"), 10)
+            .await
+            .expect("letters")
+            .is_empty(),
+        "no dead letter"
     );
     assert_loaded_exactly(&w, &exp).await;
 }

@@ -194,6 +194,13 @@ async fn a_trigger_during_a_running_run_queues_one_behind_it_in_the_embedded_que
     a_trigger_during_a_running_run_queues_one_behind_it(Arc::new(queues)).await;
 }
 
+/// No wait before a run recorded as waiting counts as never pushed (the trigger that took
+/// it is taken to have died at once).
+fn no_grace(mut s: sluice_workers::QueueSettings) -> sluice_workers::QueueSettings {
+    s.pending_grace = Duration::ZERO;
+    s
+}
+
 /// A trigger that took a free lock and recorded its tick (one step), then died (or lost
 /// its queue) before pushing the job: the next trigger finds the run waiting and pushes it,
 /// instead of joining a run no job will ever start. And a run handed the lock by a release whose
@@ -273,7 +280,7 @@ async fn a_run_whose_push_never_happened_is_pushed_by_the_next_comer(queues: Arc
 async fn a_run_whose_push_never_happened_is_pushed_by_the_next_comer_in_redis() {
     let p = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
-    let queues = Queues::connect(settings(Some((&p.url, &p.prefix)), dir.path()))
+    let queues = Queues::connect(no_grace(settings(Some((&p.url, &p.prefix)), dir.path())))
         .await
         .expect("Redis must be reachable");
     a_run_whose_push_never_happened_is_pushed_by_the_next_comer(Arc::new(queues)).await;
@@ -282,7 +289,7 @@ async fn a_run_whose_push_never_happened_is_pushed_by_the_next_comer_in_redis() 
 #[tokio::test]
 async fn a_run_whose_push_never_happened_is_pushed_by_the_next_comer_in_the_embedded_queue() {
     let dir = tempfile::tempdir().expect("tmp");
-    let queues = Queues::connect(settings(None, dir.path()))
+    let queues = Queues::connect(no_grace(settings(None, dir.path())))
         .await
         .expect("embedded queue");
     a_run_whose_push_never_happened_is_pushed_by_the_next_comer(Arc::new(queues)).await;

@@ -62,6 +62,9 @@ pub struct QueueSettings {
     pub lease_ttl: Duration,
     /// How long a queued job's pipeline lock lasts before a worker takes it over.
     pub queued_ttl: Duration,
+    /// How long a run that took the lock stays recorded as waiting before anyone else
+    /// pushes its job (its own trigger pushes it within moments unless it died).
+    pub pending_grace: Duration,
     /// How often an idle worker looks for a new job.
     pub poll_interval: Duration,
 }
@@ -83,6 +86,7 @@ impl QueueSettings {
             missed_heartbeats: 3,
             lease_ttl: Duration::from_secs(30),
             queued_ttl: Duration::from_secs(3600),
+            pending_grace: Duration::from_secs(5),
             poll_interval: Duration::from_millis(200),
         }
     }
@@ -511,6 +515,13 @@ impl Queues {
                 )
                 .await?;
             match acquired {
+                Acquired::Waiting { run_id, job } => {
+                    self.push_waiting(&job).await?;
+                    return Ok(Triggered {
+                        run_id,
+                        outcome: TriggerOutcome::Joined,
+                    });
+                }
                 Acquired::Repeated(run_id) => {
                     self.push_pending(&lease.key).await?;
                     return Ok(Triggered {
@@ -595,11 +606,21 @@ impl Queues {
     /// as waiting (its trigger or the run before it may have died before pushing it); true
     /// when there was one.
     pub async fn push_pending(&self, lock_key: &str) -> Result<bool, WorkerError> {
-        let Some(text) = self.coord.pending(lock_key).await? else {
+        let Some(text) = self
+            .coord
+            .pending(lock_key, self.settings.pending_grace)
+            .await?
+        else {
             return Ok(false);
         };
+        self.push_waiting(&text).await?;
+        Ok(true)
+    }
+
+    /// Pushes the job (JSON) of a run recorded as waiting, then forgets the record.
+    async fn push_waiting(&self, text: &str) -> Result<(), WorkerError> {
         let job: SyncJob =
-            serde_json::from_str(&text).map_err(|e| queue_error("reading a queued job", e))?;
+            serde_json::from_str(text).map_err(|e| queue_error("reading a queued job", e))?;
         let lease = self.coord.lease(
             &job.tenant,
             &job.pipeline,
@@ -609,7 +630,7 @@ impl Queues {
         self.push_sync(job.clone()).await?;
         self.coord.followed(&lease).await?;
         tracing::info!(tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, "a queued run whose job may not have been pushed is pushed");
-        Ok(true)
+        Ok(())
     }
 
     /// Waits until the job of `run_id` has ended (polling every `every`).

@@ -81,12 +81,17 @@ impl Coordinator {
     }
 
     /// The job (JSON) of the queued run holding the lock `lock_key` while it is still
-    /// recorded as waiting: handed over, or taken by a trigger, and perhaps never pushed.
-    /// Pushing it again is harmless (a second copy of a run finds it ended).
-    pub async fn pending(&self, lock_key: &str) -> Result<Option<String>, WorkerError> {
+    /// recorded as waiting `grace` after it took the lock (handed over, or taken by a
+    /// trigger): its push may never have happened. Pushing it again is harmless (a second
+    /// copy of a run finds it ended), only wasteful, hence the grace.
+    pub async fn pending(
+        &self,
+        lock_key: &str,
+        grace: Duration,
+    ) -> Result<Option<String>, WorkerError> {
         match self {
-            Coordinator::Redis(r) => r.pending(lock_key).await,
-            Coordinator::Sqlite(s) => s.pending(lock_key).await,
+            Coordinator::Redis(r) => r.pending(lock_key, grace).await,
+            Coordinator::Sqlite(s) => s.pending(lock_key, grace).await,
         }
     }
 
@@ -309,6 +314,14 @@ pub enum Acquired {
     },
     /// The idempotency key produced this run before; nothing was taken.
     Repeated(String),
+    /// The lock was free but a run was waiting for it (the run before it died without
+    /// handing over): the lock is now that run's, and its job (JSON) must be pushed.
+    Waiting {
+        /// The waiting run.
+        run_id: String,
+        /// Its job.
+        job: String,
+    },
 }
 
 impl Acquired {
@@ -319,6 +332,10 @@ impl Acquired {
                 run_id: run_of(holder),
             }),
             (Some("repeated"), Some(run)) => Ok(Acquired::Repeated(run.clone())),
+            (Some("waiting"), Some(run)) => Ok(Acquired::Waiting {
+                run_id: run.clone(),
+                job: answer.get(2).cloned().unwrap_or_default(),
+            }),
             other => Err(WorkerError::new(
                 crate::error::WorkerErrorKind::Queue,
                 format!("unexpected answer {other:?} from the lock script"),

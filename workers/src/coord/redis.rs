@@ -38,7 +38,8 @@ const CLAIM: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or v ==
 /// the trigger dies first; with an idempotency key (ARGV[4] = '1'), records KEYS[3] -> the
 /// run (ARGV[5], for ARGV[6] s) in the same step, or answers the run the key produced
 /// before. A run already waiting for a lock nobody holds (its predecessor died before
-/// handing over) takes the lock instead. Answers {kind, value}.
+/// handing over) takes the lock instead, and this trigger pushes its job. Answers {kind,
+/// value[, job]}.
 const ACQUIRE: &str = r"
 if ARGV[4] == '1' then
   local m = redis.call('GET', KEYS[3])
@@ -46,20 +47,31 @@ if ARGV[4] == '1' then
 end
 local v = redis.call('GET', KEYS[1])
 if v then return {'busy', v} end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local n = redis.call('HGET', KEYS[2], 'lease')
 if n then
   redis.call('SET', KEYS[1], n, 'PX', ARGV[3])
-  return {'busy', n}
+  redis.call('HSET', KEYS[2], 'at', now)
+  local run = string.match(n, '^[^|]*')
+  if ARGV[4] == '1' then redis.call('SET', KEYS[3], run, 'EX', ARGV[6]) end
+  return {'waiting', run, redis.call('HGET', KEYS[2], 'job')}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'lease', ARGV[1], 'job', ARGV[2]) end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'lease', ARGV[1], 'job', ARGV[2], 'at', now) end
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
 return {'held', ''}";
 /// The job of the queued run holding the lock (KEYS[1]) while it is still recorded as
-/// waiting (KEYS[2]): its push may not have happened.
+/// waiting (KEYS[2]) ARGV[1] ms after it took the lock: its push may not have happened.
 const PENDING: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v and redis.call('HGET', KEYS[2], 'lease') == v then return redis.call('HGET', KEYS[2], 'job') end
+if v and redis.call('HGET', KEYS[2], 'lease') == v then
+  local t = redis.call('TIME')
+  local at = tonumber(redis.call('HGET', KEYS[2], 'at') or '0')
+  if t[1] * 1000 + math.floor(t[2] / 1000) - at >= tonumber(ARGV[1]) then
+    return redis.call('HGET', KEYS[2], 'job')
+  end
+end
 return ''";
 /// Moves a pipeline's last fired tick forward, never back.
 const ADVANCE_TICK: &str = r"local v = redis.call('GET', KEYS[1]) if v == false or tonumber(v) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
@@ -71,6 +83,8 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'not-ours'} end
 local lease = redis.call('HGET', KEYS[2], 'lease')
 if lease and string.match(lease, '^[^|]*') ~= string.match(ARGV[1], '^[^|]*') then
   redis.call('SET', KEYS[1], lease, 'PX', ARGV[2])
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[2], 'at', t[1] * 1000 + math.floor(t[2] / 1000))
   return {'handed-over', redis.call('HGET', KEYS[2], 'job')}
 end
 if lease then redis.call('DEL', KEYS[2]) end
@@ -193,11 +207,16 @@ impl RedisLocks {
     }
 
     /// See [`super::Coordinator::pending`].
-    pub async fn pending(&self, lock_key: &str) -> Result<Option<String>, WorkerError> {
+    pub async fn pending(
+        &self,
+        lock_key: &str,
+        grace: Duration,
+    ) -> Result<Option<String>, WorkerError> {
         let mut conn = self.conn.clone();
         let job: String = redis::Script::new(PENDING)
             .key(lock_key)
             .key(Self::next_key(lock_key))
+            .arg(grace.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error("reading the run waiting for the lock", e))?;

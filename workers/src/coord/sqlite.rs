@@ -44,6 +44,19 @@ impl SqliteCoord {
             .execute(&pool)
             .await
             .map_err(|e| db_error("creating the coordination tables", e))?;
+        // When a waiting run took the lock (files made before it was recorded: 0).
+        let stamped: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pragma_table_info('sluice_next') WHERE name = 'at'",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| db_error("reading the coordination tables", e))?;
+        if stamped == 0 {
+            sqlx::query("ALTER TABLE sluice_next ADD COLUMN at INTEGER NOT NULL DEFAULT 0")
+                .execute(&pool)
+                .await
+                .map_err(|e| db_error("updating the coordination tables", e))?;
+        }
         Ok(SqliteCoord { pool })
     }
 
@@ -99,13 +112,16 @@ impl SqliteCoord {
                 run_id: run_of(&holder),
             });
         }
-        let waiting: Option<String> =
-            sqlx::query_scalar("SELECT lease FROM sluice_next WHERE key = ?")
+        let waiting: Option<(String, String)> =
+            sqlx::query_as("SELECT lease, job FROM sluice_next WHERE key = ?")
                 .bind(&lease.key)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(fail)?;
-        let value = waiting.clone().unwrap_or_else(|| lease.value());
+        let value = waiting
+            .as_ref()
+            .map(|(w, _)| w.clone())
+            .unwrap_or_else(|| lease.value());
         sqlx::query(
             "INSERT INTO sluice_locks (key, value, expires_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
@@ -116,44 +132,59 @@ impl SqliteCoord {
         .execute(&mut *tx)
         .await
         .map_err(fail)?;
-        if waiting.is_none() {
-            if let Some(job) = job {
-                sqlx::query("INSERT INTO sluice_next (key, lease, job) VALUES (?, ?, ?)")
-                    .bind(&lease.key)
-                    .bind(&value)
-                    .bind(job)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(fail)?;
-            }
-            if let Some(k) = &idem {
-                sqlx::query(
-                    "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at",
-                )
-                .bind(k)
-                .bind(&lease.run_id)
-                .bind(now + ms(IDEMPOTENCY_TTL))
+        if waiting.is_some() {
+            sqlx::query("UPDATE sluice_next SET at = ? WHERE key = ?")
+                .bind(now)
+                .bind(&lease.key)
                 .execute(&mut *tx)
                 .await
                 .map_err(fail)?;
-            }
+        } else if let Some(job) = job {
+            sqlx::query("INSERT INTO sluice_next (key, lease, job, at) VALUES (?, ?, ?, ?)")
+                .bind(&lease.key)
+                .bind(&value)
+                .bind(job)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+        }
+        if let Some(k) = &idem {
+            sqlx::query(
+                "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at",
+            )
+            .bind(k)
+            .bind(run_of(&value))
+            .bind(now + ms(IDEMPOTENCY_TTL))
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         Ok(match waiting {
-            Some(w) => Acquired::Busy { run_id: run_of(&w) },
+            Some((w, job)) => Acquired::Waiting {
+                run_id: run_of(&w),
+                job,
+            },
             None => Acquired::Held(lease.clone()),
         })
     }
 
     /// See [`super::Coordinator::pending`].
-    pub(super) async fn pending(&self, lock_key: &str) -> Result<Option<String>, WorkerError> {
+    pub(super) async fn pending(
+        &self,
+        lock_key: &str,
+        grace: Duration,
+    ) -> Result<Option<String>, WorkerError> {
+        let now = now_ms();
         sqlx::query_scalar(
             "SELECT n.job FROM sluice_next n JOIN sluice_locks l ON l.key = n.key AND l.value = n.lease \
-             WHERE n.key = ? AND l.expires_at > ?",
+             WHERE n.key = ? AND l.expires_at > ? AND n.at <= ?",
         )
         .bind(lock_key)
-        .bind(now_ms())
+        .bind(now)
+        .bind(now - ms(grace))
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| db_error("reading the run waiting for the lock", e))
@@ -289,6 +320,12 @@ impl SqliteCoord {
                     .execute(&mut *tx)
                     .await
                     .map_err(fail)?;
+                sqlx::query("UPDATE sluice_next SET at = ? WHERE key = ?")
+                    .bind(now_ms())
+                    .bind(&lease.key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
                 Released::HandedOver(job)
             }
             None => Released::Free,
@@ -345,11 +382,12 @@ impl SqliteCoord {
             Some(run) => Behind::Joined(run),
             None => {
                 sqlx::query(
-                    "INSERT OR REPLACE INTO sluice_next (key, lease, job) VALUES (?, ?, ?)",
+                    "INSERT OR REPLACE INTO sluice_next (key, lease, job, at) VALUES (?, ?, ?, ?)",
                 )
                 .bind(&lease.key)
                 .bind(lease.value())
                 .bind(job)
+                .bind(now)
                 .execute(&mut *tx)
                 .await
                 .map_err(fail)?;
