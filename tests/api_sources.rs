@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sluice_connectors::saas::quickbooks::{QboStream, QuickBooksConfig, QuickBooksSource};
-use sluice_connectors::saas::{Limits, MemoryTokens, RequestRetry};
+use sluice_connectors::saas::{Limits, MemoryTokens, RequestRetry, TokenStore};
 use sluice_connectors::{ReadRequest, Source};
 use sluice_engine::control::PipelineStore;
 use sluice_engine::{RunStatus, SqliteWarehouse, TenantSlug};
@@ -183,6 +183,91 @@ async fn read_invoices(s: &QuickBooksSource) -> usize {
         rows += batch.expect("batch").records.num_rows();
     }
     rows
+}
+
+/// A token store that refuses its first saves as unavailable (the warehouse restarting).
+#[derive(Default)]
+struct FlakyTokens {
+    inner: MemoryTokens,
+    refuse: std::sync::atomic::AtomicUsize,
+}
+
+impl TokenStore for FlakyTokens {
+    fn load(
+        &self,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<String>, sluice_connectors::SourceError>>
+                + Send
+                + '_,
+        >,
+    > {
+        self.inner.load()
+    }
+
+    fn save<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), sluice_connectors::SourceError>>
+                + Send
+                + 'a,
+        >,
+    > {
+        use std::sync::atomic::Ordering;
+        if self
+            .refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Box::pin(async {
+                Err(sluice_connectors::SourceError::new(
+                    sluice_connectors::SourceErrorKind::Transient,
+                    "warehouse unavailable: pool timed out",
+                ))
+            });
+        }
+        self.inner.save(token)
+    }
+}
+
+/// QuickBooks rotates the refresh token at every refresh and the old one stops working: a
+/// store that is briefly unavailable must not lose the new one (it was lost, and the
+/// connection was dead for good), and a second run in the process uses the access token
+/// it already has instead of rotating again.
+#[tokio::test]
+async fn quickbooks_keeps_a_rotated_token_through_an_unavailable_store_and_reuses_the_access_token()
+{
+    let fake = FakeQbo::start(Books {
+        records: HashMap::from([("Invoice".to_string(), qbo_invoices(60, 8))]),
+        ..Books::default()
+    })
+    .await;
+    let mut config = QuickBooksConfig::new(
+        qbo::REALM,
+        qbo::CLIENT_ID,
+        qbo::CLIENT_SECRET,
+        qbo::FIRST_REFRESH,
+        QboStream::Invoice,
+    );
+    config.base_url = fake.url.clone();
+    config.token_url = fake.token_url();
+    let store = Arc::new(FlakyTokens {
+        refuse: 3.into(),
+        ..FlakyTokens::default()
+    });
+    let first = QuickBooksSource::new(config.clone(), store.clone()).expect("source");
+    assert_eq!(read_invoices(&first).await, 60);
+    let live = fake.with(|b| b.refresh_token.clone());
+    assert_eq!(
+        store.inner.load().await.expect("load"),
+        Some(live),
+        "the rotated token is saved once the store is back"
+    );
+    let second = QuickBooksSource::new(config, store.clone()).expect("source");
+    assert_eq!(read_invoices(&second).await, 60);
+    assert_eq!(fake.with(|b| b.refreshes), 1, "one rotation for both runs");
 }
 
 fn pacific_now() -> String {

@@ -360,9 +360,14 @@ impl QuickBooksConfig {
     }
 }
 
+/// What this process knows of a connection (token endpoint, client, realm), shared by
+/// every source of it: the access token (an hour's worth, so a run does not rotate the
+/// refresh token each time it starts) and a rotated refresh token the store could not
+/// take yet.
 #[derive(Default)]
-struct Tokens {
+struct Connection {
     access: Option<(String, Instant)>,
+    unsaved: Option<String>,
 }
 
 /// What the token endpoint said.
@@ -377,7 +382,7 @@ pub struct QuickBooksSource {
     config: Arc<QuickBooksConfig>,
     http: reqwest::Client,
     store: Arc<dyn TokenStore>,
-    tokens: Arc<Mutex<Tokens>>,
+    tokens: Arc<Mutex<Connection>>,
     gate: Arc<dyn Gate>,
 }
 
@@ -389,10 +394,11 @@ impl std::fmt::Debug for QuickBooksSource {
     }
 }
 
-/// One refresh at a time per connection (token endpoint, client, realm) in the process.
-fn connection_lock(config: &QuickBooksConfig) -> Arc<Mutex<()>> {
-    static LOCKS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>> =
-        OnceLock::new();
+/// The process's state of a connection (token endpoint, client, realm); holding its lock,
+/// one refresh at a time.
+fn connection(config: &QuickBooksConfig) -> Arc<Mutex<Connection>> {
+    type Connections = std::collections::HashMap<String, Arc<Mutex<Connection>>>;
+    static LOCKS: OnceLock<std::sync::Mutex<Connections>> = OnceLock::new();
     let key = format!(
         "{} {} {}",
         config.token_url, config.client_id, config.realm_id
@@ -649,10 +655,10 @@ impl QuickBooksSource {
                 &format!("quickbooks {} {}", config.base_url, config.realm_id),
                 config.limits,
             ),
+            tokens: connection(&config),
             config: Arc::new(config),
             http,
             store,
-            tokens: Arc::new(Mutex::new(Tokens::default())),
         })
     }
 
@@ -696,8 +702,11 @@ impl QuickBooksSource {
         {
             return Ok(token.clone());
         }
-        let lock = connection_lock(&self.config);
-        let _one = lock.lock().await;
+        // A rotated token the store could not take last time goes first.
+        if let Some(next) = tokens.unsaved.clone() {
+            self.save_rotated(&next).await?;
+            tokens.unsaved = None;
+        }
         let latest = || async {
             Ok::<_, SourceError>(
                 self.store
@@ -739,24 +748,50 @@ impl QuickBooksSource {
             .get("expires_in")
             .and_then(Value::as_u64)
             .unwrap_or(3600);
-        if let Some(next) = answer.get("refresh_token").and_then(Value::as_str)
-            && next != refresh
-        {
-            // The old refresh token stops working once the new one is used: keep the new
-            // one safe first.
-            self.store.save(next).await.map_err(|e| {
-                SourceError::new(
-                    e.kind(),
-                    format!("saving the rotated quickbooks refresh token: {e}"),
-                )
-            })?;
-            tracing::info!(realm = %self.config.realm_id, "quickbooks refresh token rotated and saved");
-        }
         tokens.access = Some((
             access.clone(),
             Instant::now() + Duration::from_secs(lifetime),
         ));
+        if let Some(next) = answer.get("refresh_token").and_then(Value::as_str)
+            && next != refresh
+        {
+            // The old refresh token stops working once the new one is used: the new one is
+            // the connection's only key. Kept here until the store takes it.
+            tokens.unsaved = Some(next.to_string());
+            match self.save_rotated(next).await {
+                Ok(()) => {
+                    tokens.unsaved = None;
+                    tracing::info!(realm = %self.config.realm_id, "quickbooks refresh token rotated and saved");
+                }
+                Err(e) => {
+                    tracing::error!(realm = %self.config.realm_id, error = %e, "the rotated quickbooks refresh token is kept in this process until the store takes it");
+                }
+            }
+        }
         Ok(access)
+    }
+
+    /// Saves a rotated refresh token, waiting out a store that is unavailable (about a
+    /// minute: the token cannot be had again).
+    async fn save_rotated(&self, token: &str) -> Result<(), SourceError> {
+        let mut wait = Duration::from_millis(200);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.store.save(token).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == SourceErrorKind::Transient && Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "saving the rotated quickbooks refresh token; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(SourceError::new(
+                        e.kind(),
+                        format!("saving the rotated quickbooks refresh token: {e}"),
+                    ));
+                }
+            }
+        }
     }
 
     /// One `grant_type=refresh_token` exchange, retried on network failures, 429 and 5xx.
