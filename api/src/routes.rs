@@ -776,7 +776,11 @@ pub async fn quarantine_page<W: Store>(
 /// `GET /v1/quarantine/stats`
 pub async fn quarantine_stats<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
-    ok(json!(s.warehouse.quarantine_stats(tenant).await?))
+    let stats = s
+        .quarantine_stats
+        .get(tenant.as_str(), || s.warehouse.quarantine_stats(tenant))
+        .await?;
+    ok(json!(stats))
 }
 
 async fn quarantined<W: Store>(

@@ -35,6 +35,8 @@ pub struct AppState<W> {
     pub health: HealthCache,
     /// Anomaly lists computed for a tenant's current data, paged from here.
     pub anomalies: ComputedLists<sluice_finance::Anomaly>,
+    /// Quarantine counts per tenant, computed once for every caller waiting at a moment.
+    pub quarantine_stats: Coalesced<sluice_engine::quarantine::QuarantineStats>,
 }
 
 /// A pipeline's identity in the health cache: tenant, name, and when it was last saved (a
@@ -83,6 +85,7 @@ impl<W> AppState<W> {
             confinement,
             health: HealthCache::default(),
             anomalies: ComputedLists::default(),
+            quarantine_stats: Coalesced::default(),
         }
     }
 }
@@ -92,6 +95,62 @@ impl<W> AppState<W> {
 /// computation instead of a computation of its own. A new version (a run that changed
 /// the data) computes afresh. At most [`ComputedLists::KEPT`] lists are kept.
 pub struct ComputedLists<T>(Mutex<HashMap<String, ComputedList<T>>>);
+
+/// Answers costly to compute that many callers ask for at once: each caller gets an answer
+/// computed after it asked (never an older one), but callers who arrive while one
+/// computation runs share the next one, so a burst of N callers costs at most two
+/// computations instead of N.
+pub struct Coalesced<T>(Mutex<HashMap<String, Arc<CoalescedSlot<T>>>>);
+
+/// One key's callers: tickets in order of arrival, and the last answer with the last
+/// ticket issued before its computation started.
+pub struct CoalescedSlot<T> {
+    tickets: std::sync::atomic::AtomicU64,
+    last: tokio::sync::Mutex<Option<(u64, T)>>,
+}
+
+impl<T> Default for Coalesced<T> {
+    fn default() -> Self {
+        Coalesced(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T: Clone> Coalesced<T> {
+    /// The answer for `key`, from a computation that started after this call.
+    pub async fn get<E, F, Fut>(&self, key: &str, compute: F) -> Result<T, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        use std::sync::atomic::Ordering;
+        let slot = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= 10_000 {
+                map.retain(|_, slot| Arc::strong_count(slot) > 1);
+            }
+            map.entry(key.to_string())
+                .or_insert_with(|| {
+                    Arc::new(CoalescedSlot {
+                        tickets: 0.into(),
+                        last: tokio::sync::Mutex::new(None),
+                    })
+                })
+                .clone()
+        };
+        let ticket = slot.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        // One computation at a time per key; waiters queue in order.
+        let mut last = slot.last.lock().await;
+        if let Some((covers, answer)) = &*last
+            && *covers >= ticket
+        {
+            return Ok(answer.clone());
+        }
+        let covers = slot.tickets.load(Ordering::SeqCst);
+        let answer = compute().await?;
+        *last = Some((covers, answer.clone()));
+        Ok(answer)
+    }
+}
 
 /// A list with the data version it was computed from and when.
 type ComputedList<T> = (String, Instant, Arc<Vec<T>>);
@@ -144,6 +203,55 @@ impl<T> ComputedLists<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_burst_of_callers_shares_at_most_two_computations_each_fresh() {
+        let stats = Arc::new(Coalesced::<u64>::default());
+        let data = Arc::new(AtomicU64::new(1));
+        let computed = Arc::new(AtomicUsize::new(0));
+        let compute = {
+            let (data, computed) = (data.clone(), computed.clone());
+            move || {
+                let (data, computed) = (data.clone(), computed.clone());
+                async move {
+                    computed.fetch_add(1, Ordering::SeqCst);
+                    let seen = data.load(Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, ()>(seen)
+                }
+            }
+        };
+        // A computation is under way when the data changes and a second caller comes.
+        let first = tokio::spawn({
+            let (stats, compute) = (stats.clone(), compute.clone());
+            async move { stats.get("acme", compute).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        data.store(2, Ordering::SeqCst);
+        let burst: Vec<_> = (0..50)
+            .map(|_| {
+                let (stats, compute) = (stats.clone(), compute.clone());
+                tokio::spawn(async move { stats.get("acme", compute).await })
+            })
+            .collect();
+        assert_eq!(first.await.expect("join"), Ok(1));
+        for b in burst {
+            assert_eq!(
+                b.await.expect("join"),
+                Ok(2),
+                "a caller never gets an answer computed before it asked"
+            );
+        }
+        assert_eq!(
+            computed.load(Ordering::SeqCst),
+            2,
+            "51 callers, two computations"
+        );
+        // Later, alone: computed again.
+        assert_eq!(stats.get("acme", compute.clone()).await, Ok(2));
+        assert_eq!(computed.load(Ordering::SeqCst), 3);
+    }
 
     #[tokio::test]
     async fn a_list_is_computed_once_per_version_of_the_data() {

@@ -77,6 +77,13 @@ pub(super) struct ServeArgs {
     /// Bytes of uploaded files each tenant may keep.
     #[arg(long, default_value_t = 10_000_000_000)]
     upload_quota: u64,
+    /// Requests per second each API key may make (a token bucket; over it, 429 with
+    /// Retry-After).
+    #[arg(long, env = "SLUICE_API_RATE", default_value_t = 100.0)]
+    rate_per_key: f64,
+    /// Requests each API key may make at once before its rate applies.
+    #[arg(long, env = "SLUICE_API_BURST", default_value_t = 200.0)]
+    burst_per_key: f64,
     #[command(flatten)]
     worker: WorkerArgs,
     #[command(flatten)]
@@ -124,6 +131,10 @@ pub(super) async fn serve<W: sluice_engine::Store>(
     );
     state.upload_limit = args.upload_limit;
     state.upload_quota = args.upload_quota;
+    state.rate = sluice_api::rate_limit::RateLimit {
+        burst: args.burst_per_key.max(1.0),
+        per_second: args.rate_per_key.max(0.001),
+    };
     let state = Arc::new(state);
     let api = tokio::spawn(sluice_api::serve(state, args.listen, stopped()));
     let scheduler = tokio::spawn(
