@@ -621,7 +621,9 @@ async fn chaos_soak() {
     println!("chaos soak: {secs} s, seed {seed}");
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().expect("tmp");
-    let logs = dir.path().join("logs");
+    // The processes' logs outlive a failed soak (removed when it passes).
+    let logs = std::env::temp_dir().join(format!("sluice-chaos-{seed}-{}", std::process::id()));
+    println!("logs in {}", logs.display());
     let data = dir.path().join("data");
     let redis_dir = dir.path().join("redis");
     for d in [&logs, &data, &redis_dir] {
@@ -1039,8 +1041,8 @@ async fn chaos_soak() {
         report.rows_read += runs.iter().map(|r| r.counts.rows_read).sum::<u64>();
         *report.by_kind.entry(format!("{:?}", p.kind)).or_default() += jobs.len();
     }
-    if std::env::var_os("SLUICE_CHAOS_KEEP").is_some() {
-        println!("logs kept in {}", dir.keep().display());
+    if std::env::var_os("SLUICE_CHAOS_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&logs);
     }
     injected.events.clear();
     println!("injected: {injected:?}");
