@@ -994,6 +994,22 @@ async fn chaos_soak() {
         let ticks = cron_ticks(&redis.url(), PREFIX, &p.tenant, &p.name).await;
         let mut jobs_of_ticks = BTreeSet::new();
         for (at, run) in &ticks {
+            // A tick's job whose worker was killed is taken over once its heartbeat lapses:
+            // wait for every job to end before reading its ledger.
+            let ended = tokio::time::timeout(Duration::from_secs(120), async {
+                loop {
+                    if let Ok(r) = queues.wait(run, Duration::from_millis(200)).await {
+                        return r;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+            .await;
+            assert!(
+                ended.is_ok(),
+                "{}: tick {at}'s job {run} never ended",
+                p.name
+            );
             let Some(job) = w.job(&tenant, run).await.expect("job") else {
                 let state = lock_state(&redis.url(), &p.tenant, &p.name).await;
                 panic!(
