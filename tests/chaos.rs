@@ -150,36 +150,18 @@ impl Sources {
                     self.file(p).display()
                 )
             }
-            Kind::Postgres => {
-                let mut conn = self.pg.connect().await;
-                sqlx::raw_sql(AssertSqlSafe(format!(
-                    "CREATE TABLE src_{} {SQL_TABLE}",
-                    p.name
-                )))
-                .execute(&mut conn)
-                .await
-                .expect("table");
-                self.upsert_sql(p, p.docs.keys().copied().collect(), 0)
+            Kind::Postgres | Kind::Mysql => {
+                self.run_sql(p.kind, format!("CREATE TABLE src_{} {SQL_TABLE}", p.name))
                     .await;
+                self.upsert_sql(p, p.docs.keys().copied().collect()).await;
+                let (kind, url) = if p.kind == Kind::Postgres {
+                    ("postgres", &self.pg.url)
+                } else {
+                    ("mysql", &self.my.url)
+                };
                 format!(
-                    "kind = \"postgres\"\nurl = \"{}\"\ntable = \"src_{}\"\ncursor = [\"updated_at\", \"id\"]\n",
-                    self.pg.url, p.name
-                )
-            }
-            Kind::Mysql => {
-                let mut conn = self.my.connect().await;
-                sqlx::raw_sql(AssertSqlSafe(format!(
-                    "CREATE TABLE src_{} {SQL_TABLE}",
+                    "kind = \"{kind}\"\nurl = \"{url}\"\ntable = \"src_{}\"\ncursor = [\"updated_at\", \"id\"]\n",
                     p.name
-                )))
-                .execute(&mut conn)
-                .await
-                .expect("table");
-                self.upsert_sql(p, p.docs.keys().copied().collect(), 0)
-                    .await;
-                format!(
-                    "kind = \"mysql\"\nurl = \"{}\"\ntable = \"src_{}\"\ncursor = [\"updated_at\", \"id\"]\n",
-                    self.my.url, p.name
                 )
             }
             Kind::QuickBooks => {
@@ -283,12 +265,9 @@ impl Sources {
         std::fs::rename(&tmp, &path).expect("rename");
     }
 
-    /// Writes documents `ids` of a SQL pipeline (new or changed) in one transaction, each
+    /// Writes documents `ids` of a SQL pipeline (new or changed), 500 to a statement, each
     /// stamped `updated_at` now.
-    async fn upsert_sql(&self, p: &Soaked, ids: Vec<u64>, _step: u64) {
-        if ids.is_empty() {
-            return;
-        }
+    async fn upsert_sql(&self, p: &Soaked, ids: Vec<u64>) {
         let now = chrono::Utc::now()
             .naive_utc()
             .format("%Y-%m-%d %H:%M:%S%.6f")
@@ -311,25 +290,35 @@ impl Sources {
         let table = format!("src_{}", p.name);
         for chunk in rows.chunks(500) {
             let values = chunk.join(", ");
-            if p.kind == Kind::Postgres {
-                let mut conn = self.pg.connect().await;
-                sqlx::raw_sql(AssertSqlSafe(format!(
+            let sql = if p.kind == Kind::Postgres {
+                format!(
                     "INSERT INTO {table} VALUES {values} ON CONFLICT (id) DO UPDATE SET currency = excluded.currency, \
                      total = excluded.total, balance = excluded.balance, updated_at = excluded.updated_at"
-                )))
-                .execute(&mut conn)
-                .await
-                .expect("upsert");
+                )
             } else {
-                let mut conn = self.my.connect().await;
-                sqlx::raw_sql(AssertSqlSafe(format!(
+                format!(
                     "SET time_zone = '+00:00'; INSERT INTO {table} VALUES {values} ON DUPLICATE KEY UPDATE currency = VALUES(currency), \
                      total = VALUES(total), balance = VALUES(balance), updated_at = VALUES(updated_at)"
-                )))
+                )
+            };
+            self.run_sql(p.kind, sql).await;
+        }
+    }
+
+    /// Runs `sql` in the source database of a PostgreSQL or MariaDB pipeline.
+    async fn run_sql(&self, kind: Kind, sql: String) {
+        if kind == Kind::Postgres {
+            let mut conn = self.pg.connect().await;
+            sqlx::raw_sql(AssertSqlSafe(sql))
                 .execute(&mut conn)
                 .await
-                .expect("upsert");
-            }
+                .expect("source SQL");
+        } else {
+            let mut conn = self.my.connect().await;
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await
+                .expect("source SQL");
         }
     }
 
@@ -395,7 +384,7 @@ impl Sources {
         touched.dedup();
         match p.kind {
             Kind::Csv | Kind::Xlsx => self.write_file(p),
-            Kind::Postgres | Kind::Mysql => self.upsert_sql(p, touched, 0).await,
+            Kind::Postgres | Kind::Mysql => self.upsert_sql(p, touched).await,
             Kind::QuickBooks | Kind::Odoo => self.change_saas(p, touched),
         }
     }
@@ -996,17 +985,9 @@ async fn chaos_soak() {
         for (at, run) in &ticks {
             // A tick's job whose worker was killed is taken over once its heartbeat lapses:
             // wait for every job to end before reading its ledger.
-            let ended = tokio::time::timeout(Duration::from_secs(120), async {
-                loop {
-                    if let Ok(r) = queues.wait(run, Duration::from_millis(200)).await {
-                        return r;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            })
-            .await;
+            let ended = job_ended(&queues, run, Duration::from_secs(120)).await;
             assert!(
-                ended.is_ok(),
+                ended.is_some(),
                 "{}: tick {at}'s job {run} never ended",
                 p.name
             );

@@ -51,62 +51,67 @@ async fn acme_warehouse(url: &str) -> PostgresWarehouse {
     w
 }
 
-/// The whole job of `run`: its result within `limit`, then its ledger over all attempts.
-async fn finished_job(
-    queues: &Queues,
-    w: &PostgresWarehouse,
-    run: &str,
-    limit: Duration,
-) -> (sluice_workers::JobResult, sluice_engine::JobLedger) {
-    let result = tokio::time::timeout(limit, async {
-        loop {
-            if let Ok(r) = queues.wait(run, Duration::from_millis(200)).await {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+/// A private PostgreSQL warehouse (tenant `acme`) fed by one worker process, with a pipeline
+/// `invoices` over messy invoices, 500 rows to a batch. Dropped in field order: the worker
+/// first, the PostgreSQL server last.
+struct PrivateWarehouse {
+    _worker: Reaper,
+    queues: Queues,
+    w: PostgresWarehouse,
+    exp: support::Expected,
+    _dir: tempfile::TempDir,
+    _redis: Prefix,
+    pg: PrivatePg,
+}
+
+impl PrivateWarehouse {
+    async fn start(rows: usize, seed: u64) -> PrivateWarehouse {
+        let pg = PrivatePg::start();
+        let url = pg.url("postgres");
+        let w = acme_warehouse(&url).await;
+        let redis = Prefix::new();
+        let dir = tempfile::tempdir().expect("tmp");
+        let data: PathBuf = dir.path().join("data");
+        let (csv, exp) = messy_invoices(rows, seed);
+        let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
+        register(&w, &spec).await;
+        let queues = Queues::connect(settings(Some((&redis.url, &redis.prefix)), &data))
+            .await
+            .expect("queues");
+        let worker = Reaper(vec![sluice_worker(
+            &WorkerProcess {
+                database_url: Some(url.clone()),
+                redis: Some((redis.url.clone(), redis.prefix.clone())),
+                retry_base_ms: 1000,
+                lease_ms: 3000,
+            },
+            &data,
+        )]);
+        PrivateWarehouse {
+            _worker: worker,
+            queues,
+            w,
+            exp,
+            _dir: dir,
+            _redis: redis,
+            pg,
         }
-    })
-    .await
-    .expect("the job ends");
-    let job = w
-        .job(&slug("acme"), run)
-        .await
-        .expect("ledger")
-        .expect("the job's runs");
-    (result, job)
+    }
 }
 
 #[tokio::test]
 async fn the_warehouse_postgres_crashing_mid_run_loses_nothing() {
-    let pg = PrivatePg::start();
-    let url = pg.url("postgres");
-    let w = acme_warehouse(&url).await;
-    let redis = Prefix::new();
-    let dir = tempfile::tempdir().expect("tmp");
-    let data: PathBuf = dir.path().join("data");
-    let (csv, exp) = messy_invoices(40_000, 21);
-    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
-    register(&w, &spec).await;
-    let queues = Queues::connect(settings(Some((&redis.url, &redis.prefix)), &data))
-        .await
-        .expect("queues");
-    let _workers = Reaper(vec![sluice_worker(
-        &WorkerProcess {
-            database_url: Some(url.clone()),
-            redis: Some((redis.url.clone(), redis.prefix.clone())),
-            retry_base_ms: 1000,
-            lease_ms: 3000,
-        },
-        &data,
-    )]);
+    let PrivateWarehouse {
+        pg, w, queues, exp, ..
+    } = &PrivateWarehouse::start(40_000, 21).await;
 
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
-    first_batches_committed(&w, &run.run_id).await;
+    first_batches_committed(w, &run.run_id).await;
     pg.crash();
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.start_again();
 
-    let (result, job) = finished_job(&queues, &w, &run.run_id, Duration::from_secs(180)).await;
+    let (result, job) = finished_job(queues, w, &run.run_id, Duration::from_secs(180)).await;
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     assert_eq!(job.whole().status, RunStatus::Succeeded, "{job:?}");
     assert!(
@@ -126,41 +131,23 @@ async fn the_warehouse_postgres_crashing_mid_run_loses_nothing() {
         whole.counts.rows_read,
         whole.counts.loaded() + whole.counts.quarantined + whole.counts.deduplicated
     );
-    assert_loaded_exactly(&w, &exp).await;
+    assert_loaded_exactly(w, exp).await;
 }
 
 /// The warehouse down as a job is taken: the worker waits for it (the policy's waits) to
 /// read the pipeline and its earlier attempts, instead of making the job a dead letter.
 #[tokio::test]
 async fn a_warehouse_down_as_a_job_starts_is_waited_for() {
-    let pg = PrivatePg::start();
-    let url = pg.url("postgres");
-    let w = acme_warehouse(&url).await;
-    let redis = Prefix::new();
-    let dir = tempfile::tempdir().expect("tmp");
-    let data: PathBuf = dir.path().join("data");
-    let (csv, exp) = messy_invoices(2_000, 27);
-    let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
-    register(&w, &spec).await;
-    let queues = Queues::connect(settings(Some((&redis.url, &redis.prefix)), &data))
-        .await
-        .expect("queues");
-    let _workers = Reaper(vec![sluice_worker(
-        &WorkerProcess {
-            database_url: Some(url.clone()),
-            redis: Some((redis.url.clone(), redis.prefix.clone())),
-            retry_base_ms: 1000,
-            lease_ms: 3000,
-        },
-        &data,
-    )]);
+    let PrivateWarehouse {
+        pg, w, queues, exp, ..
+    } = &PrivateWarehouse::start(2_000, 27).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.crash();
     let run = queues.trigger(&manual("invoices")).await.expect("trigger");
     tokio::time::sleep(Duration::from_secs(3)).await;
     pg.start_again();
 
-    let (result, job) = finished_job(&queues, &w, &run.run_id, Duration::from_secs(120)).await;
+    let (result, job) = finished_job(queues, w, &run.run_id, Duration::from_secs(120)).await;
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     assert_eq!(job.whole().status, RunStatus::Succeeded, "{job:?}");
     assert!(
@@ -170,7 +157,7 @@ async fn a_warehouse_down_as_a_job_starts_is_waited_for() {
             .is_empty(),
         "no dead letter"
     );
-    assert_loaded_exactly(&w, &exp).await;
+    assert_loaded_exactly(w, exp).await;
 }
 
 const CURRENCIES: [&str; 3] = ["USD", "EUR", "GBP"];

@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use sluice_engine::RunTrigger;
 use sluice_engine::control::PipelineStore;
 use sluice_engine::secrets::MasterKey;
+use sluice_engine::warehouse::RunHistory;
 use sluice_engine::{TenantSlug, Warehouse};
 use sluice_pipelines::PipelineSpec;
 use sluice_workers::worker::{WorkerEnv, WorkerOptions, run_workers};
@@ -173,6 +174,42 @@ pub async fn job_result(queues: &Queues, run: &str) -> sluice_workers::JobResult
     .await
     .expect("the job ends")
     .expect("result")
+}
+
+/// The result of the job of `run` once it ends, or `None` after `limit`. A job whose worker
+/// died ends only after another takes it over, once the dead one's heartbeat lapses.
+pub async fn job_ended(
+    queues: &Queues,
+    run: &str,
+    limit: Duration,
+) -> Option<sluice_workers::JobResult> {
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Ok(r) = queues.wait(run, Duration::from_millis(200)).await {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .ok()
+}
+
+/// The whole job of `run` in tenant `acme`: its result within `limit`, then its ledger over
+/// all attempts.
+pub async fn finished_job<W: RunHistory>(
+    queues: &Queues,
+    w: &W,
+    run: &str,
+    limit: Duration,
+) -> (sluice_workers::JobResult, sluice_engine::JobLedger) {
+    let result = job_ended(queues, run, limit).await.expect("the job ends");
+    let job = w
+        .job(&slug("acme"), run)
+        .await
+        .expect("ledger")
+        .expect("the job's runs");
+    (result, job)
 }
 
 pub fn manual(pipeline: &str) -> TriggerRequest {

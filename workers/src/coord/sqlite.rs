@@ -87,18 +87,10 @@ impl SqliteCoord {
         let now = now_ms();
         let mut tx = self.write_tx().await?;
         let idem = key.map(|(tenant, key)| format!("{tenant}:{key}"));
-        if let Some(k) = &idem {
-            let seen: Option<String> = sqlx::query_scalar(
-                "SELECT run_id FROM sluice_idempotency WHERE key = ? AND expires_at > ?",
-            )
-            .bind(k)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(fail)?;
-            if let Some(run) = seen {
-                return Ok(Acquired::Repeated(run));
-            }
+        if let Some(k) = &idem
+            && let Some(run) = key_seen(&mut tx, k, now).await.map_err(fail)?
+        {
+            return Ok(Acquired::Repeated(run));
         }
         let holder: Option<String> =
             sqlx::query_scalar("SELECT value FROM sluice_locks WHERE key = ? AND expires_at > ?")
@@ -150,16 +142,9 @@ impl SqliteCoord {
                 .map_err(fail)?;
         }
         if let Some(k) = &idem {
-            sqlx::query(
-                "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at",
-            )
-            .bind(k)
-            .bind(run_of(&value))
-            .bind(now + ms(IDEMPOTENCY_TTL))
-            .execute(&mut *tx)
-            .await
-            .map_err(fail)?;
+            record_key(&mut tx, k, &run_of(&value), now)
+                .await
+                .map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         Ok(match waiting {
@@ -365,18 +350,10 @@ impl SqliteCoord {
             Some(run_of(&holder))
         };
         let idem = key.map(|(tenant, key)| format!("{tenant}:{key}"));
-        if let Some(k) = &idem {
-            let seen: Option<String> = sqlx::query_scalar(
-                "SELECT run_id FROM sluice_idempotency WHERE key = ? AND expires_at > ?",
-            )
-            .bind(k)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(fail)?;
-            if let Some(run) = seen {
-                return Ok(Behind::Repeated(run));
-            }
+        if let Some(k) = &idem
+            && let Some(run) = key_seen(&mut tx, k, now).await.map_err(fail)?
+        {
+            return Ok(Behind::Repeated(run));
         }
         let behind = match target {
             Some(run) => Behind::Joined(run),
@@ -399,16 +376,7 @@ impl SqliteCoord {
                 Behind::Joined(run) => run.clone(),
                 _ => lease.run_id.clone(),
             };
-            sqlx::query(
-                "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at",
-            )
-            .bind(k)
-            .bind(run)
-            .bind(now + ms(IDEMPOTENCY_TTL))
-            .execute(&mut *tx)
-            .await
-            .map_err(fail)?;
+            record_key(&mut tx, k, &run, now).await.map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         Ok(behind)
@@ -508,4 +476,36 @@ impl SqliteCoord {
         .map_err(|e| db_error("recording the tick", e))?;
         Ok(())
     }
+}
+
+/// The run a live idempotency key `k` names, read in the trigger's transaction.
+async fn key_seen(
+    tx: &mut sqlx::SqliteConnection,
+    k: &str,
+    now: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT run_id FROM sluice_idempotency WHERE key = ? AND expires_at > ?")
+        .bind(k)
+        .bind(now)
+        .fetch_optional(tx)
+        .await
+}
+
+/// Records that idempotency key `k` names `run`, in the trigger's transaction.
+async fn record_key(
+    tx: &mut sqlx::SqliteConnection,
+    k: &str,
+    run: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO sluice_idempotency (key, run_id, expires_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, expires_at = excluded.expires_at",
+    )
+    .bind(k)
+    .bind(run)
+    .bind(now + ms(IDEMPOTENCY_TTL))
+    .execute(tx)
+    .await
+    .map(|_| ())
 }
