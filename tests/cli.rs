@@ -613,7 +613,13 @@ fn serve_runs_queued_syncs_exposes_health_and_metrics_and_stops_on_sigterm() {
         .arg(data.path())
         .env_remove("SLUICE_REDIS_URL")
         .env_remove("SLUICE_DATABASE_URL")
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-sample-secs",
+            "1",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -675,6 +681,91 @@ fn serve_runs_queued_syncs_exposes_health_and_metrics_and_stops_on_sigterm() {
         "{metrics}"
     );
     assert!(metrics.contains("sluice_http_request_duration_seconds_bucket"));
+
+    // Every metric the committed dashboard and alert rules use is exported, the
+    // warehouse-wide ones once the sampler has read the run.
+    let used = deployed_metric_names();
+    assert!(used.len() >= 10, "{used:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let m = http_get(port, "/metrics").expect("metrics");
+        if m.contains("sluice_quarantine_pending_rows{") {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no warehouse sample: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for name in &used {
+        assert!(
+            metrics.lines().any(|l| l
+                .strip_prefix(name.as_str())
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))),
+            "{name}, used by deploy/, is not exported:\n{metrics}"
+        );
+    }
+    let last_success = metric_value(
+        &metrics,
+        "sluice_pipeline_last_success_timestamp_seconds{pipeline=\"acme-invoices\",tenant=\"acme\"}",
+    );
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!(
+        (now - 120.0..=now + 1.0).contains(&last_success),
+        "{last_success}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "sluice_pipeline_schedule_interval_seconds{pipeline=\"acme-invoices\",tenant=\"acme\"}",
+        ),
+        900.0
+    );
+    let pending: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("sluice_quarantine_pending_rows{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(pending >= 8.0, "8 rows quarantined: {metrics}");
+
+    // A worker process serves its own metrics.
+    let worker_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("SLUICE_REDIS_URL")
+        .env_remove("SLUICE_DATABASE_URL")
+        .args([
+            "worker",
+            "--metrics-listen",
+            &format!("127.0.0.1:{worker_port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("worker");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let worker_metrics = loop {
+        if let Some(m) = http_get(worker_port, "/metrics")
+            && m.starts_with("HTTP/1.1 200")
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker's metrics did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        worker_metrics.contains("sluice_jobs_started_total{queue=\"sync\"} 0"),
+        "{worker_metrics}"
+    );
+    assert!(worker_metrics.contains("sluice_runs_total{status=\"failed\"} 0"));
+    let _ = worker.kill();
+    let _ = worker.wait();
+
     Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
         .status()
@@ -691,4 +782,31 @@ fn serve_runs_queued_syncs_exposes_health_and_metrics_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// Every `sluice_*` metric name the committed Grafana dashboard and Prometheus rules use.
+fn deployed_metric_names() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["grafana/sluice.json", "prometheus/alerts.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).expect("deploy file");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("sluice_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.insert(name);
+        }
+    }
+    names
+}
+
+/// The value of the series written exactly as `series` in a scrape.
+fn metric_value(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in:\n{scrape}"))
 }

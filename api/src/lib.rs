@@ -198,6 +198,21 @@ async fn metrics_text<W: Store>(_: State<Arc<AppState<W>>>) -> impl IntoResponse
     )
 }
 
+/// Serves `GET /metrics` alone on `listener`: the metrics of a `sluice worker` or
+/// `sluice scheduler` process, which serves no API.
+pub async fn serve_metrics(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                sluice_workers::metrics::render(),
+            )
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
 /// Serves the API on `addr` until `shutdown` completes.
 pub async fn serve<W: Store>(
     state: Arc<AppState<W>>,

@@ -685,6 +685,18 @@ async fn a_quarantined_row_is_fixed_retried_loaded_and_a_batch_retry_accounts_fo
         json!({ "pending": 6, "ignored": 1, "replayed": 1 })
     );
     assert_eq!(stats.body["by_rule"]["currency_code"], 1);
+    // The currency row was replayed: it no longer counts as open under its rule, while the
+    // six pending rows do (a row that broke two rules counts under each).
+    let open_by_rule = stats.body["open_by_rule"]
+        .as_object()
+        .expect("open_by_rule");
+    assert!(
+        open_by_rule.get("currency_code").is_none(),
+        "{}",
+        stats.body
+    );
+    let open: u64 = open_by_rule.values().filter_map(Value::as_u64).sum();
+    assert!(open >= 6, "{}", stats.body);
 
     // Fix and ignore are in the audit log with before and after.
     let audit = api.call(Method::GET, "/v1/audit", Some(&admin), None).await;

@@ -127,6 +127,10 @@ pub struct QuarantineStats {
     /// Rows still open (pending or fixed) per pipeline.
     #[serde(default)]
     pub open_by_pipeline: std::collections::BTreeMap<String, u64>,
+    /// Rows still open (pending or fixed) per rule they broke (a row that broke two rules
+    /// counts under each).
+    #[serde(default)]
+    pub open_by_rule: std::collections::BTreeMap<String, u64>,
 }
 
 /// The stored form of raw values: their JSON text (source column order) and its hash.

@@ -35,7 +35,7 @@ use finance::{
 };
 use keys::{KeyCommand, key_command};
 use quarantine::{QuarantineCommand, quarantine};
-use queue::{SchedulerArgs, ServeArgs, TriggerArgs, WorkerArgs, serve, trigger};
+use queue::{SchedulerCommand, ServeArgs, TriggerArgs, WorkerCommand, serve, trigger};
 use runs::{RunsCommand, runs_command};
 use sources::{SourceCommand, source_command};
 use sync::{SyncArgs, sync};
@@ -196,10 +196,10 @@ enum Command {
     #[command(
         after_help = "Example:\n  sluice --redis-url redis://127.0.0.1:6379 --database-url postgres://127.0.0.1/sluice worker --concurrency 4"
     )]
-    Worker(WorkerArgs),
+    Worker(WorkerCommand),
     /// Queue syncs of scheduled pipelines when their cron ticks come.
     #[command(after_help = "Example:\n  sluice scheduler --catch-up skip")]
-    Scheduler(SchedulerArgs),
+    Scheduler(SchedulerCommand),
     /// Workers, the scheduler and the HTTP API in one process.
     #[command(after_help = "Example:\n  sluice serve --listen 127.0.0.1:8080")]
     Serve(ServeArgs),
@@ -313,19 +313,29 @@ async fn run_command<W: sluice_engine::Store>(
     match command {
         Command::Trigger(args) => trigger(env(Queues::connect(queue).await?), &args).await,
         Command::Worker(args) => {
-            run_workers(
+            let metrics = args.metrics.listen().await?;
+            let worked = run_workers(
                 env(Queues::connect(queue).await?),
-                &args.options(),
+                &args.worker.options(),
                 shutdown_signal(),
             )
-            .await?;
+            .await;
+            if let Some(m) = metrics {
+                m.abort();
+            }
+            worked?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Scheduler(args) => {
+            let metrics = args.metrics.listen().await?;
             let env = env(Queues::connect(queue).await?);
-            Scheduler::new(env.warehouse.clone(), env.queues.clone(), args.options())
+            let options = args.scheduler.options();
+            Scheduler::new(env.warehouse.clone(), env.queues.clone(), options)
                 .run(shutdown_signal())
                 .await;
+            if let Some(m) = metrics {
+                m.abort();
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => serve(env(Queues::connect(queue).await?), &args).await,

@@ -66,6 +66,32 @@ pub(super) struct SchedulerArgs {
     catch_up: CatchUpArg,
 }
 
+/// `sluice worker`: the worker's settings and where its metrics are served.
+#[derive(Args)]
+pub(super) struct WorkerCommand {
+    #[command(flatten)]
+    pub(super) worker: WorkerArgs,
+    #[command(flatten)]
+    pub(super) metrics: MetricsArgs,
+}
+
+/// `sluice scheduler`: the scheduler's settings and where its metrics are served.
+#[derive(Args)]
+pub(super) struct SchedulerCommand {
+    #[command(flatten)]
+    pub(super) scheduler: SchedulerArgs,
+    #[command(flatten)]
+    pub(super) metrics: MetricsArgs,
+}
+
+#[derive(Args)]
+pub(super) struct MetricsArgs {
+    /// Serve this process's Prometheus metrics at `http://ADDR/metrics` (`sluice serve`
+    /// has them on its API, at /metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
 #[derive(Args)]
 pub(super) struct ServeArgs {
     /// Where the HTTP API listens.
@@ -84,6 +110,10 @@ pub(super) struct ServeArgs {
     /// Requests each API key may make at once before its rate applies.
     #[arg(long, env = "SLUICE_API_BURST", default_value_t = 200.0)]
     burst_per_key: f64,
+    /// Seconds between readings of the warehouse-wide metrics (each pipeline's last
+    /// success and schedule, open quarantine by rule).
+    #[arg(long, default_value_t = 30)]
+    metrics_sample_secs: u64,
     #[command(flatten)]
     worker: WorkerArgs,
     #[command(flatten)]
@@ -137,6 +167,10 @@ pub(super) async fn serve<W: sluice_engine::Store>(
     };
     let state = Arc::new(state);
     let api = tokio::spawn(sluice_api::serve(state, args.listen, stopped()));
+    let sampler = tokio::spawn(sluice_workers::metrics::sample_warehouse(
+        env.warehouse.clone(),
+        Duration::from_secs(args.metrics_sample_secs.max(1)),
+    ));
     let scheduler = tokio::spawn(
         Scheduler::new(
             env.warehouse.clone(),
@@ -152,6 +186,7 @@ pub(super) async fn serve<W: sluice_engine::Store>(
         let _ = stop_tx.send(true);
     };
     let (worked, ()) = tokio::join!(workers, signal);
+    sampler.abort();
     worked?;
     scheduler.await?;
     api.await?.context("serving the API")?;
@@ -286,5 +321,22 @@ pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
             }
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+impl MetricsArgs {
+    /// Serves the process's metrics, when asked to, until the task is aborted; a port that
+    /// cannot be bound is an error before any work starts.
+    pub(super) async fn listen(
+        &self,
+    ) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics listening");
+        Ok(Some(tokio::spawn(sluice_api::serve_metrics(listener))))
     }
 }

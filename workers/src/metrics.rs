@@ -3,11 +3,28 @@
 
 use std::sync::OnceLock;
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use sluice_engine::control::PipelineStore;
+use sluice_engine::warehouse::{QuarantineStore, RunHistory};
 use sluice_engine::{RowCounts, RunStatus};
+
+use crate::queue::QueueName;
+
+/// Where the rows of a finished run went, as `rows_total` labels them.
+const OUTCOMES: [&str; 6] = [
+    "read",
+    "inserted",
+    "updated",
+    "unchanged",
+    "quarantined",
+    "deduplicated",
+];
 
 /// Every metric the workers and the scheduler keep.
 pub struct Metrics {
@@ -36,8 +53,15 @@ pub struct Metrics {
     /// Rows of finished runs, by where they went (read, inserted, updated, unchanged,
     /// quarantined, deduplicated).
     pub rows: IntCounterVec,
-    /// Runs that ended, by status.
+    /// Runs that ended, by status (`failed`: the job became a dead letter).
     pub runs: IntCounterVec,
+    /// When each pipeline last synced successfully (Unix seconds; when it was saved, if it
+    /// never has), by tenant and pipeline. Sampled from the warehouse by `sluice serve`.
+    pub pipeline_last_success: IntGaugeVec,
+    /// The gap between a scheduled pipeline's next two cron ticks, in seconds.
+    pub pipeline_schedule_interval: IntGaugeVec,
+    /// Quarantined rows still open (pending or fixed), by tenant and the rule they broke.
+    pub quarantine_pending: IntGaugeVec,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -82,7 +106,28 @@ impl Metrics {
         let runs =
             IntCounterVec::new(Opts::new("runs_total", "Runs by final status"), &["status"])?;
         registry.register(Box::new(runs.clone()))?;
-        Ok(Metrics {
+        let labelled =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let pipeline_last_success = labelled(
+            "pipeline_last_success_timestamp_seconds",
+            "When each pipeline last synced successfully (when it was saved, if never)",
+            &["tenant", "pipeline"],
+        )?;
+        let pipeline_schedule_interval = labelled(
+            "pipeline_schedule_interval_seconds",
+            "The gap between a scheduled pipeline's next two cron ticks",
+            &["tenant", "pipeline"],
+        )?;
+        let quarantine_pending = labelled(
+            "quarantine_pending_rows",
+            "Quarantined rows still open (pending or fixed), by the rule they broke",
+            &["tenant", "rule"],
+        )?;
+        let m = Metrics {
             jobs_started: counter("jobs_started_total", "Jobs taken from a queue")?,
             jobs_succeeded: counter(
                 "jobs_succeeded_total",
@@ -101,24 +146,167 @@ impl Metrics {
             job_duration,
             rows,
             runs,
+            pipeline_last_success,
+            pipeline_schedule_interval,
+            quarantine_pending,
             registry,
-        })
+        };
+        // Every series a dashboard or an alert rate()s exists from the start, at zero.
+        for q in [QueueName::Sync, QueueName::Replay] {
+            let q = [q.as_str()];
+            for c in [
+                &m.jobs_started,
+                &m.jobs_succeeded,
+                &m.jobs_failed,
+                &m.jobs_dead,
+            ] {
+                c.with_label_values(&q);
+            }
+            m.queue_depth.with_label_values(&q);
+            m.in_flight.with_label_values(&q);
+            m.job_duration.with_label_values(&q);
+        }
+        for outcome in OUTCOMES {
+            m.rows.with_label_values(&[outcome]);
+        }
+        for status in [RunStatus::Succeeded, RunStatus::Failed] {
+            m.runs.with_label_values(&[status.as_str()]);
+        }
+        Ok(m)
     }
 
     /// Adds a finished run's rows and status.
     pub fn record_run(&self, status: RunStatus, counts: &RowCounts) {
         self.runs.with_label_values(&[status.as_str()]).inc();
-        for (outcome, n) in [
-            ("read", counts.rows_read),
-            ("inserted", counts.inserted),
-            ("updated", counts.updated),
-            ("unchanged", counts.unchanged),
-            ("quarantined", counts.quarantined),
-            ("deduplicated", counts.deduplicated),
-        ] {
+        let n = [
+            counts.rows_read,
+            counts.inserted,
+            counts.updated,
+            counts.unchanged,
+            counts.quarantined,
+            counts.deduplicated,
+        ];
+        for (outcome, n) in OUTCOMES.into_iter().zip(n) {
             self.rows.with_label_values(&[outcome]).inc_by(n);
         }
     }
+
+    /// Counts a job that became a dead letter as a failed run.
+    pub fn record_dead_run(&self) {
+        self.runs
+            .with_label_values(&[RunStatus::Failed.as_str()])
+            .inc();
+    }
+}
+
+/// Samples what only the warehouse knows into the metrics, every `every`: each pipeline's
+/// last success and schedule, and the open quarantine by rule. Run by `sluice serve`; a
+/// tenant whose reads fail keeps its last figures and is logged.
+pub async fn sample_warehouse<W>(warehouse: std::sync::Arc<W>, every: Duration)
+where
+    W: RunHistory + PipelineStore + QuarantineStore + 'static,
+{
+    let m = metrics();
+    let mut shown: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut shown_rules: BTreeSet<(String, String)> = BTreeSet::new();
+    loop {
+        match sample_once(&*warehouse).await {
+            Ok(sample) => {
+                let now: BTreeSet<_> = sample.pipelines.iter().map(|p| p.0.clone()).collect();
+                for gone in shown.difference(&now) {
+                    let labels = [gone.0.as_str(), gone.1.as_str()];
+                    let _ = m.pipeline_last_success.remove_label_values(&labels);
+                    let _ = m.pipeline_schedule_interval.remove_label_values(&labels);
+                }
+                for ((tenant, pipeline), last, interval) in &sample.pipelines {
+                    let labels = [tenant.as_str(), pipeline.as_str()];
+                    m.pipeline_last_success
+                        .with_label_values(&labels)
+                        .set(*last);
+                    match interval {
+                        Some(s) => m
+                            .pipeline_schedule_interval
+                            .with_label_values(&labels)
+                            .set(*s),
+                        None => {
+                            let _ = m.pipeline_schedule_interval.remove_label_values(&labels);
+                        }
+                    }
+                }
+                shown = now;
+                let rules: BTreeSet<_> = sample.pending.iter().map(|r| r.0.clone()).collect();
+                for gone in shown_rules.difference(&rules) {
+                    let _ = m
+                        .quarantine_pending
+                        .remove_label_values(&[gone.0.as_str(), gone.1.as_str()]);
+                }
+                for ((tenant, rule), n) in &sample.pending {
+                    m.quarantine_pending
+                        .with_label_values(&[tenant.as_str(), rule.as_str()])
+                        .set(*n);
+                }
+                shown_rules = rules;
+            }
+            Err(e) => tracing::warn!(error = %e, "sampling the warehouse for metrics"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One reading of the warehouse for [`sample_warehouse`].
+struct Sample {
+    /// (tenant, pipeline), last success (Unix seconds), schedule interval (seconds).
+    pipelines: Vec<((String, String), i64, Option<i64>)>,
+    /// (tenant, rule), open rows.
+    pending: Vec<((String, String), i64)>,
+}
+
+async fn sample_once<W>(w: &W) -> sluice_engine::Result<Sample>
+where
+    W: RunHistory + PipelineStore + QuarantineStore,
+{
+    let now = chrono::Utc::now();
+    let mut sample = Sample {
+        pipelines: Vec::new(),
+        pending: Vec::new(),
+    };
+    for tenant in w.tenants().await? {
+        for p in w.pipelines(&tenant).await? {
+            let runs = w.runs(&tenant, Some(&p.name), 50).await?;
+            let last = runs
+                .iter()
+                .find(|r| r.status == RunStatus::Succeeded)
+                .and_then(|r| r.finished_at)
+                .unwrap_or(p.updated_at);
+            let interval = p.spec["schedule"]["cron"]
+                .as_str()
+                .and_then(|c| {
+                    sluice_pipelines::spec::ScheduleSpec {
+                        cron: c.to_string(),
+                    }
+                    .parse()
+                    .ok()
+                })
+                .and_then(|cron| {
+                    let first = cron.find_next_occurrence(&now, false).ok()?;
+                    let second = cron.find_next_occurrence(&first, false).ok()?;
+                    Some((second - first).num_seconds())
+                });
+            sample.pipelines.push((
+                (tenant.to_string(), p.name.clone()),
+                last.timestamp(),
+                interval,
+            ));
+        }
+        let stats = w.quarantine_stats(&tenant).await?;
+        for (rule, n) in stats.open_by_rule {
+            sample.pending.push((
+                (tenant.to_string(), rule),
+                i64::try_from(n).unwrap_or(i64::MAX),
+            ));
+        }
+    }
+    Ok(sample)
 }
 
 /// Every metric in Prometheus' text format.

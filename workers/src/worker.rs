@@ -316,7 +316,10 @@ where
         let result = tracing::Instrument::instrument(work, span).await;
         match result.status {
             JobStatus::Succeeded => m.jobs_succeeded.with_label_values(&[q]).inc(),
-            JobStatus::Dead => m.jobs_dead.with_label_values(&[q]).inc(),
+            JobStatus::Dead => {
+                m.jobs_dead.with_label_values(&[q]).inc();
+                m.record_dead_run();
+            }
         }
         m.job_duration
             .with_label_values(&[q])

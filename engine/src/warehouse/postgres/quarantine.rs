@@ -177,6 +177,11 @@ impl QuarantineStore for PostgresWarehouse {
                 "SELECT pipeline, COUNT(*) FROM {q} WHERE status IN ('pending', 'fixed') GROUP BY pipeline"
             ))
             .await?,
+            open_by_rule: counts(format!(
+                "SELECT e->>'rule', COUNT(DISTINCT q.id) FROM {q} q, jsonb_array_elements(q.errors) e \
+                 WHERE q.status IN ('pending', 'fixed') GROUP BY 1"
+            ))
+            .await?,
         })
     }
 

@@ -145,6 +145,11 @@ impl QuarantineStore for SqliteWarehouse {
                 "SELECT pipeline, COUNT(*) FROM quarantine WHERE status IN ('pending', 'fixed') GROUP BY pipeline",
             )
             .await?,
+            open_by_rule: counts(
+                "SELECT json_extract(e.value, '$.rule'), COUNT(DISTINCT q.id) FROM quarantine q, json_each(q.errors) e \
+                 WHERE q.status IN ('pending', 'fixed') GROUP BY 1",
+            )
+            .await?,
         })
     }
 
