@@ -16,8 +16,9 @@ use crate::error::{EngineError, ErrorKind, Result};
 
 const NONCE_LEN: usize = 12;
 
-/// The master key that wraps every tenant's data key.
-pub struct MasterKey(Key<Aes256Gcm>);
+/// The master key that wraps every tenant's data key, and while a rotation is rolled out
+/// the key before it, which still opens what it wrapped (never wraps anything new).
+pub struct MasterKey(Key<Aes256Gcm>, Option<Box<MasterKey>>);
 
 /// A tenant's data key, unwrapped in memory only while it is used.
 pub struct DataKey(Key<Aes256Gcm>);
@@ -56,7 +57,7 @@ impl MasterKey {
             .map(|mut bytes| {
                 let key = Key::<Aes256Gcm>::from(bytes);
                 bytes.zeroize();
-                MasterKey(key)
+                MasterKey(key, None)
             });
         if let Some(d) = decoded.as_mut() {
             d.zeroize();
@@ -80,12 +81,41 @@ impl MasterKey {
         })
     }
 
-    /// The key from `SLUICE_MASTER_KEY_FILE` or `SLUICE_MASTER_KEY`, if one is set.
+    /// The key from `SLUICE_MASTER_KEY_FILE` or `SLUICE_MASTER_KEY`, if one is set, with
+    /// the previous one from `SLUICE_MASTER_KEY_PREVIOUS_FILE` or
+    /// `SLUICE_MASTER_KEY_PREVIOUS` when a rotation is being rolled out.
     pub fn from_env_if_set() -> Result<Option<Self>> {
-        Self::from_sources(
+        let current = Self::from_sources(
             std::env::var("SLUICE_MASTER_KEY").ok(),
             std::env::var_os("SLUICE_MASTER_KEY_FILE").map(std::path::PathBuf::from),
+        )?;
+        let previous = Self::from_sources(
+            std::env::var("SLUICE_MASTER_KEY_PREVIOUS").ok(),
+            std::env::var_os("SLUICE_MASTER_KEY_PREVIOUS_FILE").map(std::path::PathBuf::from),
         )
+        .map_err(|e| {
+            EngineError::new(
+                ErrorKind::Config,
+                format!("SLUICE_MASTER_KEY_PREVIOUS: {}", e.message()),
+            )
+        })?;
+        match (current, previous) {
+            (Some(current), Some(previous)) => Ok(Some(current.with_previous(previous))),
+            (current, None) => Ok(current),
+            (None, Some(_)) => Err(EngineError::new(
+                ErrorKind::Config,
+                "SLUICE_MASTER_KEY_PREVIOUS is set without SLUICE_MASTER_KEY",
+            )),
+        }
+    }
+
+    /// This key, still able to open what `previous` wrapped (while a rotation is rolled
+    /// out: processes given the new key and the old one read keys wrapped by either).
+    pub fn with_previous(mut self, mut previous: MasterKey) -> Self {
+        // One generation back only: the previous key's own previous is forgotten.
+        previous.1 = None;
+        self.1 = Some(Box::new(previous));
+        self
     }
 
     /// The key given as `value` or in the file `file` (not both); `value` is zeroed.
@@ -121,9 +151,14 @@ impl MasterKey {
         seal_with(&self.0, &key.0[..], tenant.as_bytes())
     }
 
-    /// Decrypts a stored data key of `tenant`.
+    /// Decrypts a stored data key of `tenant`, wrapped by this key or the previous one.
     pub fn unwrap_key(&self, wrapped: &[u8], tenant: &str) -> Result<DataKey> {
-        let bytes = open_with(&self.0, wrapped, tenant.as_bytes()).map_err(|_| {
+        let bytes = open_with(&self.0, wrapped, tenant.as_bytes())
+            .or_else(|()| match &self.1 {
+                Some(previous) => open_with(&previous.0, wrapped, tenant.as_bytes()),
+                None => Err(()),
+            })
+            .map_err(|_| {
             EngineError::new(
                 ErrorKind::Config,
                 format!("cannot unwrap the data key of tenant '{tenant}': wrong SLUICE_MASTER_KEY, or the stored key was altered"),
@@ -236,6 +271,32 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert!(again.open(&tampered, "acme/erp").is_err());
+    }
+
+    #[test]
+    fn a_key_given_its_previous_one_opens_what_either_wrapped_and_wraps_with_itself() {
+        let old = MasterKey::from_hex(HEX).expect("key");
+        let new_hex = HEX.replace("00", "ee");
+        let new = MasterKey::from_hex(&new_hex).expect("key");
+        let data = DataKey::generate();
+        let by_old = old.wrap(&data, "acme");
+        let by_new = new.wrap(&data, "acme");
+        assert!(new.unwrap_key(&by_old, "acme").is_err());
+        let rolling = MasterKey::from_hex(&new_hex)
+            .expect("key")
+            .with_previous(MasterKey::from_hex(HEX).expect("key"));
+        assert!(rolling.unwrap_key(&by_old, "acme").is_ok());
+        assert!(rolling.unwrap_key(&by_new, "acme").is_ok());
+        // What it wraps, the new key alone opens.
+        let rewrapped = rolling.wrap(&data, "acme");
+        assert!(new.unwrap_key(&rewrapped, "acme").is_ok());
+        assert!(old.unwrap_key(&rewrapped, "acme").is_err());
+        let stranger = MasterKey::from_hex(&HEX.replace("00", "11")).expect("key");
+        assert!(
+            rolling
+                .unwrap_key(&stranger.wrap(&data, "acme"), "acme")
+                .is_err()
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sluice_connectors::egress::EgressPolicy;
+use sluice_engine::control::KeyRotation;
 use sluice_engine::finance_rules::AgingSide;
 use sluice_engine::secrets::MasterKey;
 use sluice_engine::warehouse::PostgresWarehouse;
@@ -25,6 +26,7 @@ mod finance;
 mod keys;
 mod quarantine;
 mod queue;
+mod rotate;
 mod runs;
 mod sources;
 mod sync;
@@ -36,6 +38,7 @@ use finance::{
 use keys::{KeyCommand, key_command};
 use quarantine::{QuarantineCommand, quarantine};
 use queue::{SchedulerCommand, ServeArgs, TriggerArgs, WorkerCommand, serve, trigger};
+use rotate::{MasterKeyCommand, master_key_command, rotate_tenant_key};
 use runs::{RunsCommand, runs_command};
 use sources::{SourceCommand, source_command};
 use sync::{SyncArgs, sync};
@@ -209,9 +212,12 @@ enum Command {
     /// Check a pipeline's source, or list what it offers.
     #[command(subcommand)]
     Source(SourceCommand),
-    /// Provision and list tenants (PostgreSQL warehouse).
+    /// Provision and list tenants (PostgreSQL warehouse); rotate a tenant's data key.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Rotate the master key that wraps every tenant's data key.
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCommand),
     /// Create or update the control schema and migrate every tenant schema (PostgreSQL).
     #[command(
         after_help = "Example:\n  SLUICE_DATABASE_URL=postgres://sluice@127.0.0.1/sluice sluice migrate"
@@ -260,6 +266,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             match cli.command {
                 Command::Tenant(cmd) => tenant(&warehouse, cmd).await,
+
                 Command::Finance(FinanceCommand::Check(a)) => finance_check(&warehouse, &a).await,
                 Command::Migrate => {
                     let migrated = warehouse.migrate_all().await?;
@@ -276,6 +283,9 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         None => match cli.command {
+            Command::Tenant(TenantCommand::RotateKey { slug }) => {
+                rotate_tenant_key(&embedded(&cli.data_dir, master), &slug).await
+            }
             Command::Tenant(_) | Command::Migrate => bail!(
                 "`tenant` and `migrate` manage the PostgreSQL warehouse: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse creates a tenant's file on its first sync)"
             ),
@@ -283,17 +293,23 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 "`finance check` verifies the rollups the PostgreSQL warehouse keeps: pass --database-url or set SLUICE_DATABASE_URL (the embedded warehouse keeps none; it sums its tables)"
             ),
             other => {
-                let mut warehouse = SqliteWarehouse::new(&cli.data_dir);
-                if let Some(m) = master {
-                    warehouse = warehouse.with_master_key(m);
-                }
+                let warehouse = embedded(&cli.data_dir, master);
                 run_command(Arc::new(warehouse), other, queue, policy, confinement).await
             }
         },
     }
 }
 
-async fn run_command<W: sluice_engine::Store>(
+/// The embedded warehouse in `data_dir`, opening secrets with `master` when set.
+fn embedded(data_dir: &Path, master: Option<MasterKey>) -> SqliteWarehouse {
+    let warehouse = SqliteWarehouse::new(data_dir);
+    match master {
+        Some(m) => warehouse.with_master_key(m),
+        None => warehouse,
+    }
+}
+
+async fn run_command<W: sluice_engine::Store + KeyRotation>(
     warehouse: Arc<W>,
     command: Command,
     queue: QueueSettings,
@@ -359,6 +375,7 @@ async fn run_command<W: sluice_engine::Store>(
         Command::Finance(FinanceCommand::Profitability(a)) => profitability(warehouse, &a).await,
         Command::Finance(FinanceCommand::Anomalies(a)) => anomalies(warehouse, &a).await,
         Command::Finance(FinanceCommand::Dashboard(a)) => dashboard(warehouse, &a).await,
+        Command::MasterKey(cmd) => master_key_command(warehouse, cmd).await,
         Command::Tenant(_) | Command::Migrate | Command::Finance(FinanceCommand::Check(_)) => {
             bail!("this command needs the PostgreSQL warehouse")
         }

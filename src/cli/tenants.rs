@@ -1,4 +1,4 @@
-//! `sluice tenant create | list`: tenants of the PostgreSQL warehouse.
+//! `sluice tenant create | list | rotate-key`: tenants of the PostgreSQL warehouse.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -29,6 +29,16 @@ pub(super) enum TenantCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Give a tenant a new data key and re-seal its pipelines' secrets under it, in one
+    /// transaction (either warehouse; saves of its pipelines wait meanwhile).
+    #[command(
+        name = "rotate-key",
+        after_help = "Example:\n  sluice tenant rotate-key acme"
+    )]
+    RotateKey {
+        /// The tenant.
+        slug: String,
+    },
 }
 
 pub(super) async fn tenant(warehouse: &PostgresWarehouse, cmd: TenantCommand) -> Result<ExitCode> {
@@ -43,6 +53,9 @@ pub(super) async fn tenant(warehouse: &PostgresWarehouse, cmd: TenantCommand) ->
                 "created tenant {} (schema {}, version {})",
                 info.slug, info.schema, info.schema_version
             );
+        }
+        TenantCommand::RotateKey { slug } => {
+            return super::rotate::rotate_tenant_key(warehouse, &slug).await;
         }
         TenantCommand::List { json } => {
             let tenants = warehouse.list_tenants().await?;

@@ -5,6 +5,7 @@
 
 mod access;
 mod dead_letters;
+mod keys;
 mod pipelines;
 
 pub use access::{
@@ -12,6 +13,7 @@ pub use access::{
     random_hex, same_hash,
 };
 pub use dead_letters::{DeadLetter, DeadLetterStore};
+pub use keys::KeyRotation;
 pub use pipelines::{
     PipelineChange, PipelineOrigin, PipelineStore, ScheduledPipeline, StoredPipeline,
 };

@@ -25,6 +25,7 @@ mod access;
 mod copy;
 mod dead_letters;
 mod finance;
+mod keys;
 mod load;
 mod migrate;
 mod pipelines;
@@ -112,12 +113,18 @@ impl PostgresWarehouse {
         &self.pool
     }
 
-    async fn data_key(&self, tenant: &TenantSlug) -> Result<DataKey> {
+    /// The tenant's data key, read in `conn`'s transaction and held against a key
+    /// rotation (`FOR SHARE`) until that transaction ends.
+    async fn data_key_held(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        tenant: &TenantSlug,
+    ) -> Result<DataKey> {
         let master = self.master.as_deref().ok_or_else(no_master_key)?;
         let wrapped: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT wrapped_key FROM sluice.tenants WHERE slug = $1")
+            sqlx::query_scalar("SELECT wrapped_key FROM sluice.tenants WHERE slug = $1 FOR SHARE")
                 .bind(tenant.as_str())
-                .fetch_optional(&self.pool)
+                .fetch_optional(conn)
                 .await
                 .map_err(|e| control_error("reading the tenant key", e))?;
         let wrapped = wrapped.ok_or_else(|| missing_tenant(tenant))?;

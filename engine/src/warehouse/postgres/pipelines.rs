@@ -2,10 +2,10 @@
 //! uploaded files and the run that loaded each.
 
 use super::access::audit;
-use super::{PostgresWarehouse, control_error, db};
+use super::{PostgresWarehouse, control_error, db, missing_tenant};
 use crate::control::{
     PipelineChange, PipelineOrigin, PipelineStore, ScheduledPipeline, StoredPipeline,
-    decode_secrets, secrets_context,
+    decode_secrets, no_master_key, secrets_context,
 };
 use crate::error::Result;
 use crate::tenant::TenantSlug;
@@ -21,20 +21,22 @@ impl PipelineStore for PostgresWarehouse {
         secrets: &serde_json::Map<String, Value>,
         change: &PipelineChange,
     ) -> Result<()> {
-        let sealed = if secrets.is_empty() {
-            None
-        } else {
-            let key = self.data_key(tenant).await?;
-            Some(key.seal(
-                Value::Object(secrets.clone()).to_string().as_bytes(),
-                &secrets_context(tenant, name),
-            ))
-        };
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(db("starting to store the pipeline"))?;
+        // Sealed under the key read in this transaction, held against a rotation until
+        // the row is written.
+        let sealed = if secrets.is_empty() {
+            None
+        } else {
+            let key = self.data_key_held(&mut tx, tenant).await?;
+            Some(key.seal(
+                Value::Object(secrets.clone()).to_string().as_bytes(),
+                &secrets_context(tenant, name),
+            ))
+        };
         sqlx::query(
             "INSERT INTO sluice.pipelines (tenant, name, spec, secrets, origin) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (tenant, name) DO UPDATE SET spec = EXCLUDED.spec, secrets = EXCLUDED.secrets, origin = EXCLUDED.origin, updated_at = now()",
@@ -60,8 +62,11 @@ impl PipelineStore for PostgresWarehouse {
     }
 
     async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
+        // The secrets and the key that sealed them, in one statement: a rotation commits
+        // both together, so they are read from the same side of it.
         let row = sqlx::query(
-            "SELECT spec, secrets, updated_at, origin FROM sluice.pipelines WHERE tenant = $1 AND name = $2",
+            "SELECT p.spec, p.secrets, p.updated_at, p.origin, t.wrapped_key FROM sluice.pipelines p \
+             LEFT JOIN sluice.tenants t ON t.slug = p.tenant WHERE p.tenant = $1 AND p.name = $2",
         )
         .bind(tenant.as_str())
         .bind(name)
@@ -71,10 +76,13 @@ impl PipelineStore for PostgresWarehouse {
         let Some(row) = row else { return Ok(None) };
         let spec: sqlx::types::Json<Value> = row.try_get("spec").map_err(db("spec"))?;
         let sealed: Option<Vec<u8>> = row.try_get("secrets").map_err(db("secrets"))?;
+        let wrapped: Option<Vec<u8>> = row.try_get("wrapped_key").map_err(db("wrapped_key"))?;
         let secrets = match sealed {
             None => serde_json::Map::new(),
             Some(bytes) => {
-                let key = self.data_key(tenant).await?;
+                let master = self.master.as_deref().ok_or_else(no_master_key)?;
+                let wrapped = wrapped.ok_or_else(|| missing_tenant(tenant))?;
+                let key = master.unwrap_key(&wrapped, tenant.as_str())?;
                 decode_secrets(&key.open(&bytes, &secrets_context(tenant, name))?)?
             }
         };

@@ -26,6 +26,7 @@ use migrate::{CONTROL_MIGRATIONS, migrate, migrate_with};
 mod access;
 mod dead_letters;
 mod finance;
+mod keys;
 mod load;
 mod migrate;
 mod pipelines;
@@ -104,10 +105,15 @@ impl SqliteWarehouse {
             .await
     }
 
-    /// The tenant's data key, created (and stored wrapped) on first use.
-    async fn data_key(&self, tenant: &TenantSlug) -> Result<DataKey> {
+    /// The tenant's data key, created (and stored wrapped) on first use, read in `conn`
+    /// (inside a write transaction, a key rotation cannot come between the read and the
+    /// write).
+    async fn data_key_in(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        tenant: &TenantSlug,
+    ) -> Result<DataKey> {
         let master = self.master.as_deref().ok_or_else(no_master_key)?;
-        let pool = self.control().await?;
         let fresh = DataKey::generate();
         sqlx::query(
             "INSERT INTO tenant_keys (tenant, wrapped_key, created_at) VALUES (?, ?, ?) ON CONFLICT (tenant) DO NOTHING",
@@ -115,16 +121,25 @@ impl SqliteWarehouse {
         .bind(tenant.as_str())
         .bind(master.wrap(&fresh, tenant.as_str()))
         .bind(now_text())
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(|e| EngineError::from_sqlx("storing the tenant key", e))?;
         let wrapped: Vec<u8> =
             sqlx::query_scalar("SELECT wrapped_key FROM tenant_keys WHERE tenant = ?")
                 .bind(tenant.as_str())
-                .fetch_one(pool)
+                .fetch_one(&mut *conn)
                 .await
                 .map_err(|e| EngineError::from_sqlx("reading the tenant key", e))?;
         master.unwrap_key(&wrapped, tenant.as_str())
+    }
+
+    /// A write transaction on the control database, taken at once (`BEGIN IMMEDIATE`).
+    async fn control_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.control()
+            .await?
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| EngineError::from_sqlx("starting a control store write", e))
     }
 
     /// The data directory.

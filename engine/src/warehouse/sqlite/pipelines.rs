@@ -4,7 +4,7 @@
 use super::{SqliteWarehouse, now_text};
 use crate::control::{
     PipelineChange, PipelineOrigin, PipelineStore, ScheduledPipeline, StoredPipeline,
-    decode_secrets, secrets_context,
+    decode_secrets, no_master_key, secrets_context,
 };
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::tenant::TenantSlug;
@@ -20,22 +20,19 @@ impl PipelineStore for SqliteWarehouse {
         secrets: &serde_json::Map<String, Value>,
         change: &PipelineChange,
     ) -> Result<()> {
+        // Sealed under the key read in this write transaction: a key rotation cannot come
+        // between the read and the row.
+        let mut tx = self.control_write().await?;
         let sealed = if secrets.is_empty() {
             None
         } else {
-            let key = self.data_key(tenant).await?;
+            let key = self.data_key_in(&mut tx, tenant).await?;
             Some(key.seal(
                 Value::Object(secrets.clone()).to_string().as_bytes(),
                 &secrets_context(tenant, name),
             ))
         };
         let now = now_text();
-        let mut tx = self
-            .control()
-            .await?
-            .begin()
-            .await
-            .map_err(|e| EngineError::from_sqlx("starting to store the pipeline", e))?;
         sqlx::query(
             "INSERT INTO pipelines (tenant, name, spec, secrets, created_at, updated_at, origin) VALUES (?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (tenant, name) DO UPDATE SET spec = excluded.spec, secrets = excluded.secrets, updated_at = excluded.updated_at, origin = excluded.origin",
@@ -68,21 +65,32 @@ impl PipelineStore for SqliteWarehouse {
     }
 
     async fn pipeline(&self, tenant: &TenantSlug, name: &str) -> Result<Option<StoredPipeline>> {
-        let row: Option<(String, Option<Vec<u8>>, String, String)> = sqlx::query_as(
-            "SELECT spec, secrets, updated_at, origin FROM pipelines WHERE tenant = ? AND name = ?",
+        // The secrets and the key that sealed them in one statement: a rotation commits
+        // both together, so they are read from the same side of it.
+        type Row = (String, Option<Vec<u8>>, String, String, Option<Vec<u8>>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT p.spec, p.secrets, p.updated_at, p.origin, k.wrapped_key FROM pipelines p \
+             LEFT JOIN tenant_keys k ON k.tenant = p.tenant WHERE p.tenant = ? AND p.name = ?",
         )
         .bind(tenant.as_str())
         .bind(name)
         .fetch_optional(self.control().await?)
         .await
         .map_err(|e| EngineError::from_sqlx("reading the pipeline", e))?;
-        let Some((spec, sealed, updated_at, origin)) = row else {
+        let Some((spec, sealed, updated_at, origin, wrapped)) = row else {
             return Ok(None);
         };
         let secrets = match sealed {
             None => serde_json::Map::new(),
             Some(bytes) => {
-                let key = self.data_key(tenant).await?;
+                let master = self.master.as_deref().ok_or_else(no_master_key)?;
+                let wrapped = wrapped.ok_or_else(|| {
+                    EngineError::new(
+                        ErrorKind::Warehouse,
+                        format!("the key of tenant '{tenant}' is missing from the control store"),
+                    )
+                })?;
+                let key = master.unwrap_key(&wrapped, tenant.as_str())?;
                 decode_secrets(&key.open(&bytes, &secrets_context(tenant, name))?)?
             }
         };
