@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod backup;
 mod dead_letters;
 mod finance;
 mod keys;
@@ -31,6 +32,7 @@ mod runs;
 mod sources;
 mod sync;
 mod tenants;
+use backup::{BackupArgs, RestoreArgs};
 use dead_letters::{DeadLettersCommand, dead_letters_command};
 use finance::{
     FinanceCommand, aging, anomalies, cash_flow, dashboard, finance_check, profitability,
@@ -218,6 +220,17 @@ enum Command {
     /// Rotate the master key that wraps every tenant's data key.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),
+    /// Back up the embedded warehouse's data directory, consistently, while it is in use.
+    #[command(
+        after_help = "Example:\n  sluice --data-dir /var/lib/sluice backup /backups/sluice-$(date +%F)"
+    )]
+    Backup(BackupArgs),
+    /// Restore a backup into the data directory (its processes stopped); every file is
+    /// checked against the backup's manifest first.
+    #[command(
+        after_help = "Example:\n  sluice --data-dir /var/lib/sluice restore /backups/sluice-2026-12-01 --force"
+    )]
+    Restore(RestoreArgs),
     /// Create or update the control schema and migrate every tenant schema (PostgreSQL).
     #[command(
         after_help = "Example:\n  SLUICE_DATABASE_URL=postgres://sluice@127.0.0.1/sluice sluice migrate"
@@ -283,6 +296,8 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         None => match cli.command {
+            Command::Backup(args) => backup::backup(&cli.data_dir, &args).await,
+            Command::Restore(args) => backup::restore(&cli.data_dir, &args).await,
             Command::Tenant(TenantCommand::RotateKey { slug }) => {
                 rotate_tenant_key(&embedded(&cli.data_dir, master), &slug).await
             }
@@ -376,6 +391,9 @@ async fn run_command<W: sluice_engine::Store + KeyRotation>(
         Command::Finance(FinanceCommand::Anomalies(a)) => anomalies(warehouse, &a).await,
         Command::Finance(FinanceCommand::Dashboard(a)) => dashboard(warehouse, &a).await,
         Command::MasterKey(cmd) => master_key_command(warehouse, cmd).await,
+        Command::Backup(_) | Command::Restore(_) => bail!(
+            "`backup` and `restore` copy the embedded warehouse; back up PostgreSQL with pg_dump or a physical backup (docs/operations.md, \"Backups and restores\")"
+        ),
         Command::Tenant(_) | Command::Migrate | Command::Finance(FinanceCommand::Check(_)) => {
             bail!("this command needs the PostgreSQL warehouse")
         }

@@ -30,6 +30,9 @@ pub use postgres::{FaultHook, FaultPoint, PostgresWarehouse, TenantInfo};
 pub use quarantine::QuarantineStore;
 pub use runs::RunHistory;
 pub use sqlite::SqliteWarehouse;
+pub use sqlite::backup::{
+    BackupFile, BackupManifest, backup_data_dir, restore_data_dir, verify_backup,
+};
 
 pub use crate::control::DeadLetterStore;
 

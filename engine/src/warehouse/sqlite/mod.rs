@@ -24,6 +24,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use migrate::{CONTROL_MIGRATIONS, migrate, migrate_with};
 
 mod access;
+pub(crate) mod backup;
 mod dead_letters;
 mod finance;
 mod keys;
