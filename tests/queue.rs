@@ -956,3 +956,40 @@ async fn a_dead_sync_is_replayed_through_the_queue_once() {
 
     stop_workers(workers).await;
 }
+
+/// Processes starting together on a new data directory each set up the embedded queue;
+/// its migrations once failed the later ones on `_sqlx_migrations` (seen when `sluice
+/// serve` and `sluice trigger` started at the same moment). Separate processes, as in use.
+#[test]
+fn processes_starting_together_on_a_new_data_directory_all_set_up_the_queue() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().expect("tmp");
+        let children: Vec<Child> = (0..6)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_sluice"))
+                    .arg("--data-dir")
+                    .arg(dir.path())
+                    .env_remove("SLUICE_REDIS_URL")
+                    .env_remove("SLUICE_DATABASE_URL")
+                    .arg("trigger")
+                    .arg(concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/examples/invoices.toml"
+                    ))
+                    .arg("--json")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("sluice")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

@@ -248,10 +248,27 @@ impl Queues {
                     .connect_with(options)
                     .await
                     .map_err(|e| queue_error(&format!("opening {}", path.display()), e))?;
+                // Processes starting together on a new data directory would each apply the
+                // queue's migrations (apalis' sqlx migrations take no lock of their own): the
+                // loser failed on `_sqlx_migrations`. One at a time, under a file lock.
+                let lock_path = settings.data_dir.join("queue.setup.lock");
+                let guard = tokio::task::spawn_blocking(move || {
+                    let file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&lock_path)?;
+                    file.lock()?;
+                    Ok::<_, std::io::Error>(file)
+                })
+                .await
+                .map_err(|e| queue_error("locking the embedded queue's setup", e))?
+                .map_err(|e| queue_error("locking the embedded queue's setup", e))?;
                 SqliteStorage::setup(&pool)
                     .await
                     .map_err(|e| queue_error("setting up the embedded queue", e))?;
                 let coord = SqliteCoord::new(pool.clone()).await?;
+                drop(guard);
                 Ok(Queues {
                     backend: Backend::Sqlite(pool),
                     coord: Coordinator::Sqlite(coord),
