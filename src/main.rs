@@ -4,15 +4,15 @@
 //! family lives in its own file under `cli/`.
 
 mod cli;
+mod telemetry;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Cli, LogFormat, dispatch};
+use cli::{Cli, dispatch};
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -23,25 +23,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let telemetry = telemetry::init(cli.log_format, runtime.handle());
+    let code = match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
             ExitCode::from(1)
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    };
+    // The last spans go out while the runtime that sends them still runs.
+    telemetry.shutdown();
+    code
 }
 
 /// An error and its causes, each said once: sluice's errors already end with their

@@ -34,8 +34,16 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .filter(|v| acceptable(v))
         .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string);
     req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let resp = next.run(req).instrument(span).await;
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        correlation_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = tracing::field::Empty,
+    );
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("status", resp.status().as_u16());
     let mut resp = as_problem(resp, &id).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);

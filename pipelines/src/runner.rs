@@ -256,9 +256,25 @@ async fn execute<S: Source, W: LoadStore>(
     let _stop_producer = AbortOnDrop(producer);
 
     let mut totals = RowCounts::default();
+    let mut number = 0u64;
     while let Some(prepared) = rx.recv().await {
         let batch = prepared?;
-        let committed = warehouse.commit_batch(&scope, &batch, version).await?;
+        number += 1;
+        let span = tracing::info_span!(
+            "batch",
+            tenant = %tenant,
+            pipeline = %spec.name,
+            run_id = %run_id,
+            batch = number,
+            rows_read = tracing::field::Empty,
+            quarantined = tracing::field::Empty,
+        );
+        let committed = warehouse
+            .commit_batch(&scope, &batch, version)
+            .instrument(span.clone())
+            .await?;
+        span.record("rows_read", committed.counts.rows_read);
+        span.record("quarantined", committed.counts.quarantined);
         version = committed.version;
         totals.add(&committed.counts);
         tracing::debug!(rows_read = totals.rows_read, version, "batch committed");
