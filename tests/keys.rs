@@ -176,6 +176,23 @@ async fn the_master_key_rotation_rewraps_every_tenant_key_or_none_on_postgres() 
     .await;
 }
 
+/// A PostgreSQL warehouse (under the current master key) with tenants acme and globex,
+/// each with a pipeline `erp` whose password is `pw-<tenant>`.
+async fn two_tenants_on_postgres() -> (TestDb, PostgresWarehouse) {
+    let db = TestDb::create().await;
+    let w = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(key(MASTER_KEY_HEX));
+    for t in ["acme", "globex"] {
+        w.create_tenant(&slug(t), t, &key(MASTER_KEY_HEX))
+            .await
+            .expect("tenant");
+        save(&w, t, "erp", &format!("pw-{t}")).await;
+    }
+    (db, w)
+}
+
 /// A hook that terminates the rotation's connection just before it commits.
 fn kill_before_commit(url: String) -> FaultHook {
     Arc::new(move |p: FaultPoint| {
@@ -195,18 +212,7 @@ fn kill_before_commit(url: String) -> FaultHook {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_whose_connection_dies_before_commit_changes_nothing() {
-    let db = TestDb::create().await;
-    let plain = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(key(MASTER_KEY_HEX));
-    for t in ["acme", "globex"] {
-        plain
-            .create_tenant(&slug(t), t, &key(MASTER_KEY_HEX))
-            .await
-            .expect("tenant");
-        save(&plain, t, "erp", &format!("pw-{t}")).await;
-    }
+    let (db, plain) = two_tenants_on_postgres().await;
     let sealed_before = sealed(&db, "acme").await;
     let dying = PostgresWarehouse::connect(&db.url)
         .await
@@ -234,18 +240,7 @@ async fn sealed(db: &TestDb, tenant: &str) -> (Vec<u8>, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_key_rotation_reseals_its_secrets_and_a_save_racing_it_stays_readable() {
-    let db = TestDb::create().await;
-    let plain = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(key(MASTER_KEY_HEX));
-    for t in ["acme", "globex"] {
-        plain
-            .create_tenant(&slug(t), t, &key(MASTER_KEY_HEX))
-            .await
-            .expect("tenant");
-        save(&plain, t, "erp", &format!("pw-{t}")).await;
-    }
+    let (db, plain) = two_tenants_on_postgres().await;
     let (acme_before, globex_before) = (sealed(&db, "acme").await, sealed(&db, "globex").await);
 
     // Just before the rotation commits, another process saves a pipeline of the tenant:

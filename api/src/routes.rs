@@ -1109,15 +1109,7 @@ pub async fn pipeline_statuses<W: Store>(
     for (p, h) in pipelines.iter().zip(health) {
         let runs = s.warehouse.runs(tenant, Some(&p.name), 50).await?;
         let last_success = runs.iter().find(|r| r.status == RunStatus::Succeeded);
-        let next = p.spec["schedule"]["cron"]
-            .as_str()
-            .and_then(|c| {
-                sluice_pipelines::spec::ScheduleSpec {
-                    cron: c.to_string(),
-                }
-                .parse()
-                .ok()
-            })
+        let next = sluice_pipelines::spec::ScheduleSpec::of_stored(&p.spec)
             .and_then(|c| c.find_next_occurrence(&now, false).ok());
         items.push(json!({
             "pipeline": p.name,

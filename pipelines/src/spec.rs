@@ -311,6 +311,17 @@ pub struct ScheduleSpec {
 }
 
 impl ScheduleSpec {
+    /// The parsed schedule of a stored pipeline definition (its JSON form), if it has a
+    /// valid one.
+    pub fn of_stored(spec: &serde_json::Value) -> Option<croner::Cron> {
+        let cron = spec["schedule"]["cron"].as_str()?;
+        ScheduleSpec {
+            cron: cron.to_string(),
+        }
+        .parse()
+        .ok()
+    }
+
     /// The parsed expression: six fields (seconds first) or the classic five (minutes
     /// first, at second 0); times are UTC.
     pub fn parse(&self) -> Result<croner::Cron, PipelineError> {

@@ -278,16 +278,8 @@ where
                 .find(|r| r.status == RunStatus::Succeeded)
                 .and_then(|r| r.finished_at)
                 .unwrap_or(p.updated_at);
-            let interval = p.spec["schedule"]["cron"]
-                .as_str()
-                .and_then(|c| {
-                    sluice_pipelines::spec::ScheduleSpec {
-                        cron: c.to_string(),
-                    }
-                    .parse()
-                    .ok()
-                })
-                .and_then(|cron| {
+            let interval =
+                sluice_pipelines::spec::ScheduleSpec::of_stored(&p.spec).and_then(|cron| {
                     let first = cron.find_next_occurrence(&now, false).ok()?;
                     let second = cron.find_next_occurrence(&first, false).ok()?;
                     Some((second - first).num_seconds())
