@@ -23,7 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let telemetry = telemetry::init(cli.log_format, runtime.handle());
+    let telemetry = telemetry::init(cli.log_format, cli.quiet, runtime.handle());
     let code = match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {

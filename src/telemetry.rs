@@ -1,4 +1,5 @@
-//! Logs on stderr (text or JSON, filtered by `SLUICE_LOG`) and, when
+//! Logs on stderr (text or JSON, filtered by `SLUICE_LOG`; errors only with `--quiet`;
+//! coloured on a terminal unless `NO_COLOR` is set) and, when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, spans
 //! over OTLP/HTTP in protobuf: requests, jobs, runs and batches, each with the tenant,
 //! pipeline, run and correlation ids sluice gives them. The exporter honours the usual
@@ -36,9 +37,16 @@ impl Telemetry {
 
 /// Installs the subscriber. `runtime` carries the exporter's requests: the SDK exports
 /// from a thread of its own, outside the runtime.
-pub(crate) fn init(format: LogFormat, runtime: &tokio::runtime::Handle) -> Telemetry {
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let stderr = fmt::layer().with_writer(std::io::stderr);
+pub(crate) fn init(format: LogFormat, quiet: bool, runtime: &tokio::runtime::Handle) -> Telemetry {
+    let filter = if quiet {
+        EnvFilter::new("error")
+    } else {
+        EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"))
+    };
+    // Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let stderr = fmt::layer().with_writer(std::io::stderr).with_ansi(colour);
     let stderr = match format {
         LogFormat::Json => stderr.json().with_filter(filter).boxed(),
         LogFormat::Text => stderr.with_filter(filter).boxed(),

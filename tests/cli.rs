@@ -810,3 +810,108 @@ fn metric_value(scrape: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{series} not in:\n{scrape}"))
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_definitions() {
+    let data = tempfile::tempdir().expect("tmp");
+    let bash = sluice(data.path(), &["completions", "bash"]);
+    assert!(bash.status.success());
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    assert!(bash.contains("_sluice()"), "{bash}");
+    for sub in ["sync", "master-key", "dead-letters", "backup"] {
+        assert!(bash.contains(sub), "bash completion lacks {sub}");
+    }
+    let zsh = sluice(data.path(), &["completions", "zsh"]);
+    assert!(String::from_utf8_lossy(&zsh.stdout).starts_with("#compdef sluice"));
+    let fish = sluice(data.path(), &["completions", "fish"]);
+    assert!(String::from_utf8_lossy(&fish.stdout).contains("complete -c sluice"));
+    let unknown = sluice(data.path(), &["completions", "tcsh"]);
+    assert_eq!(unknown.status.code(), Some(2), "a usage error exits 2");
+
+    let man = sluice(data.path(), &["man"]);
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.contains(".TH sluice 1"), "{page}");
+    assert!(
+        page.contains("Exit status"),
+        "the exit codes are documented"
+    );
+    let dir = data.path().join("man1");
+    let out = sluice(data.path(), &["man", "--dir", dir.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in ["sluice.1", "sluice-sync.1", "sluice-master-key-rotate.1"] {
+        assert!(dir.join(page).exists(), "{page} not written");
+    }
+    // No files or warehouse are touched by either.
+    assert!(!data.path().join("control.sqlite").exists());
+}
+
+#[test]
+fn quiet_leaves_only_errors_on_stderr_and_no_colour_without_a_terminal() {
+    let data = tempfile::tempdir().expect("tmp");
+    let file = example("invoices.toml");
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        c.arg("--data-dir").arg(data.path()).args(args);
+        c.env_remove("SLUICE_DATABASE_URL")
+            .env_remove("SLUICE_REDIS_URL");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().expect("sluice")
+    };
+    let loud = run(
+        &["sync", file.to_str().expect("path")],
+        &[("SLUICE_LOG", "info")],
+    );
+    let stderr = String::from_utf8_lossy(&loud.stderr);
+    assert!(stderr.contains("INFO"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour on a pipe: {stderr:?}");
+    let quiet = run(
+        &["--quiet", "sync", file.to_str().expect("path")],
+        &[("SLUICE_LOG", "info")],
+    );
+    assert!(quiet.status.success());
+    assert_eq!(String::from_utf8_lossy(&quiet.stderr), "");
+    assert!(String::from_utf8_lossy(&quiet.stdout).contains("succeeded"));
+    let failed = run(&["-q", "sync", "no-such.toml"], &[]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("error"));
+}
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), logs are coloured unless
+/// NO_COLOR is set.
+#[test]
+fn no_color_turns_colour_off_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        panic!("util-linux `script` is needed for this test");
+    }
+    let data = tempfile::tempdir().expect("tmp");
+    let on_a_terminal = |no_color: bool| {
+        let line = format!(
+            "{}SLUICE_LOG=info '{}' --data-dir '{}' sync '{}' --json",
+            if no_color { "NO_COLOR=1 " } else { "" },
+            env!("CARGO_BIN_EXE_sluice"),
+            data.path().display(),
+            example("invoices.toml").display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env_remove("SLUICE_DATABASE_URL")
+            .env_remove("SLUICE_REDIS_URL")
+            .env_remove("NO_COLOR")
+            .output()
+            .expect("script");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).contains("\u{1b}[")
+    };
+    assert!(on_a_terminal(false), "coloured on a terminal");
+    assert!(!on_a_terminal(true), "NO_COLOR honoured");
+}

@@ -29,6 +29,7 @@ mod quarantine;
 mod queue;
 mod rotate;
 mod runs;
+mod shell;
 mod sources;
 mod sync;
 mod tenants;
@@ -42,6 +43,7 @@ use quarantine::{QuarantineCommand, quarantine};
 use queue::{SchedulerCommand, ServeArgs, TriggerArgs, WorkerCommand, serve, trigger};
 use rotate::{MasterKeyCommand, master_key_command, rotate_tenant_key};
 use runs::{RunsCommand, runs_command};
+use shell::{CompletionsArgs, ManArgs};
 use sources::{SourceCommand, source_command};
 use sync::{SyncArgs, sync};
 use tenants::{TenantCommand, tenant};
@@ -51,7 +53,7 @@ use tenants::{TenantCommand, tenant};
     name = "sluice",
     version,
     about = "ETL for finance data: load invoices, bills and payments into a per-tenant warehouse, quarantining every bad row with its reasons.",
-    after_help = "Example:\n  sluice sync examples/invoices.toml\n  sluice quarantine list\n  sluice finance ar-aging --tenant acme --as-of 2024-06-30"
+    after_help = "Example:\n  sluice sync examples/invoices.toml\n  sluice quarantine list\n  sluice finance ar-aging --tenant acme --as-of 2024-06-30\n\nExit status:\n  0  the command did what it was asked (a sync: the run succeeded and its accounting balances)\n  1  it did not: a failed run, a dead job, bad input, an unreachable service; the reason is on stderr\n  2  the command line was wrong (an unknown option, a missing argument)\n\nEnvironment: SLUICE_LOG (an EnvFilter for stderr logs), NO_COLOR (no colour on stderr),\nOTEL_EXPORTER_OTLP_ENDPOINT (send traces), SLUICE_MASTER_KEY(_FILE), and each option's SLUICE_* variable."
 )]
 pub(crate) struct Cli {
     /// Where the embedded warehouse keeps one SQLite file per tenant.
@@ -74,6 +76,10 @@ pub(crate) struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
+    /// Nothing on stderr but errors: no progress line, no warnings (results still print on
+    /// stdout).
+    #[arg(long, short, global = true)]
+    pub(crate) quiet: bool,
     #[command(flatten)]
     queue: QueueArgs,
     #[command(subcommand)]
@@ -167,6 +173,9 @@ impl QueueArgs {
     }
 }
 
+/// `--quiet`: no progress display.
+pub(super) static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum LogFormat {
     Text,
@@ -231,6 +240,16 @@ enum Command {
         after_help = "Example:\n  sluice --data-dir /var/lib/sluice restore /backups/sluice-2026-12-01 --force"
     )]
     Restore(RestoreArgs),
+    /// Print a shell completion script: `source <(sluice completions bash)`.
+    #[command(
+        after_help = "Example:\n  sluice completions bash > /etc/bash_completion.d/sluice\n  sluice completions zsh > \"${fpath[1]}/_sluice\"\n  sluice completions fish > ~/.config/fish/completions/sluice.fish"
+    )]
+    Completions(CompletionsArgs),
+    /// Print the man page, or write one per command into a directory.
+    #[command(
+        after_help = "Example:\n  sluice man | man -l -\n  sluice man --dir /usr/local/share/man/man1"
+    )]
+    Man(ManArgs),
     /// Create or update the control schema and migrate every tenant schema (PostgreSQL).
     #[command(
         after_help = "Example:\n  SLUICE_DATABASE_URL=postgres://sluice@127.0.0.1/sluice sluice migrate"
@@ -255,6 +274,12 @@ impl Command {
 }
 
 pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Completions(args) => return shell::completions(args),
+        Command::Man(args) => return shell::man(args),
+        _ => {}
+    }
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let master = MasterKey::from_env_if_set()?;
     let queue = cli.queue.settings(&cli.data_dir);
     let policy = cli.queue.policy();
@@ -391,6 +416,7 @@ async fn run_command<W: sluice_engine::Store + KeyRotation>(
         Command::Finance(FinanceCommand::Anomalies(a)) => anomalies(warehouse, &a).await,
         Command::Finance(FinanceCommand::Dashboard(a)) => dashboard(warehouse, &a).await,
         Command::MasterKey(cmd) => master_key_command(warehouse, cmd).await,
+        Command::Completions(_) | Command::Man(_) => bail!("handled before any warehouse opens"),
         Command::Backup(_) | Command::Restore(_) => bail!(
             "`backup` and `restore` copy the embedded warehouse; back up PostgreSQL with pg_dump or a physical backup (docs/operations.md, \"Backups and restores\")"
         ),

@@ -78,7 +78,8 @@ pub(super) async fn sync<W: Warehouse + PipelineStore + 'static>(
     let source =
         PipelineSource::for_pipeline(&spec, warehouse.clone(), &SourceReach::unrestricted())?;
     let warehouse = &*warehouse;
-    let progress = Progress::new(!args.json && std::io::stderr().is_terminal());
+    let quiet = super::QUIET.load(std::sync::atomic::Ordering::Relaxed);
+    let progress = Progress::new(!args.json && !quiet && std::io::stderr().is_terminal());
     let result = run_pipeline(&spec, &source, warehouse, &RunOptions::default(), &progress).await;
     progress.finish();
     match result {
