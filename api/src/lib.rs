@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod export;
 pub mod metrics;
 pub mod rate_limit;
 pub mod request_id;

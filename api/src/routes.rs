@@ -21,6 +21,7 @@ use sluice_workers::{IdempotencyKey, TriggerOutcome, TriggerRequest};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::export;
 use crate::request_id::RequestId;
 use crate::state::AppState;
 use sluice_engine::Store;
@@ -31,6 +32,42 @@ type Reply = Result<Response, ApiError>;
 fn ok(v: Value) -> Reply {
     Ok(Json(v).into_response())
 }
+
+/// A report in the format the `Accept` header asks for: its JSON, or its table as CSV
+/// (`text/csv`) or as an XLSX workbook, each an attachment named `name`.
+fn negotiated(
+    headers: &HeaderMap,
+    json: impl FnOnce() -> Value,
+    table: impl FnOnce() -> export::Table,
+    name: &str,
+) -> Reply {
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let (media, body) = match export::Format::from_accept(accept) {
+        export::Format::Json => return ok(json()),
+        export::Format::Csv => ("text/csv; charset=utf-8", export::to_csv(&table())),
+        export::Format::Xlsx => (
+            export::XLSX,
+            export::to_xlsx(&table()).map_err(ApiError::internal)?,
+        ),
+    };
+    let extension = if media == export::XLSX { "xlsx" } else { "csv" };
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, media.to_string()),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}.{extension}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The most quarantined rows one export holds; past it, the caller narrows the filter.
+const EXPORT_ROWS: usize = 100_000;
 
 async fn audit<W: Store>(
     s: &AppState<W>,
@@ -693,7 +730,7 @@ pub async fn audit_log<W: Store>(
 }
 
 /// Query of `GET /v1/quarantine`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuarantineQuery {
     /// Only rows read by this run.
@@ -723,14 +760,47 @@ fn row_json(r: &QuarantinedRow) -> Value {
 }
 
 /// `GET /v1/quarantine`: oldest first, paged by cursor.
+///
+/// With `Accept: text/csv` or the XLSX media type, every row matching the filter (from
+/// `cursor` on; at most 100,000) as one table.
 pub async fn list_quarantine<W: Store>(
     State(s): Api<W>,
     caller: Caller,
+    headers: HeaderMap,
     Query(q): Query<QuarantineQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
-    let (rows, next) = quarantine_page(&s, tenant, q).await?;
-    ok(json!({ "items": rows.iter().map(row_json).collect::<Vec<_>>(), "next_cursor": next }))
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    if export::Format::from_accept(accept) == export::Format::Json {
+        let (rows, next) = quarantine_page(&s, tenant, q).await?;
+        return ok(
+            json!({ "items": rows.iter().map(row_json).collect::<Vec<_>>(), "next_cursor": next }),
+        );
+    }
+    let mut all = Vec::new();
+    let mut q = q;
+    q.limit = Some(1000);
+    loop {
+        let (rows, next) = quarantine_page(&s, tenant, q.clone()).await?;
+        all.extend(rows);
+        if all.len() > EXPORT_ROWS {
+            return Err(ApiError::bad_request(format!(
+                "more than {EXPORT_ROWS} rows match: narrow the filter (pipeline, run_id, rule, field, status)"
+            )));
+        }
+        match next {
+            Some(cursor) => q.cursor = Some(cursor),
+            None => break,
+        }
+    }
+    negotiated(
+        &headers,
+        || json!({}),
+        || export::quarantine_table(&all),
+        "quarantine",
+    )
 }
 
 /// One page of quarantined rows matching `q`, oldest first, and the next page's cursor.
@@ -1147,13 +1217,19 @@ pub fn finance_error(e: sluice_finance::FinanceError) -> ApiError {
 pub async fn profitability<W: Store>(
     State(s): Api<W>,
     caller: Caller,
+    headers: HeaderMap,
     Query(q): Query<PeriodQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
     let r = sluice_finance::profitability_report(&*s.warehouse, tenant, q.from, q.to)
         .await
         .map_err(finance_error)?;
-    ok(json!(r))
+    negotiated(
+        &headers,
+        || json!(r),
+        || export::profitability_table(&r),
+        &format!("profitability-{}-{}", q.from, q.to),
+    )
 }
 
 /// Query of the aging reports.
@@ -1166,6 +1242,7 @@ pub struct AsOfQuery {
 async fn aging_of<W: Store>(
     s: &AppState<W>,
     caller: &Caller,
+    headers: &HeaderMap,
     side: sluice_engine::finance_rules::AgingSide,
     as_of: chrono::NaiveDate,
 ) -> Reply {
@@ -1173,7 +1250,16 @@ async fn aging_of<W: Store>(
     let r = sluice_finance::aging_report(&*s.warehouse, tenant, side, as_of)
         .await
         .map_err(finance_error)?;
-    ok(json!(r))
+    let name = match side {
+        sluice_engine::finance_rules::AgingSide::Receivable => "ar-aging",
+        sluice_engine::finance_rules::AgingSide::Payable => "ap-aging",
+    };
+    negotiated(
+        headers,
+        || json!(r),
+        || export::aging_table(&r, name),
+        &format!("{name}-{as_of}"),
+    )
 }
 
 /// `GET /v1/finance/ar-aging?as_of`: open invoice balances per currency by bucket, with
@@ -1181,11 +1267,13 @@ async fn aging_of<W: Store>(
 pub async fn ar_aging<W: Store>(
     State(s): Api<W>,
     caller: Caller,
+    headers: HeaderMap,
     Query(q): Query<AsOfQuery>,
 ) -> Reply {
     aging_of(
         &s,
         &caller,
+        &headers,
         sluice_engine::finance_rules::AgingSide::Receivable,
         q.as_of,
     )
@@ -1197,11 +1285,13 @@ pub async fn ar_aging<W: Store>(
 pub async fn ap_aging<W: Store>(
     State(s): Api<W>,
     caller: Caller,
+    headers: HeaderMap,
     Query(q): Query<AsOfQuery>,
 ) -> Reply {
     aging_of(
         &s,
         &caller,
+        &headers,
         sluice_engine::finance_rules::AgingSide::Payable,
         q.as_of,
     )
@@ -1213,13 +1303,19 @@ pub async fn ap_aging<W: Store>(
 pub async fn cash_flow<W: Store>(
     State(s): Api<W>,
     caller: Caller,
+    headers: HeaderMap,
     Query(q): Query<PeriodQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
     let r = sluice_finance::cash_flow_report(&*s.warehouse, tenant, q.from, q.to)
         .await
         .map_err(finance_error)?;
-    ok(json!(r))
+    negotiated(
+        &headers,
+        || json!(r),
+        || export::cash_flow_table(&r),
+        &format!("cash-flow-{}-{}", q.from, q.to),
+    )
 }
 
 /// Query of `GET /v1/finance/dashboard`.
@@ -1262,9 +1358,12 @@ pub struct AnomalyQuery {
 }
 
 /// `GET /v1/finance/anomalies`: paged by cursor (`kind:side:document` of the last item).
+///
+/// With `Accept: text/csv` or the XLSX media type, every anomaly as one table.
 pub async fn anomalies<W: Store>(
     State(s): Api<W>,
     caller: Caller,
+    headers: HeaderMap,
     Query(q): Query<AnomalyQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
@@ -1274,6 +1373,17 @@ pub async fn anomalies<W: Store>(
         min_history: q.min_history.unwrap_or(defaults.min_history),
     };
     let found = anomaly_list(&s, tenant, options).await?;
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    if export::Format::from_accept(accept) != export::Format::Json {
+        return negotiated(
+            &headers,
+            || json!({}),
+            || export::anomalies_table(&found),
+            "anomalies",
+        );
+    }
     let keyed: Vec<(String, &sluice_finance::Anomaly)> = found
         .iter()
         .map(|a| (format!("{}:{}:{}", a.kind, a.side, a.document), a))

@@ -1,9 +1,11 @@
 //! `sluice finance ...`: aging, cash flow, profitability, anomalies, the dashboard, and the
 //! check of PostgreSQL's rollups.
 
+use super::output::OutputArgs;
 use anyhow::{Result, bail};
 use chrono::NaiveDate;
 use clap::{Args, Subcommand};
+use sluice_api::export;
 use sluice_engine::finance_rules::{AGING_BUCKETS, AgingSide};
 use sluice_engine::warehouse::PostgresWarehouse;
 use sluice_engine::{TenantSlug, Warehouse};
@@ -70,9 +72,8 @@ pub(super) struct AnomalyArgs {
     /// Documents a counterparty needs in a currency before its amounts are judged.
     #[arg(long, default_value_t = 5)]
     min_history: usize,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 #[derive(Args)]
@@ -105,9 +106,8 @@ pub(super) struct PeriodArgs {
     /// Last day (YYYY-MM-DD).
     #[arg(long)]
     to: NaiveDate,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 #[derive(Args)]
@@ -118,9 +118,8 @@ pub(super) struct AgingArgs {
     /// The date to age balances at (YYYY-MM-DD).
     #[arg(long)]
     as_of: NaiveDate,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 pub(super) async fn finance_check(
@@ -161,7 +160,10 @@ pub(super) async fn finance_check(
 pub(super) async fn cash_flow<W: Warehouse>(warehouse: &W, args: &PeriodArgs) -> Result<ExitCode> {
     let tenant = TenantSlug::parse(&args.tenant)?;
     let report = sluice_finance::cash_flow_report(warehouse, &tenant, args.from, args.to).await?;
-    if args.json {
+    if args.out.table(|| export::cash_flow_table(&report))? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.out.is_json() {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -198,7 +200,10 @@ pub(super) async fn profitability<W: Warehouse>(
     let tenant = TenantSlug::parse(&args.tenant)?;
     let report =
         sluice_finance::profitability_report(warehouse, &tenant, args.from, args.to).await?;
-    if args.json {
+    if args.out.table(|| export::profitability_table(&report))? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.out.is_json() {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -240,7 +245,10 @@ pub(super) async fn anomalies<W: Warehouse>(warehouse: &W, args: &AnomalyArgs) -
         min_history: args.min_history,
     };
     let found = sluice_finance::anomalies_report(warehouse, &tenant, options).await?;
-    if args.json {
+    if args.out.table(|| export::anomalies_table(&found))? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.out.is_json() {
         println!("{}", serde_json::to_string(&found)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -304,7 +312,14 @@ pub(super) async fn aging<W: Warehouse>(
 ) -> Result<ExitCode> {
     let tenant = TenantSlug::parse(&args.tenant)?;
     let report = sluice_finance::aging_report(warehouse, &tenant, side, args.as_of).await?;
-    if args.json {
+    let sheet = match side {
+        AgingSide::Receivable => "AR aging",
+        AgingSide::Payable => "AP aging",
+    };
+    if args.out.table(|| export::aging_table(&report, sheet))? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.out.is_json() {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
     }

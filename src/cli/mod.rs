@@ -25,6 +25,7 @@ mod backup;
 mod dead_letters;
 mod finance;
 mod keys;
+mod output;
 mod quarantine;
 mod queue;
 mod rotate;

@@ -1,6 +1,7 @@
 //! `sluice quarantine list | show | replay`: the rows a run set aside, why, and where they
 //! came from.
 
+use super::output::OutputArgs;
 use super::queue::wait_and_report;
 use super::tenants_to_search;
 use anyhow::{Context, Result, bail};
@@ -37,9 +38,9 @@ pub(super) enum QuarantineCommand {
         /// At most this many rows per tenant.
         #[arg(long, default_value_t = 100)]
         limit: u32,
-        /// Print JSON (an array of rows).
-        #[arg(long)]
-        json: bool,
+        /// json: an array of rows; csv or xlsx: a table of them.
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Replay quarantined rows of a pipeline (after fixing the rows or the pipeline): rows
     /// that pass now are loaded and marked replayed, the rest stay pending with their new
@@ -103,7 +104,7 @@ pub(super) async fn quarantine<W: Store>(
             status,
             rule,
             limit,
-            json,
+            out,
         } => {
             let status = status
                 .map(|s| {
@@ -123,7 +124,9 @@ pub(super) async fn quarantine<W: Store>(
             for t in tenants_to_search(&*warehouse, tenant.as_deref()).await? {
                 rows.extend(warehouse.quarantined(&t, &filter).await?);
             }
-            if json {
+            if out.table(|| sluice_api::export::quarantine_table(&rows))? {
+                // Written as CSV or XLSX.
+            } else if out.is_json() {
                 println!("{}", serde_json::to_string(&rows)?);
             } else if rows.is_empty() {
                 println!("no quarantined rows match");
