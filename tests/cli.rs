@@ -915,3 +915,181 @@ fn no_color_turns_colour_off_on_a_terminal() {
     assert!(on_a_terminal(false), "coloured on a terminal");
     assert!(!on_a_terminal(true), "NO_COLOR honoured");
 }
+
+/// `pipeline init` on files written the way three regions write them, and on a workbook:
+/// the mapping, delimiter, date format and separators it proposes load every good row,
+/// and its dry run writes nothing.
+#[test]
+fn pipeline_init_reads_regional_formats_and_its_dry_run_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let cases = [
+        (
+            "us.csv",
+            "Invoice ID,Invoice #,Customer,Invoice Date,Due Date,Currency,Total,Amount Due\n\
+             1,1001,Acme Inc,12/31/2024,01/30/2025,USD,\"1,234.56\",\"1,234.56\"\n\
+             2,1002,Beta LLC,03/02/2024,04/01/2024,USD,99.90,0.00\n\
+             3,1003,Gamma Co,03/14/2024,04/13/2024,USD,10.00,20.00\n",
+            "%m/%d/%Y",
+            None,
+            Some(","),
+        ),
+        (
+            "de.csv",
+            "ID;Invoice No;Customer;Date;Due;Currency;Total;Balance\n\
+             1;R-1;Müller GmbH;31.12.2024;30.01.2025;EUR;1.234,56;1.234,56\n\
+             2;R-2;Schmidt AG;02.03.2024;01.04.2024;EUR;99,90;0,00\n\
+             3;R-3;Weber KG;14.03.2024;13.04.2024;EUR;10,00;20,00\n",
+            "%d.%m.%Y",
+            Some(","),
+            Some("."),
+        ),
+        (
+            "fr.csv",
+            "Reference;Number;Client;Invoice Date;Due Date;Currency;Amount;Amount Due\n\
+             1;F-1;Dupont SA;31/12/2024;30/01/2025;EUR;1 234,56;1 234,56\n\
+             2;F-2;Martin SARL;02/03/2024;01/04/2024;EUR;99,90;0,00\n\
+             3;F-3;Petit SAS;14/03/2024;13/04/2024;EUR;10,00;20,00\n",
+            "%d/%m/%Y",
+            Some(","),
+            Some(" "),
+        ),
+    ];
+    for (file, csv, date_format, decimal, thousands) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, csv).expect("csv");
+        let out = sluice(
+            &data,
+            &[
+                "pipeline",
+                "init",
+                path.to_str().expect("path"),
+                "--entity",
+                "invoices",
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{file}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let toml = std::fs::read_to_string(path.with_extension("toml")).expect("pipeline file");
+        assert!(
+            toml.contains(&format!("date_formats = [\"{date_format}\"]")),
+            "{file}:\n{toml}"
+        );
+        match decimal {
+            Some(d) => assert!(
+                toml.contains(&format!("decimal_separator = \"{d}\"")),
+                "{file}:\n{toml}"
+            ),
+            None => assert!(!toml.contains("decimal_separator"), "{file}:\n{toml}"),
+        }
+        if let Some(g) = thousands {
+            assert!(
+                toml.contains(&format!("thousands_separator = \"{g}\"")),
+                "{file}:\n{toml}"
+            );
+        }
+        // The dry run: two rows load, the third (balance above total) is quarantined.
+        assert!(stdout.contains("would load        2"), "{file}:\n{stdout}");
+        assert!(stdout.contains("would quarantine  1"), "{file}:\n{stdout}");
+        assert!(stdout.contains("balance_within_total"), "{file}:\n{stdout}");
+    }
+    assert!(
+        !data.join("tenants").exists(),
+        "a dry run writes no warehouse"
+    );
+
+    // Synced for real, the proposed file loads the amounts exactly.
+    let de = dir.path().join("de.toml");
+    let run = stdout_json(&sluice(
+        &data,
+        &["sync", de.to_str().expect("path"), "--json"],
+    ));
+    assert_eq!(run["inserted"], 2, "{run}");
+    let aging = stdout_json(&sluice(
+        &data,
+        &[
+            "finance",
+            "ar-aging",
+            "--tenant",
+            "acme",
+            "--as-of",
+            "2025-01-01",
+            "--json",
+        ],
+    ));
+    assert_eq!(aging["currencies"]["EUR"]["total"], "1234.56", "{aging}");
+
+    // An existing file is not replaced without --force.
+    let again = sluice(
+        &data,
+        &[
+            "pipeline",
+            "init",
+            dir.path().join("de.csv").to_str().expect("path"),
+            "--entity",
+            "invoices",
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    // A workbook: headers matched, dates already dates.
+    let xlsx = dir.path().join("book.xlsx");
+    let mut book = rust_xlsxwriter::Workbook::new();
+    let sheet = book.add_worksheet();
+    for (c, h) in [
+        "Invoice ID",
+        "Customer",
+        "Date",
+        "Due Date",
+        "Currency",
+        "Total",
+        "Amount Due",
+    ]
+    .iter()
+    .enumerate()
+    {
+        sheet.write_string(0, c as u16, *h).expect("header");
+    }
+    let dates = rust_xlsxwriter::Format::new().set_num_format("dd/mm/yyyy");
+    for r in 1..=3u32 {
+        sheet.write_string(r, 0, format!("X-{r}")).expect("cell");
+        sheet.write_string(r, 1, "Acme").expect("cell");
+        let d = rust_xlsxwriter::ExcelDateTime::from_ymd(2024, 3, r as u8).expect("date");
+        sheet
+            .write_date_with_format(r, 2, &d, &dates)
+            .expect("cell");
+        let due = rust_xlsxwriter::ExcelDateTime::from_ymd(2024, 4, r as u8).expect("date");
+        sheet
+            .write_date_with_format(r, 3, &due, &dates)
+            .expect("cell");
+        sheet.write_string(r, 4, "GBP").expect("cell");
+        sheet.write_number(r, 5, 100.5).expect("cell");
+        sheet
+            .write_number(r, 6, if r == 3 { 200.0 } else { 50.25 })
+            .expect("cell");
+    }
+    book.save(&xlsx).expect("xlsx");
+    let out = sluice(
+        &data,
+        &[
+            "pipeline",
+            "init",
+            xlsx.to_str().expect("path"),
+            "--entity",
+            "invoices",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("would load        2"), "{stdout}");
+    assert!(stdout.contains("would quarantine  1"), "{stdout}");
+}

@@ -4,6 +4,7 @@
 pub mod confine;
 pub mod definition;
 pub mod error;
+pub mod infer;
 pub mod map;
 pub mod registry;
 pub mod replay;

@@ -26,6 +26,7 @@ mod dead_letters;
 mod finance;
 mod keys;
 mod output;
+mod pipeline;
 mod quarantine;
 mod queue;
 mod rotate;
@@ -241,6 +242,9 @@ enum Command {
         after_help = "Example:\n  sluice --data-dir /var/lib/sluice restore /backups/sluice-2026-12-01 --force"
     )]
     Restore(RestoreArgs),
+    /// Propose a pipeline file from a sample of a CSV or spreadsheet file.
+    #[command(subcommand)]
+    Pipeline(pipeline::PipelineCommand),
     /// Print a shell completion script: `source <(sluice completions bash)`.
     #[command(
         after_help = "Example:\n  sluice completions bash > /etc/bash_completion.d/sluice\n  sluice completions zsh > \"${fpath[1]}/_sluice\"\n  sluice completions fish > ~/.config/fish/completions/sluice.fish"
@@ -280,6 +284,27 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Man(args) => return shell::man(args),
         _ => {}
     }
+    let cli = match cli.command {
+        Command::Pipeline(cmd) => {
+            let (code, written) = pipeline::pipeline_command(cmd).await?;
+            let Some(file) = written else {
+                return Ok(code);
+            };
+            // Then a dry run of what was written.
+            println!();
+            let spec = sluice_pipelines::PipelineSpec::from_file(&file)?;
+            let source = sluice_pipelines::PipelineSource::from_spec(
+                &spec.source,
+                None,
+                &sluice_pipelines::SourceReach::unrestricted(),
+            )?;
+            return sync::dry_run(&spec, &source, false).await;
+        }
+        other => Cli {
+            command: other,
+            ..cli
+        },
+    };
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let master = MasterKey::from_env_if_set()?;
     let queue = cli.queue.settings(&cli.data_dir);
@@ -417,7 +442,9 @@ async fn run_command<W: sluice_engine::Store + KeyRotation>(
         Command::Finance(FinanceCommand::Anomalies(a)) => anomalies(warehouse, &a).await,
         Command::Finance(FinanceCommand::Dashboard(a)) => dashboard(warehouse, &a).await,
         Command::MasterKey(cmd) => master_key_command(warehouse, cmd).await,
-        Command::Completions(_) | Command::Man(_) => bail!("handled before any warehouse opens"),
+        Command::Completions(_) | Command::Man(_) | Command::Pipeline(_) => {
+            bail!("handled before any warehouse opens")
+        }
         Command::Backup(_) | Command::Restore(_) => bail!(
             "`backup` and `restore` copy the embedded warehouse; back up PostgreSQL with pg_dump or a physical backup (docs/operations.md, \"Backups and restores\")"
         ),

@@ -23,6 +23,11 @@ pub(super) struct SyncArgs {
     /// Print exactly one JSON object with the run's accounting.
     #[arg(long)]
     json: bool,
+    /// Read, map, validate and dedupe every row into a scratch warehouse that is thrown
+    /// away: print what would load and what would be quarantined and why. Nothing is
+    /// written to the warehouse (counts are against an empty one).
+    #[arg(long)]
+    pub(super) dry_run: bool,
 }
 
 /// A progress line on stderr: rows read and rows per second.
@@ -77,6 +82,9 @@ pub(super) async fn sync<W: Warehouse + PipelineStore + 'static>(
     let spec = PipelineSpec::from_file(&args.pipeline)?;
     let source =
         PipelineSource::for_pipeline(&spec, warehouse.clone(), &SourceReach::unrestricted())?;
+    if args.dry_run {
+        return dry_run(&spec, &source, args.json).await;
+    }
     let warehouse = &*warehouse;
     let quiet = super::QUIET.load(std::sync::atomic::Ordering::Relaxed);
     let progress = Progress::new(!args.json && !quiet && std::io::stderr().is_terminal());
@@ -175,5 +183,90 @@ pub(super) fn print_report(report: &RunReport, as_json: bool) {
         if c.quarantined > 0 {
             println!("see why: sluice quarantine list --run {}", l.run_id);
         }
+    }
+}
+
+/// A sync of `spec` into a scratch embedded warehouse, removed afterwards: its accounting,
+/// the quarantine per rule and a few quarantined rows with their reasons.
+pub(super) async fn dry_run(
+    spec: &PipelineSpec,
+    source: &PipelineSource,
+    as_json: bool,
+) -> Result<ExitCode> {
+    use sluice_engine::quarantine::QuarantineFilter;
+    use sluice_engine::warehouse::QuarantineStore;
+    let scratch = std::env::temp_dir().join(format!(
+        "sluice-dry-run-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    ));
+    let _cleanup = RemoveOnDrop(scratch.clone());
+    let w = sluice_engine::SqliteWarehouse::new(&scratch);
+    let report = match run_pipeline(
+        spec,
+        source,
+        &w,
+        &RunOptions::default(),
+        &sluice_pipelines::Quiet,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => anyhow::bail!("the dry run failed: {}", e.message()),
+    };
+    let tenant = sluice_engine::TenantSlug::parse(&spec.tenant)?;
+    let by_rule = w.run_rule_counts(&tenant, &report.ledger.run_id).await?;
+    let examples = w
+        .quarantined(
+            &tenant,
+            &QuarantineFilter {
+                run_id: Some(report.ledger.run_id.clone()),
+                limit: Some(5),
+                ..QuarantineFilter::default()
+            },
+        )
+        .await?;
+    let c = &report.ledger.counts;
+    if as_json {
+        let out = json!({
+            "dry_run": true, "pipeline": spec.name, "tenant": spec.tenant,
+            "rows_read": c.rows_read, "would_load": c.loaded(),
+            "would_quarantine": c.quarantined, "deduplicated": c.deduplicated,
+            "quarantined_by_rule": by_rule,
+            "examples": examples.iter().map(|r| json!({
+                "position": r.position, "errors": r.errors, "raw": r.raw,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "dry run of {} (nothing was written to the warehouse)",
+        spec.name
+    );
+    println!("  rows read         {}", c.rows_read);
+    println!("  would load        {}", c.loaded());
+    println!("  would quarantine  {}", c.quarantined);
+    println!("  deduplicated      {}", c.deduplicated);
+    for (rule, n) in &by_rule {
+        println!("    {rule:<28} {n}");
+    }
+    for r in &examples {
+        let why: Vec<String> = r
+            .errors
+            .iter()
+            .map(|e| format!("{} ({}): {}", e.field, e.rule, e.message))
+            .collect();
+        println!("  row {}: {}", r.position.row, why.join("; "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Removes the scratch directory however the dry run ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
