@@ -829,3 +829,77 @@ async fn a_job_attempt_past_the_job_timeout_fails_as_transient_and_is_retried_th
         }
     }
 }
+
+/// `pipeline init --url --table`: the mapping and an incremental cursor proposed from a
+/// PostgreSQL and a MariaDB table's columns, a password kept out of the file, and a dry
+/// run that reads the table and writes nothing.
+#[tokio::test]
+async fn pipeline_init_proposes_a_table_pipeline_on_both_databases() {
+    use support::mysql::TestMysql;
+    use support::pg::TestDb;
+    let pg = TestDb::create().await;
+    let my = TestMysql::create().await;
+    let ddl = "CREATE TABLE erp_invoices (id bigint PRIMARY KEY, invoice_no varchar(20) NOT NULL, \
+        customer varchar(40), invoice_date date NOT NULL, due_date date NOT NULL, currency char(3) NOT NULL, \
+        total decimal(12,2) NOT NULL, amount_due decimal(12,2) NOT NULL, last_modified timestamp NOT NULL)";
+    let rows = "INSERT INTO erp_invoices VALUES \
+        (1, 'A-1', 'Acme', '2024-01-05', '2024-02-04', 'USD', 100.00, 100.00, '2024-01-05 10:00:00'), \
+        (2, 'A-2', 'Acme', '2024-01-06', '2024-02-05', 'EUR', 50.00, 0.00, '2024-01-06 10:00:00'), \
+        (3, 'A-3', 'Beta', '2024-01-07', '2024-02-06', 'USD', 10.00, 20.00, '2024-01-07 10:00:00')";
+    {
+        let mut c = pg.connect().await;
+        sqlx::raw_sql(ddl).execute(&mut c).await.expect("pg table");
+        sqlx::raw_sql(rows).execute(&mut c).await.expect("pg rows");
+        let mut c = my.connect().await;
+        sqlx::raw_sql(ddl).execute(&mut c).await.expect("my table");
+        sqlx::raw_sql(rows).execute(&mut c).await.expect("my rows");
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    for (kind, url) in [("postgres", pg.url.clone()), ("mysql", my.url.clone())] {
+        let out_file = dir.path().join(format!("{kind}.toml"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("SLUICE_DATABASE_URL")
+            .env_remove("SLUICE_REDIS_URL")
+            .args([
+                "pipeline",
+                "init",
+                "--url",
+                &url,
+                "--table",
+                "erp_invoices",
+                "--entity",
+                "invoices",
+            ])
+            .arg("--output")
+            .arg(&out_file)
+            .output()
+            .expect("sluice");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{kind}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let toml = std::fs::read_to_string(&out_file).expect("pipeline file");
+        for line in [
+            format!("kind = \"{kind}\""),
+            "table = \"erp_invoices\"".to_string(),
+            "cursor = [\"last_modified\", \"id\"]".to_string(),
+            "doc_number = \"invoice_no\"".to_string(),
+            "customer_name = \"customer\"".to_string(),
+            "issue_date = \"invoice_date\"".to_string(),
+            "balance = \"amount_due\"".to_string(),
+        ] {
+            assert!(toml.contains(&line), "{kind}: {line} not in\n{toml}");
+        }
+        assert!(
+            !toml.contains("date_formats"),
+            "typed columns need no format: {toml}"
+        );
+        assert!(stdout.contains("would load        2"), "{kind}: {stdout}");
+        assert!(stdout.contains("would quarantine  1"), "{kind}: {stdout}");
+    }
+    assert!(!dir.path().join("data").join("tenants").exists());
+}

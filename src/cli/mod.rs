@@ -287,14 +287,14 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let cli = match cli.command {
         Command::Pipeline(cmd) => {
             let (code, written) = pipeline::pipeline_command(cmd).await?;
-            let Some(file) = written else {
+            let Some((file, read)) = written else {
                 return Ok(code);
             };
-            // Then a dry run of what was written.
+            // Then a dry run of what was written (read with the URL's password, if any).
             println!();
             let spec = sluice_pipelines::PipelineSpec::from_file(&file)?;
             let source = sluice_pipelines::PipelineSource::from_spec(
-                &spec.source,
+                &read,
                 None,
                 &sluice_pipelines::SourceReach::unrestricted(),
             )?;
