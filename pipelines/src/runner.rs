@@ -253,41 +253,56 @@ async fn execute<S: Source, W: LoadStore>(
         }
         .in_current_span(),
     );
-    let _stop_producer = AbortOnDrop(producer);
+    let mut producer = AbortOnDrop(producer);
 
-    let mut totals = RowCounts::default();
-    let mut number = 0u64;
-    while let Some(prepared) = rx.recv().await {
-        let batch = prepared?;
-        number += 1;
-        let span = tracing::info_span!(
-            "batch",
-            tenant = %tenant,
-            pipeline = %spec.name,
-            run_id = %run_id,
-            batch = number,
-            rows_read = tracing::field::Empty,
-            quarantined = tracing::field::Empty,
-        );
-        let committed = warehouse
-            .commit_batch(&scope, &batch, version)
-            .instrument(span.clone())
-            .await?;
-        span.record("rows_read", committed.counts.rows_read);
-        span.record("quarantined", committed.counts.quarantined);
-        version = committed.version;
-        totals.add(&committed.counts);
-        tracing::debug!(rows_read = totals.rows_read, version, "batch committed");
-        observer.batch_committed(&totals);
+    let loaded = async {
+        let mut totals = RowCounts::default();
+        let mut number = 0u64;
+        while let Some(prepared) = rx.recv().await {
+            let batch = prepared?;
+            number += 1;
+            let span = tracing::info_span!(
+                "batch",
+                tenant = %tenant,
+                pipeline = %spec.name,
+                run_id = %run_id,
+                batch = number,
+                rows_read = tracing::field::Empty,
+                quarantined = tracing::field::Empty,
+            );
+            let committed = warehouse
+                .commit_batch(&scope, &batch, version)
+                .instrument(span.clone())
+                .await?;
+            span.record("rows_read", committed.counts.rows_read);
+            span.record("quarantined", committed.counts.quarantined);
+            version = committed.version;
+            totals.add(&committed.counts);
+            tracing::debug!(rows_read = totals.rows_read, version, "batch committed");
+            observer.batch_committed(&totals);
+        }
+        if stream.sync_mode == SyncMode::FullRefresh {
+            // The whole input is loaded: the next run reads it afresh.
+            warehouse.set_cursor(&scope, None, version).await?;
+        }
+        Ok::<_, PipelineError>(totals)
     }
-    if stream.sync_mode == SyncMode::FullRefresh {
-        // The whole input is loaded: the next run reads it afresh.
-        warehouse.set_cursor(&scope, None, version).await?;
-    }
-    Ok(totals)
+    .await;
+    // The producer's task holds the run's span: it ends before the run does, so the span
+    // closes (and is exported) with the run, not whenever the runtime drops the task.
+    producer.stop().await;
+    loaded
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Stops the task and waits until it is gone.
+    async fn stop(&mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
