@@ -7,13 +7,21 @@
 #             same columns, primary key (source, external_id) and index), its bookkeeping
 #             columns (source, loaded_at, run_id, row_hash) filled by defaults.
 # Sizes default to 1M and 5M rows (SIZES="..."). The file has no repeated ids, so a plain
-# COPY accepts it.
+# COPY accepts it. GEN=invoices (default: gen_invoices.awk, 28 days, 5,000 customers in
+# lockstep) or GEN=books (gen_books.awk: two years of dates, skewed customers each in its
+# own currency, amounts over four orders of magnitude, part payments: real books' shape).
 #
 # Usage: benches/pg_e2e.sh     (PostgreSQL at SLUICE_BENCH_PG_URL, default
 #                               postgres://postgres@127.0.0.1:5432/postgres; builds --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES="${SIZES:-1000000 5000000}"
+GEN="${GEN:-invoices}"
+case "$GEN" in
+    invoices) GEN_ARGS=(-v dups=0 -f benches/gen_invoices.awk) ;;
+    books) GEN_ARGS=(-v seed=7 -f benches/gen_books.awk) ;;
+    *) echo "GEN must be invoices or books" >&2; exit 2 ;;
+esac
 ADMIN="${SLUICE_BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 DB="sluice_bench_$$"
 URL="${ADMIN%/*}/$DB"
@@ -29,13 +37,14 @@ measure() { # prints "seconds max_rss_kb" of the command
     cat "$WORK/time"
 }
 
+echo "data: $GEN"
 printf "%-9s %-12s %10s %12s %12s\n" rows tool seconds rows/s peak_rss_mb
 for n in $SIZES; do
     psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" >/dev/null
     "$BIN" --database-url "$URL" migrate >/dev/null
     "$BIN" --database-url "$URL" tenant create bench >/dev/null
     csv="$WORK/invoices.csv"
-    awk -v n="$n" -v dups=0 -f benches/gen_invoices.awk >"$csv"
+    awk -v n="$n" "${GEN_ARGS[@]}" >"$csv"
     printf 'name = "bench"\ntenant = "bench"\nentity = "invoices"\n[source]\nkind = "csv"\npath = "%s"\n' "$csv" >"$WORK/p.toml"
 
     read -r s rss < <(measure "$BIN" --database-url "$URL" sync "$WORK/p.toml" --json)
