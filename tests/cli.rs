@@ -1093,3 +1093,11 @@ fn pipeline_init_reads_regional_formats_and_its_dry_run_writes_nothing() {
     assert!(stdout.contains("would load        2"), "{stdout}");
     assert!(stdout.contains("would quarantine  1"), "{stdout}");
 }
+
+#[test]
+fn the_pool_size_is_checked() {
+    let data = tempfile::tempdir().expect("tmp");
+    let out = sluice(data.path(), &["--db-pool-size", "0", "runs", "list"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("db-pool-size"));
+}

@@ -877,3 +877,21 @@ async fn replay_states(
     }
     out
 }
+
+#[tokio::test]
+async fn the_pool_holds_no_more_connections_than_it_is_given() {
+    let db = TestDb::create().await;
+    let w = PostgresWarehouse::connect_with_pool(&db.url, 2)
+        .await
+        .expect("connect");
+    let a = w.pool().acquire().await.expect("first");
+    let b = w.pool().acquire().await.expect("second");
+    let third =
+        tokio::time::timeout(std::time::Duration::from_millis(500), w.pool().acquire()).await;
+    assert!(third.is_err(), "a third connection was handed out");
+    drop(a);
+    let third = tokio::time::timeout(std::time::Duration::from_secs(5), w.pool().acquire()).await;
+    assert!(third.is_ok(), "a returned connection is handed out again");
+    drop(b);
+    assert!(w.pool().size() <= 2);
+}

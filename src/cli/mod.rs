@@ -75,6 +75,16 @@ pub(crate) struct Cli {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// Connections this process may hold to the PostgreSQL warehouse (1-1000). Size
+    /// PostgreSQL's max_connections for every process's pool.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_DB_POOL_SIZE",
+        default_value_t = sluice_engine::warehouse::DEFAULT_POOL_SIZE,
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
+    db_pool_size: u32,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
@@ -324,7 +334,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
     match cli.database_url.as_deref() {
         Some(url) => {
-            let mut warehouse = PostgresWarehouse::connect(url).await?;
+            let mut warehouse = PostgresWarehouse::connect_with_pool(url, cli.db_pool_size).await?;
             if let Some(m) = master {
                 warehouse = warehouse.with_master_key(m);
             }

@@ -26,7 +26,7 @@ mod sqlite;
 pub use finance::FinanceStore;
 pub(crate) use finance::{AgingRow, DocumentRow, decode_counts, encode_counts};
 pub use load::{BatchCommitted, LoadBatch, LoadStore, ReplaySettlement, RunScope, StreamState};
-pub use postgres::{FaultHook, FaultPoint, PostgresWarehouse, TenantInfo};
+pub use postgres::{DEFAULT_POOL_SIZE, FaultHook, FaultPoint, PostgresWarehouse, TenantInfo};
 pub use quarantine::QuarantineStore;
 pub use runs::RunHistory;
 pub use sqlite::SqliteWarehouse;

@@ -76,6 +76,12 @@ impl PostgresWarehouse {
     /// Connects to `url` (e.g. `postgres://user@127.0.0.1:5432/sluice`). The password, if
     /// any, is never included in errors.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with_pool(url, DEFAULT_POOL_SIZE).await
+    }
+
+    /// Connects with at most `max_connections` connections in the pool (at least 1). Each
+    /// process (serve, a worker, a scheduler) keeps one pool.
+    pub async fn connect_with_pool(url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = url.parse().map_err(|_| {
             EngineError::new(
                 ErrorKind::Config,
@@ -83,7 +89,7 @@ impl PostgresWarehouse {
             )
         })?;
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
@@ -152,6 +158,9 @@ impl PostgresWarehouse {
         Ok(())
     }
 }
+
+/// The pool size of [`PostgresWarehouse::connect`].
+pub const DEFAULT_POOL_SIZE: u32 = 8;
 
 fn missing_tenant(tenant: &TenantSlug) -> EngineError {
     EngineError::new(
