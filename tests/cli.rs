@@ -9,17 +9,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn sluice(data: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .env_remove("SLUICE_LOG")
-        .env_remove("SLUICE_REDIS_URL")
-        .env_remove("SLUICE_DATABASE_URL")
-        .output()
-        .expect("run sluice")
-}
+use support::cli::{free_port, sluice, sluice_at};
 
 fn stdout_json(out: &Output) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
@@ -604,15 +594,8 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 fn serve_runs_queued_syncs_exposes_health_and_metrics_and_stops_on_sigterm() {
     use std::time::{Duration, Instant};
     let data = tempfile::tempdir().expect("tmp");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .env_remove("SLUICE_REDIS_URL")
-        .env_remove("SLUICE_DATABASE_URL")
+    let port = free_port();
+    let mut serve = sluice_at(data.path())
         .args([
             "serve",
             "--listen",
@@ -727,15 +710,8 @@ fn serve_runs_queued_syncs_exposes_health_and_metrics_and_stops_on_sigterm() {
     assert!(pending >= 8.0, "8 rows quarantined: {metrics}");
 
     // A worker process serves its own metrics.
-    let worker_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .env_remove("SLUICE_REDIS_URL")
-        .env_remove("SLUICE_DATABASE_URL")
+    let worker_port = free_port();
+    let mut worker = sluice_at(data.path())
         .args([
             "worker",
             "--metrics-listen",
@@ -854,13 +830,8 @@ fn quiet_leaves_only_errors_on_stderr_and_no_colour_without_a_terminal() {
     let data = tempfile::tempdir().expect("tmp");
     let file = example("invoices.toml");
     let run = |args: &[&str], envs: &[(&str, &str)]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        c.arg("--data-dir").arg(data.path()).args(args);
-        c.env_remove("SLUICE_DATABASE_URL")
-            .env_remove("SLUICE_REDIS_URL");
-        for (k, v) in envs {
-            c.env(k, v);
-        }
+        let mut c = sluice_at(data.path());
+        c.args(args).envs(envs.iter().copied());
         c.output().expect("sluice")
     };
     let loud = run(

@@ -9,24 +9,14 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use calamine::{Data, Reader, Xlsx};
 use rust_decimal::Decimal;
 use serde_json::Value;
+use support::cli::{free_port, sluice, sluice_at};
 
 const XLSX: &str = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet";
-
-fn sluice(data: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .env_remove("SLUICE_LOG")
-        .env_remove("SLUICE_REDIS_URL")
-        .env_remove("SLUICE_DATABASE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .expect("sluice")
-}
 
 fn example(name: &str) -> String {
     format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -166,40 +156,20 @@ fn the_cli_exports_aging_as_csv_and_xlsx_with_the_json_figures() {
     }
 
     // The other reports export too.
+    let period = [
+        "--tenant",
+        "acme",
+        "--from",
+        "2024-01-01",
+        "--to",
+        "2024-12-31",
+    ];
+    let csv = ["--format", "csv"];
     for args in [
-        vec![
-            "finance",
-            "cash-flow",
-            "--tenant",
-            "acme",
-            "--from",
-            "2024-01-01",
-            "--to",
-            "2024-12-31",
-            "--format",
-            "csv",
-        ],
-        vec![
-            "finance",
-            "profitability",
-            "--tenant",
-            "acme",
-            "--from",
-            "2024-01-01",
-            "--to",
-            "2024-12-31",
-            "--format",
-            "csv",
-        ],
-        vec![
-            "finance",
-            "anomalies",
-            "--tenant",
-            "acme",
-            "--format",
-            "csv",
-        ],
-        vec!["quarantine", "list", "--tenant", "acme", "--format", "csv"],
+        [&["finance", "cash-flow"][..], &period, &csv].concat(),
+        [&["finance", "profitability"][..], &period, &csv].concat(),
+        [&["finance", "anomalies", "--tenant", "acme"][..], &csv].concat(),
+        [&["quarantine", "list", "--tenant", "acme"][..], &csv].concat(),
     ] {
         let out = sluice(data.path(), &args);
         assert!(
@@ -250,10 +220,7 @@ fn the_cli_exports_aging_as_csv_and_xlsx_with_the_json_figures() {
 #[test]
 fn the_api_answers_csv_and_xlsx_when_asked() {
     let data = loaded();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
+    let port = free_port();
     let key = sluice(
         data.path(),
         &["key", "create", "--tenant", "acme", "--role", "analyst"],
@@ -264,11 +231,7 @@ fn the_api_answers_csv_and_xlsx_when_asked() {
         String::from_utf8_lossy(&key.stderr)
     );
     let key = String::from_utf8_lossy(&key.stdout).trim().to_string();
-    let serve = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .env_remove("SLUICE_REDIS_URL")
-        .env_remove("SLUICE_DATABASE_URL")
+    let serve = sluice_at(data.path())
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

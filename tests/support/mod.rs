@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod cli;
 pub mod jobs;
 pub mod mysql;
 pub mod odoo;
