@@ -33,6 +33,15 @@ fn ok(v: Value) -> Reply {
     Ok(Json(v).into_response())
 }
 
+/// The export format the request's `Accept` header asks for.
+fn accepted(headers: &HeaderMap) -> export::Format {
+    export::Format::from_accept(
+        headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
 /// A report in the format the `Accept` header asks for: its JSON, or its table as CSV
 /// (`text/csv`) or as an XLSX workbook, each an attachment named `name`.
 fn negotiated(
@@ -41,10 +50,7 @@ fn negotiated(
     table: impl FnOnce() -> export::Table,
     name: &str,
 ) -> Reply {
-    let accept = headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
-    let (media, body) = match export::Format::from_accept(accept) {
+    let (media, body) = match accepted(headers) {
         export::Format::Json => return ok(json()),
         export::Format::Csv => ("text/csv; charset=utf-8", export::to_csv(&table())),
         export::Format::Xlsx => (
@@ -770,10 +776,7 @@ pub async fn list_quarantine<W: Store>(
     Query(q): Query<QuarantineQuery>,
 ) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
-    let accept = headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
-    if export::Format::from_accept(accept) == export::Format::Json {
+    if accepted(&headers) == export::Format::Json {
         let (rows, next) = quarantine_page(&s, tenant, q).await?;
         return ok(
             json!({ "items": rows.iter().map(row_json).collect::<Vec<_>>(), "next_cursor": next }),
@@ -1373,10 +1376,7 @@ pub async fn anomalies<W: Store>(
         min_history: q.min_history.unwrap_or(defaults.min_history),
     };
     let found = anomaly_list(&s, tenant, options).await?;
-    let accept = headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
-    if export::Format::from_accept(accept) != export::Format::Json {
+    if accepted(&headers) != export::Format::Json {
         return negotiated(
             &headers,
             || json!({}),
