@@ -129,10 +129,14 @@ fn parse_pipeline(mut body: Value, tenant: &TenantSlug) -> Result<PipelineSpec, 
 }
 
 /// `limit` and `cursor` of a list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
+    /// Page size (1-1000).
+    #[param(minimum = 1, maximum = 1000, example = 100)]
     limit: Option<u32>,
+    /// The last id of the previous page (its `next_cursor`).
     cursor: Option<String>,
 }
 
@@ -159,6 +163,15 @@ fn page_of<'a, T>(
 }
 
 /// `GET /v1/pipelines`: by name, paged by cursor.
+#[utoipa::path(
+    get,
+    path = "/v1/pipelines",
+    tag = "pipelines",
+    summary = "List pipelines",
+    security(("bearer" = ["viewer"])),
+    params(Page),
+    responses((status = 200, description = "A page of pipelines", body = crate::openapi::PipelinePage))
+)]
 pub async fn list_pipelines<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -174,6 +187,15 @@ pub async fn list_pipelines<W: Store>(
 }
 
 /// `POST /v1/pipelines`
+#[utoipa::path(
+    post,
+    path = "/v1/pipelines",
+    tag = "pipelines",
+    summary = "Create a pipeline (the pipeline file's fields as JSON; secrets write-only)",
+    security(("bearer" = ["admin"])),
+    request_body(content = sluice_pipelines::PipelineSpec, description = "The pipeline file's fields as JSON; `tenant` may be left out (it is the key's)", example = json!({"name": "invoices", "tenant": "acme", "entity": "invoices", "source": {"kind": "csv", "path": "invoices.csv"}})),
+    responses((status = 201, description = "Created", body = crate::openapi::Pipeline))
+)]
 pub async fn create_pipeline<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -221,6 +243,15 @@ async fn stored<W: Store>(
 }
 
 /// `GET /v1/pipelines/{name}`
+#[utoipa::path(
+    get,
+    path = "/v1/pipelines/{name}",
+    tag = "pipelines",
+    summary = "Read a pipeline (secrets named, never shown)",
+    security(("bearer" = ["viewer"])),
+    params(("name" = String, Path, description = "The pipeline's name", example = "invoices")),
+    responses((status = 200, description = "The pipeline", body = crate::openapi::Pipeline))
+)]
 pub async fn get_pipeline<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -233,6 +264,16 @@ pub async fn get_pipeline<W: Store>(
 /// `PUT /v1/pipelines/{name}`: replaces the definition. A secret left out of the body keeps
 /// its stored value while the source still points at the same host, port, user and
 /// database (or service account); otherwise it must be sent again. `null` removes one.
+#[utoipa::path(
+    put,
+    path = "/v1/pipelines/{name}",
+    tag = "pipelines",
+    summary = "Replace a pipeline; secrets left out keep their values",
+    security(("bearer" = ["admin"])),
+    params(("name" = String, Path, description = "The pipeline's name", example = "invoices")),
+    request_body(content = sluice_pipelines::PipelineSpec, description = "The pipeline file's fields as JSON; a secret left out keeps its value while the source points at the same place, `null` removes it"),
+    responses((status = 200, description = "Replaced", body = crate::openapi::Pipeline))
+)]
 pub async fn put_pipeline<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -278,6 +319,15 @@ pub async fn put_pipeline<W: Store>(
 }
 
 /// `DELETE /v1/pipelines/{name}`
+#[utoipa::path(
+    delete,
+    path = "/v1/pipelines/{name}",
+    tag = "pipelines",
+    summary = "Delete a pipeline",
+    security(("bearer" = ["admin"])),
+    params(("name" = String, Path, description = "The pipeline's name", example = "invoices")),
+    responses((status = 204, description = "Deleted"))
+)]
 pub async fn delete_pipeline<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -298,6 +348,15 @@ pub async fn delete_pipeline<W: Store>(
 }
 
 /// `GET /v1/pipelines/{name}/health`: the source's check (see [`source_health`]).
+#[utoipa::path(
+    get,
+    path = "/v1/pipelines/{name}/health",
+    tag = "pipelines",
+    summary = "Check the pipeline's source",
+    security(("bearer" = ["viewer"])),
+    params(("name" = String, Path, description = "The pipeline's name", example = "invoices")),
+    responses((status = 200, description = "The check (ok or not)", body = crate::openapi::SourceHealth))
+)]
 pub async fn pipeline_health<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -384,6 +443,15 @@ pub async fn queue_sync<W: Store>(
 
 /// `POST /v1/pipelines/{name}/sync`: 202 with the run; honours `Idempotency-Key`; joins a
 /// sync of the pipeline queued and not started, or queues one behind a running one.
+#[utoipa::path(
+    post,
+    path = "/v1/pipelines/{name}/sync",
+    tag = "pipelines",
+    summary = "Queue a sync: 202 with the run; Idempotency-Key honoured; joins a queued sync, or queues one behind a running sync",
+    security(("bearer" = ["operator"])),
+    params(("name" = String, Path, description = "The pipeline's name", example = "invoices"), ("Idempotency-Key" = Option<String>, Header, description = "1-200 visible characters: the same key names the same run", min_length = 1, max_length = 200, pattern = "^[\\x21-\\x7e]+$")),
+    responses((status = 202, description = "Queued", body = crate::openapi::SyncQueued))
+)]
 pub async fn sync_pipeline<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -417,6 +485,15 @@ pub async fn sync_pipeline<W: Store>(
 }
 
 /// `GET /v1/runs/{id}`: the accounting and quarantine counts per rule.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    summary = "A run's accounting and quarantine counts per rule; for a job's id, the job whole (counts over its attempts) with each attempt beneath",
+    security(("bearer" = ["viewer"])),
+    params(("id" = String, Path, description = "A run's or a job's id")),
+    responses((status = 200, description = "The run", body = crate::openapi::Run))
+)]
 pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<String>) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
     ok(run_json(&s, tenant, &id).await?)
@@ -460,18 +537,21 @@ pub async fn run_json<W: Store>(
 }
 
 /// Query of `GET /v1/runs`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RunsQuery {
     /// Only this pipeline's runs.
     pub pipeline: Option<String>,
     /// Only runs in this state.
+    #[param(value_type = Option<RunStatus>)]
     pub status: Option<String>,
     /// Runs started at or after (RFC 3339).
     pub from: Option<chrono::DateTime<chrono::Utc>>,
     /// Runs started before (RFC 3339).
     pub to: Option<chrono::DateTime<chrono::Utc>>,
-    /// Page size.
+    /// Page size (1-500).
+    #[param(minimum = 1, maximum = 500, example = 50)]
     pub limit: Option<u32>,
     /// The last run id of the previous page.
     pub cursor: Option<String>,
@@ -481,6 +561,15 @@ pub struct RunsQuery {
 const RUNS_WINDOW: u32 = 10_000;
 
 /// `GET /v1/runs`: newest first, paged by cursor.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    summary = "List runs (pipeline, status, from, to; paged by cursor)",
+    security(("bearer" = ["viewer"])),
+    params(RunsQuery),
+    responses((status = 200, description = "A page of runs", body = crate::openapi::RunPage))
+)]
 pub async fn list_runs<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -534,6 +623,15 @@ pub async fn runs_page<W: Store>(
 const DEAD_LETTER_WINDOW: u32 = 10_000;
 
 /// `GET /v1/dead-letters`: newest first, paged by cursor.
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters",
+    tag = "dead letters",
+    summary = "List dead jobs",
+    security(("bearer" = ["operator"])),
+    params(Page),
+    responses((status = 200, description = "A page of dead jobs", body = crate::openapi::DeadLetterPage))
+)]
 pub async fn list_dead_letters<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -546,6 +644,15 @@ pub async fn list_dead_letters<W: Store>(
 }
 
 /// `GET /v1/dead-letters/{id}`
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters/{id}",
+    tag = "dead letters",
+    summary = "A dead job with every attempt",
+    security(("bearer" = ["operator"])),
+    params(("id" = String, Path, description = "The dead letter's id")),
+    responses((status = 200, description = "The dead job", body = sluice_engine::control::DeadLetter))
+)]
 pub async fn get_dead_letter<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -562,6 +669,15 @@ pub async fn get_dead_letter<W: Store>(
 
 /// `POST /v1/dead-letters/{id}/replay`: queues the dead sync again (trigger `replay`), once
 /// (see `Queues::replay_dead_letter`, which the CLI shares).
+#[utoipa::path(
+    post,
+    path = "/v1/dead-letters/{id}/replay",
+    tag = "dead letters",
+    summary = "Queue a dead sync again, once: 202",
+    security(("bearer" = ["admin"])),
+    params(("id" = String, Path, description = "The dead letter's id")),
+    responses((status = 202, description = "Queued", body = crate::openapi::ReplayQueued))
+)]
 pub async fn replay_dead_letter<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -600,7 +716,7 @@ pub async fn replay_dead<W: Store>(
 }
 
 /// Body of `POST /v1/keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKeyBody {
     /// What the key may do.
@@ -612,6 +728,15 @@ pub struct NewKeyBody {
 }
 
 /// `POST /v1/keys`: the key is in the answer, once.
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "keys",
+    summary = "Make an API key; shown once",
+    security(("bearer" = ["admin"])),
+    request_body = NewKeyBody,
+    responses((status = 201, description = "The key, shown this once", body = crate::openapi::NewKey))
+)]
 pub async fn create_key<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -667,6 +792,15 @@ pub async fn make_key<W: Store>(
 
 /// `GET /v1/keys`: the tenant's keys (a platform key: platform keys), never their secrets;
 /// newest first, paged by cursor.
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    summary = "List API keys (a platform key: platform keys)",
+    security(("bearer" = ["admin"])),
+    params(Page),
+    responses((status = 200, description = "A page of keys", body = crate::openapi::KeyPage))
+)]
 pub async fn list_keys<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -682,6 +816,15 @@ pub async fn list_keys<W: Store>(
 }
 
 /// `DELETE /v1/keys/{id}`: revokes.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    summary = "Revoke an API key",
+    security(("bearer" = ["admin"])),
+    params(("id" = String, Path, description = "The key's id")),
+    responses((status = 204, description = "Revoked"))
+)]
 pub async fn revoke_key<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -713,14 +856,27 @@ pub async fn revoke<W: Store>(s: &AppState<W>, caller: &Caller, id: &str) -> Res
 }
 
 /// Query of `GET /v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// The last entry id of the previous page (its `next_cursor`).
     cursor: Option<i64>,
+    /// Page size (1-1000).
+    #[param(minimum = 1, maximum = 1000, example = 100)]
     limit: Option<u32>,
 }
 
 /// `GET /v1/audit`: newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "keys",
+    summary = "The audit log, newest first",
+    security(("bearer" = ["admin"])),
+    params(AuditQuery),
+    responses((status = 200, description = "A page of entries", body = crate::openapi::AuditPage))
+)]
 pub async fn audit_log<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -736,8 +892,9 @@ pub async fn audit_log<W: Store>(
 }
 
 /// Query of `GET /v1/quarantine`.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct QuarantineQuery {
     /// Only rows read by this run.
     pub run_id: Option<String>,
@@ -750,8 +907,10 @@ pub struct QuarantineQuery {
     /// Only rows with an error on this field.
     pub field: Option<String>,
     /// Only rows in this state.
+    #[param(value_type = Option<QuarantineStatus>)]
     pub status: Option<String>,
-    /// Page size.
+    /// Page size (1-1000).
+    #[param(minimum = 1, maximum = 1000, example = 100)]
     pub limit: Option<u32>,
     /// The last row id of the previous page.
     pub cursor: Option<String>,
@@ -769,6 +928,15 @@ fn row_json(r: &QuarantinedRow) -> Value {
 ///
 /// With `Accept: text/csv` or the XLSX media type, every row matching the filter (from
 /// `cursor` on; at most 100,000) as one table.
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine",
+    tag = "quarantine",
+    summary = "List quarantined rows (run_id, pipeline, entity, rule, field, status; paged by cursor)",
+    security(("bearer" = ["analyst"])),
+    params(QuarantineQuery),
+    responses((status = 200, description = "A page of rows (JSON), or every matching row as CSV or XLSX by `Accept`", content((crate::openapi::QuarantinePage = "application/json"), ("text/csv"), ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))))
+)]
 pub async fn list_quarantine<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -847,6 +1015,14 @@ pub async fn quarantine_page<W: Store>(
 }
 
 /// `GET /v1/quarantine/stats`
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine/stats",
+    tag = "quarantine",
+    summary = "Quarantined rows by rule, field and status",
+    security(("bearer" = ["analyst"])),
+    responses((status = 200, description = "The counts", body = sluice_engine::quarantine::QuarantineStats))
+)]
 pub async fn quarantine_stats<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
     let tenant = caller.tenant_with(Role::Analyst)?;
     let stats = s
@@ -868,6 +1044,15 @@ async fn quarantined<W: Store>(
 }
 
 /// `GET /v1/quarantine/{id}`
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine/{id}",
+    tag = "quarantine",
+    summary = "A quarantined row: raw values, errors, position",
+    security(("bearer" = ["analyst"])),
+    params(("id" = String, Path, description = "The row's id")),
+    responses((status = 200, description = "The row", body = crate::openapi::QuarantinedRow))
+)]
 pub async fn get_quarantined<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -878,14 +1063,28 @@ pub async fn get_quarantined<W: Store>(
 }
 
 /// Body of `PATCH /v1/quarantine/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"raw": {"Currency": "USD"}}))]
 pub struct FixBody {
+    /// Source column -> new value (a string, number, boolean or null); the columns left
+    /// out keep their values.
+    #[schema(additional_properties = true)]
     raw: serde_json::Map<String, Value>,
 }
 
 /// `PATCH /v1/quarantine/{id}`: replaces raw values (the columns given; others stay) and
 /// marks the row fixed, ready to retry.
+#[utoipa::path(
+    patch,
+    path = "/v1/quarantine/{id}",
+    tag = "quarantine",
+    summary = "Fix raw values; audited before/after",
+    security(("bearer" = ["admin"])),
+    params(("id" = String, Path, description = "The row's id")),
+    request_body = FixBody,
+    responses((status = 200, description = "The fixed row", body = crate::openapi::QuarantinedRow))
+)]
 pub async fn fix_quarantined<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -939,13 +1138,25 @@ pub async fn fix_row<W: Store>(
 }
 
 /// Body of `POST /v1/quarantine/{id}/ignore`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"reason": "a test invoice, never sent"}))]
 pub struct IgnoreBody {
+    /// Why the row is set aside (not empty).
     reason: String,
 }
 
 /// `POST /v1/quarantine/{id}/ignore`
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/{id}/ignore",
+    tag = "quarantine",
+    summary = "Set a row aside with a reason",
+    security(("bearer" = ["admin"])),
+    params(("id" = String, Path, description = "The row's id")),
+    request_body = IgnoreBody,
+    responses((status = 200, description = "The row, ignored", body = crate::openapi::QuarantinedRow))
+)]
 pub async fn ignore_quarantined<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1030,6 +1241,15 @@ fn replay_queued(run_id: &str) -> Reply {
 }
 
 /// `POST /v1/quarantine/{id}/retry`: replays one row (a run of its own).
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/{id}/retry",
+    tag = "quarantine",
+    summary = "Replay one row: 202",
+    security(("bearer" = ["admin"])),
+    params(("id" = String, Path, description = "The row's id")),
+    responses((status = 202, description = "Queued", body = crate::openapi::ReplayQueued))
+)]
 pub async fn retry_quarantined<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1051,7 +1271,7 @@ pub async fn retry_quarantined<W: Store>(
 
 /// Body of `POST /v1/quarantine/retry`: rows by id, or every pending/fixed row of a
 /// pipeline matching a filter.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBody {
     /// These rows (of one pipeline).
@@ -1066,6 +1286,15 @@ pub struct RetryBody {
 }
 
 /// `POST /v1/quarantine/retry`: one replay run for a batch.
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/retry",
+    tag = "quarantine",
+    summary = "Replay rows by ids or by filter as one run: 202",
+    security(("bearer" = ["admin"])),
+    request_body = RetryBody,
+    responses((status = 202, description = "Queued", body = crate::openapi::ReplayQueued))
+)]
 pub async fn retry_batch<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1118,15 +1347,27 @@ pub async fn retry_rows<W: Store>(
 }
 
 /// Body of `POST /v1/tenants`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"slug": "initech", "name": "Initech"}))]
 pub struct NewTenantBody {
+    /// Lower-case letters, digits, `-` and `_`.
     slug: String,
+    /// A display name (the slug when left out).
     name: Option<String>,
 }
 
 /// `POST /v1/tenants` (platform key): creates a tenant; its first key comes from
 /// `POST /v1/keys` with the same platform key.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    summary = "Create a tenant",
+    security(("bearer" = ["platform"])),
+    request_body = NewTenantBody,
+    responses((status = 201, description = "Created", body = crate::openapi::Tenant))
+)]
 pub async fn create_tenant<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1163,6 +1404,14 @@ pub async fn create_tenant<W: Store>(
 
 /// `GET /v1/connectors/status`: every pipeline's source health, last run, last success and
 /// next scheduled run. Sources are checked concurrently, each within 5 s.
+#[utoipa::path(
+    get,
+    path = "/v1/connectors/status",
+    tag = "pipelines",
+    summary = "Every pipeline's health, last run, last success and next scheduled run",
+    security(("bearer" = ["viewer"])),
+    responses((status = 200, description = "One per pipeline", body = crate::openapi::ConnectorStatuses))
+)]
 pub async fn connectors_status<W: Store>(State(s): Api<W>, caller: Caller) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
     ok(json!({ "items": pipeline_statuses(&s, tenant).await? }))
@@ -1199,10 +1448,15 @@ pub async fn pipeline_statuses<W: Store>(
 }
 
 /// Query of the finance reports over a period.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PeriodQuery {
+    /// The first day of the period.
+    #[param(example = "2026-01-01")]
     from: chrono::NaiveDate,
+    /// The last day of the period (on or after `from`).
+    #[param(example = "2026-12-31")]
     to: chrono::NaiveDate,
 }
 
@@ -1217,6 +1471,15 @@ pub fn finance_error(e: sluice_finance::FinanceError) -> ApiError {
 
 /// `GET /v1/finance/profitability?from&to`: per currency, the period's figures and the
 /// monthly series.
+#[utoipa::path(
+    get,
+    path = "/v1/finance/profitability",
+    tag = "finance",
+    summary = "Profitability over from..to per currency: revenue, cogs, gross profit and margin, expenses, net profit, and monthly",
+    security(("bearer" = ["analyst"])),
+    params(PeriodQuery),
+    responses((status = 200, description = "The report (JSON, CSV or XLSX by `Accept`)", content((sluice_finance::ProfitabilityReport = "application/json"), ("text/csv"), ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))))
+)]
 pub async fn profitability<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1236,9 +1499,12 @@ pub async fn profitability<W: Store>(
 }
 
 /// Query of the aging reports.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AsOfQuery {
+    /// The day the balances are aged at.
+    #[param(example = "2026-12-31")]
     as_of: chrono::NaiveDate,
 }
 
@@ -1267,6 +1533,15 @@ async fn aging_of<W: Store>(
 
 /// `GET /v1/finance/ar-aging?as_of`: open invoice balances per currency by bucket, with
 /// per-customer rows.
+#[utoipa::path(
+    get,
+    path = "/v1/finance/ar-aging",
+    tag = "finance",
+    summary = "AR aging as of a date per currency, with per-customer rows",
+    security(("bearer" = ["analyst"])),
+    params(AsOfQuery),
+    responses((status = 200, description = "The report (JSON, CSV or XLSX by `Accept`)", content((sluice_finance::AgingDetail = "application/json"), ("text/csv"), ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))))
+)]
 pub async fn ar_aging<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1285,6 +1560,15 @@ pub async fn ar_aging<W: Store>(
 
 /// `GET /v1/finance/ap-aging?as_of`: open bill balances per currency by bucket, with
 /// per-vendor rows.
+#[utoipa::path(
+    get,
+    path = "/v1/finance/ap-aging",
+    tag = "finance",
+    summary = "AP aging as of a date per currency, with per-vendor rows",
+    security(("bearer" = ["analyst"])),
+    params(AsOfQuery),
+    responses((status = 200, description = "The report (JSON, CSV or XLSX by `Accept`)", content((sluice_finance::AgingDetail = "application/json"), ("text/csv"), ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))))
+)]
 pub async fn ap_aging<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1303,6 +1587,15 @@ pub async fn ap_aging<W: Store>(
 
 /// `GET /v1/finance/cash-flow?from&to`: per currency, the period's inflow, outflow and net,
 /// and the monthly series.
+#[utoipa::path(
+    get,
+    path = "/v1/finance/cash-flow",
+    tag = "finance",
+    summary = "Cash flow over from..to per currency: inflow, outflow, net, and monthly",
+    security(("bearer" = ["analyst"])),
+    params(PeriodQuery),
+    responses((status = 200, description = "The report (JSON, CSV or XLSX by `Accept`)", content((sluice_finance::CashFlowReport = "application/json"), ("text/csv"), ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))))
+)]
 pub async fn cash_flow<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1322,15 +1615,31 @@ pub async fn cash_flow<W: Store>(
 }
 
 /// Query of `GET /v1/finance/dashboard`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DashboardQuery {
+    /// The day the aging is taken at.
+    #[param(example = "2026-12-31")]
     as_of: chrono::NaiveDate,
+    /// The first day of the cash flow and profitability period.
+    #[param(example = "2026-01-01")]
     from: chrono::NaiveDate,
+    /// Its last day (on or after `from`).
+    #[param(example = "2026-12-31")]
     to: chrono::NaiveDate,
 }
 
 /// `GET /v1/finance/dashboard?as_of&from&to`
+#[utoipa::path(
+    get,
+    path = "/v1/finance/dashboard",
+    tag = "finance",
+    summary = "Per currency: cash flow, AR/AP aging, profitability and the anomaly count",
+    security(("bearer" = ["analyst"])),
+    params(DashboardQuery),
+    responses((status = 200, description = "The dashboard", body = sluice_finance::Dashboard))
+)]
 pub async fn dashboard<W: Store>(
     State(s): Api<W>,
     caller: Caller,
@@ -1351,18 +1660,35 @@ pub async fn dashboard<W: Store>(
 }
 
 /// Query of `GET /v1/finance/anomalies`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AnomalyQuery {
+    /// How many median absolute deviations from a counterparty's median make an outlier.
+    #[param(example = 3.5)]
     threshold: Option<f64>,
+    /// How many documents a counterparty needs before its outliers are looked for.
+    #[param(example = 5)]
     min_history: Option<usize>,
+    /// Page size (1-1000).
+    #[param(minimum = 1, maximum = 1000, example = 100)]
     limit: Option<u32>,
+    /// The `next_cursor` of the previous page (`kind:side:document`).
     cursor: Option<String>,
 }
 
 /// `GET /v1/finance/anomalies`: paged by cursor (`kind:side:document` of the last item).
 ///
 /// With `Accept: text/csv` or the XLSX media type, every anomaly as one table.
+#[utoipa::path(
+    get,
+    path = "/v1/finance/anomalies",
+    tag = "finance",
+    summary = "Anomalies (outliers, duplicate doc numbers, overpayments), paged by cursor",
+    security(("bearer" = ["analyst"])),
+    params(AnomalyQuery),
+    responses((status = 200, description = "A page of anomalies (JSON), or all of them as CSV or XLSX by `Accept`", content((crate::openapi::AnomalyPage = "application/json"), ("text/csv"), ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))))
+)]
 pub async fn anomalies<W: Store>(
     State(s): Api<W>,
     caller: Caller,

@@ -88,6 +88,16 @@ fn sniff(head: &[u8]) -> Option<&'static str> {
 }
 
 /// The handler.
+#[utoipa::path(
+    post,
+    path = "/v1/pipelines/{name}/files",
+    tag = "pipelines",
+    summary = "Upload a CSV/XLSX file (multipart field `file`, up to the upload limit) and queue its sync: 202; the same file again names the earlier run",
+    security(("bearer" = ["operator"])),
+    params(("name" = String, Path, description = "The pipeline's name", example = "invoices")),
+    request_body(content = crate::openapi::Upload, content_type = "multipart/form-data"),
+    responses((status = 202, description = "Queued (or the earlier run of the same file)", body = crate::openapi::SyncQueued))
+)]
 pub async fn upload_file<W: Store>(
     State(s): State<Arc<AppState<W>>>,
     caller: Caller,

@@ -14,7 +14,19 @@ use serde::{Deserialize, Serialize};
 use crate::money::{MONEY_PRECISION, MONEY_SCALE};
 
 /// A kind of record sluice loads; one warehouse table each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Entity {
     /// People and companies that buy from the tenant.

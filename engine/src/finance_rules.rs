@@ -90,7 +90,7 @@ pub fn anomaly_documents_sql(invoices: &str, bills: &str, total: &str) -> String
 }
 
 /// Open balances of one currency by bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AgingBuckets {
     /// Not yet due.
     pub current: Decimal,
@@ -139,7 +139,7 @@ impl AgingBuckets {
 }
 
 /// An aging report: open balances per currency and bucket as of a date.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AgingReport {
     /// The as-of date.
     pub as_of: NaiveDate,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, ErrorKind, Result};
 
 /// How a run ended, or that it has not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Still reading or loading.
@@ -40,7 +40,7 @@ impl RunStatus {
 }
 
 /// What started a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunTrigger {
     /// `sluice sync` at a shell.

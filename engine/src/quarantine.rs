@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use crate::validate::CellError;
 
 /// Where a record stood in its source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SourcePosition {
     /// The file path, table or endpoint the record came from.
     pub location: String,
@@ -32,7 +32,7 @@ pub struct QuarantineRecord {
 }
 
 /// Lifecycle of a quarantined row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum QuarantineStatus {
     /// Waiting for an admin.
@@ -116,7 +116,7 @@ pub struct QuarantineFilter {
 
 /// Counts of quarantined rows by rule, field and status (a row with two errors counts once
 /// per rule and field it failed).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuarantineStats {
     /// Rows per rule.
     pub by_rule: std::collections::BTreeMap<String, u64>,

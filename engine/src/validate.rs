@@ -18,7 +18,7 @@ use crate::error::{EngineError, ErrorKind, Result};
 
 /// One reason a row was rejected: which field, which rule, the offending value, and a
 /// sentence for the person who fixes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CellError {
     /// The canonical field (or source column, for rows that never reached mapping).
     pub field: String,
@@ -87,7 +87,7 @@ pub const OPTIONAL_RULES: &[&str] = &[
 ];
 
 /// A pipeline's adjustments to the built-in rules.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleOverrides {
     /// Rules switched off (only those in [`OPTIONAL_RULES`]).

@@ -38,7 +38,7 @@ pub enum FinanceError {
 }
 
 /// Money in and out over a period.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Flow {
     /// Payments in.
     pub inflow: Decimal,
@@ -49,7 +49,7 @@ pub struct Flow {
 }
 
 /// One month of a currency's cash flow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct MonthFlow {
     /// `YYYY-MM`.
     pub month: String,
@@ -59,7 +59,7 @@ pub struct MonthFlow {
 }
 
 /// A currency's cash flow: the period's total and the months that had payments.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CurrencyFlow {
     /// Over the whole period.
     #[serde(flatten)]
@@ -69,7 +69,7 @@ pub struct CurrencyFlow {
 }
 
 /// Cash flow over `[from, to]`: inflow = payments in, outflow = payments out, net.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CashFlowReport {
     /// First day.
     pub from: NaiveDate,
@@ -190,7 +190,7 @@ async fn off_the_runtime<T: Send + 'static>(
 }
 
 /// Profitability over a period (documents by issue date, void ones excluded).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Profit {
     /// Invoice totals minus credit-note totals.
     pub revenue: Decimal,
@@ -222,7 +222,7 @@ impl Profit {
 }
 
 /// One month of a currency's profitability.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct MonthProfit {
     /// `YYYY-MM`.
     pub month: String,
@@ -232,7 +232,7 @@ pub struct MonthProfit {
 }
 
 /// A currency's profitability: the period's figures and the months that had documents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CurrencyProfit {
     /// Over the whole period.
     #[serde(flatten)]
@@ -242,7 +242,7 @@ pub struct CurrencyProfit {
 }
 
 /// Profitability over `[from, to]`, per currency.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ProfitabilityReport {
     /// First day.
     pub from: NaiveDate,
@@ -331,7 +331,7 @@ pub async fn profitability_report<W: Warehouse>(
 }
 
 /// One counterparty's open balances.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CounterpartyAging {
     /// The customer or vendor id (none when the documents have none).
     pub id: Option<String>,
@@ -345,7 +345,7 @@ pub struct CounterpartyAging {
 }
 
 /// A currency's aging: its buckets, their total, and per counterparty.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CurrencyAging {
     /// By bucket.
     #[serde(flatten)]
@@ -357,7 +357,7 @@ pub struct CurrencyAging {
 }
 
 /// AR or AP aging as of a date (see the README's definitions).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AgingDetail {
     /// The as-of date.
     pub as_of: NaiveDate,
@@ -495,7 +495,7 @@ impl Default for AnomalyOptions {
 }
 
 /// Something that looks wrong, with the document and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Anomaly {
     /// `amount_outlier`, `duplicate_doc_number` or `overpayment`.
     pub kind: String,
@@ -770,7 +770,7 @@ pub async fn anomalies_report<W: Warehouse>(
 }
 
 /// One currency's line of the dashboard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DashboardCurrency {
     /// Over [from, to].
     pub cash_flow: Flow,
@@ -785,7 +785,7 @@ pub struct DashboardCurrency {
 }
 
 /// Cash flow, AR/AP aging, profitability and the anomaly count, per currency.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Dashboard {
     /// The aging date.
     pub as_of: NaiveDate,

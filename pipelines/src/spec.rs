@@ -14,7 +14,7 @@ use sluice_engine::validate::RuleOverrides;
 use crate::error::PipelineError;
 
 /// A pipeline: where rows come from, what they become, which tenant they belong to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSpec {
     /// Unique per tenant; also the `source` of every row the pipeline loads.
@@ -43,7 +43,7 @@ pub struct PipelineSpec {
 }
 
 /// The `[source]` table, by `kind`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum SourceSpec {
     /// A CSV file.
@@ -61,7 +61,7 @@ pub enum SourceSpec {
 }
 
 /// `kind = "quickbooks"`. `client_secret` and `refresh_token` are secrets.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuickbooksSpec {
     /// The company id.
@@ -103,7 +103,7 @@ impl std::fmt::Debug for QuickbooksSpec {
 }
 
 /// `kind = "odoo"`. `api_key` is a secret.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OdooSpec {
     /// The server, e.g. `https://acme.odoo.com`.
@@ -174,7 +174,7 @@ impl SourceSpec {
 }
 
 /// `kind = "postgres"` / `kind = "mysql"`.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SqlSpec {
     /// Connection URL, e.g. `postgres://erp@db:5432/erp` (the password may be in it).
@@ -236,12 +236,13 @@ impl std::fmt::Debug for SqlSpec {
 }
 
 /// `kind = "csv"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CsvSpec {
     /// The file, relative to the pipeline file; absent for a pipeline that only reads
     /// uploaded files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub path: Option<PathBuf>,
     /// One character; default `,`. `"\t"` for tab-separated files.
     #[serde(default)]
@@ -255,12 +256,13 @@ pub struct CsvSpec {
 }
 
 /// `kind = "xlsx"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpreadsheetSpec {
     /// The file, relative to the pipeline file; absent for a pipeline that only reads
     /// uploaded files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub path: Option<PathBuf>,
     /// Sheet name, or its 0-based index; default the first sheet.
     #[serde(default)]
@@ -271,7 +273,7 @@ pub struct SpreadsheetSpec {
 }
 
 /// A sheet by name or by index.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SheetSpec {
     /// `sheet = "Bills"`.
@@ -281,7 +283,7 @@ pub enum SheetSpec {
 }
 
 /// `[format]`: how the source writes values.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FormatSpec {
     /// strftime formats for dates tried after ISO 8601, e.g. `["%d/%m/%Y"]`.
@@ -303,7 +305,7 @@ pub struct FormatSpec {
 }
 
 /// `[schedule]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
     /// Six-field cron expression (seconds first), e.g. `"0 */15 * * * *"`.

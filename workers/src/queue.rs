@@ -158,7 +158,7 @@ impl IdempotencyKey {
 }
 
 /// What a trigger did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerOutcome {
     /// A new run was queued: at once, or to start when the running run of the pipeline

@@ -12,7 +12,19 @@ use crate::tenant::TenantSlug;
 
 /// What an API key may do. Tenant roles are ordered: each can do what the ones before it
 /// can. A platform key belongs to no tenant and provisions tenants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Reads pipelines, runs and connector status.
@@ -54,7 +66,7 @@ impl Role {
 }
 
 /// A stored API key (its secret is not stored: only its hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ApiKeyRecord {
     /// Stable id.
     pub id: String,
@@ -159,7 +171,7 @@ impl NewApiKey {
 }
 
 /// One audit log entry: who did what to what, with before/after where it applies.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Increasing id (the list's cursor).
     pub id: i64,

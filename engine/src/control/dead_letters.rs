@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::tenant::TenantSlug;
 
 /// One dead job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// Stable id.
     pub id: String,
