@@ -132,7 +132,7 @@ pub fn router<W: Store>(state: Arc<AppState<W>>) -> Router {
 pub fn openapi_document() -> serde_json::Value {
     let mut doc =
         serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).expect("the document is JSON");
-    openapi::open_tagged_branches(&mut doc);
+    openapi::flatten_tagged_branches(&mut doc);
     doc
 }
 

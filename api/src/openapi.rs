@@ -199,6 +199,27 @@ pub struct SyncQueued {
     pub url: String,
 }
 
+/// An uploaded file's sync: queued (202), or, for a file uploaded before, its earlier run
+/// (200, `duplicate`).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"run_id": "0193a1c2-7d3e-7cc1-9f0e-2b1d4e5f6a7b",
+    "url": "/v1/runs/0193a1c2-7d3e-7cc1-9f0e-2b1d4e5f6a7b",
+    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "size": 4096,
+    "duplicate": false}))]
+pub struct UploadQueued {
+    /// The run that reads the file.
+    pub run_id: String,
+    /// Where to follow it.
+    pub url: String,
+    /// The file's SHA-256, hex: the same content is the same upload.
+    pub sha256: String,
+    /// The file's size in bytes (a new upload only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Whether the file was uploaded before (its earlier run is named, nothing is queued).
+    pub duplicate: bool,
+}
+
 /// A queued replay (202).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReplayQueued {
@@ -371,47 +392,100 @@ fn add_conventions(op: &mut Operation, problem: &utoipa::openapi::Response) {
     });
 }
 
-/// A struct with `deny_unknown_fields` is `additionalProperties: false`; as a branch of an
-/// internally tagged enum (`{"kind": "csv", ...}`), utoipa adds the tag beside it in an
-/// `allOf`, which that `false` then forbids, so no body could match. Serde reads the tag
-/// before the struct sees the rest, so the tag is declared in the branch's struct here.
-pub fn open_tagged_branches(doc: &mut Value) {
+/// An internally tagged enum (`{"kind": "csv", ...}`) comes out of utoipa as a `oneOf` of
+/// `allOf: [the variant's struct, {the tag}]`. The struct is `additionalProperties: false`
+/// (`deny_unknown_fields`), which forbids the tag beside it, so no body could match; and
+/// client generators do not follow that form. Each branch becomes one schema of its own
+/// here (`CsvSource`: the struct's fields and the tag), and the `oneOf` gets a
+/// discriminator on the tag, which is what serde reads.
+pub fn flatten_tagged_branches(doc: &mut Value) {
     let Some(schemas) = doc
         .pointer_mut("/components/schemas")
         .and_then(Value::as_object_mut)
     else {
         return;
     };
-    let branches: Vec<(String, String)> = schemas
-        .values()
-        .filter_map(|s| s.get("oneOf").and_then(Value::as_array))
-        .flatten()
-        .filter_map(|branch| {
-            let parts = branch.get("allOf")?.as_array()?;
+    let mut added = Vec::new();
+    for (name, schema) in schemas.iter() {
+        let Some(branches) = schema.get("oneOf").and_then(Value::as_array) else {
+            continue;
+        };
+        let mut rewritten = Vec::new();
+        let mut mapping = serde_json::Map::new();
+        let mut tag_name = None;
+        for branch in branches {
+            let Some(parts) = branch.get("allOf").and_then(Value::as_array) else {
+                break;
+            };
             let target = parts
                 .iter()
-                .find_map(|p| p.get("$ref").and_then(Value::as_str))?
-                .rsplit('/')
-                .next()?
-                .to_string();
-            let tag = parts
-                .iter()
-                .find_map(|p| p.get("required")?.as_array()?.first()?.as_str())?
-                .to_string();
-            Some((target, tag))
-        })
-        .collect();
-    for (target, tag) in branches {
-        if let Some(schema) = schemas.get_mut(&target).and_then(Value::as_object_mut)
-            && schema.get("additionalProperties") == Some(&Value::Bool(false))
-        {
-            let properties = schema
-                .entry("properties")
-                .or_insert_with(|| serde_json::json!({}));
-            if let Some(p) = properties.as_object_mut() {
-                p.entry(tag)
-                    .or_insert_with(|| serde_json::json!({ "type": "string" }));
+                .find_map(|p| p.get("$ref").and_then(Value::as_str))
+                .and_then(|r| r.rsplit('/').next());
+            let tag = parts.iter().find(|p| p.get("$ref").is_none());
+            let (Some(target), Some(tag)) = (target, tag) else {
+                break;
+            };
+            let Some((tag_key, tag_schema)) = tag
+                .get("properties")
+                .and_then(Value::as_object)
+                .and_then(|p| p.iter().next())
+            else {
+                break;
+            };
+            let Some(value) = tag_schema
+                .get("enum")
+                .and_then(|e| e.get(0))
+                .and_then(Value::as_str)
+            else {
+                break;
+            };
+            let Some(mut merged) = schemas.get(target).cloned() else {
+                break;
+            };
+            let own = format!("{}{}", capitalized(value), name.trim_end_matches("Spec"));
+            let obj = merged
+                .as_object_mut()
+                .expect("a struct's schema is an object");
+            obj.entry("properties")
+                .or_insert_with(|| serde_json::json!({}))
+                .as_object_mut()
+                .expect("properties")
+                .insert(tag_key.clone(), tag_schema.clone());
+            let required = obj
+                .entry("required")
+                .or_insert_with(|| serde_json::json!([]));
+            if let Some(r) = required.as_array_mut() {
+                r.insert(0, Value::String(tag_key.clone()));
             }
+            if let Some(d) = branch.get("description") {
+                obj.insert("description".into(), d.clone());
+            }
+            let reference = format!("#/components/schemas/{own}");
+            mapping.insert(value.to_string(), Value::String(reference.clone()));
+            rewritten.push(serde_json::json!({ "$ref": reference }));
+            added.push((own, merged));
+            tag_name = Some(tag_key.clone());
+        }
+        if let Some(tag) = tag_name.filter(|_| rewritten.len() == branches.len()) {
+            added.push((
+                name.clone(),
+                serde_json::json!({
+                    "oneOf": rewritten,
+                    "discriminator": { "propertyName": tag, "mapping": mapping },
+                    "description": schema.get("description").cloned().unwrap_or(Value::Null),
+                }),
+            ));
         }
     }
+    for (name, schema) in added {
+        schemas.insert(name, schema);
+    }
+}
+
+fn capitalized(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }

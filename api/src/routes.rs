@@ -475,11 +475,11 @@ pub async fn sync_pipeline<W: Store>(
     let triggered = queue_sync(&s, &caller, &name, key, request_id).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "run_id": triggered.run_id,
-            "outcome": triggered.outcome,
-            "url": format!("/v1/runs/{}", triggered.run_id),
-        })),
+        Json(crate::openapi::SyncQueued {
+            url: format!("/v1/runs/{}", triggered.run_id),
+            run_id: triggered.run_id,
+            outcome: triggered.outcome,
+        }),
     )
         .into_response())
 }
@@ -687,7 +687,10 @@ pub async fn replay_dead_letter<W: Store>(
     let run_id = replay_dead(&s, &caller, &id, request_id).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "run_id": run_id, "url": format!("/v1/runs/{run_id}") })),
+        Json(crate::openapi::ReplayQueued {
+            run_id: run_id.to_string(),
+            url: format!("/v1/runs/{run_id}"),
+        }),
     )
         .into_response())
 }
@@ -1235,7 +1238,10 @@ async fn queue_replay<W: Store>(
 fn replay_queued(run_id: &str) -> Reply {
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "run_id": run_id, "url": format!("/v1/runs/{run_id}") })),
+        Json(crate::openapi::ReplayQueued {
+            run_id: run_id.to_string(),
+            url: format!("/v1/runs/{run_id}"),
+        }),
     )
         .into_response())
 }
@@ -1397,7 +1403,10 @@ pub async fn create_tenant<W: Store>(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "slug": slug.as_str(), "name": name })),
+        Json(crate::openapi::Tenant {
+            slug: slug.to_string(),
+            name,
+        }),
     )
         .into_response())
 }

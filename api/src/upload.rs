@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::openapi::UploadQueued;
 use crate::request_id::RequestId;
 use crate::state::AppState;
 use sluice_engine::Store;
@@ -96,7 +97,7 @@ fn sniff(head: &[u8]) -> Option<&'static str> {
     security(("bearer" = ["operator"])),
     params(("name" = String, Path, description = "The pipeline's name", example = "invoices")),
     request_body(content = crate::openapi::Upload, content_type = "multipart/form-data"),
-    responses((status = 202, description = "Queued (or the earlier run of the same file)", body = crate::openapi::SyncQueued))
+    responses((status = 202, description = "Queued", body = UploadQueued), (status = 200, description = "The same file was uploaded before: its earlier run", body = UploadQueued))
 )]
 pub async fn upload_file<W: Store>(
     State(s): State<Arc<AppState<W>>>,
@@ -191,9 +192,13 @@ pub async fn upload_file<W: Store>(
         .collect();
     if let Some(run) = s.warehouse.upload_run(&tenant, &name, &sha).await? {
         drop(guard);
-        return Ok(Json(json!({
-            "run_id": run, "url": format!("/v1/runs/{run}"), "sha256": sha, "duplicate": true,
-        }))
+        return Ok(Json(UploadQueued {
+            url: format!("/v1/runs/{run}"),
+            run_id: run,
+            sha256: sha,
+            size: None,
+            duplicate: true,
+        })
         .into_response());
     }
     let path = dir.join(format!("{sha}.{kind}"));
@@ -226,10 +231,13 @@ pub async fn upload_file<W: Store>(
         .await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "run_id": run, "url": format!("/v1/runs/{run}"), "sha256": sha, "size": size,
-            "duplicate": false,
-        })),
+        Json(UploadQueued {
+            url: format!("/v1/runs/{run}"),
+            run_id: run,
+            sha256: sha,
+            size: Some(size as u64),
+            duplicate: false,
+        }),
     )
         .into_response())
 }
