@@ -7,6 +7,7 @@ mod access;
 mod dead_letters;
 mod keys;
 mod pipelines;
+pub mod webhooks;
 
 pub use access::{
     AccessStore, ApiKeyRecord, AuditEntry, ConsoleSession, NewApiKey, Role, hash_key, key_prefix,
