@@ -3,11 +3,10 @@
 //! both the router and this document, so neither can miss a route; schemathesis
 //! (`scripts/api-conformance`) checks every answer against it.
 //!
-//! The answers the engine's own types serialize (dead letters, keys, the audit log, the
-//! finance reports) take their schemas from those types. The shapes the routes assemble
-//! (a run, a pipeline, a quarantined row, the list pages) are described here.
-
-use std::collections::BTreeMap;
+//! The answers take their schemas from the types the handlers serialize: the engine's own
+//! (a run's view, dead letters, keys, the audit log, the finance reports) and the ones
+//! here, for what the routes assemble (a pipeline, a quarantined row, the list pages, the
+//! queued answers).
 
 use serde::Serialize;
 use serde_json::Value;
@@ -16,10 +15,10 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
 use utoipa::{Modify, ToSchema};
 
+use sluice_engine::RunView;
 use sluice_engine::control::{ApiKeyRecord, AuditEntry, DeadLetter, Role};
 use sluice_engine::quarantine::{QuarantineStatus, SourcePosition};
 use sluice_engine::validate::CellError;
-use sluice_engine::{RunStatus, RunTrigger};
 
 /// The media type of an XLSX workbook.
 pub use crate::export::XLSX;
@@ -51,63 +50,11 @@ pub struct Status {
     pub status: String,
 }
 
-/// A run (or a job: its attempts summed, each beneath in `attempts`), with its accounting:
-/// `rows_read = loaded + quarantined + deduplicated`.
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"run_id": "0193a1c2-7d3e-7cc1-9f0e-2b1d4e5f6a7b", "tenant": "acme",
-    "pipeline": "invoices", "entity": "invoices", "trigger": "api", "status": "succeeded",
-    "started_at": "2026-12-05T09:00:00Z", "finished_at": "2026-12-05T09:00:04Z",
-    "rows_read": 1000, "loaded": 990, "inserted": 990, "updated": 0, "unchanged": 0,
-    "quarantined": 8, "deduplicated": 2, "rules_hash": "3f2a9c", "error": null,
-    "quarantined_by_rule": {"currency_code": 8}}))]
-pub struct Run {
-    /// The run's id (a job's first attempt's id names the job).
-    pub run_id: String,
-    /// The tenant.
-    pub tenant: String,
-    /// The pipeline.
-    pub pipeline: String,
-    /// The entity it loads.
-    pub entity: String,
-    /// What started it.
-    pub trigger: RunTrigger,
-    /// Where it stands.
-    pub status: RunStatus,
-    /// When it started.
-    pub started_at: chrono::DateTime<chrono::Utc>,
-    /// When it ended.
-    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// Rows read from the source.
-    pub rows_read: u64,
-    /// Rows in the warehouse after it: inserted + updated + unchanged.
-    pub loaded: u64,
-    /// New documents.
-    pub inserted: u64,
-    /// Changed documents.
-    pub updated: u64,
-    /// Documents read again unchanged.
-    pub unchanged: u64,
-    /// Rows set aside in quarantine.
-    pub quarantined: u64,
-    /// Rows dropped as repeats of a row read earlier in the run.
-    pub deduplicated: u64,
-    /// The hash of the validation rules it ran.
-    pub rules_hash: Option<String>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Quarantined rows per rule (`GET /v1/runs/{id}` only).
-    #[serde(default)]
-    pub quarantined_by_rule: Option<BTreeMap<String, u64>>,
-    /// A job's attempts, each a run (`GET /v1/runs/{id}` of a job's id only).
-    #[schema(no_recursion)]
-    pub attempts: Option<Vec<Run>>,
-}
-
 /// A page of runs, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RunPage {
     /// The runs.
-    pub items: Vec<Run>,
+    pub items: Vec<RunView>,
     /// The `cursor` of the next page; none on the last.
     pub next_cursor: Option<String>,
 }
@@ -171,7 +118,7 @@ pub struct ConnectorStatus {
     /// Its source's check.
     pub health: SourceHealth,
     /// Its newest run.
-    pub last_run: Option<Run>,
+    pub last_run: Option<RunView>,
     /// Its newest successful run.
     pub last_success: Option<LastSuccess>,
     /// When the schedule runs it next.

@@ -14,7 +14,9 @@ use sluice_engine::RunTrigger;
 use sluice_engine::TenantSlug;
 use sluice_engine::control::{NewApiKey, PipelineChange, PipelineOrigin, Role, StoredPipeline};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
-use sluice_engine::{RunLedger, RunStatus};
+use sluice_engine::{RunLedger, RunStatus, RunView};
+
+use crate::openapi::Pipeline;
 use sluice_pipelines::{PipelineSource, PipelineSpec, carry_secrets};
 use sluice_workers::jobs::ReplaySelection;
 use sluice_workers::{IdempotencyKey, TriggerOutcome, TriggerRequest};
@@ -29,7 +31,7 @@ use sluice_engine::Store;
 type Api<W> = State<Arc<AppState<W>>>;
 type Reply = Result<Response, ApiError>;
 
-fn ok(v: Value) -> Reply {
+fn ok(v: impl serde::Serialize) -> Reply {
     Ok(Json(v).into_response())
 }
 
@@ -96,13 +98,13 @@ async fn audit<W: Store>(
 
 /// A stored pipeline as the API shows it: its fields without secrets, and which secrets it
 /// has.
-fn pipeline_json(p: &StoredPipeline) -> Value {
-    json!({
-        "name": p.name,
-        "pipeline": p.spec,
-        "secrets": p.secrets.keys().collect::<Vec<_>>(),
-        "updated_at": p.updated_at,
-    })
+fn pipeline_json(p: &StoredPipeline) -> Pipeline {
+    Pipeline {
+        name: p.name.clone(),
+        pipeline: p.spec.clone(),
+        secrets: p.secrets.keys().cloned().collect(),
+        updated_at: p.updated_at,
+    }
 }
 
 /// Parses a pipeline body: the pipeline file's fields as JSON; `tenant` defaults to the
@@ -492,7 +494,7 @@ pub async fn sync_pipeline<W: Store>(
     summary = "A run's accounting and quarantine counts per rule; for a job's id, the job whole (counts over its attempts) with each attempt beneath",
     security(("bearer" = ["viewer"])),
     params(("id" = String, Path, description = "A run's or a job's id")),
-    responses((status = 200, description = "The run", body = crate::openapi::Run))
+    responses((status = 200, description = "The run", body = RunView))
 )]
 pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<String>) -> Reply {
     let tenant = caller.tenant_with(Role::Viewer)?;
@@ -507,13 +509,13 @@ pub async fn run_json<W: Store>(
     s: &AppState<W>,
     tenant: &TenantSlug,
     id: &str,
-) -> Result<Value, ApiError> {
+) -> Result<RunView, ApiError> {
     let missing = || ApiError::not_found(format!("run {id}"));
     let job = s.warehouse.job(tenant, id).await?.ok_or_else(missing)?;
     let job_id = sluice_engine::JobLedger::job_id(id);
-    let (mut v, covered): (Value, Vec<&str>) = if job_id == id {
+    let (mut v, covered): (RunView, Vec<&str>) = if job_id == id {
         (
-            job.to_json(),
+            job.view(),
             job.attempts.iter().map(|a| a.run_id.as_str()).collect(),
         )
     } else {
@@ -522,8 +524,10 @@ pub async fn run_json<W: Store>(
             .iter()
             .find(|a| a.run_id == id)
             .ok_or_else(missing)?;
-        let mut v = one.to_json();
-        v["job_id"] = json!(job_id);
+        let v = RunView {
+            job_id: Some(job_id.to_string()),
+            ..one.view()
+        };
         (v, vec![id])
     };
     let mut by_rule = std::collections::BTreeMap::<String, u64>::new();
@@ -532,7 +536,7 @@ pub async fn run_json<W: Store>(
             *by_rule.entry(rule).or_default() += n;
         }
     }
-    v["quarantined_by_rule"] = json!(by_rule);
+    v.quarantined_by_rule = Some(by_rule);
     Ok(v)
 }
 
@@ -578,7 +582,7 @@ pub async fn list_runs<W: Store>(
     let tenant = caller.tenant_with(Role::Viewer)?;
     let (page, next) = runs_page(&s, tenant, &q).await?;
     ok(json!({
-        "items": page.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+        "items": page.iter().map(RunLedger::view).collect::<Vec<_>>(),
         "next_cursor": next,
     }))
 }
@@ -919,12 +923,18 @@ pub struct QuarantineQuery {
     pub cursor: Option<String>,
 }
 
-fn row_json(r: &QuarantinedRow) -> Value {
-    json!({
-        "id": r.id, "run_id": r.run_id, "status": r.status, "pipeline": r.pipeline,
-        "entity": r.entity, "position": r.position, "raw": r.raw, "errors": r.errors,
-        "created_at": r.created_at,
-    })
+fn row_json(r: &QuarantinedRow) -> crate::openapi::QuarantinedRow {
+    crate::openapi::QuarantinedRow {
+        id: r.id.clone(),
+        run_id: r.run_id.clone(),
+        status: r.status,
+        pipeline: r.pipeline.clone(),
+        entity: r.entity.clone(),
+        position: r.position.clone(),
+        raw: r.raw.clone(),
+        errors: r.errors.clone(),
+        created_at: r.created_at,
+    }
 }
 
 /// `GET /v1/quarantine`: oldest first, paged by cursor.
@@ -1448,7 +1458,7 @@ pub async fn pipeline_statuses<W: Store>(
                 Ok((detail, ms)) => json!({ "ok": true, "detail": detail, "latency_ms": ms }),
                 Err(e) => json!({ "ok": false, "error": e }),
             },
-            "last_run": runs.first().map(RunLedger::to_json),
+            "last_run": runs.first().map(RunLedger::view),
             "last_success": last_success.map(|r| json!({ "run_id": r.run_id, "finished_at": r.finished_at })),
             "next_run": next,
         }));

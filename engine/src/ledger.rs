@@ -205,39 +205,122 @@ impl JobLedger {
         }
     }
 
-    /// The job's JSON: [`RunLedger::to_json`] of [`JobLedger::whole`], with `attempts`, each
-    /// attempt's own ledger (`attempt`: its number).
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut v = self.whole().to_json();
-        v["attempts"] = serde_json::Value::Array(
+    /// The job's view: [`RunLedger::view`] of [`JobLedger::whole`], with `attempts`, each
+    /// attempt's own view (`attempt`: its number).
+    pub fn view(&self) -> RunView {
+        let mut v = self.whole().view();
+        v.attempts = Some(
             self.attempts
                 .iter()
                 .enumerate()
-                .map(|(i, a)| {
-                    let mut one = a.to_json();
-                    one["attempt"] = serde_json::json!(i + 1);
-                    one
+                .map(|(i, a)| RunView {
+                    attempt: Some(i + 1),
+                    ..a.view()
                 })
                 .collect(),
         );
         v
     }
+
+    /// The job's JSON ([`JobLedger::view`]).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.view()).expect("a run's view is JSON")
+    }
+}
+
+/// The one shape of a run, shared by `sluice ... --json` and the HTTP API (and its OpenAPI
+/// schema): the ledger's fields with its counts flattened and `loaded` (the inserted,
+/// updated and unchanged) spelled out, so `rows_read = loaded + quarantined +
+/// deduplicated` reads off it. A job's view adds its `attempts`; the API adds `quarantined_by_rule`.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"run_id": "0193a1c2-7d3e-7cc1-9f0e-2b1d4e5f6a7b", "tenant": "acme",
+    "pipeline": "invoices", "entity": "invoices", "trigger": "api", "status": "succeeded",
+    "started_at": "2026-12-05T09:00:00Z", "finished_at": "2026-12-05T09:00:04Z",
+    "rows_read": 1000, "loaded": 990, "inserted": 990, "updated": 0, "unchanged": 0,
+    "quarantined": 8, "deduplicated": 2, "rules_hash": "3f2a9c", "error": null,
+    "quarantined_by_rule": {"currency_code": 8}}))]
+pub struct RunView {
+    /// The run's id (a job's first attempt's id names the job).
+    pub run_id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The pipeline.
+    pub pipeline: String,
+    /// The entity it loads.
+    pub entity: String,
+    /// What started it.
+    pub trigger: RunTrigger,
+    /// Where it stands.
+    pub status: RunStatus,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Rows read from the source.
+    pub rows_read: u64,
+    /// Rows in the warehouse after it: inserted + updated + unchanged.
+    pub loaded: u64,
+    /// New documents.
+    pub inserted: u64,
+    /// Changed documents.
+    pub updated: u64,
+    /// Documents read again unchanged.
+    pub unchanged: u64,
+    /// Rows set aside in quarantine.
+    pub quarantined: u64,
+    /// Rows dropped as repeats of a row read earlier in the run.
+    pub deduplicated: u64,
+    /// The hash of the validation rules it ran.
+    pub rules_hash: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Which attempt of its job it is (in a job's `attempts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<usize>,
+    /// The job it is an attempt of (an attempt read alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// A job's attempts, each a run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(no_recursion)]
+    pub attempts: Option<Vec<RunView>>,
+    /// Quarantined rows per rule over what it covers (the API's `GET /v1/runs/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined_by_rule: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl RunLedger {
-    /// The one JSON shape of a run, shared by `sluice ... --json` and the HTTP API: the
-    /// ledger's fields with its counts flattened and `loaded` (inserted + updated +
-    /// unchanged) spelled out.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The run's view ([`RunView`]).
+    pub fn view(&self) -> RunView {
         let c = &self.counts;
-        serde_json::json!({
-            "run_id": self.run_id, "tenant": self.tenant, "pipeline": self.pipeline,
-            "entity": self.entity, "trigger": self.trigger, "status": self.status,
-            "started_at": self.started_at, "finished_at": self.finished_at,
-            "rows_read": c.rows_read, "loaded": c.loaded(), "inserted": c.inserted,
-            "updated": c.updated, "unchanged": c.unchanged, "quarantined": c.quarantined,
-            "deduplicated": c.deduplicated, "rules_hash": self.rules_hash, "error": self.error,
-        })
+        RunView {
+            run_id: self.run_id.clone(),
+            tenant: self.tenant.clone(),
+            pipeline: self.pipeline.clone(),
+            entity: self.entity.clone(),
+            trigger: self.trigger,
+            status: self.status,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            rows_read: c.rows_read,
+            loaded: c.loaded(),
+            inserted: c.inserted,
+            updated: c.updated,
+            unchanged: c.unchanged,
+            quarantined: c.quarantined,
+            deduplicated: c.deduplicated,
+            rules_hash: self.rules_hash.clone(),
+            error: self.error.clone(),
+            attempt: None,
+            job_id: None,
+            attempts: None,
+            quarantined_by_rule: None,
+        }
+    }
+
+    /// The run's JSON ([`RunLedger::view`]).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.view()).expect("a run's view is JSON")
     }
 }
 

@@ -24,7 +24,7 @@ pub mod warehouse;
 pub use control::Store;
 pub use entity::{Entity, FieldKind, FieldSpec};
 pub use error::{EngineError, ErrorKind, Result};
-pub use ledger::{JobLedger, RowCounts, RunLedger, RunStatus, RunTrigger};
+pub use ledger::{JobLedger, RowCounts, RunLedger, RunStatus, RunTrigger, RunView};
 pub use tenant::TenantSlug;
 pub use warehouse::{
     DeadLetterStore, FinanceStore, LoadStore, QuarantineStore, RunHistory, SqliteWarehouse,

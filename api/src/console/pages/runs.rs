@@ -152,7 +152,7 @@ pub async fn show<W: Store>(
     Query(q): Query<RunPageQuery>,
 ) -> PageResult {
     let run = match run_json(&s, &user.tenant, &id).await {
-        Ok(run) => run,
+        Ok(run) => serde_json::json!(run),
         Err(e) if e.status == axum::http::StatusCode::NOT_FOUND && recently_queued(&id) => {
             return Ok(queued_page(&user, &id, q.notice.as_deref()));
         }
