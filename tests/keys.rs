@@ -348,7 +348,7 @@ async fn the_cli_rotates_the_master_key_and_a_tenant_key_on_the_embedded_warehou
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 pipeline(s)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 secret(s)"));
     let out = sluice(MASTER_KEY_HEX, &["tenant", "rotate-key", "acme"]);
     assert!(
         !out.status.success(),

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use sluice_engine::RunTrigger;
-use sluice_engine::control::PipelineStore;
+use sluice_engine::control::{PipelineStore, WebhookStore};
 use sluice_engine::{JobLedger, TenantSlug, Warehouse};
 use sluice_pipelines::{PipelineSpec, RunReport};
 use sluice_workers::scheduler::{CatchUp, Scheduler, SchedulerOptions};
@@ -45,6 +45,9 @@ pub(super) struct WorkerArgs {
     /// Quarantine replay jobs run at once by this process (a queue of their own).
     #[arg(long, default_value_t = 1)]
     replay_concurrency: usize,
+    /// Webhook deliveries made at once by this process (a queue of their own).
+    #[arg(long, default_value_t = 2)]
+    webhook_concurrency: usize,
     /// Seconds in-flight jobs may take to finish after SIGTERM/SIGINT; a job still running
     /// then is taken over by another worker and resumes from its last committed batch.
     #[arg(long, default_value_t = 30)]
@@ -125,6 +128,7 @@ impl WorkerArgs {
         WorkerOptions {
             concurrency: self.concurrency.max(1),
             replay_concurrency: self.replay_concurrency.max(1),
+            webhook_concurrency: self.webhook_concurrency.max(1),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
         }
     }
@@ -194,7 +198,7 @@ pub(super) async fn serve<W: sluice_engine::Store>(
 }
 
 /// Registers the pipeline (when given a file), queues a sync, and with `--wait` follows it.
-pub(super) async fn trigger<W: Warehouse + PipelineStore + 'static>(
+pub(super) async fn trigger<W: Warehouse + PipelineStore + WebhookStore + 'static>(
     env: Arc<WorkerEnv<W>>,
     args: &TriggerArgs,
 ) -> Result<ExitCode> {
@@ -252,7 +256,7 @@ pub(super) async fn trigger<W: Warehouse + PipelineStore + 'static>(
 
 /// Waits for the job of `run_id`, running it here with the embedded queue when no worker
 /// takes it; returns how it ended and its final run's ledger.
-pub(super) async fn wait_for_job<W: Warehouse + PipelineStore + 'static>(
+pub(super) async fn wait_for_job<W: Warehouse + PipelineStore + WebhookStore + 'static>(
     env: Arc<WorkerEnv<W>>,
     tenant: &TenantSlug,
     run_id: &str,
@@ -288,7 +292,7 @@ pub(super) async fn wait_for_job<W: Warehouse + PipelineStore + 'static>(
 
 /// Waits for the job of `run_id` (see [`wait_for_job`]) and prints it as `sync` prints a run:
 /// the job whole (counts over its attempts), each attempt beneath.
-pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + 'static>(
+pub(super) async fn wait_and_report<W: Warehouse + PipelineStore + WebhookStore + 'static>(
     env: Arc<WorkerEnv<W>>,
     tenant: &TenantSlug,
     run_id: &str,

@@ -62,6 +62,8 @@ pub(super) async fn rotate_tenant_key<W: KeyRotation>(
 ) -> Result<ExitCode> {
     let tenant = TenantSlug::parse(slug)?;
     let n = warehouse.rotate_tenant_key(&tenant).await?;
-    println!("tenant {tenant} has a new data key; the secrets of {n} pipeline(s) were re-sealed");
+    println!(
+        "tenant {tenant} has a new data key; {n} secret(s) of its pipelines and webhook endpoints were re-sealed"
+    );
     Ok(ExitCode::SUCCESS)
 }

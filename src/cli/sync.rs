@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use sluice_engine::control::PipelineStore;
+use sluice_engine::control::{PipelineStore, WebhookStore};
 use sluice_engine::{RowCounts, Warehouse};
 use sluice_pipelines::{
     PipelineSource, PipelineSpec, RunObserver, RunOptions, RunReport, SourceReach, run_pipeline,
@@ -75,7 +75,7 @@ impl RunObserver for Progress {
     }
 }
 
-pub(super) async fn sync<W: Warehouse + PipelineStore + 'static>(
+pub(super) async fn sync<W: Warehouse + PipelineStore + WebhookStore + 'static>(
     warehouse: Arc<W>,
     args: &SyncArgs,
 ) -> Result<ExitCode> {

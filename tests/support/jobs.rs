@@ -148,7 +148,7 @@ pub struct RunningWorkers {
 
 pub fn start_workers<W>(env: Arc<WorkerEnv<W>>, options: WorkerOptions) -> RunningWorkers
 where
-    W: Warehouse + PipelineStore + 'static,
+    W: Warehouse + PipelineStore + sluice_engine::control::WebhookStore + 'static,
 {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(async move {

@@ -1,5 +1,5 @@
 //! Workers: the job queues (Redis or embedded SQLite), the workers that run syncs from them
-//! under the retry policy, pipeline locks and idempotency keys, the cron scheduler, and the
+//! under the retry policy, webhook deliveries, pipeline locks and idempotency keys, the cron scheduler, and the
 //! program's Prometheus metrics.
 
 pub mod coord;
@@ -11,6 +11,7 @@ pub mod queue;
 pub mod rate_gate;
 pub mod retry;
 pub mod scheduler;
+pub mod webhooks;
 pub mod worker;
 
 pub use error::{WorkerError, WorkerErrorKind};

@@ -62,6 +62,11 @@ pub struct Metrics {
     pub pipeline_schedule_interval: IntGaugeVec,
     /// Quarantined rows still open (pending or fixed), by tenant and the rule they broke.
     pub quarantine_pending: IntGaugeVec,
+    /// Webhook delivery attempts by outcome: `delivered` (2xx), `refused` (another
+    /// status), `unreachable` (no answer).
+    pub webhook_attempts: IntCounterVec,
+    /// Webhook deliveries that used up every attempt.
+    pub webhook_deliveries_failed: IntCounter,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -127,6 +132,14 @@ impl Metrics {
             "Quarantined rows still open (pending or fixed), by the rule they broke",
             &["tenant", "rule"],
         )?;
+        let webhook_attempts = IntCounterVec::new(
+            Opts::new(
+                "webhook_attempts_total",
+                "Webhook delivery attempts by outcome",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(webhook_attempts.clone()))?;
         let m = Metrics {
             jobs_started: counter("jobs_started_total", "Jobs taken from a queue")?,
             jobs_succeeded: counter(
@@ -149,10 +162,15 @@ impl Metrics {
             pipeline_last_success,
             pipeline_schedule_interval,
             quarantine_pending,
+            webhook_attempts,
+            webhook_deliveries_failed: plain(
+                "webhook_deliveries_failed_total",
+                "Webhook deliveries that used up every attempt",
+            )?,
             registry,
         };
         // Every series a dashboard or an alert rate()s exists from the start, at zero.
-        for q in [QueueName::Sync, QueueName::Replay] {
+        for q in [QueueName::Sync, QueueName::Replay, QueueName::Webhook] {
             let q = [q.as_str()];
             for c in [
                 &m.jobs_started,
@@ -165,6 +183,9 @@ impl Metrics {
             m.queue_depth.with_label_values(&q);
             m.in_flight.with_label_values(&q);
             m.job_duration.with_label_values(&q);
+        }
+        for outcome in ["delivered", "refused", "unreachable"] {
+            m.webhook_attempts.with_label_values(&[outcome]);
         }
         for outcome in OUTCOMES {
             m.rows.with_label_values(&[outcome]);

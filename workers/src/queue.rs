@@ -1,7 +1,8 @@
 //! The job queues: apalis-redis when `SLUICE_REDIS_URL` is set (any number of workers on
 //! any number of machines), otherwise apalis-sqlite in `<data dir>/queue.sqlite` (workers in
-//! the same process, or in other processes on the same machine). Syncs and replays have
-//! queues of their own, so a large replay never starves scheduled syncs.
+//! the same process, or in other processes on the same machine). Syncs, replays and
+//! webhook deliveries have queues of their own, so a large replay never starves scheduled
+//! syncs and a slow endpoint never holds up either.
 //!
 //! A trigger takes the pipeline's lock for the run it creates and hands the lock's token to
 //! the job; a trigger arriving while that run is queued or running joins it. An idempotency
@@ -33,6 +34,8 @@ pub enum QueueName {
     Sync,
     /// Replays of quarantined rows.
     Replay,
+    /// Webhook deliveries.
+    Webhook,
 }
 
 impl QueueName {
@@ -41,6 +44,7 @@ impl QueueName {
         match self {
             QueueName::Sync => "sync",
             QueueName::Replay => "replay",
+            QueueName::Webhook => "webhook",
         }
     }
 }

@@ -18,7 +18,8 @@ use apalis::prelude::{
     BackendExt, BoxDynError, Data, Monitor, ParallelizeExt, WorkerBuilder, WorkerContext,
 };
 use chrono::Utc;
-use sluice_engine::control::{PipelineOrigin, PipelineStore};
+use sluice_engine::control::webhooks::EventType;
+use sluice_engine::control::{PipelineOrigin, PipelineStore, WebhookEvent, WebhookStore};
 use sluice_engine::quarantine::{QuarantineFilter, QuarantineStatus, QuarantinedRow};
 use sluice_engine::{RunStatus, RunTrigger, TenantSlug, Warehouse};
 use sluice_pipelines::replay::replay_quarantined_pages;
@@ -36,6 +37,7 @@ use crate::metrics::metrics;
 use crate::poll::EveryInterval;
 use crate::queue::{JobResult, JobStatus, QueueName, Queues};
 use crate::retry::{Attempt, Outcome, RetryPolicy, continue_with_retries};
+use crate::webhooks::{WebhookJob, deliver};
 
 /// What a worker needs to run jobs.
 pub struct WorkerEnv<W> {
@@ -79,6 +81,8 @@ pub struct WorkerOptions {
     /// Replay jobs run at once by this process (their own queue and workers, so replays
     /// never hold up syncs).
     pub replay_concurrency: usize,
+    /// Webhook deliveries made at once by this process (their own queue).
+    pub webhook_concurrency: usize,
     /// How long in-flight jobs may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
 }
@@ -88,6 +92,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             concurrency: 2,
             replay_concurrency: 1,
+            webhook_concurrency: 2,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -118,7 +123,7 @@ async fn sync_handler<W>(
     worker: WorkerContext,
 ) -> Result<(), BoxDynError>
 where
-    W: Warehouse + PipelineStore + 'static,
+    W: Warehouse + PipelineStore + WebhookStore + 'static,
 {
     let env: Arc<WorkerEnv<W>> = (*env).clone();
     env.handle_sync(job, worker.name()).await;
@@ -127,26 +132,40 @@ where
 
 async fn replay_handler<W>(job: ReplayJob, env: Data<Arc<WorkerEnv<W>>>) -> Result<(), BoxDynError>
 where
-    W: Warehouse + PipelineStore + 'static,
+    W: Warehouse + PipelineStore + WebhookStore + 'static,
 {
     let env: Arc<WorkerEnv<W>> = (*env).clone();
     env.handle_replay(job).await;
     Ok(())
 }
 
-/// Runs sync and replay workers until `shutdown` completes, then shuts down gracefully.
+async fn webhook_handler<W>(
+    job: WebhookJob,
+    env: Data<Arc<WorkerEnv<W>>>,
+) -> Result<(), BoxDynError>
+where
+    W: Warehouse + PipelineStore + WebhookStore + 'static,
+{
+    let env: Arc<WorkerEnv<W>> = (*env).clone();
+    env.handle_webhook(job).await;
+    Ok(())
+}
+
+/// Runs sync, replay and webhook workers until `shutdown` completes, then shuts down gracefully.
 pub async fn run_workers<W>(
     env: Arc<WorkerEnv<W>>,
     options: &WorkerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError>
 where
-    W: Warehouse + PipelineStore + 'static,
+    W: Warehouse + PipelineStore + WebhookStore + 'static,
 {
     let queues = env.queues.clone();
     let sampler = tokio::spawn(sample_depth(queues.clone()));
+    let sweeper = tokio::spawn(sweep_deliveries(env.clone()));
     let concurrency = options.concurrency.max(1);
     let replays = options.replay_concurrency.max(1);
+    let webhooks = options.webhook_concurrency.max(1);
     let mut monitor = Monitor::new()
         .shutdown_timeout(options.shutdown_timeout)
         .should_restart(|ctx, error| {
@@ -186,6 +205,13 @@ where
             replays,
             replay_handler::<W>
         );
+        register!(
+            redis_storage,
+            WebhookJob,
+            QueueName::Webhook,
+            webhooks,
+            webhook_handler::<W>
+        );
     } else {
         register!(
             sqlite_storage,
@@ -201,10 +227,18 @@ where
             replays,
             replay_handler::<W>
         );
+        register!(
+            sqlite_storage,
+            WebhookJob,
+            QueueName::Webhook,
+            webhooks,
+            webhook_handler::<W>
+        );
     }
     tracing::info!(
         concurrency,
         replays,
+        webhooks,
         queue = if queues.is_redis() {
             "redis"
         } else {
@@ -220,13 +254,14 @@ where
         })
         .await;
     sampler.abort();
+    sweeper.abort();
     result.map_err(|e| WorkerError::new(WorkerErrorKind::Queue, "workers").with_source(e))
 }
 
 /// Samples queue depth into the metrics every few seconds.
 async fn sample_depth(queues: Arc<Queues>) {
     loop {
-        for q in [QueueName::Sync, QueueName::Replay] {
+        for q in [QueueName::Sync, QueueName::Replay, QueueName::Webhook] {
             match queues.depth(q).await {
                 Ok(n) => metrics()
                     .queue_depth
@@ -236,6 +271,18 @@ async fn sample_depth(queues: Arc<Queues>) {
             }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Queues again, every minute, the webhook deliveries whose jobs were lost.
+async fn sweep_deliveries<W: WebhookStore>(env: Arc<WorkerEnv<W>>) {
+    loop {
+        match env.queues.sweep_deliveries(&*env.warehouse).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deliveries = n, "webhook deliveries queued again"),
+            Err(e) => tracing::debug!(error = %e, "sweeping webhook deliveries"),
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
     }
 }
 
@@ -266,7 +313,7 @@ pub async fn shutdown_signal() {
 
 impl<W> WorkerEnv<W>
 where
-    W: Warehouse + PipelineStore + 'static,
+    W: Warehouse + PipelineStore + WebhookStore + 'static,
 {
     /// Runs one sync job to its end: takes the pipeline lock over (waiting while another
     /// run holds it), keeps it renewed, runs the sync under the retry policy (continuing
@@ -291,13 +338,16 @@ where
 
     async fn handle_fresh(&self, job: &SyncJob, holder: &str) {
         let span = tracing::info_span!("job", queue = QueueName::Sync.as_str(), tenant = %job.tenant, pipeline = %job.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
-        self.observed(
-            QueueName::Sync,
-            &job.run_id,
-            span,
-            self.run_locked(job, holder),
-        )
-        .await;
+        let result = self
+            .observed(
+                QueueName::Sync,
+                &job.run_id,
+                span.clone(),
+                self.run_locked(job, holder),
+            )
+            .await;
+        let announce = self.announce(&job.tenant, QueueName::Sync, &result, &job.correlation_id);
+        tracing::Instrument::instrument(announce, span).await;
     }
 
     /// Runs a job's work inside its span, counting it in the metrics, and records how it
@@ -308,7 +358,7 @@ where
         run_id: &str,
         span: tracing::Span,
         work: impl Future<Output = JobResult>,
-    ) {
+    ) -> JobResult {
         let (m, q) = (metrics(), queue.as_str());
         m.jobs_started.with_label_values(&[q]).inc();
         m.in_flight.with_label_values(&[q]).inc();
@@ -329,6 +379,7 @@ where
         if let Err(e) = self.queues.coordinator().save_result(run_id, &text).await {
             tracing::error!(error = %e, "could not record the job's result");
         }
+        result
     }
 
     async fn run_locked(&self, job: &SyncJob, holder: &str) -> JobResult {
@@ -571,8 +622,113 @@ where
     /// the result.
     pub async fn handle_replay(&self, job: ReplayJob) {
         let span = tracing::info_span!("job", queue = QueueName::Replay.as_str(), tenant = %job.tenant, pipeline = %job.selection.pipeline, run_id = %job.run_id, correlation_id = %job.correlation_id);
-        self.observed(QueueName::Replay, &job.run_id, span, self.run_replay(&job))
+        let result = self
+            .observed(
+                QueueName::Replay,
+                &job.run_id,
+                span.clone(),
+                self.run_replay(&job),
+            )
             .await;
+        let announce = self.announce(&job.tenant, QueueName::Replay, &result, &job.correlation_id);
+        tracing::Instrument::instrument(announce, span).await;
+    }
+
+    /// Makes one webhook delivery (every attempt the retry policy allows).
+    pub async fn handle_webhook(&self, job: WebhookJob) {
+        let span = tracing::info_span!("job", queue = QueueName::Webhook.as_str(), tenant = %job.tenant, delivery = %job.delivery_id, correlation_id = %job.correlation_id);
+        let work = async {
+            let (m, q) = (metrics(), QueueName::Webhook.as_str());
+            m.jobs_started.with_label_values(&[q]).inc();
+            m.in_flight.with_label_values(&[q]).inc();
+            let started = Instant::now();
+            let reach = self.confinement.reach(&job.tenant, PipelineOrigin::Api);
+            match deliver(&*self.warehouse, reach.egress(), &self.policy, &job).await {
+                Ok(sluice_engine::control::DeliveryStatus::Failed) => {
+                    m.jobs_dead.with_label_values(&[q]).inc()
+                }
+                Ok(_) => m.jobs_succeeded.with_label_values(&[q]).inc(),
+                Err(e) => {
+                    // The store was unreachable: the delivery stays pending and the sweep
+                    // queues it again.
+                    m.jobs_failed.with_label_values(&[q]).inc();
+                    tracing::error!(error = %e, "webhook delivery could not be made");
+                }
+            }
+            m.job_duration
+                .with_label_values(&[q])
+                .observe(started.elapsed().as_secs_f64());
+            m.in_flight.with_label_values(&[q]).dec();
+        };
+        tracing::Instrument::instrument(work, span).await;
+    }
+
+    /// Records the events of a job that ended and queues their webhook deliveries:
+    /// `run.succeeded` (or `quarantine.replayed` for a replay) and `run.quarantined` for
+    /// the run that succeeded, `run.failed` for the last attempt of a dead job,
+    /// `dead_letter.created` for its dead letter. Each event has a key of its own, so a job
+    /// delivered twice announces once.
+    async fn announce(
+        &self,
+        tenant: &str,
+        queue: QueueName,
+        result: &JobResult,
+        correlation: &str,
+    ) {
+        let Ok(tenant) = TenantSlug::parse(tenant) else {
+            return;
+        };
+        let mut events = Vec::new();
+        if let Some(run_id) = &result.final_run_id {
+            match self.warehouse.run(&tenant, run_id).await {
+                Ok(Some(ledger)) => {
+                    let data = serde_json::to_value(ledger.view()).unwrap_or_default();
+                    match result.status {
+                        JobStatus::Succeeded => {
+                            let done = if queue == QueueName::Replay {
+                                EventType::QuarantineReplayed
+                            } else {
+                                EventType::RunSucceeded
+                            };
+                            events.push(WebhookEvent::new(done, run_id, data.clone()));
+                            let mut set_aside =
+                                WebhookEvent::new(EventType::RunQuarantined, run_id, data);
+                            set_aside.quarantined = ledger.counts.quarantined;
+                            events.push(set_aside);
+                        }
+                        JobStatus::Dead => {
+                            events.push(WebhookEvent::new(EventType::RunFailed, run_id, data))
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, run = %run_id, "reading the run for its webhook events")
+                }
+            }
+        }
+        if let Some(id) = &result.dead_letter {
+            match self.warehouse.dead_letter(&tenant, id).await {
+                Ok(Some(letter)) => events.push(WebhookEvent::new(
+                    EventType::DeadLetterCreated,
+                    id,
+                    serde_json::to_value(&letter).unwrap_or_default(),
+                )),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, dead_letter = %id, "reading the dead letter for its webhook event")
+                }
+            }
+        }
+        for event in &events {
+            if let Err(e) = self
+                .queues
+                .emit(&*self.warehouse, &tenant, event, correlation)
+                .await
+            {
+                tracing::error!(error = %e, event = %event.key, "webhook event not recorded");
+            }
+        }
     }
 
     async fn run_replay(&self, job: &ReplayJob) -> JobResult {

@@ -17,8 +17,8 @@ pub trait KeyRotation: Send + Sync {
     /// rotation and changes nothing.
     fn rewrap_tenant_keys(&self, new: &MasterKey) -> impl Future<Output = Result<usize>> + Send;
 
-    /// Gives `tenant` a fresh data key and re-seals its pipelines' secrets under it, in one
-    /// transaction, while saves of the tenant's pipelines wait. Returns how many pipelines'
-    /// secrets were re-sealed.
+    /// Gives `tenant` a fresh data key and re-seals its pipelines' and webhook endpoints'
+    /// secrets under it, in one transaction, while saves of the tenant's pipelines wait.
+    /// Returns how many secrets (pipelines' and endpoints') were re-sealed.
     fn rotate_tenant_key(&self, tenant: &TenantSlug) -> impl Future<Output = Result<usize>> + Send;
 }

@@ -1,12 +1,14 @@
 //! The control store: what the API, the CLI, the workers and the scheduler share besides
 //! the warehouse's rows: pipeline definitions (secrets sealed), API keys and the audit log,
-//! and dead letters. Both warehouse backends keep it beside their tables; [`Store`] is a
-//! warehouse that also keeps it, the one bound the API and the CLI are written against.
+//! dead letters, webhook endpoints and their deliveries. Both warehouse backends keep it
+//! beside their tables; [`Store`] is a warehouse that also keeps it, the one bound the API
+//! and the CLI are written against.
 
 mod access;
 mod dead_letters;
 mod keys;
 mod pipelines;
+mod webhook_store;
 pub mod webhooks;
 
 pub use access::{
@@ -19,10 +21,15 @@ pub use pipelines::{
     PipelineChange, PipelineOrigin, PipelineStore, ScheduledPipeline, StoredPipeline,
 };
 pub(crate) use pipelines::{decode_secrets, no_master_key, secrets_context};
+pub use webhook_store::{
+    DeliveryAttempt, DeliveryStatus, NewWebhookEndpoint, WebhookDelivery, WebhookEndpoint,
+    WebhookEvent, WebhookStore,
+};
+pub(crate) use webhook_store::{new_endpoint_id, webhook_secret_context};
 
 use crate::warehouse::Warehouse;
 
-/// A warehouse that also stores pipelines, keys, the audit log and dead letters.
-pub trait Store: Warehouse + PipelineStore + AccessStore + 'static {}
+/// A warehouse that also stores pipelines, keys, the audit log, dead letters and webhooks.
+pub trait Store: Warehouse + PipelineStore + AccessStore + WebhookStore + 'static {}
 
-impl<T: Warehouse + PipelineStore + AccessStore + 'static> Store for T {}
+impl<T: Warehouse + PipelineStore + AccessStore + WebhookStore + 'static> Store for T {}

@@ -6,7 +6,7 @@
 //! its secret rotated.
 //!
 //! This is the signing and the event vocabulary; a receiver checks a delivery with
-//! [`verify`].
+//! [`verify`]. Endpoints and deliveries are stored by [`super::WebhookStore`].
 
 use aes_gcm::aead::OsRng;
 use aes_gcm::aead::rand_core::RngCore;
@@ -43,10 +43,13 @@ pub enum EventType {
     /// Quarantined rows were replayed.
     #[serde(rename = "quarantine.replayed")]
     QuarantineReplayed,
+    /// A test send an admin asked for (never subscribed to).
+    #[serde(rename = "webhook.test")]
+    WebhookTest,
 }
 
 impl EventType {
-    /// Every event type.
+    /// Every event type an endpoint can subscribe to.
     pub const ALL: [EventType; 5] = [
         EventType::RunSucceeded,
         EventType::RunFailed,
@@ -63,12 +66,16 @@ impl EventType {
             EventType::RunQuarantined => "run.quarantined",
             EventType::DeadLetterCreated => "dead_letter.created",
             EventType::QuarantineReplayed => "quarantine.replayed",
+            EventType::WebhookTest => "webhook.test",
         }
     }
 
     /// The event type named `s`.
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|e| e.as_str() == s)
+        Self::ALL
+            .into_iter()
+            .chain([EventType::WebhookTest])
+            .find(|e| e.as_str() == s)
     }
 }
 
@@ -99,6 +106,11 @@ impl WebhookSecret {
                 format!("not a webhook secret (whsec_ and base64): {e}"),
             )
         })?;
+        Self::from_key(&key)
+    }
+
+    /// A secret of these key bytes (as stored, sealed).
+    pub fn from_key(key: &[u8]) -> Result<Self> {
         if !(24..=64).contains(&key.len()) {
             return Err(EngineError::new(
                 ErrorKind::Input,
@@ -108,7 +120,12 @@ impl WebhookSecret {
                 ),
             ));
         }
-        Ok(WebhookSecret(key))
+        Ok(WebhookSecret(key.to_vec()))
+    }
+
+    /// The key bytes, to be sealed for storage.
+    pub fn key(&self) -> &[u8] {
+        &self.0
     }
 
     /// `whsec_<base64>`: what the endpoint's owner is shown, once.

@@ -9,7 +9,11 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 
-use crate::control::{ApiKeyRecord, DeadLetter, Role};
+use crate::control::webhooks::EventType;
+use crate::control::{
+    ApiKeyRecord, DeadLetter, DeliveryAttempt, DeliveryStatus, Role, WebhookDelivery,
+    WebhookEndpoint,
+};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::ledger::{RowCounts, RunLedger, RunStatus, RunTrigger};
 use crate::quarantine::{QuarantineStatus, QuarantinedRow, SourcePosition};
@@ -213,5 +217,63 @@ pub(crate) fn key_from_row(r: &impl StoredRow) -> Result<ApiKeyRecord> {
         name: r.value("name")?,
         created_at: r.required_instant("created_at")?,
         revoked_at: r.instant("revoked_at")?,
+    })
+}
+
+/// A webhook endpoint (no secret).
+pub(crate) fn endpoint_from_row<R: StoredRow>(r: &R) -> Result<WebhookEndpoint> {
+    let events = serde_json::from_value(r.json("events")?).map_err(|e| {
+        EngineError::new(ErrorKind::Warehouse, "events is not a list of event types").with_source(e)
+    })?;
+    Ok(WebhookEndpoint {
+        id: r.value("id")?,
+        tenant: r.value("tenant")?,
+        url: r.value("url")?,
+        events,
+        quarantine_threshold: r.count("quarantine_threshold")?,
+        description: r.value("description")?,
+        created_at: r.required_instant("created_at")?,
+        secret_rotated_at: r.required_instant("secret_rotated_at")?,
+    })
+}
+
+/// A webhook delivery.
+pub(crate) fn delivery_from_row<R: StoredRow>(r: &R) -> Result<WebhookDelivery> {
+    let event_type: String = r.value("event_type")?;
+    let payload: String = r.value("payload")?;
+    Ok(WebhookDelivery {
+        id: r.value("id")?,
+        tenant: r.value("tenant")?,
+        endpoint_id: r.value("endpoint_id")?,
+        event_type: EventType::parse(&event_type).ok_or_else(|| {
+            EngineError::new(
+                ErrorKind::Warehouse,
+                format!("unknown event type {event_type:?}"),
+            )
+        })?,
+        event_key: r.value("event_key")?,
+        payload: serde_json::from_str(&payload).map_err(|e| {
+            EngineError::new(ErrorKind::Warehouse, "a delivery's payload is not JSON")
+                .with_source(e)
+        })?,
+        status: DeliveryStatus::parse(&r.value::<String>("status")?)?,
+        attempts: u32::try_from(r.count("attempts")?).unwrap_or(u32::MAX),
+        created_at: r.required_instant("created_at")?,
+        updated_at: r.required_instant("updated_at")?,
+        delivered_at: r.instant("delivered_at")?,
+    })
+}
+
+/// One attempt at a webhook delivery.
+pub(crate) fn attempt_from_row<R: StoredRow>(r: &R) -> Result<DeliveryAttempt> {
+    Ok(DeliveryAttempt {
+        delivery_id: r.value("delivery_id")?,
+        number: u32::try_from(r.count("number")?).unwrap_or(u32::MAX),
+        at: r.required_instant("at")?,
+        status_code: r
+            .value::<Option<i64>>("status_code")?
+            .and_then(|c| u16::try_from(c).ok()),
+        response: r.value("response")?,
+        duration_ms: r.count("duration_ms")?,
     })
 }

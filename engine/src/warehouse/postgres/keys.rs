@@ -2,7 +2,7 @@
 //! sealed secrets, each rotation in one transaction.
 
 use super::{PostgresWarehouse, db, missing_tenant};
-use crate::control::{KeyRotation, no_master_key, secrets_context};
+use crate::control::{KeyRotation, no_master_key, secrets_context, webhook_secret_context};
 use crate::error::Result;
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
@@ -74,6 +74,26 @@ impl KeyRotation for PostgresWarehouse {
                 .await
                 .map_err(db("storing re-sealed secrets"))?;
         }
+        let hooks: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, secret FROM sluice.webhook_endpoints WHERE tenant = $1 ORDER BY id FOR UPDATE",
+        )
+        .bind(tenant.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("reading the tenant's webhook secrets"))?;
+        for (id, bytes) in &hooks {
+            let context = webhook_secret_context(tenant, id);
+            let plain = zeroize::Zeroizing::new(old.open(bytes, &context)?);
+            sqlx::query(
+                "UPDATE sluice.webhook_endpoints SET secret = $3 WHERE tenant = $1 AND id = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(id)
+            .bind(new.seal(&plain, &context))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("storing a re-sealed webhook secret"))?;
+        }
         sqlx::query("UPDATE sluice.tenants SET wrapped_key = $2 WHERE slug = $1")
             .bind(tenant.as_str())
             .bind(master.wrap(&new, tenant.as_str()))
@@ -84,6 +104,6 @@ impl KeyRotation for PostgresWarehouse {
         tx.commit()
             .await
             .map_err(db("committing the tenant key rotation"))?;
-        Ok(sealed.len())
+        Ok(sealed.len() + hooks.len())
     }
 }

@@ -31,6 +31,10 @@ pub(super) const CONTROL_MIGRATIONS: &[(i32, &str)] = &[
         5,
         include_str!("../../../../migrations/postgres/control/0005_console_sessions.sql"),
     ),
+    (
+        6,
+        include_str!("../../../../migrations/postgres/control/0006_webhooks.sql"),
+    ),
 ];
 
 pub(super) const TENANT_MIGRATIONS: &[(i32, &str)] = &[

@@ -33,6 +33,7 @@ mod quarantine;
 mod rollups;
 mod rows;
 mod runs;
+mod webhooks;
 
 /// A named point in the commit path where a test can inject a fault (kill the connection,
 /// stall), in the spirit of the `fail` crate's failpoints.

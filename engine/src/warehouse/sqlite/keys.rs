@@ -2,7 +2,7 @@
 //! sealed secrets, each rotation in one write transaction.
 
 use super::SqliteWarehouse;
-use crate::control::{KeyRotation, no_master_key, secrets_context};
+use crate::control::{KeyRotation, no_master_key, secrets_context, webhook_secret_context};
 use crate::error::{EngineError, Result};
 use crate::secrets::{DataKey, MasterKey};
 use crate::tenant::TenantSlug;
@@ -54,6 +54,23 @@ impl KeyRotation for SqliteWarehouse {
                 .await
                 .map_err(|e| EngineError::from_sqlx("storing re-sealed secrets", e))?;
         }
+        let hooks: Vec<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT id, secret FROM webhook_endpoints WHERE tenant = ? ORDER BY id")
+                .bind(tenant.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| EngineError::from_sqlx("reading the tenant's webhook secrets", e))?;
+        for (id, bytes) in &hooks {
+            let context = webhook_secret_context(tenant, id);
+            let plain = zeroize::Zeroizing::new(old.open(bytes, &context)?);
+            sqlx::query("UPDATE webhook_endpoints SET secret = ? WHERE tenant = ? AND id = ?")
+                .bind(new.seal(&plain, &context))
+                .bind(tenant.as_str())
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| EngineError::from_sqlx("storing a re-sealed webhook secret", e))?;
+        }
         sqlx::query("UPDATE tenant_keys SET wrapped_key = ? WHERE tenant = ?")
             .bind(master.wrap(&new, tenant.as_str()))
             .bind(tenant.as_str())
@@ -63,6 +80,6 @@ impl KeyRotation for SqliteWarehouse {
         tx.commit()
             .await
             .map_err(|e| EngineError::from_sqlx("committing the tenant key rotation", e))?;
-        Ok(sealed.len())
+        Ok(sealed.len() + hooks.len())
     }
 }

@@ -55,6 +55,10 @@ pub(super) const CONTROL_MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../../../migrations/sqlite/control/0005_console_sessions.sql"),
     ),
+    (
+        6,
+        include_str!("../../../../migrations/sqlite/control/0006_webhooks.sql"),
+    ),
 ];
 
 pub(super) async fn migrate(pool: &SqlitePool, tenant: &TenantSlug) -> Result<()> {

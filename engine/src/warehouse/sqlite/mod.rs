@@ -34,6 +34,7 @@ mod pipelines;
 mod quarantine;
 mod rows;
 mod runs;
+mod webhooks;
 
 /// The embedded SQLite warehouse.
 pub struct SqliteWarehouse {
