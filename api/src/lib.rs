@@ -15,6 +15,7 @@ pub mod request_id;
 pub mod routes;
 pub mod state;
 pub mod upload;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,6 +35,7 @@ use crate::error::ApiError;
 use crate::openapi::{Conventions, Problem};
 use crate::routes::*;
 use crate::upload::{__path_upload_file, upload_file};
+use crate::webhooks::*;
 
 /// One list of handlers builds both the router and the OpenAPI document ([`ApiDoc`]):
 /// each handler's `#[utoipa::path]` names its method and path, and the router serves it
@@ -44,7 +46,7 @@ macro_rules! api_routes {
         /// The OpenAPI document of every route (see [`openapi`]).
         #[derive(utoipa::OpenApi)]
         #[openapi(
-            info(title = "sluice", description = "The sluice API: pipelines, syncs, runs, quarantine, dead letters, keys and finance reports. Send an API key as `Authorization: Bearer <key>`; every error is `application/problem+json`."),
+            info(title = "sluice", description = "The sluice API: pipelines, syncs, runs, quarantine, dead letters, keys, webhooks and finance reports. Send an API key as `Authorization: Bearer <key>`; every error is `application/problem+json`."),
             paths( $( $handler, )* $( $xhandler, )* ),
             components(schemas(Problem)),
             modifiers(&Conventions),
@@ -104,6 +106,8 @@ api_routes! {
     retry_quarantined, ignore_quarantined,
     list_dead_letters, get_dead_letter, replay_dead_letter,
     list_keys, create_key, revoke_key, audit_log,
+    list_webhooks, create_webhook, get_webhook, delete_webhook, rotate_webhook_secret,
+    test_webhook, list_deliveries, get_delivery, replay_delivery,
     dashboard, anomalies, ar_aging, ap_aging, profitability, cash_flow;
     // Registered apart by `router`, with its own body limit:
     @apart upload_file,

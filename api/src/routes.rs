@@ -28,10 +28,10 @@ use crate::request_id::RequestId;
 use crate::state::AppState;
 use sluice_engine::Store;
 
-type Api<W> = State<Arc<AppState<W>>>;
-type Reply = Result<Response, ApiError>;
+pub(crate) type Api<W> = State<Arc<AppState<W>>>;
+pub(crate) type Reply = Result<Response, ApiError>;
 
-fn ok(v: impl serde::Serialize) -> Reply {
+pub(crate) fn ok(v: impl serde::Serialize) -> Reply {
     Ok(Json(v).into_response())
 }
 
@@ -77,7 +77,7 @@ fn negotiated(
 /// The most quarantined rows one export holds; past it, the caller narrows the filter.
 const EXPORT_ROWS: usize = 100_000;
 
-async fn audit<W: Store>(
+pub(crate) async fn audit<W: Store>(
     s: &AppState<W>,
     caller: &Caller,
     action: &str,
@@ -137,9 +137,9 @@ fn parse_pipeline(mut body: Value, tenant: &TenantSlug) -> Result<PipelineSpec, 
 pub struct Page {
     /// Page size (1-1000).
     #[param(minimum = 1, maximum = 1000, example = 100)]
-    limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
     /// The last id of the previous page (its `next_cursor`).
-    cursor: Option<String>,
+    pub(crate) cursor: Option<String>,
 }
 
 /// One page of `items` (in list order) after the item whose key is `cursor`.

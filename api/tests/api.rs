@@ -80,6 +80,25 @@ async fn every_route_allows_exactly_the_roles_it_should() {
         (Method::GET, "/v1/keys", None, Admin),
         (Method::GET, "/v1/audit", None, Admin),
         (Method::DELETE, "/v1/pipelines/nope", None, Admin),
+        (Method::GET, "/v1/webhooks", None, Operator),
+        (Method::GET, "/v1/webhooks/nope", None, Operator),
+        (Method::GET, "/v1/webhooks/nope/deliveries", None, Operator),
+        (
+            Method::POST,
+            "/v1/webhooks",
+            Some(json!({ "url": "http://169.254.169.254/" })),
+            Admin,
+        ),
+        (Method::DELETE, "/v1/webhooks/nope", None, Admin),
+        (Method::POST, "/v1/webhooks/nope/rotate-secret", None, Admin),
+        (Method::POST, "/v1/webhooks/nope/test", None, Admin),
+        (Method::GET, "/v1/webhook-deliveries/nope", None, Operator),
+        (
+            Method::POST,
+            "/v1/webhook-deliveries/nope/replay",
+            None,
+            Admin,
+        ),
     ];
     for role in [Viewer, Analyst, Operator, Admin] {
         let key = api.key(Some("acme"), role).await;

@@ -21,6 +21,8 @@ pub(crate) struct Api {
     pub(crate) app: axum::Router,
     pub(crate) warehouse: Arc<SqliteWarehouse>,
     pub(crate) _dir: tempfile::TempDir,
+    /// Hosts the server opens to tenants (`--allow-source-hosts`).
+    pub(crate) allow: String,
 }
 
 /// Workers running in this process over the API's warehouse and queue.
@@ -51,6 +53,16 @@ impl Api {
         Self::build(|s| s.upload_limit = limit).await
     }
 
+    /// An API whose tenants may reach `allow` (e.g. a receiver on this machine).
+    pub(crate) async fn allowing(allow: &str) -> Self {
+        let mut api = Self::build(|s| {
+            s.confinement = confinement_allowing(&s.upload_dir, allow);
+        })
+        .await;
+        api.allow = allow.to_string();
+        api
+    }
+
     pub(crate) async fn build(configure: impl FnOnce(&mut AppState<SqliteWarehouse>)) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let warehouse = Arc::new(
@@ -69,6 +81,7 @@ impl Api {
             app: router(state),
             warehouse,
             _dir: dir,
+            allow: String::new(),
         }
     }
 
@@ -82,7 +95,7 @@ impl Api {
             self.warehouse.clone(),
             queues,
             sluice_workers::retry::RetryPolicy::with_base(std::time::Duration::from_millis(10)),
-            confinement(self._dir.path()),
+            confinement_allowing(&self._dir.path().join("uploads"), &self.allow),
         ));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -149,11 +162,19 @@ impl Api {
 /// The server's confinement in these tests: files under the repository's `examples/`
 /// (the example pipelines' files), uploads under `dir`, public hosts only.
 pub(crate) fn confinement(dir: &std::path::Path) -> sluice_pipelines::Confinement {
+    confinement_allowing(&dir.join("uploads"), "")
+}
+
+/// As [`confinement`] with uploads in `uploads`, tenants also reaching `allow`.
+pub(crate) fn confinement_allowing(
+    uploads: &std::path::Path,
+    allow: &str,
+) -> sluice_pipelines::Confinement {
     let examples = format!("{}/../examples", env!("CARGO_MANIFEST_DIR"));
     sluice_pipelines::Confinement::new(
         Some(std::path::Path::new(&examples)),
-        &dir.join("uploads"),
-        sluice_connectors::egress::EgressPolicy::default(),
+        uploads,
+        sluice_connectors::egress::EgressPolicy::allowing(allow).expect("policy"),
     )
     .expect("confinement")
 }
