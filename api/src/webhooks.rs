@@ -23,6 +23,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::request_id::RequestId;
 use crate::routes::{Api, Page, Reply, audit, ok};
+use crate::state::AppState;
 
 /// Body of `POST /v1/webhooks`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -102,8 +103,9 @@ fn queued(delivery_id: &str) -> Reply {
         .into_response())
 }
 
-async fn endpoint<W: Store>(
-    s: &crate::AppState<W>,
+/// The tenant's endpoint `id`, or 404.
+pub async fn endpoint<W: Store>(
+    s: &AppState<W>,
     tenant: &sluice_engine::TenantSlug,
     id: &str,
 ) -> Result<WebhookEndpoint, ApiError> {
@@ -146,6 +148,17 @@ pub async fn create_webhook<W: Store>(
     caller: Caller,
     Json(body): Json<NewWebhookBody>,
 ) -> Reply {
+    let made = make_webhook(&s, &caller, body).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+/// Makes an endpoint as `caller` may (its URL checked against the egress policy,
+/// audited); the secret is in the answer, once. The console's form comes here too.
+pub async fn make_webhook<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    body: NewWebhookBody,
+) -> Result<WebhookCreated, ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
     s.confinement
         .reach(tenant.as_str(), PipelineOrigin::Api)
@@ -160,21 +173,17 @@ pub async fn create_webhook<W: Store>(
     };
     let (endpoint, secret) = s.warehouse.create_webhook(tenant, &new).await?;
     audit(
-        &s,
-        &caller,
+        s,
+        caller,
         "webhook.create",
         &endpoint.id,
         json!({ "url": endpoint.url, "events": endpoint.events }),
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(WebhookCreated {
-            endpoint,
-            secret: secret.reveal(),
-        }),
-    )
-        .into_response())
+    Ok(WebhookCreated {
+        endpoint,
+        secret: secret.reveal(),
+    })
 }
 
 /// `GET /v1/webhooks/{id}`
@@ -211,12 +220,21 @@ pub async fn delete_webhook<W: Store>(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Reply {
+    remove_webhook(&s, &caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Deletes an endpoint (audited).
+pub async fn remove_webhook<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    id: &str,
+) -> Result<(), ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
-    if !s.warehouse.delete_webhook(tenant, &id).await? {
+    if !s.warehouse.delete_webhook(tenant, id).await? {
         return Err(ApiError::not_found(format!("webhook endpoint {id}")));
     }
-    audit(&s, &caller, "webhook.delete", &id, json!({})).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    audit(s, caller, "webhook.delete", id, json!({})).await
 }
 
 /// `POST /v1/webhooks/{id}/rotate-secret`: the new secret is in the answer, once.
@@ -234,16 +252,25 @@ pub async fn rotate_webhook_secret<W: Store>(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Reply {
+    ok(RotatedSecret {
+        secret: rotate_secret(&s, &caller, &id).await?,
+    })
+}
+
+/// Gives an endpoint a new secret (audited); the secret, to show once.
+pub async fn rotate_secret<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    id: &str,
+) -> Result<String, ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
     let secret = s
         .warehouse
-        .rotate_webhook_secret(tenant, &id)
+        .rotate_webhook_secret(tenant, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id}")))?;
-    audit(&s, &caller, "webhook.rotate_secret", &id, json!({})).await?;
-    ok(RotatedSecret {
-        secret: secret.reveal(),
-    })
+    audit(s, caller, "webhook.rotate_secret", id, json!({})).await?;
+    Ok(secret.reveal())
 }
 
 /// `POST /v1/webhooks/{id}/test`: a `webhook.test` event to this endpoint only, through
@@ -263,8 +290,18 @@ pub async fn test_webhook<W: Store>(
     Path(id): Path<String>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
 ) -> Reply {
+    queued(&send_test(&s, &caller, &id, request_id).await?)
+}
+
+/// Queues a `webhook.test` event to endpoint `id` only; the delivery's id.
+pub async fn send_test<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    id: &str,
+    request_id: String,
+) -> Result<String, ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
-    let target = endpoint(&s, tenant, &id).await?;
+    let target = endpoint(s, tenant, id).await?;
     let test_id = uuid::Uuid::now_v7().to_string();
     let mut event = WebhookEvent::new(
         EventType::WebhookTest,
@@ -281,10 +318,9 @@ pub async fn test_webhook<W: Store>(
         .queues
         .emit(&*s.warehouse, tenant, &event, &request_id)
         .await?;
-    let delivery = ids
-        .first()
-        .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id}")))?;
-    queued(delivery)
+    ids.into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id}")))
 }
 
 /// `GET /v1/webhooks/{id}/deliveries`: newest first, paged by cursor.
@@ -361,17 +397,27 @@ pub async fn replay_delivery<W: Store>(
     Path(id): Path<String>,
     axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
 ) -> Reply {
+    resend(&s, &caller, &id, request_id).await?;
+    queued(&id)
+}
+
+/// Sends delivery `id` again under the retry policy (audited).
+pub async fn resend<W: Store>(
+    s: &AppState<W>,
+    caller: &Caller,
+    id: &str,
+    request_id: String,
+) -> Result<(), ApiError> {
     let tenant = caller.tenant_with(Role::Admin)?;
-    if !s.warehouse.reopen_delivery(tenant, &id).await? {
+    if !s.warehouse.reopen_delivery(tenant, id).await? {
         return Err(ApiError::not_found(format!("webhook delivery {id}")));
     }
     s.queues
         .push_webhook(WebhookJob {
             tenant: tenant.to_string(),
-            delivery_id: id.clone(),
+            delivery_id: id.to_string(),
             correlation_id: request_id,
         })
         .await?;
-    audit(&s, &caller, "webhook.replay", &id, json!({})).await?;
-    queued(&id)
+    audit(s, caller, "webhook.replay", id, json!({})).await
 }

@@ -8,7 +8,9 @@ use axum::body::{Body, to_bytes};
 use axum::http::{Method, Request, StatusCode, header};
 use chrono::{Duration, Utc};
 use harness::Api;
-use sluice_engine::control::{AccessStore, ConsoleSession, Role, hash_key, key_prefix};
+use sluice_engine::control::{
+    AccessStore, ConsoleSession, Role, WebhookStore, hash_key, key_prefix,
+};
 use tower::ServiceExt;
 
 struct Page {
@@ -23,6 +25,13 @@ impl Page {
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
+    }
+
+    /// The CSRF token of the page's forms, if it has any.
+    fn csrf_or_none(&self) -> Option<String> {
+        self.text
+            .contains("name=\"csrf\" value=\"")
+            .then(|| self.csrf())
     }
 
     /// The CSRF token of the page's forms.
@@ -473,4 +482,126 @@ async fn idle_and_old_sessions_revoked_keys_and_sign_out_end_a_session() {
         .status,
         StatusCode::UNAUTHORIZED
     );
+}
+
+#[tokio::test]
+async fn an_admin_makes_tests_rotates_and_deletes_a_webhook_endpoint_in_the_console() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let operator = api.key(Some("acme"), Role::Operator).await;
+    let session = sign_in(&api, &admin).await;
+    let list = send(&api, Method::GET, "/webhooks", Some(&session), None, &[]).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    assert!(list.text.contains("No endpoints yet."));
+    let token = list.csrf();
+    let made = send(
+        &api,
+        Method::POST,
+        "/webhooks",
+        Some(&session),
+        Some(&format!(
+            "csrf={token}&url=https%3A%2F%2Fhooks.example.com%2Fops&event=run.failed&event=dead_letter.created&quarantine_threshold=3&description=ops"
+        )),
+        &[],
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.text);
+    assert!(made.text.contains("shown once") && made.text.contains("value=\"whsec_"));
+    let tenant = sluice_engine::TenantSlug::parse("acme").expect("slug");
+    let endpoints = api.warehouse.webhooks(&tenant).await.expect("endpoints");
+    assert_eq!(endpoints.len(), 1);
+    let e = &endpoints[0];
+    assert_eq!(e.url, "https://hooks.example.com/ops");
+    assert_eq!(e.quarantine_threshold, 3);
+    assert_eq!(
+        e.events,
+        vec![
+            sluice_engine::control::webhooks::EventType::RunFailed,
+            sluice_engine::control::webhooks::EventType::DeadLetterCreated
+        ]
+    );
+    let again = send(&api, Method::GET, "/webhooks", Some(&session), None, &[]).await;
+    assert!(again.text.contains("hooks.example.com/ops"));
+    assert!(
+        !again.text.contains("whsec_"),
+        "the secret is not shown again"
+    );
+
+    // An address of the server's own network is refused.
+    let refused = send(
+        &api,
+        Method::POST,
+        "/webhooks",
+        Some(&session),
+        Some(&format!(
+            "csrf={token}&url=http%3A%2F%2F127.0.0.1%3A6379%2F&event=run.failed"
+        )),
+        &[],
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.text);
+
+    let page = format!("/webhooks/{}", e.id);
+    let tested = send(
+        &api,
+        Method::POST,
+        &format!("{page}/test"),
+        Some(&session),
+        Some(&format!("csrf={token}")),
+        &[],
+    )
+    .await;
+    assert_eq!(tested.status, StatusCode::SEE_OTHER, "{}", tested.text);
+    let shown = send(
+        &api,
+        Method::GET,
+        tested.location(),
+        Some(&session),
+        None,
+        &[],
+    )
+    .await;
+    assert!(shown.text.contains("webhook.test"), "{}", shown.text);
+    assert!(shown.text.contains("is queued for this endpoint"));
+    let rotated = send(
+        &api,
+        Method::POST,
+        &format!("{page}/rotate"),
+        Some(&session),
+        Some(&format!("csrf={token}")),
+        &[],
+    )
+    .await;
+    assert_eq!(rotated.status, StatusCode::OK);
+    assert!(rotated.text.contains("value=\"whsec_"));
+
+    // An operator reads the pages but may not change anything.
+    let op = sign_in(&api, &operator).await;
+    let read = send(&api, Method::GET, &page, Some(&op), None, &[]).await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert!(!read.text.contains("Delete endpoint"));
+    let op_token = read.csrf_or_none();
+    let forbidden = send(
+        &api,
+        Method::POST,
+        &format!("{page}/delete"),
+        Some(&op),
+        Some(&format!("csrf={}", op_token.unwrap_or_default())),
+        &[],
+    )
+    .await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+
+    let deleted = send(
+        &api,
+        Method::POST,
+        &format!("{page}/delete"),
+        Some(&session),
+        Some(&format!("csrf={token}")),
+        &[],
+    )
+    .await;
+    assert_eq!(deleted.status, StatusCode::SEE_OTHER);
+    let gone = send(&api, Method::GET, &page, Some(&session), None, &[]).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
 }

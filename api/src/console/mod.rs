@@ -82,6 +82,13 @@ console_pages! {
     get "/keys" => pages::admin::keys [Admin] "Keys" nav;
     post "/keys" => pages::admin::create_key [Admin] "Create a key";
     post "/keys/{id}/revoke" => pages::admin::revoke_key [Admin] "Revoke a key";
+    get "/webhooks" => pages::webhooks::list [Operator] "Webhooks" nav;
+    post "/webhooks" => pages::webhooks::create [Admin] "Make a webhook endpoint";
+    get "/webhooks/{id}" => pages::webhooks::show [Operator] "Webhook endpoint";
+    post "/webhooks/{id}/test" => pages::webhooks::test [Admin] "Send a test event";
+    post "/webhooks/{id}/rotate" => pages::webhooks::rotate [Admin] "Rotate a webhook secret";
+    post "/webhooks/{id}/delete" => pages::webhooks::delete [Admin] "Delete a webhook endpoint";
+    post "/webhook-deliveries/{id}/replay" => pages::webhooks::replay [Admin] "Send a delivery again";
 }
 
 /// The console's routes (pages, sign-in, assets), to merge beside the API's.
@@ -317,6 +324,9 @@ pub fn notice_text(code: &str) -> Option<&'static str> {
         "joined" => "A sync of this pipeline was already waiting to start: this is it.",
         "replayed" => "Queued again: the run is below.",
         "revoked" => "The key is revoked; its sessions have ended.",
+        "test_sent" => "A webhook.test event is queued for this endpoint.",
+        "webhook_deleted" => "The endpoint is deleted; nothing more is sent to it.",
+        "delivery_queued" => "The delivery is queued again, with the same webhook-id.",
         _ => return None,
     })
 }

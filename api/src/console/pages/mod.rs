@@ -8,3 +8,4 @@ pub mod quarantine;
 pub mod runs;
 pub mod sign_in;
 pub mod upload;
+pub mod webhooks;
