@@ -26,8 +26,6 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use serde_json::json;
-
 use sluice_engine::Store;
 pub use state::AppState;
 
@@ -161,7 +159,9 @@ async fn openapi_json<W: Store>(_: State<Arc<AppState<W>>>) -> impl IntoResponse
     responses((status = 200, description = "Alive", body = crate::openapi::Status))
 )]
 async fn health<W: Store>(_: State<Arc<AppState<W>>>) -> impl IntoResponse {
-    axum::Json(json!({ "status": "ok" }))
+    axum::Json(crate::openapi::Status {
+        status: "ok".into(),
+    })
 }
 
 /// Ready when the warehouse and the queue answer.
@@ -176,7 +176,9 @@ async fn health<W: Store>(_: State<Arc<AppState<W>>>) -> impl IntoResponse {
 async fn ready<W: Store>(State(s): State<Arc<AppState<W>>>) -> Result<impl IntoResponse, ApiError> {
     s.warehouse.tenants().await?;
     s.queues.depth(sluice_workers::QueueName::Sync).await?;
-    Ok(axum::Json(json!({ "status": "ready" })))
+    Ok(axum::Json(crate::openapi::Status {
+        status: "ready".into(),
+    }))
 }
 
 #[utoipa::path(
