@@ -9,14 +9,16 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 
-use crate::control::webhooks::EventType;
+use crate::control::webhooks::{EventType, WebhookSecret};
 use crate::control::{
     ApiKeyRecord, DeadLetter, DeliveryAttempt, DeliveryStatus, Role, WebhookDelivery,
     WebhookEndpoint,
 };
+use crate::control::{no_master_key, webhook_secret_context};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::ledger::{RowCounts, RunLedger, RunStatus, RunTrigger};
 use crate::quarantine::{QuarantineStatus, QuarantinedRow, SourcePosition};
+use crate::secrets::MasterKey;
 use crate::tenant::TenantSlug;
 
 /// How a backend reads the columns the shared decoders need.
@@ -276,4 +278,27 @@ pub(crate) fn attempt_from_row<R: StoredRow>(r: &R) -> Result<DeliveryAttempt> {
         response: r.value("response")?,
         duration_ms: r.count("duration_ms")?,
     })
+}
+
+/// An endpoint and its secret, from a row holding the endpoint's columns, its sealed
+/// `secret` and the tenant's `wrapped_key`, opened with `master`.
+pub(crate) fn signing_from_row<R: StoredRow>(
+    r: &R,
+    master: Option<&MasterKey>,
+    tenant: &TenantSlug,
+) -> Result<(WebhookEndpoint, WebhookSecret)> {
+    let endpoint = endpoint_from_row(r)?;
+    let master = master.ok_or_else(no_master_key)?;
+    let wrapped: Option<Vec<u8>> = r.value("wrapped_key")?;
+    let wrapped = wrapped.ok_or_else(|| {
+        EngineError::new(
+            ErrorKind::Warehouse,
+            format!("tenant '{tenant}' has a webhook secret but no data key"),
+        )
+    })?;
+    let key = master.unwrap_key(&wrapped, tenant.as_str())?;
+    let sealed: Vec<u8> = r.value("secret")?;
+    let plain =
+        zeroize::Zeroizing::new(key.open(&sealed, &webhook_secret_context(tenant, &endpoint.id))?);
+    Ok((endpoint, WebhookSecret::from_key(&plain)?))
 }

@@ -1,16 +1,17 @@
 //! Webhook endpoints (secrets sealed under the tenant's data key), their deliveries and
 //! every attempt, in the control schema.
 
-use super::rows::get;
-use super::{PostgresWarehouse, control_error, db, missing_tenant};
+use super::{PostgresWarehouse, control_error, db};
 use crate::control::webhooks::WebhookSecret;
 use crate::control::{
     DeliveryAttempt, DeliveryStatus, NewWebhookEndpoint, WebhookDelivery, WebhookEndpoint,
-    WebhookEvent, WebhookStore, new_endpoint_id, no_master_key, webhook_secret_context,
+    WebhookEvent, WebhookStore, new_endpoint_id, webhook_secret_context,
 };
 use crate::error::Result;
 use crate::tenant::TenantSlug;
-use crate::warehouse::rows::{attempt_from_row, delivery_from_row, endpoint_from_row};
+use crate::warehouse::rows::{
+    attempt_from_row, delivery_from_row, endpoint_from_row, signing_from_row,
+};
 use chrono::{DateTime, Utc};
 
 impl WebhookStore for PostgresWarehouse {
@@ -75,20 +76,8 @@ impl WebhookStore for PostgresWarehouse {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| control_error("reading the webhook", e))?;
-        let Some(row) = row else { return Ok(None) };
-        let master = self.master.as_deref().ok_or_else(no_master_key)?;
-        let wrapped: Option<Vec<u8>> = get(&row, "wrapped_key")?;
-        let key = master.unwrap_key(
-            &wrapped.ok_or_else(|| missing_tenant(tenant))?,
-            tenant.as_str(),
-        )?;
-        let sealed: Vec<u8> = get(&row, "secret")?;
-        let plain =
-            zeroize::Zeroizing::new(key.open(&sealed, &webhook_secret_context(tenant, id))?);
-        Ok(Some((
-            endpoint_from_row(&row)?,
-            WebhookSecret::from_key(&plain)?,
-        )))
+        row.map(|r| signing_from_row(&r, self.master.as_deref(), tenant))
+            .transpose()
     }
 
     async fn rotate_webhook_secret(

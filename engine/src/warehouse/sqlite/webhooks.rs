@@ -1,16 +1,17 @@
 //! Webhook endpoints (secrets sealed under the tenant's data key), their deliveries and
 //! every attempt, in the control database.
 
-use super::rows::get;
 use super::{SqliteWarehouse, now_text};
 use crate::control::webhooks::WebhookSecret;
 use crate::control::{
     DeliveryAttempt, DeliveryStatus, NewWebhookEndpoint, WebhookDelivery, WebhookEndpoint,
-    WebhookEvent, WebhookStore, new_endpoint_id, no_master_key, webhook_secret_context,
+    WebhookEvent, WebhookStore, new_endpoint_id, webhook_secret_context,
 };
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::tenant::TenantSlug;
-use crate::warehouse::rows::{attempt_from_row, delivery_from_row, endpoint_from_row};
+use crate::warehouse::rows::{
+    attempt_from_row, delivery_from_row, endpoint_from_row, signing_from_row,
+};
 use chrono::{DateTime, Utc};
 
 fn text(at: DateTime<Utc>) -> String {
@@ -85,23 +86,8 @@ impl WebhookStore for SqliteWarehouse {
         .fetch_optional(self.control().await?)
         .await
         .map_err(sqlx_error("reading the webhook"))?;
-        let Some(row) = row else { return Ok(None) };
-        let master = self.master.as_deref().ok_or_else(no_master_key)?;
-        let wrapped: Option<Vec<u8>> = get(&row, "wrapped_key")?;
-        let wrapped = wrapped.ok_or_else(|| {
-            EngineError::new(
-                ErrorKind::Warehouse,
-                format!("tenant '{tenant}' has a webhook secret but no data key"),
-            )
-        })?;
-        let key = master.unwrap_key(&wrapped, tenant.as_str())?;
-        let sealed: Vec<u8> = get(&row, "secret")?;
-        let plain =
-            zeroize::Zeroizing::new(key.open(&sealed, &webhook_secret_context(tenant, id))?);
-        Ok(Some((
-            endpoint_from_row(&row)?,
-            WebhookSecret::from_key(&plain)?,
-        )))
+        row.map(|r| signing_from_row(&r, self.master.as_deref(), tenant))
+            .transpose()
     }
 
     async fn rotate_webhook_secret(
