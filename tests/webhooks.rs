@@ -435,3 +435,122 @@ async fn the_egress_policy_keeps_deliveries_off_the_servers_network() {
     );
     server.abort();
 }
+
+/// A process that recorded an event and died before queueing its delivery loses nothing:
+/// the sweep finds the pending delivery once it has been untouched long enough, queues it,
+/// and a worker delivers it; a delivery still being worked on is left alone.
+async fn a_lost_delivery_is_swept_up<W>(w: Arc<W>, queues: Arc<Queues>, dir: &Path)
+where
+    W: Warehouse + sluice_engine::control::PipelineStore + WebhookStore + 'static,
+{
+    let tenant = slug("acme");
+    let (url, receiver, server) = receiver().await;
+    let (endpoint, secret) = w
+        .create_webhook(
+            &tenant,
+            &NewWebhookEndpoint {
+                url,
+                events: vec![EventType::DeadLetterCreated],
+                quarantine_threshold: 0,
+                description: String::new(),
+            },
+        )
+        .await
+        .expect("endpoint");
+    *receiver.secret.lock().expect("lock") = Some(secret);
+    // Recorded, never queued (the process died here).
+    let event = WebhookEvent::new(
+        EventType::DeadLetterCreated,
+        "dl-1",
+        serde_json::json!({"id": "dl-1"}),
+    );
+    let ids = w
+        .record_webhook_event(&tenant, &event)
+        .await
+        .expect("record");
+    assert_eq!(ids, vec![event.delivery_id(&endpoint.id)]);
+    assert_eq!(
+        queues
+            .sweep_deliveries(&*w, Duration::from_secs(300))
+            .await
+            .expect("sweep"),
+        0,
+        "a fresh delivery may still be on its way"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        queues
+            .sweep_deliveries(&*w, Duration::from_millis(10))
+            .await
+            .expect("sweep"),
+        1
+    );
+    // Touched by the sweep: the next one leaves it to the job just queued.
+    assert_eq!(
+        queues
+            .sweep_deliveries(&*w, Duration::from_secs(1))
+            .await
+            .expect("sweep"),
+        0
+    );
+    let env = Arc::new(WorkerEnv::new(
+        w.clone(),
+        queues.clone(),
+        RetryPolicy::with_base(Duration::from_millis(20)),
+        opened_to_loopback(dir),
+    ));
+    let workers = start_workers(env, WorkerOptions::default());
+    eventually(Duration::from_secs(30), "the swept delivery", || async {
+        receiver
+            .seen
+            .lock()
+            .expect("lock")
+            .accepted
+            .contains_key(&ids[0])
+    })
+    .await;
+    let d = w
+        .webhook_delivery(&tenant, &ids[0])
+        .await
+        .expect("read")
+        .expect("delivery");
+    assert_eq!(d.status, DeliveryStatus::Delivered);
+    stop_workers(workers).await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_delivery_whose_job_was_never_queued_is_swept_up_in_the_embedded_default() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let w = Arc::new(SqliteWarehouse::new(&data).with_master_key(master()));
+    let queues = Arc::new(
+        Queues::connect(settings(None, &data))
+            .await
+            .expect("queues"),
+    );
+    a_lost_delivery_is_swept_up(w, queues, dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_delivery_whose_job_was_never_queued_is_swept_up_through_redis_into_postgres() {
+    let db = TestDb::create().await;
+    let redis = Prefix::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let w = PostgresWarehouse::connect(&db.url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    let queues = Arc::new(
+        Queues::connect(settings(
+            Some((&redis.url, &redis.prefix)),
+            &dir.path().join("data"),
+        ))
+        .await
+        .expect("queues"),
+    );
+    a_lost_delivery_is_swept_up(Arc::new(w), queues, dir.path()).await;
+}

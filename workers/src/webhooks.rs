@@ -99,10 +99,15 @@ impl Queues {
         Ok(ids)
     }
 
-    /// Queues again the pending deliveries whose jobs were lost; returns how many.
-    pub async fn sweep_deliveries<S: WebhookStore>(&self, store: &S) -> Result<usize, WorkerError> {
+    /// Queues again the pending deliveries untouched for `stale_after` (their jobs were
+    /// lost; the workers sweep with [`STALE_AFTER`]); returns how many.
+    pub async fn sweep_deliveries<S: WebhookStore>(
+        &self,
+        store: &S,
+        stale_after: Duration,
+    ) -> Result<usize, WorkerError> {
         let before = Utc::now()
-            - chrono::Duration::from_std(STALE_AFTER).unwrap_or(chrono::Duration::minutes(5));
+            - chrono::Duration::from_std(stale_after).unwrap_or(chrono::Duration::minutes(5));
         let stale = store.stale_deliveries(before, 100).await.map_err(|e| {
             WorkerError::new(WorkerErrorKind::Queue, "finding lost deliveries").with_source(e)
         })?;

@@ -277,7 +277,11 @@ async fn sample_depth(queues: Arc<Queues>) {
 /// Queues again, every minute, the webhook deliveries whose jobs were lost.
 async fn sweep_deliveries<W: WebhookStore>(env: Arc<WorkerEnv<W>>) {
     loop {
-        match env.queues.sweep_deliveries(&*env.warehouse).await {
+        match env
+            .queues
+            .sweep_deliveries(&*env.warehouse, crate::webhooks::STALE_AFTER)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::info!(deliveries = n, "webhook deliveries queued again"),
             Err(e) => tracing::debug!(error = %e, "sweeping webhook deliveries"),
