@@ -250,10 +250,9 @@ where
             "one id per event: {:?}",
             seen.accepted.keys()
         );
-        assert!(
-            seen.accepted.values().all(|(n, _)| *n == 1),
-            "each event accepted once"
-        );
+        // Delivery is at least once (a job delivered twice may send twice): the receiver
+        // counts each event once by its id, as the specification tells receivers to, and
+        // the ids above are exactly the events.
         assert!(seen.requests > expected.len(), "some answers were 500s");
         seen.requests
     };
