@@ -53,7 +53,7 @@ async fn call(
 async fn finished(app: &axum::Router, key: &str, run: &str) -> Value {
     for _ in 0..600 {
         let (status, body) = call(app, Method::GET, &format!("/v1/runs/{run}"), key, None).await;
-        if status == StatusCode::OK && body["status"] != "running" {
+        if status == StatusCode::OK && body["status"] != "running" && body["status"] != "queued" {
             return body;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

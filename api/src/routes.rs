@@ -501,6 +501,55 @@ pub async fn get_run<W: Store>(State(s): Api<W>, caller: Caller, Path(id): Path<
     ok(run_json(&s, tenant, &id).await?)
 }
 
+/// A run of `tenant` queued and not started, as `GET /v1/runs/{id}` shows it: status
+/// `queued`, no counts yet, `started_at` when it was queued.
+async fn queued_view<W: Store>(
+    s: &AppState<W>,
+    tenant: &TenantSlug,
+    id: &str,
+) -> Result<Option<RunView>, ApiError> {
+    let Some(q) = s.queues.queued_run(id).await? else {
+        return Ok(None);
+    };
+    if q.tenant != tenant.as_str() {
+        return Ok(None);
+    }
+    let entity = s
+        .warehouse
+        .pipeline(tenant, &q.pipeline)
+        .await?
+        .and_then(|p| {
+            p.spec
+                .get("entity")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    Ok(Some(RunView {
+        run_id: q.run_id,
+        tenant: q.tenant,
+        pipeline: q.pipeline,
+        entity,
+        trigger: q.trigger,
+        status: RunStatus::Queued,
+        started_at: q.queued_at,
+        finished_at: None,
+        rows_read: 0,
+        loaded: 0,
+        inserted: 0,
+        updated: 0,
+        unchanged: 0,
+        quarantined: 0,
+        deduplicated: 0,
+        rules_hash: String::new(),
+        error: None,
+        attempt: None,
+        job_id: None,
+        attempts: None,
+        quarantined_by_rule: None,
+    }))
+}
+
 /// A run as `GET /v1/runs/{id}` shows it. A job's id (attempt 1's) gives the job as a whole:
 /// counts summed over its attempts, the last attempt's status, each attempt beneath
 /// (`attempts`). An attempt's id (`<job>.<n>`) gives that attempt alone, with `job_id`.
@@ -511,7 +560,14 @@ pub async fn run_json<W: Store>(
     id: &str,
 ) -> Result<RunView, ApiError> {
     let missing = || ApiError::not_found(format!("run {id}"));
-    let job = s.warehouse.job(tenant, id).await?.ok_or_else(missing)?;
+    // A tenant with no warehouse yet has no runs in it; its first run may be queued.
+    let found = match s.warehouse.job(tenant, id).await {
+        Err(e) if e.kind() == sluice_engine::ErrorKind::NotFound => None,
+        other => other?,
+    };
+    let Some(job) = found else {
+        return queued_view(s, tenant, id).await?.ok_or_else(missing);
+    };
     let job_id = sluice_engine::JobLedger::job_id(id);
     let (mut v, covered): (RunView, Vec<&str>) = if job_id == id {
         (
@@ -599,7 +655,7 @@ pub async fn runs_page<W: Store>(
         .map(|st| {
             RunStatus::parse(st).ok_or_else(|| {
                 ApiError::bad_request(format!(
-                    "unknown status {st:?}: running, succeeded or failed"
+                    "unknown status {st:?}: queued, running, succeeded or failed"
                 ))
             })
         })

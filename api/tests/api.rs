@@ -1001,3 +1001,44 @@ async fn lists_page_by_cursor() {
     assert_eq!(names(&last), ["p4"]);
     assert!(last.body["next_cursor"].is_null());
 }
+
+#[tokio::test]
+async fn a_queued_run_answers_queued_until_a_worker_starts_it() {
+    let api = Api::new().await;
+    let admin = api.key(Some("acme"), Role::Admin).await;
+    let other = api.key(Some("globex"), Role::Admin).await;
+    let created = api
+        .call(
+            Method::POST,
+            "/v1/pipelines",
+            Some(&admin),
+            Some(example_pipeline("inv")),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    // No worker yet: the run waits in the queue, and the tenant has no warehouse yet.
+    let sync = api
+        .call(Method::POST, "/v1/pipelines/inv/sync", Some(&admin), None)
+        .await;
+    assert_eq!(sync.status, StatusCode::ACCEPTED, "{}", sync.body);
+    let url = sync.body["url"].as_str().expect("url").to_string();
+    let queued = api.call(Method::GET, &url, Some(&admin), None).await;
+    assert_eq!(queued.status, StatusCode::OK, "{}", queued.body);
+    assert_eq!(queued.body["status"], "queued");
+    assert_eq!(queued.body["pipeline"], "inv");
+    assert_eq!(queued.body["entity"], "invoices");
+    assert_eq!(queued.body["rows_read"], 0);
+    assert_problem(
+        &api.call(Method::GET, &url, Some(&other), None).await,
+        StatusCode::NOT_FOUND,
+    );
+    assert_problem(
+        &api.call(Method::GET, "/v1/runs/never-queued", Some(&admin), None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+    let worker = api.start_worker().await;
+    let run = finished_run(&api, &admin, sync.body["run_id"].as_str().expect("run")).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    worker.stop().await;
+}

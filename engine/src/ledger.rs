@@ -10,6 +10,9 @@ use crate::error::{EngineError, ErrorKind, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
+    /// Waiting in the queue for a worker; nothing read yet. Only an answer about a run
+    /// not started: the ledger holds runs from their start.
+    Queued,
     /// Still reading or loading.
     Running,
     /// Every row read was loaded, quarantined or deduplicated, and the counts add up.
@@ -22,6 +25,7 @@ impl RunStatus {
     /// The word stored in the ledger.
     pub fn as_str(self) -> &'static str {
         match self {
+            RunStatus::Queued => "queued",
             RunStatus::Running => "running",
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
@@ -31,6 +35,7 @@ impl RunStatus {
     /// Parses a stored word.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
+            "queued" => Some(RunStatus::Queued),
             "running" => Some(RunStatus::Running),
             "succeeded" => Some(RunStatus::Succeeded),
             "failed" => Some(RunStatus::Failed),
@@ -252,7 +257,7 @@ pub struct RunView {
     pub trigger: RunTrigger,
     /// Where it stands.
     pub status: RunStatus,
-    /// When it started.
+    /// When it started (a queued run: when it was queued).
     pub started_at: DateTime<Utc>,
     /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,

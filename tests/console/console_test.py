@@ -119,7 +119,7 @@ def wait_for_run(server, key, run_id, timeout=60):
             if e.code != 404:
                 raise
             run = {"status": "running"}
-        if run["status"] != "running":
+        if run["status"] not in ("queued", "running"):
             return run
         time.sleep(0.3)
     raise AssertionError(f"run {run_id} still running after {timeout} s")

@@ -16,6 +16,6 @@ pub mod worker;
 
 pub use error::{WorkerError, WorkerErrorKind};
 pub use queue::{
-    IdempotencyKey, JobResult, JobStatus, QueueName, QueueSettings, Queues, TriggerOutcome,
-    TriggerRequest, Triggered,
+    IdempotencyKey, JobResult, JobStatus, QueueName, QueueSettings, QueuedRun, Queues,
+    TriggerOutcome, TriggerRequest, Triggered,
 };

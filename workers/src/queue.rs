@@ -185,6 +185,22 @@ pub struct Triggered {
     pub outcome: TriggerOutcome,
 }
 
+/// A run queued and not started yet, remembered (as long as job results are) so that
+/// whoever follows its id learns it is waiting rather than unknown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedRun {
+    /// The run.
+    pub run_id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The pipeline.
+    pub pipeline: String,
+    /// What asked for it.
+    pub trigger: RunTrigger,
+    /// When it was queued.
+    pub queued_at: chrono::DateTime<chrono::Utc>,
+}
+
 enum Backend {
     Redis(apalis_redis::ConnectionManager),
     Sqlite(SqlitePool),
@@ -295,6 +311,35 @@ impl Queues {
     /// Locks, idempotency keys, results and ticks.
     pub fn coordinator(&self) -> &Coordinator {
         &self.coord
+    }
+
+    /// Remembers that `run_id` is queued (a failure is logged: it only costs a 404 to
+    /// whoever asks before the run starts).
+    async fn note_queued(&self, run_id: &str, tenant: &str, pipeline: &str, trigger: RunTrigger) {
+        let queued = QueuedRun {
+            run_id: run_id.to_string(),
+            tenant: tenant.to_string(),
+            pipeline: pipeline.to_string(),
+            trigger,
+            queued_at: chrono::Utc::now(),
+        };
+        let text = serde_json::to_string(&queued).unwrap_or_default();
+        if let Err(e) = self
+            .coord
+            .save_result(&format!("queued:{run_id}"), &text)
+            .await
+        {
+            tracing::warn!(error = %e, %run_id, "could not remember the queued run");
+        }
+    }
+
+    /// The queued run `run_id`, if it was queued here (it may have started since: the
+    /// ledger has it then).
+    pub async fn queued_run(&self, run_id: &str) -> Result<Option<QueuedRun>, WorkerError> {
+        let Some(text) = self.coord.result(&format!("queued:{run_id}")).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_str(&text).ok())
     }
 
     pub(crate) fn redis_config(&self, queue: QueueName) -> apalis_redis::Config {
@@ -430,6 +475,8 @@ impl Queues {
             correlation_id: correlation_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         };
         let run_id = job.run_id.clone();
+        self.note_queued(&run_id, tenant, &job.selection.pipeline, RunTrigger::Replay)
+            .await;
         if let Some(mut storage) = self.redis_storage::<ReplayJob>(QueueName::Replay) {
             storage
                 .push(job)
@@ -487,6 +534,8 @@ impl Queues {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         if let Some(file) = &req.file {
+            self.note_queued(&run_id, &req.tenant, &req.pipeline, req.trigger)
+                .await;
             self.push_sync(SyncJob {
                 tenant: req.tenant.clone(),
                 pipeline: req.pipeline.clone(),
@@ -551,6 +600,8 @@ impl Queues {
                     });
                 }
                 Acquired::Held(lease) => {
+                    self.note_queued(&run_id, &req.tenant, &req.pipeline, req.trigger)
+                        .await;
                     // Until `followed`, the job is recorded as waiting: if this push fails
                     // (or this process dies first), the next trigger pushes it.
                     self.push_sync(job(&lease)).await?;
@@ -574,6 +625,8 @@ impl Queues {
                     let (run_id, outcome) = match behind {
                         Behind::Free => continue,
                         Behind::Queued => {
+                            self.note_queued(&run_id, &req.tenant, &req.pipeline, req.trigger)
+                                .await;
                             tracing::info!(tenant = %req.tenant, pipeline = %req.pipeline, %run_id, %running, trigger = req.trigger.as_str(), "sync queued behind the running one");
                             (run_id, TriggerOutcome::Enqueued)
                         }

@@ -217,7 +217,10 @@ pub(crate) async fn finished_run(api: &Api, key: &str, run: &str) -> Value {
         let a = api
             .call(Method::GET, &format!("/v1/runs/{run}"), Some(key), None)
             .await;
-        if a.status == StatusCode::OK && a.body["status"] != "running" {
+        if a.status == StatusCode::OK
+            && a.body["status"] != "running"
+            && a.body["status"] != "queued"
+        {
             return a.body;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -39,9 +39,14 @@
       const tick = async function () {
         try {
           const r = await fetch("/v1/runs/" + encodeURIComponent(id), { headers: { Accept: "application/json" } });
-          if (r.ok && live.hasAttribute("data-waiting")) { window.location.reload(); return; }
           if (r.ok) {
             const run = await r.json();
+            // A queued run's page waits for it to start.
+            if (live.hasAttribute("data-waiting")) {
+              if (run.status !== "queued") { window.location.reload(); return; }
+              setTimeout(tick, 1000);
+              return;
+            }
             for (const cell of live.querySelectorAll("[data-field]")) {
               const k = cell.dataset.field;
               if (k !== "status" && run[k] !== undefined && run[k] !== null) cell.textContent = String(run[k]);

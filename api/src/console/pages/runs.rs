@@ -103,8 +103,10 @@ pub fn runs_table(runs: &[RunLedger]) -> maud::Markup {
     }
 }
 
-/// A queued job's run has no ledger until a worker starts it; its id (a UUIDv7) says when
-/// it was queued. An id queued within the last day is shown as waiting, not as missing.
+/// A queued job's run has no ledger until a worker starts it; the API answers it as
+/// `queued` while the queue remembers it. Past that (or where it could not be
+/// remembered), its id (a UUIDv7) says when it was queued: an id queued within the last
+/// day is shown as waiting, not as missing.
 fn recently_queued(id: &str) -> bool {
     let job = id.split('.').next().unwrap_or(id);
     uuid::Uuid::parse_str(job)
@@ -152,6 +154,9 @@ pub async fn show<W: Store>(
     Query(q): Query<RunPageQuery>,
 ) -> PageResult {
     let run = match run_json(&s, &user.tenant, &id).await {
+        Ok(run) if run.status == RunStatus::Queued => {
+            return Ok(queued_page(&user, &id, q.notice.as_deref()));
+        }
         Ok(run) => serde_json::json!(run),
         Err(e) if e.status == axum::http::StatusCode::NOT_FOUND && recently_queued(&id) => {
             return Ok(queued_page(&user, &id, q.notice.as_deref()));
