@@ -39,18 +39,6 @@ use support::private::{PrivateMariadb, PrivatePg};
 use support::proxy::StallProxy;
 use support::redis::{Prefix, PrivateRedis};
 
-/// A PostgreSQL warehouse at `url` with the tenant `acme`.
-async fn acme_warehouse(url: &str) -> PostgresWarehouse {
-    let w = PostgresWarehouse::connect(url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
-    w
-}
-
 /// A private PostgreSQL warehouse (tenant `acme`) fed by one worker process, with a pipeline
 /// `invoices` over messy invoices, 500 rows to a batch. Dropped in field order: the worker
 /// first, the PostgreSQL server last.

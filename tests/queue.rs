@@ -391,17 +391,6 @@ async fn two_schedulers_fire_each_tick_once_and_catch_up_once() {
     stop_workers(workers).await;
 }
 
-async fn pg_warehouse(db: &TestDb) -> PostgresWarehouse {
-    let w = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
-    w
-}
-
 /// PostgreSQL, a Redis prefix and a registered pipeline over a generated file.
 struct Fixture {
     db: TestDb,
@@ -417,7 +406,7 @@ impl Fixture {
         let db = TestDb::create().await;
         let redis = Prefix::new();
         let dir = tempfile::tempdir().expect("tmp");
-        let w = pg_warehouse(&db).await;
+        let w = acme_warehouse(&db.url).await;
         let (csv, exp) = messy_invoices(rows, seed);
         let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
         register(&w, &spec).await;
@@ -578,7 +567,7 @@ async fn a_redis_restart_under_a_running_job_loses_nothing() {
     std::fs::create_dir_all(&redis_dir).expect("dir");
     let mut redis = PrivateRedis::start(&redis_dir);
     let url = redis.url();
-    let w = Arc::new(pg_warehouse(&db).await);
+    let w = Arc::new(acme_warehouse(&db.url).await);
     let (csv, exp) = messy_invoices(30_000, 12);
     let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
     register(&*w, &spec).await;
@@ -698,7 +687,7 @@ async fn a_replay_job_loads_fixed_rows_into_postgres_and_keeps_the_rest_pending(
     let db = TestDb::create().await;
     let redis = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
-    let w = Arc::new(pg_warehouse(&db).await);
+    let w = Arc::new(acme_warehouse(&db.url).await);
     let (csv, exp) = messy_invoices(2_000, 14);
     let spec = write_pipeline(dir.path(), "invoices", &csv, 500, None);
     register(&*w, &spec).await;

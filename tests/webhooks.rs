@@ -96,6 +96,30 @@ async fn receiver() -> (String, Receiver, tokio::task::JoinHandle<()>) {
     (format!("{url}/hook"), r, server)
 }
 
+/// A PostgreSQL warehouse and a Redis queue, each the test's own (keep the last two alive).
+async fn postgres_and_redis(dir: &Path) -> (Arc<PostgresWarehouse>, Arc<Queues>, TestDb, Prefix) {
+    let db = TestDb::create().await;
+    let redis = Prefix::new();
+    let w = Arc::new(acme_warehouse(&db.url).await);
+    let queues = Queues::connect(settings(
+        Some((&redis.url, &redis.prefix)),
+        &dir.join("data"),
+    ))
+    .await
+    .expect("queues");
+    (w, Arc::new(queues), db, redis)
+}
+
+/// The embedded warehouse and queue under `dir/data`.
+async fn embedded(dir: &Path) -> (Arc<SqliteWarehouse>, Arc<Queues>) {
+    let data = dir.join("data");
+    let w = SqliteWarehouse::new(&data).with_master_key(master());
+    let queues = Queues::connect(settings(None, &data))
+        .await
+        .expect("queues");
+    (Arc::new(w), Arc::new(queues))
+}
+
 /// The server's confinement, opened to the receiver on this machine.
 fn opened_to_loopback(dir: &Path) -> Confinement {
     Confinement::new(
@@ -327,37 +351,15 @@ where
 
 #[tokio::test]
 async fn every_event_arrives_once_through_redis_into_postgres() {
-    let db = TestDb::create().await;
-    let redis = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
-    let w = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
-    let queues = Arc::new(
-        Queues::connect(settings(
-            Some((&redis.url, &redis.prefix)),
-            &dir.path().join("data"),
-        ))
-        .await
-        .expect("queues"),
-    );
-    every_event_arrives_once(Arc::new(w), queues, dir.path()).await;
+    let (w, queues, _db, _redis) = postgres_and_redis(dir.path()).await;
+    every_event_arrives_once(w, queues, dir.path()).await;
 }
 
 #[tokio::test]
 async fn every_event_arrives_once_in_the_embedded_default() {
     let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("data");
-    let w = Arc::new(SqliteWarehouse::new(&data).with_master_key(master()));
-    let queues = Arc::new(
-        Queues::connect(settings(None, &data))
-            .await
-            .expect("queues"),
-    );
+    let (w, queues) = embedded(dir.path()).await;
     every_event_arrives_once(w, queues, dir.path()).await;
 }
 
@@ -521,35 +523,13 @@ where
 #[tokio::test]
 async fn a_delivery_whose_job_was_never_queued_is_swept_up_in_the_embedded_default() {
     let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("data");
-    let w = Arc::new(SqliteWarehouse::new(&data).with_master_key(master()));
-    let queues = Arc::new(
-        Queues::connect(settings(None, &data))
-            .await
-            .expect("queues"),
-    );
+    let (w, queues) = embedded(dir.path()).await;
     a_lost_delivery_is_swept_up(w, queues, dir.path()).await;
 }
 
 #[tokio::test]
 async fn a_delivery_whose_job_was_never_queued_is_swept_up_through_redis_into_postgres() {
-    let db = TestDb::create().await;
-    let redis = Prefix::new();
     let dir = tempfile::tempdir().expect("tmp");
-    let w = PostgresWarehouse::connect(&db.url)
-        .await
-        .expect("connect")
-        .with_master_key(master());
-    w.create_tenant(&slug("acme"), "Acme", &master())
-        .await
-        .expect("tenant");
-    let queues = Arc::new(
-        Queues::connect(settings(
-            Some((&redis.url, &redis.prefix)),
-            &dir.path().join("data"),
-        ))
-        .await
-        .expect("queues"),
-    );
-    a_lost_delivery_is_swept_up(Arc::new(w), queues, dir.path()).await;
+    let (w, queues, _db, _redis) = postgres_and_redis(dir.path()).await;
+    a_lost_delivery_is_swept_up(w, queues, dir.path()).await;
 }

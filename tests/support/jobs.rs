@@ -236,6 +236,18 @@ where
     }
 }
 
+/// A PostgreSQL warehouse at `url` with the master key and the tenant `acme`.
+pub async fn acme_warehouse(url: &str) -> sluice_engine::warehouse::PostgresWarehouse {
+    let w = sluice_engine::warehouse::PostgresWarehouse::connect(url)
+        .await
+        .expect("connect")
+        .with_master_key(master());
+    w.create_tenant(&slug("acme"), "Acme", &master())
+        .await
+        .expect("tenant");
+    w
+}
+
 pub fn master() -> MasterKey {
     MasterKey::from_hex(MASTER_KEY_HEX).expect("key")
 }
