@@ -682,6 +682,14 @@ where
         let Ok(tenant) = TenantSlug::parse(tenant) else {
             return;
         };
+        // Most tenants have no endpoints: then nothing is read for events nobody wants.
+        match self.warehouse.webhooks(&tenant).await {
+            Ok(endpoints) if endpoints.is_empty() => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "listing webhook endpoints; recording the events anyway")
+            }
+        }
         let mut events = Vec::new();
         if let Some(run_id) = &result.final_run_id {
             match self.warehouse.run(&tenant, run_id).await {

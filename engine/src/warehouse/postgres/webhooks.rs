@@ -122,29 +122,31 @@ impl WebhookStore for PostgresWarehouse {
         tenant: &TenantSlug,
         event: &WebhookEvent,
     ) -> Result<Vec<String>> {
-        let endpoints = self.webhooks(tenant).await?;
-        let ids: Vec<String> = endpoints
-            .iter()
+        let endpoints: Vec<String> = self
+            .webhooks(tenant)
+            .await?
+            .into_iter()
             .filter(|e| e.wants(event))
-            .map(|e| event.delivery_id(&e.id))
+            .map(|e| e.id)
             .collect();
-        if ids.is_empty() {
-            return Ok(ids);
+        if endpoints.is_empty() {
+            return Ok(Vec::new());
         }
+        let ids: Vec<String> = endpoints.iter().map(|e| event.delivery_id(e)).collect();
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(db("starting to record the event"))?;
         let body = event.body(Utc::now()).to_string();
-        for endpoint in endpoints.iter().filter(|e| e.wants(event)) {
+        for (endpoint, id) in endpoints.iter().zip(&ids) {
             sqlx::query(
                 "INSERT INTO sluice.webhook_deliveries (tenant, id, endpoint_id, event_type, event_key, payload, status) \
                  VALUES ($1, $2, $3, $4, $5, $6, 'pending') ON CONFLICT (tenant, id) DO NOTHING",
             )
             .bind(tenant.as_str())
-            .bind(event.delivery_id(&endpoint.id))
-            .bind(&endpoint.id)
+            .bind(id)
+            .bind(endpoint)
             .bind(event.event_type.as_str())
             .bind(&event.key)
             .bind(&body)
