@@ -899,10 +899,25 @@ async fn chaos_soak() {
         );
     }
 
-    // No job stuck, no lock held.
+    // No job stuck, no lock held. A queue's depth counts waiting jobs only: a job taken
+    // over from a killed worker may still be in flight, waiting for the pipeline lock that
+    // a run queued behind it took when the dead worker's lease lapsed; it closes its
+    // attempt's ledger once it gets the lock. So every run must also have ended.
     eventually(Duration::from_secs(60), "the queues drained", || async {
         queues.depth(QueueName::Sync).await.ok() == Some(0)
             && queues.depth(QueueName::Replay).await.ok() == Some(0)
+    })
+    .await;
+    eventually(Duration::from_secs(90), "every run ended", || async {
+        let mut ended = true;
+        for p in &pipelines {
+            let runs = w
+                .runs(&slug(&p.tenant), Some(&p.name), 100_000)
+                .await
+                .unwrap_or_default();
+            ended &= runs.iter().all(|r| r.status != RunStatus::Running);
+        }
+        ended
     })
     .await;
     let mut conn = redis::Client::open(redis.url())
